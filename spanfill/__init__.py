@@ -1,0 +1,19 @@
+"""spanfill: attention for padded prefill and for segmented prefill over a paged KV
+cache with holes, as Triton kernels on PyTorch tensors."""
+
+from .cache import PagedKVCache
+from .layout import SpanLayout, TilePlan
+from .ops import append_kv, padded_prefill, resolve_backend, span_prefill, varlen_prefill
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PagedKVCache",
+    "SpanLayout",
+    "TilePlan",
+    "append_kv",
+    "padded_prefill",
+    "resolve_backend",
+    "span_prefill",
+    "varlen_prefill",
+]

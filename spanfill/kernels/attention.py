@@ -1,0 +1,223 @@
+"""One attention kernel for padded, varlen and span (KV-with-holes) prefill.
+
+Each program takes one tile of the plan (up to ``BLOCK_Q`` packed query rows of
+one request) and ``HEADS`` q heads that share a KV head, stacked into the rows of
+a ``BLOCK_M = BLOCK_Q * HEADS`` block, so every K/V tile loaded from memory serves
+all of them. The KV loop is split into the tiles every valid row sees in full (no
+mask) and the boundary tiles that need the per-row causal / length mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import AttentionConfig
+
+
+@triton.jit
+def _load_kv_tile(
+    base, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, block_table, stride_bt,
+    page_size, stride_page, stride_row, stride_head, PAGED: tl.constexpr,
+):
+    """K or V rows at ``kv_pos``, as ``[BLOCK_N, BLOCK_D]``; zero outside ``kv_in``."""
+    if PAGED:
+        page = tl.load(block_table + req * stride_bt + kv_pos // page_size, mask=kv_in, other=0)
+        row = page.to(tl.int64) * stride_page + (kv_pos % page_size).to(tl.int64) * stride_row
+    else:
+        row = (kv_start + kv_pos).to(tl.int64) * stride_row
+    ptrs = base + row[:, None] + hk * stride_head + offs_d[None, :]
+    return tl.load(ptrs, mask=kv_in[:, None] & d_in[None, :], other=0.0)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, POSITIONS,
+    TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_START, KV_LEN, BLOCK_TABLE,
+    qk_scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_kpage, stride_krow, stride_kh, stride_vpage, stride_vrow, stride_vh,
+    stride_bt, page_size,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_POSITIONS: tl.constexpr,
+    RETURN_LSE: tl.constexpr, ZERO_FILL: tl.constexpr, IEEE_DOT: tl.constexpr,
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
+    tile = tl.program_id(0)
+    req = tl.load(TILE_REQ + tile)
+    if req < 0:
+        return
+    row0 = tl.load(TILE_ROW0 + tile)
+    row_end = tl.load(TILE_ROW_END + tile)
+    q_start = tl.load(Q_START + req)
+    q_stop = q_start + tl.load(Q_LEN + req)
+    kv_len = tl.load(KV_LEN + req)
+    kv_start = tl.load(KV_START + req)
+    h0 = tl.program_id(1).to(tl.int64) * HEADS  # first q head of this program
+    hk = h0 // GROUP
+
+    offs_m = tl.arange(0, BLOCK_M)
+    tok = offs_m // HEADS
+    head = h0 + offs_m % HEADS
+    row = row0 + tok
+    in_tile = (tok < BLOCK_Q) & (row < row_end)
+    valid = in_tile & (row >= q_start) & (row < q_stop)
+    if HAS_POSITIONS:
+        pos = tl.load(POSITIONS + row, mask=valid, other=-1)
+    else:
+        pos = tl.where(valid, row - q_start, -1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+    row64 = row.to(tl.int64)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    n_valid = tl.sum(valid.to(tl.int32), axis=0)
+    if n_valid > 0:
+        q = tl.load(Q + row64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=valid[:, None] & d_in[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        pos_min = tl.min(tl.where(valid, pos, 2147483647), axis=0)
+        pos_max = tl.max(pos, axis=0)
+        if CAUSAL:
+            kv_hi = tl.minimum(pos_max + 1, kv_len)
+            kv_full = tl.minimum(pos_min + 1, kv_len)
+        else:
+            kv_hi = kv_len
+            kv_full = kv_len
+        kv_full = (kv_full // BLOCK_N) * BLOCK_N
+        offs_n = tl.arange(0, BLOCK_N)
+
+        # KV tiles that every valid row sees in full: no mask.
+        for start_n in range(0, kv_full, BLOCK_N):
+            kv_pos = start_n + offs_n
+            kv_in = kv_pos < kv_hi
+            k = _load_kv_tile(K, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                              stride_bt, page_size, stride_kpage, stride_krow, stride_kh, PAGED)
+            v = _load_kv_tile(V, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                              stride_bt, page_size, stride_vpage, stride_vrow, stride_vh, PAGED)
+            if IEEE_DOT:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = qk * qk_scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if IEEE_DOT:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+
+        # Boundary tiles: the causal diagonal of each row, and the kv_len edge.
+        for start_n in range(kv_full, kv_hi, BLOCK_N):
+            kv_pos = start_n + offs_n
+            kv_in = kv_pos < kv_hi
+            k = _load_kv_tile(K, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                              stride_bt, page_size, stride_kpage, stride_krow, stride_kh, PAGED)
+            v = _load_kv_tile(V, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                              stride_bt, page_size, stride_vpage, stride_vrow, stride_vh, PAGED)
+            if IEEE_DOT:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = qk * qk_scale_log2
+            visible = kv_in[None, :] & valid[:, None]
+            if CAUSAL:
+                visible = visible & (kv_pos[None, :] <= pos[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            # A row with nothing visible yet keeps m = -inf; subtract 0 instead so
+            # exp2 gives 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            if IEEE_DOT:
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+
+    seen = valid & (l_i > 0.0)
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out = tl.where(seen[:, None], out, 0.0)
+    store_rows = in_tile if ZERO_FILL else valid
+    tl.store(O + row64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=store_rows[:, None] & d_in[None, :])
+    if RETURN_LSE:
+        # natural log: (m + log2 l) * ln 2
+        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + row64 * stride_lt + head * stride_lh, lse, mask=store_rows)
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    plan,
+    cfg: AttentionConfig,
+    sm_scale: float,
+    causal: bool,
+    positions: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    zero_fill: bool = False,
+) -> None:
+    """Launch the attention kernel over a tile plan.
+
+    Parameters
+    ----------
+    q : [T, Hq, D] fp16|bf16|fp32, packed query rows (last dim contiguous)
+    k, v : paged ``[num_pages, page_size, Hk, D]`` when ``block_table`` is given,
+        else dense ``[N, Hk, D]`` rows addressed as ``plan.kv_start[b] + pos``
+    out : [T, Hq, D] q.dtype, written for every valid row (every tile row with
+        ``zero_fill``; padded rows get 0)
+    lse : [T, Hq] fp32 or None
+    plan : :class:`spanfill.layout.TilePlan` built with ``cfg.block_q``
+    cfg : tile sizes and launch settings
+    sm_scale : softmax scale
+    causal : row at ``pos`` sees ``[0, pos]``; otherwise ``[0, kv_len)``
+    positions : [T] int32 or None (rows at ``0, 1, ...`` within a request)
+    block_table : [B, max_pages] int32 or None (dense KV)
+    zero_fill : write 0 / -inf on tile rows that are not valid rows (padding)
+    """
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k.shape[-2]
+    paged = block_table is not None
+    if paged:
+        page_size = k.shape[1]
+        kpage, krow, kh = k.stride(0), k.stride(1), k.stride(2)
+        vpage, vrow, vh = v.stride(0), v.stride(1), v.stride(2)
+        bt, stride_bt = block_table, block_table.stride(0)
+    else:
+        page_size = 1
+        kpage, krow, kh = 0, k.stride(0), k.stride(1)
+        vpage, vrow, vh = 0, v.stride(0), v.stride(1)
+        bt, stride_bt = plan.kv_len, 0  # never read: PAGED is False
+    lse_arg = lse if lse is not None else out
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    grid = (plan.num_tiles, num_q_heads // cfg.heads)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse_arg, positions if positions is not None else plan.q_start,
+        plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
+        plan.kv_start, plan.kv_len, bt,
+        sm_scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *lse_strides,
+        kpage, krow, kh, vpage, vrow, vh,
+        stride_bt, page_size,
+        GROUP=num_q_heads // num_kv_heads, HEADS=cfg.heads, HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        CAUSAL=causal, PAGED=paged, HAS_POSITIONS=positions is not None,
+        RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

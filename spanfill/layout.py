@@ -1,0 +1,475 @@
+"""Span layouts and the device-side tile plan that the attention kernel walks.
+
+A *tile* is up to ``block_q`` consecutive packed query rows of ONE request. The
+plan lists the tiles, longest KV range first, so that the last wave of programs
+is short. It is built with tensor ops only (no host sync, no Python loop over
+tokens or spans), so it can be captured in a CUDA graph, and it is cached on the
+layout so every layer of a model step reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["SpanLayout", "TilePlan", "plan_packed", "plan_padded"]
+
+Spans = Sequence[Sequence[tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Which packed query rows each attention program handles.
+
+    Attributes
+    ----------
+    tile_req : [num_tiles] int32, the request of each tile; -1 for an empty slot
+        (the grid is sized from host-known shapes, so it has an upper bound of tiles)
+    tile_row0 : [num_tiles] int32, first packed row of the tile
+    tile_row_end : [num_tiles] int32, one past the last packed row of the tile
+    q_start : [B] int32, first packed row of each request's valid rows
+    q_len : [B] int32, number of valid query rows of each request
+    kv_start : [B] int32, first row of each request's KV in a dense KV tensor
+        (unused with paged KV)
+    kv_len : [B] int32, number of valid KV positions of each request
+    block_q : int, query tokens per tile
+    """
+
+    tile_req: torch.Tensor
+    tile_row0: torch.Tensor
+    tile_row_end: torch.Tensor
+    q_start: torch.Tensor
+    q_len: torch.Tensor
+    kv_start: torch.Tensor
+    kv_len: torch.Tensor
+    block_q: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_req.shape[0]
+
+
+def _sorted_plan(
+    tile_req: torch.Tensor,
+    tile_row0: torch.Tensor,
+    tile_row_end: torch.Tensor,
+    work: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    block_q: int,
+) -> TilePlan:
+    # Longest KV range first: programs are scheduled roughly in grid order, so the
+    # short tiles fill the tail wave instead of one long tile running alone.
+    order = torch.argsort(work, descending=True, stable=True)
+    i32 = torch.int32
+    return TilePlan(
+        tile_req=tile_req[order].to(i32).contiguous(),
+        tile_row0=tile_row0[order].to(i32).contiguous(),
+        tile_row_end=tile_row_end[order].to(i32).contiguous(),
+        q_start=q_start.to(i32).contiguous(),
+        q_len=q_len.to(i32).contiguous(),
+        kv_start=kv_start.to(i32).contiguous(),
+        kv_len=kv_len.to(i32).contiguous(),
+        block_q=block_q,
+    )
+
+
+def plan_packed(
+    query_start_loc: torch.Tensor,
+    kv_len: torch.Tensor,
+    num_tokens: int,
+    block_q: int,
+    causal: bool,
+    positions: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+) -> TilePlan:
+    """Tile plan for rows packed request by request (span and varlen layouts).
+
+    Parameters
+    ----------
+    query_start_loc : [B+1] int32, request ``b`` owns packed rows ``[qsl[b], qsl[b+1])``
+    kv_len : [B] int32, valid KV positions per request
+    num_tokens : T, the number of packed rows (host int, from a shape)
+    block_q : query tokens per tile
+    causal : whether a tile's KV range ends at its last row's position
+    positions : [T] int32 or None (rows of a request sit at ``0, 1, 2, ...``)
+    kv_start : [B] int32 or None, first KV row per request in a dense KV tensor
+    """
+    device = query_start_loc.device
+    qsl = query_start_loc.long()
+    num_req = qsl.shape[0] - 1
+    q_start, q_len = qsl[:-1], qsl[1:] - qsl[:-1]
+    tiles_per_req = (q_len + block_q - 1) // block_q
+    cum = torch.cumsum(tiles_per_req, 0)
+    # sum(ceil(n_b / block_q)) <= T // block_q + B: a host-known bound on the grid.
+    max_tiles = max(num_tokens // block_q + num_req, 1)
+    tile = torch.arange(max_tiles, device=device)
+    req = torch.searchsorted(cum, tile, right=True)
+    valid = req < num_req
+    req_c = req.clamp(max=max(num_req - 1, 0))
+    local = tile - (cum[req_c] - tiles_per_req[req_c])
+    row0 = q_start[req_c] + local * block_q
+    row_end = torch.minimum(row0 + block_q, q_start[req_c] + q_len[req_c])
+    if causal:
+        last = (row_end - 1).clamp(min=0)
+        last_pos = positions.long()[last.clamp(max=max(num_tokens - 1, 0))] if positions is not None \
+            else last - q_start[req_c]
+        work = last_pos + 1
+    else:
+        work = kv_len.long()[req_c]
+    work = torch.where(valid, work, torch.full_like(work, -1))
+    tile_req = torch.where(valid, req_c, torch.full_like(req_c, -1))
+    if kv_start is None:
+        kv_start = torch.zeros_like(q_start)
+    return _sorted_plan(tile_req, row0, row_end, work, q_start, q_len, kv_start, kv_len,
+                        block_q)
+
+
+def plan_padded(
+    valid_lens: torch.Tensor, seq_len: int, block_q: int, padding_side: str, causal: bool
+) -> TilePlan:
+    """Tile plan for a padded batch ``[B, S, ...]`` viewed as ``B*S`` packed rows.
+
+    Every ``block_q`` rows of every sample get a tile, so that tiles of padding can
+    write their zeros and exit; tiles with valid rows are ordered by KV range.
+
+    Parameters
+    ----------
+    valid_lens : [B] int, valid tokens per sample
+    seq_len : S
+    block_q : query tokens per tile
+    padding_side : "right" or "left"
+    causal : causal within the valid tokens
+    """
+    device = valid_lens.device
+    lens = valid_lens.long()
+    num_req = lens.shape[0]
+    tiles_per_req = (seq_len + block_q - 1) // block_q
+    tile = torch.arange(max(num_req * tiles_per_req, 1), device=device)
+    req = (tile // tiles_per_req).clamp(max=max(num_req - 1, 0))
+    row0 = req * seq_len + (tile % tiles_per_req) * block_q
+    row_end = torch.minimum(row0 + block_q, (req + 1) * seq_len)
+    pad = seq_len - lens if padding_side == "left" else torch.zeros_like(lens)
+    q_start = torch.arange(num_req, device=device) * seq_len + pad
+    first = torch.maximum(row0, q_start[req])
+    last = torch.minimum(row_end, q_start[req] + lens[req]) - 1
+    has_rows = last >= first
+    work = (last - q_start[req] + 1) if causal else lens[req]
+    work = torch.where(has_rows, work, torch.zeros_like(work))
+    tile_req = req if num_req > 0 else torch.full_like(req, -1)
+    return _sorted_plan(tile_req, row0, row_end, work, q_start, lens, q_start, lens, block_q)
+
+
+@dataclass
+class SpanLayout:
+    """Where the hole (span) tokens of a batch sit, and where their KV lives.
+
+    Build it once per batch with :meth:`build` (Python spans) or
+    :meth:`from_tensors` (the metadata a serving engine already holds), then pass it
+    to :func:`spanfill.append_kv` and :func:`spanfill.span_prefill` for every layer.
+
+    Attributes
+    ----------
+    positions : [T] int32, original position of each span token, request by request
+    query_start_loc : [B+1] int32, request ``b`` owns rows ``[qsl[b], qsl[b+1])``
+    seq_lens : [B] int32, KV length of each request (cached plus holes)
+    block_table : [B, max_pages] int32, ``block_table[b, j]`` holds positions
+        ``[j*page_size, (j+1)*page_size)`` of request ``b``
+    page_size : int
+    slot_mapping : [T] int64, cache slot of each span token:
+        ``block_table[b, pos // page_size] * page_size + pos % page_size``
+    """
+
+    positions: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    page_size: int
+    slot_mapping: torch.Tensor
+    _plans: dict = field(default_factory=dict, repr=False)
+    _pools_checked: set = field(default_factory=set, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_requests(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    @classmethod
+    def build(
+        cls,
+        spans: Spans,
+        seq_lens: Sequence[int] | torch.Tensor,
+        block_table: torch.Tensor,
+        page_size: int,
+        device: torch.device | str | None = None,
+    ) -> "SpanLayout":
+        """Validate Python spans and build the layout.
+
+        Parameters
+        ----------
+        spans : per request, half-open ``(start, stop)`` pairs: sorted, disjoint,
+            non-empty, inside ``[0, seq_len)``. A request may have no spans.
+        seq_lens : [B] ints, the full prompt length of each request
+        block_table : [B, max_pages] int32, must cover ``seq_len`` for each request
+        page_size : tokens per page, >= 1
+        device : where the layout's tensors live; defaults to ``block_table.device``
+
+        Raises
+        ------
+        ValueError, TypeError
+            naming the argument and the request/span index at fault.
+        """
+        lens = [int(x) for x in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
+        if len(spans) != len(lens):
+            raise ValueError(f"spans has {len(spans)} requests but seq_lens has {len(lens)}")
+        starts: list[int] = []
+        stops: list[int] = []
+        counts: list[int] = []
+        for b, req_spans in enumerate(spans):
+            prev_stop = 0
+            for j, span in enumerate(req_spans):
+                if len(span) != 2:
+                    raise ValueError(f"spans[{b}][{j}] must be a (start, stop) pair, got {span!r}")
+                start, stop = int(span[0]), int(span[1])
+                if start >= stop:
+                    raise ValueError(f"spans[{b}][{j}] = ({start}, {stop}) is empty: start must be < stop")
+                if start < 0 or stop > lens[b]:
+                    raise ValueError(
+                        f"spans[{b}][{j}] = ({start}, {stop}) is outside [0, seq_lens[{b}]={lens[b]})"
+                    )
+                if j > 0 and start < prev_stop:
+                    raise ValueError(
+                        f"spans[{b}][{j}] = ({start}, {stop}) overlaps or precedes spans[{b}][{j-1}]"
+                        f" (ends at {prev_stop}): spans must be sorted and disjoint"
+                    )
+                prev_stop = stop
+                starts.append(start)
+                stops.append(stop)
+            counts.append(len(req_spans))
+        st, sp = np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64)
+        span_len = sp - st
+        # positions = concat(arange(start, stop)) without a Python loop over tokens.
+        offsets = np.repeat(st - (np.cumsum(span_len) - span_len), span_len)
+        positions = (offsets + np.arange(int(span_len.sum()), dtype=np.int64)).astype(np.int32)
+        tokens_per_req = np.zeros(len(lens), dtype=np.int64)
+        span_req = np.repeat(np.arange(len(lens)), counts)
+        np.add.at(tokens_per_req, span_req, span_len)
+        qsl = np.concatenate([[0], np.cumsum(tokens_per_req)]).astype(np.int32)
+        device = torch.device(device) if device is not None else block_table.device
+        return cls.from_tensors(
+            positions=torch.from_numpy(positions).to(device),
+            query_start_loc=torch.from_numpy(qsl).to(device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            block_table=block_table.to(device),
+            page_size=page_size,
+            validate=True,
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        positions: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        page_size: int,
+        slot_mapping: torch.Tensor | None = None,
+        validate: bool = True,
+    ) -> "SpanLayout":
+        """Build a layout from a serving engine's metadata.
+
+        Parameters
+        ----------
+        positions : [T] int32|int64, position of each new token, strictly
+            increasing within a request
+        query_start_loc : [B+1] int32|int64, cumulative token counts, starting at 0
+        seq_lens : [B] int32|int64, KV length per request
+        block_table : [B, max_pages] int32|int64
+        page_size : tokens per page
+        slot_mapping : [T] int64 or None (computed from the block table)
+        validate : check the metadata (one host sync for the whole check). With
+            False nothing here waits on the device, so the call can be captured in a
+            CUDA graph; invalid metadata is then undefined behaviour.
+        """
+        _check_meta_types(positions, query_start_loc, seq_lens, block_table, page_size)
+        device = positions.device
+        positions = positions.to(device=device, dtype=torch.int32).contiguous()
+        qsl = query_start_loc.to(device=device, dtype=torch.int32).contiguous()
+        seq_lens = seq_lens.to(device=device, dtype=torch.int32).contiguous()
+        block_table = block_table.to(device=device, dtype=torch.int32).contiguous()
+        if validate:
+            _validate_meta(positions, qsl, seq_lens, block_table, page_size)
+        if slot_mapping is None:
+            slot_mapping = compute_slot_mapping(positions, qsl, block_table, page_size)
+        elif slot_mapping.shape != positions.shape:
+            raise ValueError(
+                f"slot_mapping has shape {tuple(slot_mapping.shape)}, expected {tuple(positions.shape)}"
+            )
+        return cls(positions, qsl, seq_lens, block_table, page_size,
+                   slot_mapping.to(device=device, dtype=torch.int64).contiguous())
+
+    def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
+        """The (cached) tile plan for tiles of ``block_q`` tokens."""
+        key = (block_q, causal)
+        if key not in self._plans:
+            self._plans[key] = plan_packed(
+                self.query_start_loc, self.seq_lens, self.num_tokens, block_q, causal,
+                positions=self.positions,
+            )
+        return self._plans[key]
+
+    def check_pool(self, num_pages: int) -> None:
+        """Raise if a page that covers a valid position is outside ``[0, num_pages)``.
+
+        The check reads one number back from the device; it runs once per layout
+        and pool size.
+        """
+        if num_pages in self._pools_checked:
+            return
+        needed = _pages_in_use(self.seq_lens, self.block_table, self.page_size)
+        bad = needed & ((self.block_table < 0) | (self.block_table >= num_pages))
+        if bool(bad.any()):
+            b, j = (int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"block_table[{b}, {j}] = {int(self.block_table[b, j])} is not a page of the "
+                f"pool (num_pages={num_pages}); request {b} needs it for seq_lens[{b}]="
+                f"{int(self.seq_lens[b])}"
+            )
+        bad_slot = (self.slot_mapping < -1) | (self.slot_mapping >= num_pages * self.page_size)
+        if bool(bad_slot.any()):
+            i = int(torch.nonzero(bad_slot)[0, 0])
+            raise ValueError(
+                f"slot_mapping[{i}] = {int(self.slot_mapping[i])} is outside the pool "
+                f"[0, num_pages*page_size={num_pages * self.page_size}) and is not -1"
+            )
+        self._pools_checked.add(num_pages)
+
+
+def compute_slot_mapping(
+    positions: torch.Tensor, query_start_loc: torch.Tensor, block_table: torch.Tensor,
+    page_size: int,
+) -> torch.Tensor:
+    """``slot = block_table[b, pos // page_size] * page_size + pos % page_size``.
+
+    Returns
+    -------
+    [T] int64
+    """
+    num_tokens = positions.shape[0]
+    token = torch.arange(num_tokens, device=positions.device)
+    req = torch.searchsorted(query_start_loc[1:].long(), token, right=True)
+    req = req.clamp(max=max(block_table.shape[0] - 1, 0))
+    pos = positions.long()
+    page_idx = (pos // page_size).clamp(max=max(block_table.shape[1] - 1, 0))
+    pages = block_table.long()[req, page_idx]
+    return pages * page_size + pos % page_size
+
+
+def _pages_in_use(seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int) -> torch.Tensor:
+    """[B, max_pages] bool: which block-table entries hold a valid position."""
+    pages_needed = (seq_lens.long() + page_size - 1) // page_size
+    col = torch.arange(block_table.shape[1], device=block_table.device)
+    return col[None, :] < pages_needed[:, None]
+
+
+def _check_meta_types(
+    positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, page_size: int,
+) -> None:
+    for name, t, ndim in (("positions", positions, 1), ("query_start_loc", query_start_loc, 1),
+                          ("seq_lens", seq_lens, 1), ("block_table", block_table, 2)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+        if t.device != positions.device:
+            raise ValueError(f"{name} is on {t.device} but positions is on {positions.device}")
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+        raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+    num_req = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_req + 1:
+        raise ValueError(
+            f"query_start_loc has {query_start_loc.shape[0]} entries, expected B+1={num_req + 1}"
+        )
+    if block_table.shape[0] != num_req:
+        raise ValueError(f"block_table has {block_table.shape[0]} rows, expected B={num_req}")
+
+
+def _validate_meta(
+    positions: torch.Tensor, qsl: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, page_size: int,
+) -> None:
+    """All checks on the device, one host sync for the verdict; details only on failure."""
+    num_tokens = positions.shape[0]
+    req_tokens = qsl[1:].long() - qsl[:-1].long()
+    token = torch.arange(num_tokens, device=positions.device)
+    req = torch.searchsorted(qsl[1:].long(), token, right=True).clamp(max=max(seq_lens.shape[0] - 1, 0))
+    pos = positions.long()
+    same_req = req[1:] == req[:-1]
+    checks = {
+        "qsl_start": qsl[0] != 0 if qsl.numel() else torch.tensor(False),
+        "qsl_end": qsl[-1] != num_tokens if qsl.numel() else torch.tensor(False),
+        "qsl_order": (req_tokens < 0).any(),
+        "seq_lens": (seq_lens < 0).any(),
+        "pos_neg": (pos < 0).any(),
+        "pos_order": (same_req & (pos[1:] <= pos[:-1])).any(),
+        "pos_range": (pos >= seq_lens.long()[req]).any() if num_tokens else torch.tensor(False),
+        "table_cover": (seq_lens.long() > block_table.shape[1] * page_size).any(),
+        "table_neg": (_pages_in_use(seq_lens, block_table, page_size) & (block_table < 0)).any(),
+    }
+    flags = torch.stack([c.to(positions.device).reshape(()) for c in checks.values()]).cpu()
+    if not bool(flags.any()):
+        return
+    failed = [name for name, flag in zip(checks, flags.tolist()) if flag][0]
+    first = lambda m: int(torch.nonzero(m)[0, 0])  # noqa: E731 - only on the error path
+    if failed == "qsl_start":
+        raise ValueError(f"query_start_loc[0] must be 0, got {int(qsl[0])}")
+    if failed == "qsl_end":
+        raise ValueError(f"query_start_loc[-1]={int(qsl[-1])} must equal positions.shape[0]={num_tokens}")
+    if failed == "qsl_order":
+        b = first(req_tokens < 0)
+        raise ValueError(f"query_start_loc must be non-decreasing: query_start_loc[{b + 1}] < query_start_loc[{b}]")
+    if failed == "seq_lens":
+        b = first(seq_lens < 0)
+        raise ValueError(f"seq_lens[{b}] = {int(seq_lens[b])} is negative")
+    if failed == "pos_neg":
+        i = first(pos < 0)
+        raise ValueError(f"positions[{i}] = {int(pos[i])} is negative (request {int(req[i])})")
+    if failed == "pos_order":
+        i = first(same_req & (pos[1:] <= pos[:-1])) + 1
+        raise ValueError(
+            f"positions must be strictly increasing within a request: positions[{i}]={int(pos[i])}"
+            f" <= positions[{i - 1}]={int(pos[i - 1])} in request {int(req[i])}"
+        )
+    if failed == "pos_range":
+        i = first(pos >= seq_lens.long()[req])
+        b = int(req[i])
+        raise ValueError(
+            f"positions[{i}] = {int(pos[i])} is outside [0, seq_lens[{b}]={int(seq_lens[b])})"
+        )
+    if failed == "table_cover":
+        b = first(seq_lens.long() > block_table.shape[1] * page_size)
+        raise ValueError(
+            f"seq_lens[{b}] = {int(seq_lens[b])} is larger than block_table covers "
+            f"({block_table.shape[1]} pages x page_size {page_size})"
+        )
+    bad = _pages_in_use(seq_lens, block_table, page_size) & (block_table < 0)
+    b, j = (int(x) for x in torch.nonzero(bad)[0])
+    raise ValueError(
+        f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page, but request {b} needs it "
+        f"for seq_lens[{b}]={int(seq_lens[b])}"
+    )

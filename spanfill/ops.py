@@ -1,0 +1,381 @@
+"""The public ops: check arguments, pick the kernel or the reference, allocate, launch.
+
+Every check runs before anything is written, so bad input leaves the KV cache
+bit-for-bit unchanged.
+
+Backends: ``"triton"`` runs the Triton kernels (CUDA tensors, or CPU tensors when
+``TRITON_INTERPRET=1`` was set before spanfill was imported); ``"reference"`` runs
+:mod:`spanfill.reference`; ``"auto"`` (default, or the ``SPANFILL_BACKEND``
+environment variable) picks the kernels for CUDA tensors and the reference for
+CPU tensors, or the interpreter when ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from . import reference
+from .layout import SpanLayout, plan_packed, plan_padded
+
+__all__ = ["padded_prefill", "varlen_prefill", "span_prefill", "append_kv", "resolve_backend"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """``"triton"`` or ``"reference"``: which path an op takes for tensors on ``device``."""
+    choice = backend or os.environ.get("SPANFILL_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" or _interpreting() else "reference"
+    if choice == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before importing spanfill"
+        )
+    return choice
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check_tensor(name: str, t: object, ndim: int) -> torch.Tensor:
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {t.stride()}")
+    return t
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: Sequence[str]) -> None:
+    """Shared checks of q against a K/V pair: dtype, device, heads, head dim."""
+    qn, kn, vn = names
+    for name, t in ((kn, k), (vn, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {qn} has {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but {qn} is on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"{kn} has shape {tuple(k.shape)} but {vn} has {tuple(v.shape)}")
+    head_dim, num_q_heads, num_kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{kn} has head dim {k.shape[-1]} but {qn} has {head_dim}")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"the number of q heads ({num_q_heads}) must be a multiple of the number of "
+            f"kv heads ({num_kv_heads})"
+        )
+    if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
+        raise ValueError(
+            f"head dim {head_dim} of {qn} is not supported: it must be a multiple of 8 in "
+            f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
+        )
+
+
+def _check_int_tensor(name: str, t: object, device: torch.device) -> torch.Tensor:
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    return t
+
+
+def _scale(head_dim: int, sm_scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
+def _config(q: torch.Tensor, num_kv_heads: int):
+    from .kernels import pick_config
+
+    return pick_config(q.shape[-1], q.dtype, q.shape[-2] // num_kv_heads, q.device.type == "cuda")
+
+
+def _result(o: torch.Tensor, lse: torch.Tensor, return_lse: bool):
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------- padded
+
+def padded_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid_lens: torch.Tensor,
+    causal: bool = False,
+    padding_side: str = "right",
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a padded batch with per-sample valid lengths.
+
+    Sample ``b`` has ``n = valid_lens[b]`` real tokens: rows ``[0, n)`` with right
+    padding, rows ``[S-n, S)`` with left padding, at positions ``0..n-1``. A valid
+    row at position ``i`` sees the sample's valid keys ``j <= i`` (causal) or all
+    ``n`` of them; padded keys are never seen. Work scales with ``sum(n^2)``.
+
+    Parameters
+    ----------
+    q : [B, S, Hq, D] fp16|bf16|fp32
+    k, v : [B, S, Hk, D] same dtype and device as q; ``Hq % Hk == 0``
+    valid_lens : [B] int32|int64 on q's device, ``0 <= valid_lens[b] <= S``
+    causal : causal within each sample, default False (encoders)
+    padding_side : "right" (default) or "left"
+    sm_scale : defaults to ``1/sqrt(D)``
+    return_lse : also return the log-sum-exp of each row
+    backend : "auto" | "triton" | "reference" (see module docstring)
+
+    Returns
+    -------
+    o : [B, S, Hq, D] q.dtype; padded rows are exactly 0
+    lse : [B, S, Hq] fp32, natural log; -inf on padded rows (only if ``return_lse``)
+    """
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    _check_qkv(q, k, v, ("q", "k", "v"))
+    b_sz, seq_len = q.shape[0], q.shape[1]
+    if k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"k has batch/seq shape {tuple(k.shape[:2])} but q has {tuple(q.shape[:2])}")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    _check_int_tensor("valid_lens", valid_lens, q.device)
+    if valid_lens.shape[0] != b_sz:
+        raise ValueError(f"valid_lens has {valid_lens.shape[0]} entries but the batch has B={b_sz}")
+    bad = (valid_lens < 0) | (valid_lens > seq_len)
+    if b_sz > 0 and bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"valid_lens[{i}] = {int(valid_lens[i])} is outside [0, S={seq_len}]")
+    scale = _scale(q.shape[-1], sm_scale)
+    path = resolve_backend(q.device, backend)
+    if path == "reference" or q.numel() == 0:
+        o, lse = reference.padded_prefill(q, k, v, valid_lens, causal, padding_side, scale)
+        return _result(o.to(q.dtype), lse.float(), return_lse)
+
+    from .kernels import attention_fwd
+
+    cfg = _config(q, k.shape[2])
+    num_q_heads, head_dim = q.shape[2], q.shape[3]
+    q_rows = q.reshape(b_sz * seq_len, num_q_heads, head_dim)  # a view for contiguous q
+    k_rows = k.reshape(b_sz * seq_len, k.shape[2], head_dim)
+    v_rows = v.reshape(b_sz * seq_len, v.shape[2], head_dim)
+    out = torch.empty_like(q_rows)
+    lse = torch.empty(b_sz * seq_len, num_q_heads, dtype=torch.float32, device=q.device) \
+        if return_lse else None
+    plan = plan_padded(valid_lens, seq_len, cfg.block_q, padding_side, causal)
+    attention_fwd(q_rows, k_rows, v_rows, out, lse, plan, cfg, scale, causal, zero_fill=True)
+    out = out.view(q.shape)
+    if return_lse:
+        return out, lse.view(b_sz, seq_len, num_q_heads)
+    return out
+
+
+# ----------------------------------------------------------------------------- varlen
+
+def varlen_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention over sequences packed back to back (FlashAttention's varlen form).
+
+    Sequence ``b`` is rows ``[cu_seqlens[b], cu_seqlens[b+1])`` of q, k and v, at
+    positions ``0, 1, ...``; a row sees its own sequence's keys ``j <= i``
+    (causal) or all of them.
+
+    Parameters
+    ----------
+    q : [T, Hq, D] fp16|bf16|fp32
+    k, v : [T, Hk, D] same dtype and device as q
+    cu_seqlens : [B+1] int32|int64, non-decreasing, from 0 to T
+    causal : default True
+    sm_scale : defaults to ``1/sqrt(D)``
+    return_lse : also return the log-sum-exp of each row
+    backend : "auto" | "triton" | "reference"
+
+    Returns
+    -------
+    o : [T, Hq, D] q.dtype
+    lse : [T, Hq] fp32, natural log (only if ``return_lse``)
+    """
+    _check_tensor("q", q, 3)
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3)
+    _check_qkv(q, k, v, ("q", "k", "v"))
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has {k.shape[0]} rows but q has {q.shape[0]}")
+    _check_int_tensor("cu_seqlens", cu_seqlens, q.device)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError("cu_seqlens must have at least one entry (0)")
+    num_tokens = q.shape[0]
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    flags = torch.stack([cu_seqlens[0] != 0, cu_seqlens[-1] != num_tokens,
+                         (steps < 0).any() if steps.numel() else cu_seqlens[0] != cu_seqlens[0]])
+    if bool(flags.any()):
+        if bool(flags[0]) or bool(flags[1]):
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at T={num_tokens}, got "
+                f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
+            )
+        i = int(torch.nonzero(steps < 0)[0, 0])
+        raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
+    scale = _scale(q.shape[-1], sm_scale)
+    path = resolve_backend(q.device, backend)
+    if path == "reference" or num_tokens == 0 or cu_seqlens.shape[0] == 1:
+        o, lse = reference.varlen_prefill(q, k, v, cu_seqlens, causal, scale)
+        return _result(o.to(q.dtype), lse.float(), return_lse)
+
+    from .kernels import attention_fwd
+
+    cfg = _config(q, k.shape[1])
+    seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
+    plan = plan_packed(cu_seqlens.to(torch.int32), seq_lens, num_tokens, cfg.block_q, causal,
+                       kv_start=cu_seqlens[:-1].to(torch.int32))
+    out = torch.empty_like(q)
+    lse = torch.empty(num_tokens, q.shape[1], dtype=torch.float32, device=q.device) \
+        if return_lse else None
+    attention_fwd(q, k, v, out, lse, plan, cfg, scale, causal)
+    return _result(out, lse, return_lse)
+
+
+# ----------------------------------------------------------------------------- spans
+
+def _check_cache(layout: SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 device: torch.device) -> None:
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("v_cache", v_cache, 4)
+    if not isinstance(layout, SpanLayout):
+        raise TypeError(f"layout must be a SpanLayout, got {type(layout).__name__}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)} but v_cache has {tuple(v_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("layout", layout)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the new tokens are on {device}")
+    if k_cache.shape[1] != layout.page_size:
+        raise ValueError(
+            f"k_cache has page_size {k_cache.shape[1]} (dim 1) but layout.page_size is {layout.page_size}"
+        )
+    layout.check_pool(k_cache.shape[0])
+
+
+def span_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: SpanLayout,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the hole (span) tokens over each request's paged KV, one launch.
+
+    Row ``i`` of request ``b`` at ``pos = layout.positions[i]`` sees KV positions
+    ``[0, pos]`` (causal) or ``[0, seq_lens[b])`` of its request: cached tokens and
+    the new tokens of every span, so call :func:`append_kv` first.
+
+    Parameters
+    ----------
+    q : [T, Hq, D] fp16|bf16|fp32, span tokens request by request in position order
+    k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype (NHD)
+    layout : :class:`spanfill.SpanLayout` with ``layout.num_tokens == T``
+    causal : default True
+    sm_scale : defaults to ``1/sqrt(D)``
+    return_lse : also return the log-sum-exp of each row
+    backend : "auto" | "triton" | "reference"
+
+    Returns
+    -------
+    o : [T, Hq, D] q.dtype
+    lse : [T, Hq] fp32, natural log (only if ``return_lse``)
+    """
+    _check_tensor("q", q, 3)
+    _check_cache(layout, k_cache, v_cache, q.device)
+    _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    if q.shape[0] != layout.num_tokens:
+        raise ValueError(f"q has {q.shape[0]} rows but layout has {layout.num_tokens} span tokens")
+    scale = _scale(q.shape[-1], sm_scale)
+    path = resolve_backend(q.device, backend)
+    if path == "reference" or q.shape[0] == 0:
+        o, lse = reference.span_prefill(
+            q, k_cache, v_cache, layout.positions, layout.query_start_loc, layout.seq_lens,
+            layout.block_table, causal, scale,
+        )
+        return _result(o.to(q.dtype), lse.float(), return_lse)
+
+    from .kernels import attention_fwd
+
+    cfg = _config(q, k_cache.shape[2])
+    plan = layout.tile_plan(cfg.block_q, causal)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \
+        if return_lse else None
+    attention_fwd(q, k_cache, v_cache, out, lse, plan, cfg, scale, causal,
+                  positions=layout.positions, block_table=layout.block_table)
+    return _result(out, lse, return_lse)
+
+
+def append_kv(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: SpanLayout,
+    backend: str | None = None,
+) -> None:
+    """Write the span tokens' new K/V into their cache slots, in place.
+
+    Token ``t`` goes to slot ``layout.slot_mapping[t]`` (page
+    ``slot // page_size``, row ``slot % page_size``); slot -1 is skipped.
+
+    Parameters
+    ----------
+    k_new, v_new : [T, Hk, D] with the cache's dtype, ``T == layout.num_tokens``
+    k_cache, v_cache : [num_pages, page_size, Hk, D]
+    layout : :class:`spanfill.SpanLayout`
+    backend : "auto" | "triton" | "reference"
+    """
+    _check_tensor("k_new", k_new, 3)
+    _check_tensor("v_new", v_new, 3)
+    _check_cache(layout, k_cache, v_cache, k_new.device)
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.dtype != k_cache.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}")
+        if t.device != k_cache.device:
+            raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
+        expected = (layout.num_tokens, k_cache.shape[2], k_cache.shape[3])
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [T, Hk, D] = {expected}")
+    path = resolve_backend(k_new.device, backend)
+    if path == "reference":
+        reference.append_kv(k_new, v_new, k_cache, v_cache, layout.slot_mapping)
+        return
+
+    from .kernels import append_kv_launch
+
+    append_kv_launch(k_new, v_new, k_cache, v_cache, layout.slot_mapping)

@@ -1,0 +1,248 @@
+"""The semantics of every spanfill op in plain PyTorch: the single source of truth.
+
+Every kernel, test, fuzz run and benchmark is checked against these functions.
+They are written for clarity, not speed: one dense score matrix per request,
+computed in fp32 (or fp64 with ``compute_dtype=torch.float64``).
+
+The rule shared by all of them (DESIGN.md): a query row of request ``b`` at
+position ``pos`` sees the KV positions
+
+* causal:        ``[0, pos]``
+* bidirectional: ``[0, kv_len[b])``
+
+and a row that sees no key at all gives ``o = 0`` and ``lse = -inf``.
+``lse`` is the natural log of the softmax denominator of the scaled scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "attend",
+    "padded_prefill",
+    "varlen_prefill",
+    "span_prefill",
+    "append_kv",
+    "gather_kv",
+]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_positions: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one request's query rows over its ``kv_len`` keys.
+
+    Parameters
+    ----------
+    q : [Tq, Hq, D] any float dtype
+    k, v : [kv_len, Hk, D] any float dtype; ``Hq % Hk == 0``
+    q_positions : [Tq] int, the position of each query row
+    causal : row at ``pos`` sees keys ``[0, pos]`` if True, all ``kv_len`` keys if False
+    sm_scale : scale applied to ``q @ k^T``
+    compute_dtype : fp32 or fp64
+
+    Returns
+    -------
+    o : [Tq, Hq, D] compute_dtype
+    lse : [Tq, Hq] compute_dtype, natural log, -inf for rows that see no key
+    """
+    tq, hq, d = q.shape
+    kv_len, hk = k.shape[0], k.shape[1]
+    group = hq // hk
+    qf = q.to(compute_dtype)
+    kf = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    vf = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", qf, kf) * sm_scale  # [Hq, Tq, kv_len]
+    key_pos = torch.arange(kv_len, device=q.device)
+    visible = torch.ones(tq, kv_len, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = key_pos[None, :] <= q_positions.to(q.device).long()[:, None]
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [Hq, Tq]
+    # exp(-inf - -inf) would be NaN: rows that see nothing get weight 0 instead.
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse[..., None])
+    o = torch.einsum("hts,shd->thd", probs, vf)
+    return o, lse.transpose(0, 1).contiguous()
+
+
+def _default_scale(d: int, sm_scale: float | None) -> float:
+    return 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+
+
+def padded_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid_lens: torch.Tensor,
+    causal: bool = False,
+    padding_side: str = "right",
+    sm_scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a padded batch where sample ``b`` has ``valid_lens[b]`` real tokens.
+
+    Parameters
+    ----------
+    q : [B, S, Hq, D]
+    k, v : [B, S, Hk, D]
+    valid_lens : [B] int, ``0 <= valid_lens[b] <= S``
+    causal : causal within each sample's valid tokens
+    padding_side : "right" (valid tokens first) or "left" (valid tokens last)
+
+    Returns
+    -------
+    o : [B, S, Hq, D] compute_dtype, exactly 0 on padded rows
+    lse : [B, S, Hq] compute_dtype, -inf on padded rows
+    """
+    b_sz, s, hq, d = q.shape
+    scale = _default_scale(d, sm_scale)
+    o = torch.zeros(b_sz, s, hq, d, dtype=compute_dtype, device=q.device)
+    lse = torch.full((b_sz, s, hq), float("-inf"), dtype=compute_dtype, device=q.device)
+    for b in range(b_sz):
+        n = int(valid_lens[b])
+        if n == 0:
+            continue
+        rows = slice(0, n) if padding_side == "right" else slice(s - n, s)
+        pos = torch.arange(n, device=q.device)
+        o[b, rows], lse[b, rows] = attend(
+            q[b, rows], k[b, rows], v[b, rows], pos, causal, scale, compute_dtype
+        )
+    return o, lse
+
+
+def varlen_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention over sequences packed back to back.
+
+    Parameters
+    ----------
+    q : [T, Hq, D]
+    k, v : [T, Hk, D]
+    cu_seqlens : [B+1] int, sequence ``b`` is rows ``[cu_seqlens[b], cu_seqlens[b+1])``
+
+    Returns
+    -------
+    o : [T, Hq, D] compute_dtype
+    lse : [T, Hq] compute_dtype
+    """
+    t, hq, d = q.shape
+    scale = _default_scale(d, sm_scale)
+    o = torch.zeros(t, hq, d, dtype=compute_dtype, device=q.device)
+    lse = torch.full((t, hq), float("-inf"), dtype=compute_dtype, device=q.device)
+    bounds = [int(x) for x in cu_seqlens]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop == start:
+            continue
+        pos = torch.arange(stop - start, device=q.device)
+        o[start:stop], lse[start:stop] = attend(
+            q[start:stop], k[start:stop], v[start:stop], pos, causal, scale, compute_dtype
+        )
+    return o, lse
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, request: int
+) -> torch.Tensor:
+    """The first ``seq_len`` positions of one request's KV, gathered from pages.
+
+    Parameters
+    ----------
+    cache : [num_pages, page_size, Hk, D]
+    block_table : [B, max_pages] int
+
+    Returns
+    -------
+    [seq_len, Hk, D] cache.dtype
+    """
+    page_size = cache.shape[1]
+    pos = torch.arange(seq_len, device=cache.device)
+    pages = block_table[request].to(cache.device).long()[pos // page_size]
+    return cache[pages, pos % page_size]
+
+
+def span_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the span (hole) tokens over each request's paged KV.
+
+    The cache must already hold the span tokens' own K/V (see :func:`append_kv`).
+
+    Parameters
+    ----------
+    q : [T, Hq, D], the span tokens of all requests, request by request
+    k_cache, v_cache : [num_pages, page_size, Hk, D]
+    positions : [T] int, the original position of each span token
+    query_start_loc : [B+1] int, request ``b`` owns rows ``[qsl[b], qsl[b+1])``
+    seq_lens : [B] int, KV positions ``[0, seq_lens[b])`` are valid
+    block_table : [B, max_pages] int
+    causal : row at ``pos`` sees ``[0, pos]`` if True, ``[0, seq_len)`` if False
+
+    Returns
+    -------
+    o : [T, Hq, D] compute_dtype
+    lse : [T, Hq] compute_dtype
+    """
+    t, hq, d = q.shape
+    scale = _default_scale(d, sm_scale)
+    o = torch.zeros(t, hq, d, dtype=compute_dtype, device=q.device)
+    lse = torch.full((t, hq), float("-inf"), dtype=compute_dtype, device=q.device)
+    bounds = [int(x) for x in query_start_loc]
+    for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if stop == start:
+            continue
+        seq_len = int(seq_lens[b])
+        k = gather_kv(k_cache, block_table, seq_len, b)
+        v = gather_kv(v_cache, block_table, seq_len, b)
+        o[start:stop], lse[start:stop] = attend(
+            q[start:stop], k, v, positions[start:stop], causal, scale, compute_dtype
+        )
+    return o, lse
+
+
+def append_kv(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write each new token's K/V into its cache slot, in place; slot -1 is skipped.
+
+    Parameters
+    ----------
+    k_new, v_new : [T, Hk, D]
+    k_cache, v_cache : [num_pages, page_size, Hk, D]
+    slot_mapping : [T] int, ``slot = page * page_size + offset``, or -1
+    """
+    page_size = k_cache.shape[1]
+    slots = slot_mapping.to(k_cache.device).long()
+    keep = slots >= 0
+    pages, offsets = slots[keep] // page_size, slots[keep] % page_size
+    k_cache[pages, offsets] = k_new[keep].to(k_cache.dtype)
+    v_cache[pages, offsets] = v_new[keep].to(v_cache.dtype)
