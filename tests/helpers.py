@@ -1,0 +1,59 @@
+"""Shared test helpers: random layouts, poisoned outputs, relative error."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import spanfill as sf
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64; NaN anywhere gives inf."""
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def random_spans(rng: random.Random, seq_len: int, max_spans: int, max_len: int) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-empty half-open spans inside [0, seq_len)."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for _ in range(rng.randint(0, max_spans)):
+        if cursor >= seq_len:
+            break
+        start = rng.randint(cursor, min(seq_len - 1, cursor + 2 * max_len))
+        stop = min(seq_len, start + rng.randint(1, max_len))
+        spans.append((start, stop))
+        cursor = stop + rng.randint(0, 1)  # adjacent-but-disjoint spans happen too
+    return spans
+
+
+def paged_setup(
+    seq_lens: list[int], spans: list[list[tuple[int, int]]], page_size: int, hq: int, hk: int,
+    d: int, dtype: torch.dtype, device: str, seed: int = 0, spare_pages: int = 3,
+):
+    """A shuffled page pool holding random KV, a block table and a validated layout.
+
+    Returns (layout, k_cache, v_cache, q, k_new, v_new).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    pages_per_req = [(s + page_size - 1) // page_size for s in seq_lens]
+    num_pages = sum(pages_per_req) + spare_pages
+    perm = torch.randperm(num_pages, generator=gen).to(torch.int32)
+    width = max(max(pages_per_req, default=1), 1)
+    block_table = torch.full((len(seq_lens), width), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(pages_per_req):
+        block_table[b, :n] = perm[used:used + n]
+        used += n
+    layout = sf.SpanLayout.build(spans, seq_lens, block_table.to(device), page_size)
+    t = layout.num_tokens
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
+    k_cache, v_cache = rnd(num_pages, page_size, hk, d), rnd(num_pages, page_size, hk, d)
+    return layout, k_cache, v_cache, rnd(t, hq, d), rnd(t, hk, d), rnd(t, hk, d)
