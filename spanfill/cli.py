@@ -1,0 +1,169 @@
+"""``spanfill demo | info | check | bench``: the command line.
+
+``demo`` shows both jobs end to end and checks them against the reference;
+``info`` says which path each op takes on this machine; ``check`` is a quick
+self-test of every op; ``bench`` hands over to ``bench/run.py`` in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from typing import Sequence
+
+OPS = ("padded_prefill", "varlen_prefill", "span_prefill", "append_kv")
+
+
+def _use_interpreter(flag: bool) -> None:
+    # Must happen before spanfill.kernels (and so triton.jit) is first imported.
+    if flag:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def path_name(device) -> str:
+    """``kernel``, ``interpreter`` or ``reference``: what the ops run on ``device``."""
+    from .ops import resolve_backend
+
+    try:
+        path = resolve_backend(device)
+    except ValueError as err:
+        return f"error: {err}"
+    if path == "reference":
+        return "reference"
+    return "kernel" if device.type == "cuda" else "interpreter"
+
+
+# ----------------------------------------------------------------------------- info
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+    import triton
+
+    import spanfill
+
+    device = _device(args.device)
+    print(f"spanfill {spanfill.__version__}")
+    print(f"torch    {torch.__version__}")
+    print(f"triton   {triton.__version__}")
+    print(f"python   {platform.python_version()} ({sys.executable})")
+    if device.type == "cuda":
+        print(f"device   {device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})")
+    else:
+        print(f"device   {device} (no CUDA GPU visible)" if not torch.cuda.is_available()
+              else f"device   {device}")
+    env = {k: os.environ[k] for k in ("SPANFILL_BACKEND", "TRITON_INTERPRET") if k in os.environ}
+    print(f"env      {env or '(no SPANFILL_BACKEND / TRITON_INTERPRET set)'}")
+    path = path_name(device)
+    for op in OPS:
+        print(f"  {op:<16} -> {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- check
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .selfcheck import run_checks
+
+    _use_interpreter(args.interpret)
+    device = _device(args.device)
+    print(f"spanfill check on {device}: ops take the {path_name(device)} path")
+    failures = run_checks(device, verbose=True)
+    print("all ops match the reference" if not failures else f"{failures} check(s) FAILED")
+    return 1 if failures else 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .selfcheck import basic_demo
+
+    _use_interpreter(args.interpret)
+    device = _device(args.device)
+    ok = basic_demo(device)
+    if args.basic:
+        return 0 if ok else 1
+    try:
+        from .integrations.demo import main_demo
+    except ImportError as err:
+        print(f"\n(the main demo needs the demo extras: {err}; pip install -e '.[bench]')")
+        return 0 if ok else 1
+    ok = main_demo(device, out=args.out, quick=args.quick) and ok
+    return 0 if ok else 1
+
+
+# ----------------------------------------------------------------------------- bench
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    # bench/ is a folder of the repository, not of the installed package.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (os.getcwd(), repo):
+        if os.path.isfile(os.path.join(root, "bench", "run.py")) and root not in sys.path:
+            sys.path.insert(0, root)
+    try:
+        from bench.run import main as bench_main
+    except ImportError as err:
+        print(
+            "spanfill bench needs bench/run.py from the spanfill repository (run it from the "
+            f"repository root); it could not be imported: {err}",
+            file=sys.stderr,
+        )
+        return 2
+    result = bench_main(list(args.rest))
+    return int(result or 0)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spanfill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="show both jobs end to end, checked against the reference")
+    demo.add_argument("--basic", action="store_true",
+                      help="only the small example of both ops (no model)")
+    demo.add_argument("--quick", action="store_true", help="a smaller model and prompt")
+    demo.add_argument("--out", default="spanfill_demo.png", help="where to write the picture")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    demo.add_argument("--interpret", action="store_true",
+                      help="on the CPU, run the Triton kernels in the interpreter")
+    demo.set_defaults(func=cmd_demo)
+
+    info = sub.add_parser("info", help="versions, device, and the path each op takes")
+    info.add_argument("--device", default=None)
+    info.set_defaults(func=cmd_info)
+
+    check = sub.add_parser("check", help="quick self-check of every op against the reference")
+    check.add_argument("--device", default=None)
+    check.add_argument("--interpret", action="store_true",
+                       help="on the CPU, run the Triton kernels in the interpreter")
+    check.set_defaults(func=cmd_check)
+
+    # No -h of its own: every argument, --help included, goes to bench/run.py.
+    bench = sub.add_parser("bench", add_help=False,
+                           help="run bench/run.py (arguments are passed through)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # argparse would claim options such as --help; bench/run.py gets them all.
+        return cmd_bench(argparse.Namespace(rest=argv[1:]))
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""The command line: every subcommand runs and reports success on this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from spanfill import cli
+
+
+def test_info(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for op in cli.OPS:
+        assert op in out
+    assert "torch" in out and "triton" in out
+
+
+def test_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check"]) == 0
+    assert "all ops match the reference" in capsys.readouterr().out
+
+
+def test_demo_basic(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--basic"]) == 0
+    out = capsys.readouterr().out
+    assert "MISMATCH" not in out and out.count("MATCH") == 2
+
+
+def test_bench_without_runner(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "bench.run", None)  # import fails like a missing file
+    assert cli.main(["bench", "--help"]) == 2
+    assert "bench/run.py" in capsys.readouterr().err
