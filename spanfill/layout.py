@@ -183,6 +183,8 @@ class SpanLayout:
     page_size : int
     slot_mapping : [T] int64, cache slot of each span token:
         ``block_table[b, pos // page_size] * page_size + pos % page_size``
+    validated : whether the metadata was checked (``from_tensors(validate=...)``);
+        an unvalidated layout also skips the page-pool check of the ops
     """
 
     positions: torch.Tensor
@@ -191,6 +193,7 @@ class SpanLayout:
     block_table: torch.Tensor
     page_size: int
     slot_mapping: torch.Tensor
+    validated: bool = True
     _plans: dict = field(default_factory=dict, repr=False)
     _pools_checked: set = field(default_factory=set, repr=False)
 
@@ -304,6 +307,16 @@ class SpanLayout:
             CUDA graph; invalid metadata is then undefined behaviour.
         """
         _check_meta_types(positions, query_start_loc, seq_lens, block_table, page_size)
+        if slot_mapping is not None and (
+            not torch.is_tensor(slot_mapping) or slot_mapping.dtype not in (torch.int32, torch.int64)
+        ):
+            raise TypeError(
+                f"slot_mapping must be an int32 or int64 tensor, got "
+                f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}"
+            )
+        if validate:
+            _check_int32_range(positions=positions, query_start_loc=query_start_loc,
+                               seq_lens=seq_lens, block_table=block_table)
         device = positions.device
         positions = positions.to(device=device, dtype=torch.int32).contiguous()
         qsl = query_start_loc.to(device=device, dtype=torch.int32).contiguous()
@@ -318,7 +331,8 @@ class SpanLayout:
                 f"slot_mapping has shape {tuple(slot_mapping.shape)}, expected {tuple(positions.shape)}"
             )
         return cls(positions, qsl, seq_lens, block_table, page_size,
-                   slot_mapping.to(device=device, dtype=torch.int64).contiguous())
+                   slot_mapping.to(device=device, dtype=torch.int64).contiguous(),
+                   validated=validate)
 
     def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
         """The (cached) tile plan for tiles of ``block_q`` tokens."""
@@ -334,9 +348,11 @@ class SpanLayout:
         """Raise if a page that covers a valid position is outside ``[0, num_pages)``.
 
         The check reads one number back from the device; it runs once per layout
-        and pool size.
+        and pool size. A layout built with ``validate=False`` skips it: such a
+        layout promises that it waits on nothing (so it can be captured in a CUDA
+        graph), and its metadata is the caller's responsibility.
         """
-        if num_pages in self._pools_checked:
+        if not self.validated or num_pages in self._pools_checked:
             return
         needed = _pages_in_use(self.seq_lens, self.block_table, self.page_size)
         bad = needed & ((self.block_table < 0) | (self.block_table >= num_pages))
@@ -407,6 +423,24 @@ def _check_meta_types(
         )
     if block_table.shape[0] != num_req:
         raise ValueError(f"block_table has {block_table.shape[0]} rows, expected B={num_req}")
+
+
+def _check_int32_range(**tensors: torch.Tensor) -> None:
+    """Raise if an int64 tensor holds a value that would wrap when cast to int32.
+
+    The layout stores its metadata as int32; without this check an int64 page id
+    of ``2**32 + 5`` would silently become page 5 of another request.
+    """
+    lo, hi = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+    wide = {name: t for name, t in tensors.items() if t.dtype == torch.int64 and t.numel()}
+    if not wide:
+        return
+    flags = torch.stack([((t < lo) | (t > hi)).any() for t in wide.values()]).cpu()
+    for (name, t), flag in zip(wide.items(), flags.tolist()):
+        if flag:
+            bad = torch.nonzero((t < lo) | (t > hi))[0].tolist()
+            index = ", ".join(str(i) for i in bad)
+            raise ValueError(f"{name}[{index}] = {int(t[tuple(bad)])} does not fit in int32")
 
 
 def _validate_meta(

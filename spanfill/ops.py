@@ -74,10 +74,10 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: Sequenc
     head_dim, num_q_heads, num_kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
     if k.shape[-1] != head_dim:
         raise ValueError(f"{kn} has head dim {k.shape[-1]} but {qn} has {head_dim}")
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+    if num_q_heads == 0 or num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
         raise ValueError(
-            f"the number of q heads ({num_q_heads}) must be a multiple of the number of "
-            f"kv heads ({num_kv_heads})"
+            f"{qn} has {num_q_heads} heads (dim -2) and {kn} has {num_kv_heads}: the number of "
+            f"q heads must be a positive multiple of the number of kv heads"
         )
     if not (MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0):
         raise ValueError(
