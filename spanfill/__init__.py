@@ -2,13 +2,14 @@
 cache with holes, as Triton kernels on PyTorch tensors."""
 
 from .cache import PagedKVCache
-from .layout import SpanLayout, TilePlan
+from .layout import PaddedLayout, SpanLayout, TilePlan
 from .ops import append_kv, padded_prefill, resolve_backend, span_prefill, varlen_prefill
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PagedKVCache",
+    "PaddedLayout",
     "SpanLayout",
     "TilePlan",
     "append_kv",

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SpanLayout", "TilePlan", "plan_packed", "plan_padded"]
+__all__ = ["PaddedLayout", "SpanLayout", "TilePlan", "plan_packed", "plan_padded"]
 
 Spans = Sequence[Sequence[tuple[int, int]]]
 
@@ -163,6 +163,64 @@ def plan_padded(
     work = torch.where(has_rows, work, torch.zeros_like(work))
     tile_req = req if num_req > 0 else torch.full_like(req, -1)
     return _sorted_plan(tile_req, row0, row_end, work, q_start, lens, q_start, lens, block_q)
+
+
+@dataclass
+class PaddedLayout:
+    """A padded batch's valid lengths, checked once and planned once for every layer.
+
+    ``padded_prefill`` accepts either plain ``valid_lens`` (checked and planned on
+    every call: one host sync) or this object (no sync after :meth:`build`).
+
+    Attributes
+    ----------
+    valid_lens : [B] int32, valid tokens per sample
+    seq_len : S, the padded length
+    padding_side : "right" or "left"
+    """
+
+    valid_lens: torch.Tensor
+    seq_len: int
+    padding_side: str = "right"
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, valid_lens: torch.Tensor, seq_len: int, padding_side: str = "right",
+              validate: bool = True) -> "PaddedLayout":
+        """Check ``0 <= valid_lens[b] <= seq_len`` (one host sync unless ``validate=False``).
+
+        Parameters
+        ----------
+        valid_lens : [B] int32|int64
+        seq_len : S
+        padding_side : "right" (valid tokens first) or "left" (valid tokens last)
+        """
+        if not torch.is_tensor(valid_lens):
+            raise TypeError(f"valid_lens must be a torch.Tensor, got {type(valid_lens).__name__}")
+        if valid_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"valid_lens must be int32 or int64, got {valid_lens.dtype}")
+        if valid_lens.dim() != 1:
+            raise ValueError(f"valid_lens must be 1-D, got shape {tuple(valid_lens.shape)}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if validate and valid_lens.numel():
+            bad = (valid_lens < 0) | (valid_lens > seq_len)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0, 0])
+                raise ValueError(f"valid_lens[{i}] = {int(valid_lens[i])} is outside [0, S={seq_len}]")
+        return cls(valid_lens.to(torch.int32).contiguous(), int(seq_len), padding_side)
+
+    @property
+    def device(self) -> torch.device:
+        return self.valid_lens.device
+
+    def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
+        """The (cached) tile plan for tiles of ``block_q`` tokens."""
+        key = (block_q, causal)
+        if key not in self._plans:
+            self._plans[key] = plan_padded(self.valid_lens, self.seq_len, block_q,
+                                           self.padding_side, causal)
+        return self._plans[key]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from . import reference
-from .layout import SpanLayout, plan_packed, plan_padded
+from .layout import PaddedLayout, SpanLayout, plan_packed
 
 __all__ = ["padded_prefill", "varlen_prefill", "span_prefill", "append_kv", "resolve_backend"]
 
@@ -118,9 +118,9 @@ def padded_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    valid_lens: torch.Tensor,
+    valid_lens: torch.Tensor | PaddedLayout,
     causal: bool = False,
-    padding_side: str = "right",
+    padding_side: str | None = None,
     sm_scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
@@ -136,9 +136,11 @@ def padded_prefill(
     ----------
     q : [B, S, Hq, D] fp16|bf16|fp32
     k, v : [B, S, Hk, D] same dtype and device as q; ``Hq % Hk == 0``
-    valid_lens : [B] int32|int64 on q's device, ``0 <= valid_lens[b] <= S``
+    valid_lens : [B] int32|int64 on q's device, ``0 <= valid_lens[b] <= S``; or a
+        :class:`spanfill.PaddedLayout` built once per batch and reused by every layer
+        (no host sync per call)
     causal : causal within each sample, default False (encoders)
-    padding_side : "right" (default) or "left"
+    padding_side : "right" (default) or "left"; with a PaddedLayout, its own side
     sm_scale : defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
     backend : "auto" | "triton" | "reference" (see module docstring)
@@ -155,19 +157,29 @@ def padded_prefill(
     b_sz, seq_len = q.shape[0], q.shape[1]
     if k.shape[:2] != q.shape[:2]:
         raise ValueError(f"k has batch/seq shape {tuple(k.shape[:2])} but q has {tuple(q.shape[:2])}")
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    _check_int_tensor("valid_lens", valid_lens, q.device)
-    if valid_lens.shape[0] != b_sz:
-        raise ValueError(f"valid_lens has {valid_lens.shape[0]} entries but the batch has B={b_sz}")
-    bad = (valid_lens < 0) | (valid_lens > seq_len)
-    if b_sz > 0 and bool(bad.any()):
-        i = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"valid_lens[{i}] = {int(valid_lens[i])} is outside [0, S={seq_len}]")
+    if isinstance(valid_lens, PaddedLayout):
+        layout = valid_lens
+        if padding_side is not None and padding_side != layout.padding_side:
+            raise ValueError(
+                f"padding_side={padding_side!r} but the PaddedLayout was built with "
+                f"{layout.padding_side!r}"
+            )
+        if layout.seq_len != seq_len:
+            raise ValueError(f"the PaddedLayout has S={layout.seq_len} but q has S={seq_len}")
+    else:
+        _check_int_tensor("valid_lens", valid_lens, q.device)
+        layout = PaddedLayout.build(valid_lens, seq_len, padding_side or "right")
+    if layout.device != q.device:
+        raise ValueError(f"valid_lens is on {layout.device} but q is on {q.device}")
+    if layout.valid_lens.shape[0] != b_sz:
+        raise ValueError(
+            f"valid_lens has {layout.valid_lens.shape[0]} entries but the batch has B={b_sz}"
+        )
     scale = _scale(q.shape[-1], sm_scale)
     path = resolve_backend(q.device, backend)
     if path == "reference" or q.numel() == 0:
-        o, lse = reference.padded_prefill(q, k, v, valid_lens, causal, padding_side, scale)
+        o, lse = reference.padded_prefill(q, k, v, layout.valid_lens, causal,
+                                          layout.padding_side, scale)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
     from .kernels import attention_fwd
@@ -180,7 +192,7 @@ def padded_prefill(
     out = torch.empty_like(q_rows)
     lse = torch.empty(b_sz * seq_len, num_q_heads, dtype=torch.float32, device=q.device) \
         if return_lse else None
-    plan = plan_padded(valid_lens, seq_len, cfg.block_q, padding_side, causal)
+    plan = layout.tile_plan(cfg.block_q, causal)
     attention_fwd(q_rows, k_rows, v_rows, out, lse, plan, cfg, scale, causal, zero_fill=True)
     out = out.view(q.shape)
     if return_lse:

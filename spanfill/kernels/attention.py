@@ -20,15 +20,30 @@ from .configs import AttentionConfig
 def _load_kv_tile(
     base, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, block_table, stride_bt,
     page_size, stride_page, stride_row, stride_head, PAGED: tl.constexpr,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """K or V rows at ``kv_pos``, as ``[BLOCK_N, BLOCK_D]``; zero outside ``kv_in``."""
+    """K or V rows at ``kv_pos``, as ``[BLOCK_N, BLOCK_D]``; zero outside ``kv_in``.
+
+    ``MASK_N`` / ``EVEN_D`` False drop the row / column masks, so the loads of the
+    unmasked KV tiles stay full-width vector loads.
+    """
     if PAGED:
-        page = tl.load(block_table + req * stride_bt + kv_pos // page_size, mask=kv_in, other=0)
+        if MASK_N:
+            page = tl.load(block_table + req * stride_bt + kv_pos // page_size, mask=kv_in,
+                           other=0)
+        else:
+            page = tl.load(block_table + req * stride_bt + kv_pos // page_size)
         row = page.to(tl.int64) * stride_page + (kv_pos % page_size).to(tl.int64) * stride_row
     else:
         row = (kv_start + kv_pos).to(tl.int64) * stride_row
     ptrs = base + row[:, None] + hk * stride_head + offs_d[None, :]
-    return tl.load(ptrs, mask=kv_in[:, None] & d_in[None, :], other=0.0)
+    if MASK_N:
+        if EVEN_D:
+            return tl.load(ptrs, mask=kv_in[:, None], other=0.0)
+        return tl.load(ptrs, mask=kv_in[:, None] & d_in[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_in[None, :], other=0.0)
 
 
 @triton.jit
@@ -43,6 +58,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_POSITIONS: tl.constexpr,
     RETURN_LSE: tl.constexpr, ZERO_FILL: tl.constexpr, IEEE_DOT: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
     tile = tl.program_id(0)
@@ -76,75 +92,79 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
+    q = tl.load(Q + row64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=valid[:, None] & d_in[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    if n_valid > 0:
-        q = tl.load(Q + row64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=valid[:, None] & d_in[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-        pos_min = tl.min(tl.where(valid, pos, 2147483647), axis=0)
-        pos_max = tl.max(pos, axis=0)
-        if CAUSAL:
-            kv_hi = tl.minimum(pos_max + 1, kv_len)
-            kv_full = tl.minimum(pos_min + 1, kv_len)
+    pos_min = tl.min(tl.where(valid, pos, 2147483646), axis=0)
+    pos_max = tl.max(pos, axis=0)
+    if CAUSAL:
+        kv_hi = tl.minimum(pos_max + 1, kv_len)
+        kv_full = tl.minimum(pos_min + 1, kv_len)
+    else:
+        kv_hi = kv_len
+        kv_full = kv_len
+    # A tile of padding only (n_valid == 0) runs no KV step and stores its zeros.
+    kv_hi = tl.where(n_valid > 0, kv_hi, 0)
+    kv_full = tl.where(n_valid > 0, (kv_full // BLOCK_N) * BLOCK_N, 0)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # KV tiles that every valid row sees in full: no mask at all.
+    for start_n in range(0, kv_full, BLOCK_N):
+        kv_pos = start_n + offs_n
+        k = _load_kv_tile(K, kv_pos, kv_pos >= 0, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                          stride_bt, page_size, stride_kpage, stride_krow, stride_kh, PAGED,
+                          False, EVEN_D)
+        v = _load_kv_tile(V, kv_pos, kv_pos >= 0, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                          stride_bt, page_size, stride_vpage, stride_vrow, stride_vh, PAGED,
+                          False, EVEN_D)
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            kv_hi = kv_len
-            kv_full = kv_len
-        kv_full = (kv_full // BLOCK_N) * BLOCK_N
-        offs_n = tl.arange(0, BLOCK_N)
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if IEEE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
 
-        # KV tiles that every valid row sees in full: no mask.
-        for start_n in range(0, kv_full, BLOCK_N):
-            kv_pos = start_n + offs_n
-            kv_in = kv_pos < kv_hi
-            k = _load_kv_tile(K, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
-                              stride_bt, page_size, stride_kpage, stride_krow, stride_kh, PAGED)
-            v = _load_kv_tile(V, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
-                              stride_bt, page_size, stride_vpage, stride_vrow, stride_vh, PAGED)
-            if IEEE_DOT:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = qk * qk_scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if IEEE_DOT:
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
-
-        # Boundary tiles: the causal diagonal of each row, and the kv_len edge.
-        for start_n in range(kv_full, kv_hi, BLOCK_N):
-            kv_pos = start_n + offs_n
-            kv_in = kv_pos < kv_hi
-            k = _load_kv_tile(K, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
-                              stride_bt, page_size, stride_kpage, stride_krow, stride_kh, PAGED)
-            v = _load_kv_tile(V, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
-                              stride_bt, page_size, stride_vpage, stride_vrow, stride_vh, PAGED)
-            if IEEE_DOT:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = qk * qk_scale_log2
-            visible = kv_in[None, :] & valid[:, None]
-            if CAUSAL:
-                visible = visible & (kv_pos[None, :] <= pos[:, None])
-            qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            # A row with nothing visible yet keeps m = -inf; subtract 0 instead so
-            # exp2 gives 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            if IEEE_DOT:
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+    # Boundary tiles: the causal diagonal of each row, and the kv_len edge.
+    for start_n in range(kv_full, kv_hi, BLOCK_N):
+        kv_pos = start_n + offs_n
+        kv_in = kv_pos < kv_hi
+        k = _load_kv_tile(K, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                          stride_bt, page_size, stride_kpage, stride_krow, stride_kh, PAGED,
+                          True, EVEN_D)
+        v = _load_kv_tile(V, kv_pos, kv_in, req, hk, offs_d, d_in, kv_start, BLOCK_TABLE,
+                          stride_bt, page_size, stride_vpage, stride_vrow, stride_vh, PAGED,
+                          True, EVEN_D)
+        if IEEE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        qk = qk * qk_scale_log2
+        visible = kv_in[None, :] & valid[:, None]
+        if CAUSAL:
+            visible = visible & (kv_pos[None, :] <= pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        # A row with nothing visible yet keeps m = -inf; subtract 0 instead so
+        # exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if IEEE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
 
     seen = valid & (l_i > 0.0)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -219,5 +239,6 @@ def attention_fwd(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         CAUSAL=causal, PAGED=paged, HAS_POSITIONS=positions is not None,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
+        EVEN_D=triton.next_power_of_2(head_dim) == head_dim,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

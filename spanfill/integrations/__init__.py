@@ -1,0 +1,9 @@
+"""Bridges from the libraries people run models with to spanfill's ops.
+
+* :mod:`spanfill.integrations.transformers`: ``attn_implementation="spanfill"``
+  for padded encoder batches (needs ``transformers``).
+* :mod:`spanfill.integrations.holes`: fill the KV holes of a Llama/Qwen2 prompt
+  and decode from the paged cache.
+
+Nothing is imported here, so ``import spanfill`` never needs transformers.
+"""

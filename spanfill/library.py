@@ -1,0 +1,191 @@
+"""spanfill's ops as ``torch.library`` custom ops, for ``torch.compile`` and CUDA graphs.
+
+A :class:`~spanfill.SpanLayout` is a Python object and cannot cross an op
+boundary, so these ops take the serving engine's plain tensors (``positions``,
+``query_start_loc``, ``seq_lens``, ``block_table``, ``slot_mapping``) and an int
+``page_size``, and build the layout inside with ``validate=False``: nothing in
+them waits on the device, so a compiled or captured step stays free of host
+syncs. Validate the metadata once per batch (``SpanLayout.from_tensors`` with
+``validate=True``) before handing it to a compiled model.
+
+Importing this module registers::
+
+    torch.ops.spanfill.append_kv       mutates k_cache, v_cache
+    torch.ops.spanfill.span_prefill    -> (o [T, Hq, D], lse [T, Hq] fp32)
+    torch.ops.spanfill.padded_prefill  -> (o [B, S, Hq, D], lse [B, S, Hq] fp32)
+    torch.ops.spanfill.varlen_prefill  -> (o [T, Hq, D], lse [T, Hq] fp32)
+
+Custom ops have a fixed number of outputs, so the attention ops always return
+``(o, lse)``; with ``return_lse=False`` the lse is an empty ``[0]`` tensor and is
+not computed. The Python wrappers below return what the :mod:`spanfill.ops`
+functions return.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .layout import SpanLayout
+
+__all__ = ["append_kv", "span_prefill", "padded_prefill", "varlen_prefill"]
+
+
+def _layout(positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+            block_table: torch.Tensor, page_size: int,
+            slot_mapping: torch.Tensor | None) -> SpanLayout:
+    return SpanLayout.from_tensors(positions, query_start_loc, seq_lens, block_table, page_size,
+                                   slot_mapping=slot_mapping, validate=False)
+
+
+def _no_lse(device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------- append_kv
+
+@torch.library.custom_op("spanfill::append_kv", mutates_args=("k_cache", "v_cache"))
+def _append_kv_op(
+    k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
+) -> None:
+    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, slot_mapping)
+    ops.append_kv(k_new, v_new, k_cache, v_cache, layout)
+
+
+@_append_kv_op.register_fake
+def _append_kv_fake(k_new, v_new, k_cache, v_cache, positions, query_start_loc, seq_lens,
+                    block_table, page_size, slot_mapping=None) -> None:
+    return None
+
+
+def append_kv(
+    k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
+) -> None:
+    """:func:`spanfill.append_kv` from plain metadata, as a custom op (in place).
+
+    Parameters
+    ----------
+    k_new, v_new : [T, Hk, D] with the cache's dtype
+    k_cache, v_cache : [num_pages, page_size, Hk, D], written in place
+    positions : [T] int32|int64, the position of each new token
+    query_start_loc : [B+1] int32|int64
+    seq_lens : [B] int32|int64
+    block_table : [B, max_pages] int32|int64
+    page_size : tokens per page
+    slot_mapping : [T] int64 or None (computed from the block table); -1 skips a token
+    """
+    torch.ops.spanfill.append_kv(k_new, v_new, k_cache, v_cache, positions, query_start_loc,
+                                 seq_lens, block_table, page_size, slot_mapping)
+
+
+# ----------------------------------------------------------------------------- span_prefill
+
+@torch.library.custom_op("spanfill::span_prefill", mutates_args=())
+def _span_prefill_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+    page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None)
+    res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
+                           return_lse=return_lse)
+    return res if return_lse else (res, _no_lse(q.device))
+
+
+@_span_prefill_op.register_fake
+def _span_prefill_fake(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_table,
+                       page_size, causal=True, sm_scale=None, return_lse=False):
+    lse_shape = q.shape[:2] if return_lse else (0,)
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def span_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+    page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`spanfill.span_prefill` from plain metadata, as a custom op.
+
+    Parameters
+    ----------
+    q : [T, Hq, D] fp16|bf16|fp32
+    k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype
+    positions, query_start_loc, seq_lens, block_table, page_size : as :func:`append_kv`
+    causal : default True
+    sm_scale : defaults to ``1/sqrt(D)``
+    return_lse : also return the log-sum-exp
+
+    Returns
+    -------
+    o : [T, Hq, D] q.dtype
+    lse : [T, Hq] fp32, natural log (only if ``return_lse``)
+    """
+    o, lse = torch.ops.spanfill.span_prefill(q, k_cache, v_cache, positions, query_start_loc,
+                                             seq_lens, block_table, page_size, causal, sm_scale,
+                                             return_lse)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------- padded_prefill
+
+@torch.library.custom_op("spanfill::padded_prefill", mutates_args=())
+def _padded_prefill_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor,
+    causal: bool = False, padding_side: str = "right", sm_scale: float | None = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    res = ops.padded_prefill(q, k, v, valid_lens, causal=causal, padding_side=padding_side,
+                             sm_scale=sm_scale, return_lse=return_lse)
+    if not return_lse:
+        return res, _no_lse(q.device)
+    # A custom op's outputs may not alias each other or inputs; these are fresh.
+    return res
+
+
+@_padded_prefill_op.register_fake
+def _padded_prefill_fake(q, k, v, valid_lens, causal=False, padding_side="right", sm_scale=None,
+                         return_lse=False):
+    lse_shape = q.shape[:3] if return_lse else (0,)
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def padded_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor,
+    causal: bool = False, padding_side: str = "right", sm_scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`spanfill.padded_prefill` as a custom op (same arguments and results)."""
+    o, lse = torch.ops.spanfill.padded_prefill(q, k, v, valid_lens, causal, padding_side,
+                                               sm_scale, return_lse)
+    return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------- varlen_prefill
+
+@torch.library.custom_op("spanfill::varlen_prefill", mutates_args=())
+def _varlen_prefill_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    res = ops.varlen_prefill(q, k, v, cu_seqlens, causal=causal, sm_scale=sm_scale,
+                             return_lse=return_lse)
+    return res if return_lse else (res, _no_lse(q.device))
+
+
+@_varlen_prefill_op.register_fake
+def _varlen_prefill_fake(q, k, v, cu_seqlens, causal=True, sm_scale=None, return_lse=False):
+    lse_shape = q.shape[:2] if return_lse else (0,)
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def varlen_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+    causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`spanfill.varlen_prefill` as a custom op (same arguments and results)."""
+    o, lse = torch.ops.spanfill.varlen_prefill(q, k, v, cu_seqlens, causal, sm_scale, return_lse)
+    return (o, lse) if return_lse else o
