@@ -63,10 +63,17 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def embed(model: torch.nn.Module, tokenizer, sentences: list[str], padding_side: str = "right",
           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Embed ``sentences`` as one padded batch: [N, H] fp32 mean-pooled embeddings."""
+    """Embed ``sentences`` as one padded batch: [N, H] fp32 mean-pooled embeddings.
+
+    With left padding, position ids are counted from each sentence's first real
+    token: BERT would otherwise number the pad tokens too and shift every position,
+    which changes the embedding whatever the attention does.
+    """
     tokenizer.padding_side = padding_side
     enc = tokenizer(sentences, padding=True, truncation=True, max_length=512, return_tensors="pt")
     enc = {k: v.to(device) for k, v in enc.items()}
+    if padding_side == "left":
+        enc["position_ids"] = (enc["attention_mask"].cumsum(dim=1) - 1).clamp_min(0)
     hidden = model(**enc).last_hidden_state
     return mean_pool(hidden, enc["attention_mask"])
 

@@ -24,10 +24,12 @@ garbage there); pooling that follows the attention mask never reads them.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
 
+from ..layout import PaddedLayout
 from ..ops import padded_prefill
 
 __all__ = ["NAME", "register", "spanfill_attention_forward", "spanfill_mask",
@@ -175,13 +177,30 @@ def spanfill_attention_forward(
             "transformers KV cache is not supported (use spanfill.integrations.holes for decoding)"
         )
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    valid_lens, side = padding_from_mask(attention_mask, b_sz, seq_len, causal)
+    layout = _layout_for(attention_mask, b_sz, seq_len, causal, query.device)
     # [B, H, S, D] views of [B, S, H, D] projections: transposing back costs no copy.
     out = padded_prefill(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        valid_lens.to(query.device), causal=causal, padding_side=side, sm_scale=scaling,
+        layout, causal=causal, sm_scale=scaling,
     )
     return out, None
+
+
+# Every layer of one forward gets the same mask object: parse, check and plan it once.
+_last: tuple[Any, tuple, PaddedLayout] | None = None
+
+
+def _layout_for(mask: torch.Tensor | None, b_sz: int, seq_len: int, causal: bool,
+                device: torch.device) -> PaddedLayout:
+    global _last
+    key = (b_sz, seq_len, causal, device)
+    if mask is not None and _last is not None and _last[0]() is mask and _last[1] == key:
+        return _last[2]
+    valid_lens, side = padding_from_mask(mask, b_sz, seq_len, causal)
+    layout = PaddedLayout.build(valid_lens.to(device), seq_len, side)
+    if mask is not None:
+        _last = (weakref.ref(mask), key, layout)
+    return layout
 
 
 def spanfill_mask(
@@ -204,7 +223,9 @@ def spanfill_mask(
 
     plain = mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
     if plain and q_offset == 0 and kv_offset == 0 and q_length == kv_length:
-        return None if attention_mask is None else attention_mask.bool()
+        # A fresh tensor per forward, so the per-forward layout memo never sees a
+        # mask that was edited in place since.
+        return None if attention_mask is None else attention_mask.to(torch.bool, copy=True)
     return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                         q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                         attention_mask=attention_mask, **kwargs)

@@ -1,0 +1,96 @@
+"""Sentences per second embedding padded batches with all-MiniLM-L6-v2: spanfill vs sdpa.
+
+The same model weights (fp16 or bf16) run with ``attn_implementation="spanfill"``
+and with transformers' ``"sdpa"`` (and ``"eager"``) on the same unsorted batches
+of sentences of very different lengths, where padding wastes most work. Tokenizing
+is done once beforehand and not timed. Writes bench/results/minilm_throughput.csv.
+
+    python scripts/bench_minilm.py [--dtype fp16] [--sentences 4096] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transformers  # noqa: E402
+
+import spanfill.integrations.transformers  # noqa: E402,F401  (registers "spanfill")
+from _results import RESULTS, quantiles, write_rows  # noqa: E402
+from spanfill.integrations.sentences import mean_pool, minilm_dir, sample_sentences  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def batches(tokenizer, sentences: list[str], batch: int, device: str) -> list[dict]:
+    tokenizer.padding_side = "right"
+    out = []
+    for i in range(0, len(sentences), batch):
+        enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=512,
+                        return_tensors="pt")
+        out.append({k: v.to(device) for k, v in enc.items()})
+    return out
+
+
+@torch.no_grad()
+def run_all(model, encoded: list[dict]) -> None:
+    for enc in encoded:
+        mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    parser.add_argument("--sentences", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--max-words", type=int, default=300)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--providers", default="spanfill,sdpa,eager")
+    parser.add_argument("--out", default=str(RESULTS / "minilm_throughput.csv"))
+    args = parser.parse_args()
+    path = minilm_dir()
+    if path is None:
+        raise SystemExit("all-MiniLM-L6-v2 not found: run scripts/export_minilm.py, carry .minilm/")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    sentences = sample_sentences(args.sentences, max_words=args.max_words, seed=7)
+    encoded = batches(tokenizer, sentences, args.batch, device)
+    real = sum(int(e["attention_mask"].sum()) for e in encoded)
+    padded = sum(e["attention_mask"].numel() for e in encoded)
+    workload = (f"minilm_{args.dtype}_n{args.sentences}_b{args.batch}_"
+                f"pad{100 * (1 - real / padded):.0f}pct")
+    print(f"{workload}: {real} real tokens in {padded} padded slots")
+    rows = []
+    for provider in args.providers.split(","):
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation=provider,
+                                                       dtype=dtype).to(device).eval()
+        run_all(model, encoded)  # warm-up: Triton compiles, cuBLAS picks algorithms
+        rates = []
+        for _ in range(args.reps):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            run_all(model, encoded)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rates.append(len(sentences) / (time.perf_counter() - t0))
+        q = quantiles(rates)
+        rows.append({"kernel": "minilm_embed", "provider": provider, "workload": workload,
+                     "x": args.batch, "metric": "throughput", "unit": "sentences/s", **q,
+                     "note": f"{args.dtype}; {len(encoded)} batches; tokenization not timed"})
+        print(f"  {provider:<9} {q['p50']:10.1f} sentences/s (p20 {q['p20']:.1f}, p80 {q['p80']:.1f})")
+        del model
+    print("wrote", write_rows(Path(args.out), rows))
+
+
+if __name__ == "__main__":
+    main()
