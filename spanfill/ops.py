@@ -102,10 +102,11 @@ def _scale(head_dim: int, sm_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
 
-def _config(q: torch.Tensor, num_kv_heads: int):
+def _config(q: torch.Tensor, num_kv_heads: int, paged: bool):
     from .kernels import pick_config
 
-    return pick_config(q.shape[-1], q.dtype, q.shape[-2] // num_kv_heads, q.device.type == "cuda")
+    return pick_config(q.shape[-1], q.dtype, q.shape[-2] // num_kv_heads,
+                       q.device.type == "cuda", paged)
 
 
 def _result(o: torch.Tensor, lse: torch.Tensor, return_lse: bool):
@@ -184,7 +185,7 @@ def padded_prefill(
 
     from .kernels import attention_fwd
 
-    cfg = _config(q, k.shape[2])
+    cfg = _config(q, k.shape[2], paged=False)
     num_q_heads, head_dim = q.shape[2], q.shape[3]
     q_rows = q.reshape(b_sz * seq_len, num_q_heads, head_dim)  # a view for contiguous q
     k_rows = k.reshape(b_sz * seq_len, k.shape[2], head_dim)
@@ -262,7 +263,7 @@ def varlen_prefill(
 
     from .kernels import attention_fwd
 
-    cfg = _config(q, k.shape[1])
+    cfg = _config(q, k.shape[1], paged=False)
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
     plan = plan_packed(cu_seqlens.to(torch.int32), seq_lens, num_tokens, cfg.block_q, causal,
                        kv_start=cu_seqlens[:-1].to(torch.int32))
@@ -342,7 +343,7 @@ def span_prefill(
 
     from .kernels import attention_fwd
 
-    cfg = _config(q, k_cache.shape[2])
+    cfg = _config(q, k_cache.shape[2], paged=True)
     plan = layout.tile_plan(cfg.block_q, causal)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \

@@ -121,9 +121,9 @@ def _attn_fwd_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = qk * qk_scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_new[:, None])
+        # [BLOCK_M, BLOCK_N]; scaling folded into the max and one FMA (log2 domain)
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale_log2)
+        p = tl.math.exp2(qk * qk_scale_log2 - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
