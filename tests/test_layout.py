@@ -1,0 +1,95 @@
+"""SpanLayout, PaddedLayout and the tile plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spanfill as sf
+from spanfill.layout import plan_packed, plan_padded
+
+
+def _table(rows: list[list[int]]) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int32)
+
+
+def test_build_positions_and_slots():
+    table = _table([[3, 0, 5], [1, 2]])
+    layout = sf.SpanLayout.build([[(0, 2), (9, 10)], [(4, 6)]], [10, 8], table, page_size=4)
+    assert layout.positions.tolist() == [0, 1, 9, 4, 5]
+    assert layout.query_start_loc.tolist() == [0, 3, 5]
+    # slot = block_table[b, pos // 4] * 4 + pos % 4
+    assert layout.slot_mapping.tolist() == [12, 13, 21, 8, 9]
+    assert layout.num_tokens == 5 and layout.num_requests == 2
+
+
+def test_request_without_spans_and_empty_batch_of_spans():
+    layout = sf.SpanLayout.build([[], [(0, 1)], []], [5, 5, 5], _table([[0, 1], [2, 3], [4, 5]]), 4)
+    assert layout.query_start_loc.tolist() == [0, 0, 1, 1]
+    empty = sf.SpanLayout.build([[], []], [5, 5], _table([[0, 1], [2, 3]]), 4)
+    assert empty.num_tokens == 0
+
+
+def test_from_tensors_matches_build():
+    table = _table([[2, 0], [1, 3]])
+    built = sf.SpanLayout.build([[(1, 3)], [(0, 1), (6, 8)]], [7, 8], table, 4)
+    engine = sf.SpanLayout.from_tensors(
+        positions=torch.tensor([1, 2, 0, 6, 7]), query_start_loc=torch.tensor([0, 2, 5]),
+        seq_lens=torch.tensor([7, 8]), block_table=table.long(), page_size=4)
+    for name in ("positions", "query_start_loc", "seq_lens", "block_table", "slot_mapping"):
+        assert torch.equal(getattr(built, name), getattr(engine, name)), name
+
+
+@pytest.mark.parametrize("block_q", [1, 4, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_plan_covers_every_row_once(block_q, causal):
+    qsl = torch.tensor([0, 5, 5, 22, 23], dtype=torch.int32)
+    positions = torch.cat([torch.arange(5), torch.arange(3, 20), torch.tensor([40])]).int()
+    plan = plan_packed(qsl, torch.tensor([9, 3, 30, 41], dtype=torch.int32), 23, block_q, causal,
+                       positions=positions)
+    covered = torch.zeros(23, dtype=torch.int64)
+    for req, r0, r1 in zip(plan.tile_req.tolist(), plan.tile_row0.tolist(), plan.tile_row_end.tolist()):
+        if req < 0:
+            continue
+        assert qsl[req] <= r0 < r1 <= qsl[req + 1] and r1 - r0 <= block_q
+        covered[r0:r1] += 1
+    assert (covered == 1).all()
+    # Longest KV range first: the tile holding position 40 comes first when causal.
+    first = plan.tile_row0[0].item()
+    assert (first == 22) if causal else plan.tile_req[0].item() == 3
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padded_plan_covers_whole_batch(padding_side):
+    valid = torch.tensor([0, 7, 10, 3])
+    plan = plan_padded(valid, 10, 4, padding_side, causal=False)
+    covered = torch.zeros(40, dtype=torch.int64)
+    for r0, r1 in zip(plan.tile_row0.tolist(), plan.tile_row_end.tolist()):
+        covered[r0:r1] += 1
+    assert (covered == 1).all()  # padding too: those tiles write the zeros
+    pad = 10 - valid if padding_side == "left" else torch.zeros_like(valid)
+    assert plan.q_start.tolist() == (torch.arange(4) * 10 + pad).tolist()
+
+
+def test_tile_plan_is_cached():
+    layout = sf.SpanLayout.build([[(0, 3)]], [3], _table([[0]]), 4)
+    assert layout.tile_plan(16, True) is layout.tile_plan(16, True)
+    padded = sf.PaddedLayout.build(torch.tensor([1, 2]), 4)
+    assert padded.tile_plan(8, False) is padded.tile_plan(8, False)
+
+
+@pytest.mark.gpu
+def test_tensor_path_makes_no_host_sync():
+    table = torch.arange(64, dtype=torch.int32, device="cuda").reshape(2, 32)
+    positions = torch.tensor([0, 5, 6, 100, 3, 4], device="cuda")
+    qsl = torch.tensor([0, 4, 6], device="cuda")
+    seq_lens = torch.tensor([200, 10], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layout = sf.SpanLayout.from_tensors(positions, qsl, seq_lens, table, 16, validate=False)
+        layout.tile_plan(32, True)
+        sf.PaddedLayout.build(seq_lens, 200, validate=False).tile_plan(128, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
