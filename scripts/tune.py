@@ -66,6 +66,9 @@ for name, n, B, nspan, slen in (("few_big", 8192, 2, 4, 512), ("many_small", 819
         cfg = AttentionConfig(bm, bn, _stacked_heads(4, bm, 16), w, st)
         plan = lay.tile_plan(cfg.block_q, True)
         try:
+            handle = attention_fwd(q, kc, vc, out, None, plan, cfg, 128 ** -0.5, True,
+                                   positions=lay.positions, block_table=lay.block_table)
+            print(cfg, "regs", getattr(handle, "n_regs", "?"), "spills", getattr(handle, "n_spills", "?"))
             t = bench(lambda: attention_fwd(q, kc, vc, out, None, plan, cfg, 128 ** -0.5, True,
                                             positions=lay.positions, block_table=lay.block_table))
         except Exception as e:  # a config that does not fit (shared memory) is skipped

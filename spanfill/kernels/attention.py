@@ -192,7 +192,7 @@ def attention_fwd(
     positions: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     zero_fill: bool = False,
-) -> None:
+):
     """Launch the attention kernel over a tile plan.
 
     Parameters
@@ -210,6 +210,11 @@ def attention_fwd(
     positions : [T] int32 or None (rows at ``0, 1, ...`` within a request)
     block_table : [B, max_pages] int32 or None (dense KV)
     zero_fill : write 0 / -inf on tile rows that are not valid rows (padding)
+
+    Returns
+    -------
+    Triton's handle of the launched kernel (its ``n_regs``/``n_spills`` feed the
+    tuning notes).
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[-2]
@@ -227,7 +232,7 @@ def attention_fwd(
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (plan.num_tiles, num_q_heads // cfg.heads)
-    _attn_fwd_kernel[grid](
+    return _attn_fwd_kernel[grid](
         q, k, v, out, lse_arg, positions if positions is not None else plan.q_start,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_start, plan.kv_len, bt,
