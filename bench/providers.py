@@ -1,0 +1,349 @@
+"""Providers: each turns a workload's tensors into a call to time.
+
+A provider is ``fn(workload, tensors) -> Prepared``. Everything that is per layout
+but not the attention itself (gathering a request's KV into a dense tensor,
+expanding K/V to ``Hq`` heads for SDPA, building a dense mask, packing a batch) is
+done here, outside the timed call. Planning that a peer must redo for every new
+layout (FlexAttention's ``create_block_mask``, FlashInfer's ``plan``) and spanfill's
+own plan are returned separately as ``Prepared.plan`` and timed on their own.
+
+SDPA providers get K/V expanded to ``Hq`` heads (once, untimed) because SDPA's GQA
+support differs between its backends; they use SDPA's default backend choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from spanfill import reference
+
+from .check import packed_valid_index, relerr, row_subset
+from .providers_base import Prepared, spanfill_backend
+from .providers_spanfill import (
+    spanfill_nopad,
+    spanfill_padded,
+    spanfill_segmented,
+    spanfill_varlen,
+)
+from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
+
+__all__ = ["Prepared", "spanfill_backend", "spanfill_segmented", "spanfill_padded", "SEGMENTED",
+           "PADDED", "CEILINGS", "FLASHINFER", "SWEEP_PROVIDERS", "SMOKE_SKIP"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[L, H, D] -> [1, H, L, D] contiguous."""
+    return x.transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def _sdpa_kv(t: SegmentedTensors, request: int,
+             num_q_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Request's K/V as [1, Hq, seq_len, D] (expanded to Hq heads), built once."""
+    key = ("sdpa", request)
+    if key not in t._dense:
+        k, v = t.dense_kv(request)
+        group = num_q_heads // k.shape[1]
+        t._dense[key] = tuple(_heads_first(x.repeat_interleave(group, dim=1)) for x in (k, v))
+    return t._dense[key]
+
+
+def _request_rows(t: SegmentedTensors) -> list[tuple[int, int]]:
+    qsl = t.layout.query_start_loc.tolist()
+    return list(zip(qsl[:-1], qsl[1:]))
+
+
+_flex_cache: dict[str, Callable] = {}
+
+
+def _flex(device: torch.device) -> tuple[Callable, str]:
+    """flex_attention compiled once (it recompiles per distinct shape); eager on a CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention, "eager flex_attention (CPU)"
+    if "compiled" not in _flex_cache:
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        _flex_cache["compiled"] = torch.compile(flex_attention, dynamic=False)
+    return _flex_cache["compiled"], "torch.compile(flex_attention), dense gathered KV"
+
+
+# ----------------------------------------------------------------------------- segmented
+
+def _dense_ceiling(backend: str) -> Callable[[SegmentedWorkload, SegmentedTensors], Prepared]:
+    def provider(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+        """Dense causal SDPA 1 x Hq x n x D (n = the prompt length) on one backend."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        device, n, hq, d = t.q.device, max(w.seq_lens), w.num_q_heads, w.head_dim
+        gen = torch.Generator(device=device)
+        gen.manual_seed(w.seed + 7)
+        q, k, v = (torch.randn((1, hq, n, d), generator=gen, device=device).to(t.q.dtype)
+                   for _ in range(3))
+        chosen = getattr(SDPBackend, backend)
+
+        def run() -> torch.Tensor:
+            with sdpa_kernel([chosen]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def own_check() -> float:
+            out = run()[0].transpose(0, 1)
+            rows = torch.from_numpy(row_subset(np.random.default_rng(w.seed), n, hq, n)).to(device)
+            ref, _ = reference.attend(q[0].transpose(0, 1)[rows], k[0].transpose(0, 1),
+                                      v[0].transpose(0, 1), rows, True, 1.0 / math.sqrt(d))
+            return relerr(out[rows], ref)
+
+        flops = 4.0 * hq * d * n * (n + 1) / 2
+        return Prepared(run, None, None, flops, own_check,
+                        note=f"ceiling: dense causal SDPA {backend} 1x{hq}x{n}x{d}")
+
+    return provider
+
+
+def sdpa_per_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """One SDPA call per span over KV [0, stop), bottom-right causal mask."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    calls = []
+    for b, (r0, r1) in enumerate(_request_rows(t)):
+        if r1 == r0:
+            continue
+        kh, vh = _sdpa_kv(t, b, w.num_q_heads)
+        qh = _heads_first(t.q[r0:r1])
+        offset = 0
+        for start, stop in w.spans[b]:
+            n = stop - start
+            calls.append((qh[:, :, offset:offset + n], kh[:, :, :stop], vh[:, :, :stop],
+                          causal_lower_right(n, stop)))
+            offset += n
+
+    def run() -> list[torch.Tensor]:
+        return [F.scaled_dot_product_attention(q, k, v, attn_mask=m) for q, k, v, m in calls]
+
+    def output() -> torch.Tensor:
+        return torch.cat([o[0].transpose(0, 1) for o in run()], 0)
+
+    return Prepared(run, output, note=f"{len(calls)} SDPA calls; KV gathered once, untimed")
+
+
+def sdpa_dense_mask(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """One SDPA call per request with a dense [T_b, seq_len] boolean mask."""
+    calls = []
+    positions = t.layout.positions.long()
+    for b, (r0, r1) in enumerate(_request_rows(t)):
+        if r1 == r0:
+            continue
+        kh, vh = _sdpa_kv(t, b, w.num_q_heads)
+        key_pos = torch.arange(w.seq_lens[b], device=t.q.device)
+        mask = key_pos[None, :] <= positions[r0:r1, None]
+        calls.append((_heads_first(t.q[r0:r1]), kh, vh, mask))
+
+    def run() -> list[torch.Tensor]:
+        return [F.scaled_dot_product_attention(q, k, v, attn_mask=m) for q, k, v, m in calls]
+
+    def output() -> torch.Tensor:
+        return torch.cat([o[0].transpose(0, 1) for o in run()], 0)
+
+    return Prepared(run, output, note="mask built once, untimed")
+
+
+def full_recompute(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """Dense causal SDPA over each whole prompt (the span rows carry the span q)."""
+    gen = torch.Generator(device=t.q.device)
+    gen.manual_seed(w.seed + 11)
+    calls, picks = [], []
+    positions = t.layout.positions.long()
+    for b, (r0, r1) in enumerate(_request_rows(t)):
+        kh, vh = _sdpa_kv(t, b, w.num_q_heads)
+        q_full = torch.randn((w.seq_lens[b], w.num_q_heads, w.head_dim), generator=gen,
+                             device=t.q.device).to(t.q.dtype)
+        q_full[positions[r0:r1]] = t.q[r0:r1]
+        calls.append((_heads_first(q_full), kh, vh))
+        picks.append(positions[r0:r1])
+
+    def run() -> list[torch.Tensor]:
+        return [F.scaled_dot_product_attention(q, k, v, is_causal=True) for q, k, v in calls]
+
+    def output() -> torch.Tensor:
+        return torch.cat([o[0].transpose(0, 1)[p] for o, p in zip(run(), picks)], 0)
+
+    return Prepared(run, output, note="all prompt tokens recomputed")
+
+
+def flex_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """FlexAttention, batch = requests, q padded to the longest request, mask on position."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device, dtype = t.q.device, t.q.dtype
+    rows = _request_rows(t)
+    num_req, lq, lkv = len(rows), max(max(r1 - r0 for r0, r1 in rows), 1), max(w.seq_lens)
+    hq, hk, d = w.num_q_heads, w.num_kv_heads, w.head_dim
+    qf = torch.zeros((num_req, hq, lq, d), device=device, dtype=dtype)
+    kf = torch.zeros((num_req, hk, lkv, d), device=device, dtype=dtype)
+    vf = torch.zeros_like(kf)
+    pos = torch.full((num_req, lq), -1, dtype=torch.int32, device=device)
+    for b, (r0, r1) in enumerate(rows):
+        k, v = t.dense_kv(b)
+        qf[b, :, :r1 - r0] = t.q[r0:r1].transpose(0, 1)
+        pos[b, :r1 - r0] = t.layout.positions[r0:r1]
+        kf[b, :, :k.shape[0]] = k.transpose(0, 1)
+        vf[b, :, :v.shape[0]] = v.transpose(0, 1)
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's signature
+        return kv_idx <= pos[b, q_idx]
+
+    def plan() -> object:
+        return create_block_mask(mask_mod, num_req, None, lq, lkv, device=device)
+
+    block_mask = plan()
+    flex, how = _flex(device)
+
+    def run() -> torch.Tensor:
+        return flex(qf, kf, vf, block_mask=block_mask, enable_gqa=hq != hk)
+
+    def output() -> torch.Tensor:
+        o = run()
+        return torch.cat([o[b, :, :r1 - r0].transpose(0, 1) for b, (r0, r1) in enumerate(rows)], 0)
+
+    return Prepared(run, output, plan, note=f"{how}; plan = create_block_mask")
+
+
+# ----------------------------------------------------------------------------- padded
+
+def _padded_index(w: PaddedWorkload, t: PaddedTensors) -> torch.Tensor:
+    return packed_valid_index(t.valid_lens, w.seq_len)
+
+
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, H, D] -> [B*S, H, D]."""
+    return x.reshape(-1, x.shape[2], x.shape[3])
+
+
+def _bhsd(t: PaddedTensors) -> tuple[torch.Tensor, ...]:
+    return tuple(x.transpose(1, 2).contiguous() for x in (t.q, t.k, t.v))
+
+
+def sdpa_dense_mask_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """SDPA with a dense [B, 1, S, S] key-validity mask."""
+    idx = _padded_index(w, t)
+    q, k, v = _bhsd(t)
+    s = w.seq_len
+    key_ok = torch.arange(s, device=q.device)[None, :] < t.valid_lens[:, None]  # [B, S]
+    mask = key_ok[:, None, None, :].expand(-1, 1, s, s).contiguous()
+    if w.causal:
+        mask &= torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+
+    def run() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return Prepared(run, lambda: _flat_rows(run().transpose(1, 2))[idx],
+                    note="mask built once, untimed")
+
+
+def sdpa_nomask_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """SDPA over the whole padded batch with no mask: WRONG (attends to padding)."""
+    idx = _padded_index(w, t)
+    q, k, v = _bhsd(t)
+
+    def run() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
+
+    return Prepared(run, lambda: _flat_rows(run().transpose(1, 2))[idx], expect_wrong=True,
+                    note="WRONG output (attends to padded keys), B*S^2 work; timed as a bound")
+
+
+def sdpa_nested_jagged(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """SDPA on nested jagged tensors built (untimed) from the valid tokens."""
+    idx = _padded_index(w, t)
+    offsets = torch.zeros(len(w.valid_lens) + 1, dtype=torch.int64, device=t.q.device)
+    offsets[1:] = torch.cumsum(t.valid_lens.long(), 0)
+    q, k, v = (torch.nested.nested_tensor_from_jagged(_flat_rows(x)[idx].contiguous(), offsets)
+               .transpose(1, 2) for x in (t.q, t.k, t.v))
+
+    def run() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
+
+    return Prepared(run, lambda: run().transpose(1, 2).values(),
+                    note="nested jagged tensors built once, untimed")
+
+
+def flex_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """FlexAttention with a block mask that skips padded query and key blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    idx = _padded_index(w, t)
+    q, k, v = _bhsd(t)
+    valid = t.valid_lens
+    b_sz, s = len(w.valid_lens), w.seq_len
+
+    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's signature
+        ok = (q_idx < valid[b]) & (kv_idx < valid[b])
+        return ok & (kv_idx <= q_idx) if w.causal else ok
+
+    def plan() -> object:
+        return create_block_mask(mask_mod, b_sz, None, s, s, device=q.device)
+
+    block_mask = plan()
+    flex, how = _flex(q.device)
+
+    def run() -> torch.Tensor:
+        return flex(q, k, v, block_mask=block_mask)
+
+    return Prepared(run, lambda: _flat_rows(run().transpose(1, 2))[idx], plan,
+                    note=f"{how}; plan = create_block_mask")
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _flashinfer(name: str) -> Callable:
+    def provider(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+        from . import providers_flashinfer
+
+        return getattr(providers_flashinfer, name)(w, t)
+
+    return provider
+
+
+SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] = {
+    "spanfill": spanfill_segmented,
+    "sdpa_cudnn_dense": _dense_ceiling("CUDNN_ATTENTION"),
+    "sdpa_flash_dense": _dense_ceiling("FLASH_ATTENTION"),
+    "flex": flex_segmented,
+    "sdpa_per_span": sdpa_per_span,
+    "sdpa_dense_mask": sdpa_dense_mask,
+    "full_recompute": full_recompute,
+    "flashinfer_span_entries": _flashinfer("span_entries"),
+    "flashinfer_custom_mask": _flashinfer("custom_mask"),
+}
+
+PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {
+    "spanfill": spanfill_padded,
+    "spanfill_nopad": spanfill_nopad,
+    "spanfill_varlen": spanfill_varlen,
+    "sdpa_dense_mask": sdpa_dense_mask_padded,
+    "sdpa_nomask": sdpa_nomask_padded,
+    "sdpa_nested_jagged": sdpa_nested_jagged,
+    "flex": flex_padded,
+}
+
+CEILINGS = frozenset({"sdpa_cudnn_dense", "sdpa_flash_dense"})
+FLASHINFER = frozenset({"flashinfer_span_entries", "flashinfer_custom_mask"})
+
+# FlexAttention compiles per shape and the sweep has ~30 shapes: left out by default.
+SWEEP_PROVIDERS = frozenset({
+    "spanfill", "sdpa_cudnn_dense", "sdpa_per_span", "sdpa_dense_mask", "full_recompute",
+    "flashinfer_span_entries", "spanfill_nopad", "sdpa_nomask", "sdpa_nested_jagged",
+})
+
+# On a CPU the dense ceilings cannot run (cuDNN/flash backends); they are skipped there.
+SMOKE_SKIP = CEILINGS | FLASHINFER

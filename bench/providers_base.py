@@ -1,0 +1,43 @@
+"""What every provider returns, and the backend spanfill's providers use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["Prepared", "spanfill_backend"]
+
+
+@dataclass
+class Prepared:
+    """What the runner needs from a provider.
+
+    Attributes
+    ----------
+    run : the call to time (kernel time)
+    output : runs the op once and returns it in canonical rows (see bench.check);
+        None when ``own_check`` replaces the reference comparison
+    plan : per-layout planning, timed separately, or None
+    flops : FLOPs to rate ``run`` with, if not the workload's
+    own_check : returns the relative error for a provider that solves a different
+        problem (the dense ceilings)
+    expect_wrong : the provider is known to compute something else; its error is
+        recorded and it is timed anyway
+    note : goes into the CSV
+    """
+
+    run: Callable[[], object]
+    output: Callable[[], torch.Tensor] | None = None
+    plan: Callable[[], object] | None = None
+    flops: float | None = None
+    own_check: Callable[[], float] | None = None
+    expect_wrong: bool = False
+    note: str = ""
+
+
+def spanfill_backend(device: torch.device) -> str | None:
+    """spanfill's own choice on a GPU; the reference on a CPU, even under
+    ``TRITON_INTERPRET=1`` (the smoke run tests the suite, not the kernels)."""
+    return None if device.type == "cuda" else "reference"

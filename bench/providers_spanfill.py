@@ -1,0 +1,141 @@
+"""spanfill's own providers: kernel time on a prebuilt layout, planning timed apart.
+
+The layout and its tile plan are built once per batch and reused by every layer,
+so the kernel is timed on a prebuilt layout and the planning (what a new batch
+costs: ``from_tensors(validate=False)`` or ``PaddedLayout.build(validate=False)``
+plus ``tile_plan``) is a separate row. The plan's tile size is read from the
+layout after one real call, so the timed plan is the one the kernel used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+import spanfill as sf
+
+from .check import packed_valid_index
+from .providers_base import Prepared, spanfill_backend
+from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
+
+__all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_nopad",
+           "spanfill_varlen"]
+
+
+def block_q_for(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool) -> int:
+    from spanfill.kernels import pick_config
+
+    try:
+        return pick_config(head_dim, dtype, group, on_gpu, paged=paged).block_q
+    except TypeError:  # an older pick_config without ``paged``
+        return pick_config(head_dim, dtype, group, on_gpu).block_q
+
+
+def _plan_key(layout: object, fallback: Callable[[], int], causal: bool) -> tuple[int, bool]:
+    """(block_q, causal) of the plan the kernel built on ``layout``, else the table's."""
+    used = list(getattr(layout, "_plans", None) or {})
+    return used[0] if used else (fallback(), causal)
+
+
+def spanfill_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """sf.span_prefill on the prebuilt layout; plan = from_tensors(validate=False) + tile_plan."""
+    layout = t.layout
+    backend = spanfill_backend(t.q.device)
+
+    def run() -> torch.Tensor:
+        return sf.span_prefill(t.q, t.k_cache, t.v_cache, layout, backend=backend)
+
+    run()
+    group = w.num_q_heads // w.num_kv_heads
+    key = _plan_key(layout, lambda: block_q_for(w.head_dim, t.q.dtype, group, t.q.is_cuda, True),
+                    True)
+
+    def plan() -> object:
+        fresh = sf.SpanLayout.from_tensors(
+            layout.positions, layout.query_start_loc, layout.seq_lens, layout.block_table,
+            layout.page_size, validate=False,
+        )
+        return fresh.tile_plan(*key)
+
+    return Prepared(run, run, plan, note=f"prebuilt SpanLayout; plan block_q={key[0]}")
+
+
+def spanfill_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """sf.padded_prefill on [B, S, H, D] with a prebuilt PaddedLayout (when the API has it)."""
+    idx = packed_valid_index(t.valid_lens, w.seq_len)
+    backend = spanfill_backend(t.q.device)
+    layout_cls = getattr(sf, "PaddedLayout", None)
+    lens_or_layout = t.valid_lens if layout_cls is None else \
+        layout_cls.build(t.valid_lens, w.seq_len)
+
+    def run() -> torch.Tensor:
+        return sf.padded_prefill(t.q, t.k, t.v, lens_or_layout, causal=w.causal, backend=backend)
+
+    run()
+    plan = None
+    note = "valid_lens (no PaddedLayout in this spanfill)"
+    if layout_cls is not None:
+        key = _plan_key(lens_or_layout,
+                        lambda: block_q_for(w.head_dim, t.q.dtype, 1, t.q.is_cuda, False),
+                        w.causal)
+
+        def plan() -> object:
+            return layout_cls.build(t.valid_lens, w.seq_len, validate=False).tile_plan(*key)
+
+        note = f"prebuilt PaddedLayout; plan block_q={key[0]}"
+    return Prepared(run, lambda: run().reshape(-1, w.num_heads, w.head_dim)[idx], plan, note=note)
+
+
+def _pack(w: PaddedWorkload, t: PaddedTensors) -> tuple[torch.Tensor, ...]:
+    idx = packed_valid_index(t.valid_lens, w.seq_len)
+    qp, kp, vp = (x.reshape(-1, w.num_heads, w.head_dim)[idx].contiguous() for x in (t.q, t.k, t.v))
+    cu = torch.zeros(len(w.valid_lens) + 1, dtype=torch.int32, device=t.q.device)
+    cu[1:] = torch.cumsum(t.valid_lens, 0)
+    return qp, kp, vp, cu
+
+
+def spanfill_varlen(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """Public sf.varlen_prefill over the valid tokens only (checks and plans every call)."""
+    qp, kp, vp, cu = _pack(w, t)
+    backend = spanfill_backend(t.q.device)
+
+    def run() -> torch.Tensor:
+        return sf.varlen_prefill(qp, kp, vp, cu, causal=w.causal, backend=backend)
+
+    return Prepared(run, run, note="varlen_prefill, padding removed (untimed); "
+                                   "per-call validation (host sync) and planning included")
+
+
+def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """The varlen kernel alone on the valid tokens, plan prebuilt: the "padded rows cost
+    nothing" baseline. Uses spanfill's internals as varlen_prefill does; falls back to
+    the public call (plan and host sync included) if they are not there."""
+    if t.q.device.type != "cuda":
+        return spanfill_varlen(w, t)
+    qp, kp, vp, cu = _pack(w, t)
+    try:
+        from spanfill.kernels import attention_fwd, pick_config
+        from spanfill.layout import plan_packed
+
+        try:
+            cfg = pick_config(w.head_dim, t.q.dtype, 1, True, paged=False)
+        except TypeError:  # an older pick_config without ``paged``
+            cfg = pick_config(w.head_dim, t.q.dtype, 1, True)
+        plan = plan_packed(cu, (cu[1:] - cu[:-1]).to(torch.int32), qp.shape[0], cfg.block_q,
+                           w.causal, kv_start=cu[:-1].contiguous())
+        scale = 1.0 / math.sqrt(w.head_dim)
+
+        def run() -> torch.Tensor:
+            out = torch.empty_like(qp)
+            attention_fwd(qp, kp, vp, out, None, plan, cfg, scale, w.causal)
+            return out
+
+        run()
+    except Exception as exc:
+        prepared = spanfill_varlen(w, t)
+        prepared.note += f"; kernel-only path failed ({type(exc).__name__}: {exc})"
+        return prepared
+    return Prepared(run, run, note="varlen attention kernel on the valid tokens, plan prebuilt "
+                                   "(spanfill internals, as varlen_prefill calls them)")

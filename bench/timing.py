@@ -1,0 +1,130 @@
+"""Timing: CUDA events on the GPU (like ``triton.testing.do_bench``), wall clock elsewhere.
+
+GPU kernel timing: one call to settle, a 3-call estimate, warm-up calls for about
+``warmup_ms``, then ``reps`` timed calls (at least ``min_reps``, as many as fit in
+about ``target_ms``, at most ``max_reps``), each between its own pair of CUDA
+events. Before every timed call the L2 cache is flushed by zeroing a 256 MB buffer
+(outside the events), so no call reads the previous call's data from L2.
+
+Planning that waits on the host (FlashInfer's ``plan``, FlexAttention's
+``create_block_mask``) is timed with :func:`time_wall`: a device sync, then the
+call, then a device sync, on the host clock.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["Stats", "time_device", "time_wall", "L2_FLUSH_NOTE"]
+
+L2_FLUSH_NOTE = "CUDA events; L2 flushed (256 MB memset) before each timed rep"
+_FLUSH_BYTES = 256 * 1024 * 1024
+_flush_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Quantiles of one measurement, in milliseconds."""
+
+    p50: float
+    p20: float
+    p80: float
+    reps: int
+
+
+def _stats(times_ms: list[float]) -> Stats:
+    arr = np.asarray(times_ms, dtype=np.float64)
+    p20, p50, p80 = np.percentile(arr, [20, 50, 80])
+    return Stats(float(p50), float(p20), float(p80), len(times_ms))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flush(device: torch.device) -> None:
+    buf = _flush_buffers.get(device)
+    if buf is None:
+        buf = _flush_buffers[device] = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    buf.zero_()
+
+
+def _rep_count(estimate_ms: float, target_ms: float, min_reps: int, max_reps: int) -> int:
+    return int(min(max(target_ms / max(estimate_ms, 1e-3), min_reps), max_reps))
+
+
+def time_device(
+    fn: Callable[[], object],
+    device: torch.device,
+    min_reps: int = 20,
+    max_reps: int = 200,
+    target_ms: float = 100.0,
+    warmup_ms: float = 25.0,
+    flush_l2: bool = True,
+) -> Stats:
+    """Time ``fn`` on ``device``: CUDA events on a GPU, the host clock on a CPU.
+
+    Parameters
+    ----------
+    fn : the call to time; its result is discarded
+    device : where ``fn`` runs
+    min_reps, max_reps : bounds on the number of timed calls
+    target_ms : about how long all timed calls together should take
+    warmup_ms : about how long to warm up
+    flush_l2 : zero a 256 MB buffer before each timed call (GPU only)
+    """
+    if device.type != "cuda":
+        return time_wall(fn, device, min_reps=min_reps, max_reps=max_reps, target_ms=target_ms)
+    fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate = start.elapsed_time(end) / 3
+    for _ in range(min(int(warmup_ms / max(estimate, 1e-3)), 100)):
+        fn()
+    reps = _rep_count(estimate, target_ms, min_reps, max_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush_l2:
+            _flush(device)
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return _stats([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_wall(
+    fn: Callable[[], object],
+    device: torch.device,
+    min_reps: int = 20,
+    max_reps: int = 200,
+    target_ms: float = 100.0,
+) -> Stats:
+    """Host wall-clock time of ``fn`` including waiting for the device, in ms."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    estimate = (time.perf_counter() - t0) * 1e3
+    reps = _rep_count(estimate, target_ms, min_reps, max_reps)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _stats(times)
