@@ -191,6 +191,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="",
                    help="comma-separated workload names (few_big, sweep:context or context, "
                         "micro) and/or provider names (spanfill, flex, ...) to keep")
+    p.add_argument("--skip", default="",
+                   help="comma-separated workload and/or provider names to leave out")
     p.add_argument("--out", default=None, help="results folder (default bench/results; "
                                                "a temporary folder with --smoke)")
     p.add_argument("--flashinfer", action="store_true",
@@ -219,18 +221,24 @@ def _plan_tasks(args: argparse.Namespace, flashinfer_ok: bool) -> tuple[list, li
     if unknown:
         raise SystemExit(f"--only: unknown names {sorted(unknown)}; workloads: {sorted(known_w)}, "
                          f"providers: {sorted(all_providers)}")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - known_w - all_providers
+    if unknown:
+        raise SystemExit(f"--skip: unknown names {sorted(unknown)}")
     tasks = []
     for w, in_sweep in workloads:
-        if wanted_w and not ({w.name, w.name.split(':')[-1]} & wanted_w):
+        names_w = {w.name, w.name.split(":")[-1]}
+        if (wanted_w and not names_w & wanted_w) or names_w & skip:
             continue
         registry = prov.SEGMENTED if w.kind == "segmented" else prov.PADDED
         names = [n for n in registry
                  if (n in wanted_p if wanted_p else (not in_sweep or n in prov.SWEEP_PROVIDERS))
                  and (flashinfer_ok or n not in prov.FLASHINFER)
-                 and not (args.smoke and n in prov.SMOKE_SKIP)]
+                 and not (args.smoke and n in prov.SMOKE_SKIP) and n not in skip]
         if names:
             tasks.append((w, names))
-    micro = args.suite in ("core", "all") and (not only or "micro" in wanted_w)
+    micro = args.suite in ("core", "all") and (not only or "micro" in wanted_w) \
+        and "micro" not in skip
     return tasks, (["append_kv", "plan_1000_spans"] if micro else [])
 
 
@@ -270,9 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(names) for _, names in tasks) + len(micro)
     bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr)
     try:
-        for w, names in tasks:
-            bar.set_postfix_str(w.name if w.x is None else f"{w.name}={w.x:g}")
-            run_workload(w, names, sink, device, dtype, timing, lambda: bar.update(1))
         for name, rows_fn in micro_rows(device, args.smoke, timing):
             if name not in micro:
                 continue
@@ -286,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 _release(device)
                 bar.update(1)
+        for w, names in tasks:
+            bar.set_postfix_str(w.name if w.x is None else f"{w.name}={w.x:g}")
+            run_workload(w, names, sink, device, dtype, timing, lambda: bar.update(1))
     finally:
         bar.close()
         sink.close()
