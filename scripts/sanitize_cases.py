@@ -1,0 +1,147 @@
+"""Small CUDA cases for compute-sanitizer: every kernel variant once, checked against
+the reference (run by scripts/sanitize.sh; the sanitizer makes each launch slow).
+
+    python3 scripts/sanitize_cases.py             # all ops, small sizes; exit 1 on a mismatch
+    python3 scripts/sanitize_cases.py --planted   # deliberately out of bounds (memcheck must object)
+
+``--planted`` calls the kernel launchers directly, bypassing the public checks:
+append_kv with a slot past the end of the pool, and attention with a block table
+entry past the last page. It is there to show that memcheck catches such a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+import spanfill as sf
+from spanfill import reference
+
+CASES_PAGED = [  # (dtype, head_dim, hq, hk, page_size)
+    (torch.float16, 64, 4, 1, 16),
+    (torch.bfloat16, 128, 8, 2, 5),
+    (torch.float32, 80, 2, 2, 1),
+    (torch.float16, 256, 4, 4, 64),
+]
+
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not bool(torch.isfinite(out).all()):
+        return math.inf
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+TOL = {torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def span_case(dtype: torch.dtype, d: int, hq: int, hk: int, page_size: int, causal: bool) -> float:
+    gen = torch.Generator().manual_seed(d + page_size)
+    seq_lens = [70, 1, 33, 0]
+    spans = [[(0, 1), (5, 40), (69, 70)], [(0, 1)], [(10, 12), (12, 33)], []]
+    pages = [(n + page_size - 1) // page_size for n in seq_lens]
+    # The pool is exactly as large as the pages in use: any read past a request's
+    # pages would leave the allocation, which is what memcheck watches.
+    num_pages = sum(pages)
+    perm = torch.randperm(num_pages, generator=gen).to(torch.int32)
+    table = torch.full((4, max(pages)), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(pages):
+        table[b, :n] = perm[used:used + n]
+        used += n
+    layout = sf.SpanLayout.build(spans, seq_lens, table.cuda(), page_size)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype)  # noqa: E731
+    t = layout.num_tokens
+    k_cache, v_cache = rnd(num_pages, page_size, hk, d), rnd(num_pages, page_size, hk, d)
+    q, k_new, v_new = rnd(t, hq, d), rnd(t, hk, d), rnd(t, hk, d)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    sf.append_kv(k_new, v_new, k_cache, v_cache, layout)
+    reference.append_kv(k_new, v_new, ref_k, ref_v, layout.slot_mapping)
+    if not (torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)):
+        return math.inf
+    o = sf.span_prefill(q, k_cache, v_cache, layout, causal=causal, return_lse=True)[0]
+    o_ref, _ = reference.span_prefill(q, ref_k, ref_v, layout.positions, layout.query_start_loc,
+                                      layout.seq_lens, layout.block_table, causal, 1 / math.sqrt(d))
+    return relerr(o, o_ref)
+
+
+def dense_case(dtype: torch.dtype, d: int, hq: int, hk: int, causal: bool, side: str) -> float:
+    gen = torch.Generator().manual_seed(d)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype)  # noqa: E731
+    b, s = 3, 77
+    q, k, v = rnd(b, s, hq, d), rnd(b, s, hk, d), rnd(b, s, hk, d)
+    lens = torch.tensor([77, 0, 30], device="cuda")
+    o = sf.padded_prefill(q, k, v, lens, causal=causal, padding_side=side)
+    o_ref, _ = reference.padded_prefill(q, k, v, lens, causal, side)
+    err = relerr(o, o_ref)
+    cu = torch.tensor([0, 50, 51, 231], device="cuda")
+    o = sf.varlen_prefill(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, causal=causal)
+    o_ref, _ = reference.varlen_prefill(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, causal)
+    return max(err, relerr(o, o_ref))
+
+
+def planted() -> None:
+    """Out-of-bounds launches that the public API would reject."""
+    from spanfill.kernels import append_kv_launch, attention_fwd, pick_config
+
+    page_size, hk, d, num_pages = 16, 2, 64, 4
+    k_cache = torch.zeros(num_pages, page_size, hk, d, dtype=torch.float16, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    k_new = torch.ones(2, hk, d, dtype=torch.float16, device="cuda")
+    # Slot num_pages * page_size + 5: five rows past the end of the pool.
+    slots = torch.tensor([3, num_pages * page_size + 5], dtype=torch.int64, device="cuda")
+    append_kv_launch(k_new, k_new, k_cache, v_cache, slots)
+    torch.cuda.synchronize()
+    print("planted append_kv: wrote slot", int(slots[1]), "of a pool of", num_pages * page_size)
+
+    # Attention reading page num_pages + 3 (past the pool) for request 0.
+    table = torch.tensor([[0, num_pages + 3]], dtype=torch.int32, device="cuda")
+    layout = sf.SpanLayout.from_tensors(
+        torch.tensor([20], device="cuda"), torch.tensor([0, 1], device="cuda"),
+        torch.tensor([32], device="cuda"), table, page_size, validate=False)
+    q = torch.ones(1, hk, d, dtype=torch.float16, device="cuda")
+    cfg = pick_config(d, q.dtype, 1, True)
+    out = torch.empty_like(q)
+    attention_fwd(q, k_cache, v_cache, out, None, layout.tile_plan(cfg.block_q, False), cfg,
+                  1 / math.sqrt(d), False, positions=layout.positions, block_table=layout.block_table)
+    torch.cuda.synchronize()
+    print("planted attention: read page", num_pages + 3, "of a pool of", num_pages)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--planted", action="store_true", help="run the out-of-bounds cases")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sanitize_cases.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.planted:
+        planted()
+        return 0
+    bad = 0
+    runs = 0
+    for dtype, d, hq, hk, page_size in CASES_PAGED:
+        for causal in (True, False):
+            err = span_case(dtype, d, hq, hk, page_size, causal)
+            runs += 1
+            ok = err <= TOL[dtype]
+            bad += not ok
+            print(f"span   {str(dtype):15} D={d:3} Hq={hq} Hk={hk} P={page_size:2} causal={causal!s:5}"
+                  f" relerr={err:.2e} {'ok' if ok else 'FAIL'}")
+    for dtype, d, hq, hk, _ in CASES_PAGED[:3]:
+        for causal, side in ((True, "right"), (False, "left")):
+            err = dense_case(dtype, d, hq, hk, causal, side)
+            runs += 1
+            ok = err <= TOL[dtype]
+            bad += not ok
+            print(f"dense  {str(dtype):15} D={d:3} Hq={hq} Hk={hk} {side:5} causal={causal!s:5}"
+                  f" relerr={err:.2e} {'ok' if ok else 'FAIL'}")
+    print(f"{runs - bad}/{runs} cases match the reference")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Property-based cases and checks shared by tests/test_fuzz.py (CPU, interpreter) and
+scripts/fuzz_gpu.py (CUDA, larger sizes).
+
+Hypothesis draws the *structure* of a case (requests, spans, page size, heads,
+dtype, flags) and one integer seed; tensor values come from a torch generator
+seeded with it, so drawing stays cheap and every case is reproducible from its
+printed description.
+
+Each ``check_*`` function runs a public op with ``backend="triton"`` against
+:mod:`spanfill.reference` and raises ``AssertionError`` on any difference:
+
+* outputs are allocated poisoned (NaN), so a row the kernel forgot is caught;
+* every output row is compared (max abs error) and the whole tensor (relative error);
+* lse: same -inf rows, close finite values;
+* the KV cache after ``append_kv`` equals the reference's bit for bit, and every
+  slot outside the written ones keeps its old bits;
+* KV slots no request may see (spare pages, page tails, padding) hold NaN/inf,
+  so any read outside a request's range poisons its output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from hypothesis import strategies as st
+
+import spanfill as sf
+from spanfill import reference
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+# Largest elementwise error allowed on outputs of magnitude ~1 (values are N(0, 1)).
+ABS_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+LSE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bounds of the drawn cases.
+
+    On a GPU Triton compiles the kernel once per distinct combination of
+    constexprs *and* of integer-argument specializations (== 1, divisible by 16:
+    strides depend on the head counts), so there ``heads`` pins a few
+    (dtype, D, Hq, Hk) combinations and ``always_lse`` keeps RETURN_LSE fixed.
+    """
+
+    max_requests: int
+    max_seq_len: int
+    max_tokens: int
+    max_q_heads: int
+    head_dims: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+    groups: tuple[int, ...]
+    max_padded_len: int
+    heads: tuple[tuple[torch.dtype, int, int, int], ...] = ()
+    always_lse: bool = False
+
+
+CPU_SIZES = Sizes(max_requests=4, max_seq_len=80, max_tokens=40, max_q_heads=4,
+                  head_dims=(16, 32, 64, 80), dtypes=(torch.float16, torch.float32),
+                  groups=(1, 2, 3, 4), max_padded_len=24)
+GPU_SIZES = Sizes(max_requests=8, max_seq_len=1200, max_tokens=600, max_q_heads=16,
+                  head_dims=(64, 80, 128), dtypes=(torch.float16, torch.bfloat16),
+                  groups=(1, 4, 8), max_padded_len=300,
+                  heads=((torch.float16, 128, 8, 2), (torch.bfloat16, 128, 8, 8),
+                         (torch.float16, 64, 8, 1), (torch.bfloat16, 80, 4, 4)),
+                  always_lse=True)
+
+
+# ----------------------------------------------------------------------------- poison
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[list[int]]:
+    """Make ``torch.empty``/``torch.empty_like`` return NaN-filled float tensors.
+
+    The ops allocate their outputs themselves; filling those allocations with NaN
+    is the only way a test can see an element the kernel never wrote. Yields a
+    one-element list counting the poisoned allocations.
+    """
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    count = [0]
+
+    def _poison(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            count[0] += 1
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = lambda *a, **kw: _poison(real_empty(*a, **kw))  # type: ignore[assignment]
+    torch.empty_like = lambda *a, **kw: _poison(real_empty_like(*a, **kw))  # type: ignore[assignment]
+    try:
+        yield count
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so NaN == NaN in comparisons."""
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(view)
+
+
+# ----------------------------------------------------------------------------- checks
+
+def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Every element finite where the reference is, max abs error and relative error bounded."""
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    if out.numel() == 0:
+        return
+    nan = torch.isnan(out) & ~torch.isnan(ref)
+    assert not bool(nan.any()), f"{name}: NaN at {torch.nonzero(nan)[0].tolist()} (unwritten or bad read)"
+    err = (out - ref).abs()
+    worst = int(err.flatten().argmax())
+    idx = list(torch.unravel_index(torch.tensor(worst), err.shape))
+    assert float(err.max()) <= ABS_TOLERANCE[dtype], (
+        f"{name}: max abs error {float(err.max()):.3g} at {[int(i) for i in idx]}"
+    )
+    denom = float(ref.norm())
+    rel = float((out - ref).norm()) / (denom if denom > 0 else 1.0)
+    assert rel <= TOLERANCE[dtype], f"{name}: relative error {rel:.3g}"
+
+
+def assert_lse(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Same -inf rows; finite values within a dtype-dependent absolute tolerance."""
+    assert out.dtype == torch.float32, f"lse dtype {out.dtype}"
+    assert out.shape == ref.shape, f"lse shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    ninf, ref_ninf = torch.isneginf(out), torch.isneginf(ref)
+    assert torch.equal(ninf, ref_ninf), (
+        f"lse: -inf rows differ at {torch.nonzero(ninf != ref_ninf)[0].tolist()}"
+    )
+    fin = ~ref_ninf
+    if bool(fin.any()):
+        err = (out[fin].double() - ref[fin].double()).abs()
+        assert not bool(torch.isnan(err).any()), "lse: NaN in a row that sees keys"
+        assert float(err.max()) <= LSE_TOLERANCE[dtype], f"lse: max abs error {float(err.max()):.3g}"
+
+
+# ----------------------------------------------------------------------------- strategies
+
+@st.composite
+def heads_and_dims(draw: st.DrawFn, sizes: Sizes) -> tuple[int, int, int, torch.dtype]:
+    """(Hq, Hk, D, dtype)."""
+    if sizes.heads:
+        dtype, d, hq, hk = draw(st.sampled_from(sizes.heads))
+        return hq, hk, d, dtype
+    group = draw(st.sampled_from([g for g in sizes.groups if g <= sizes.max_q_heads]))
+    hk = draw(st.integers(1, max(1, sizes.max_q_heads // group)))
+    return hk * group, hk, draw(st.sampled_from(sizes.head_dims)), draw(st.sampled_from(sizes.dtypes))
+
+
+@st.composite
+def request_spans(draw: st.DrawFn, seq_len: int) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-empty spans in [0, seq_len), biased to the edge cases:
+    none, one-token, touching 0, touching seq_len - 1, adjacent-but-disjoint, all."""
+    if seq_len == 0:
+        return []
+    kind = draw(st.sampled_from(["none", "pieces", "pieces", "pieces", "all", "edges"]))
+    if kind == "none":
+        return []
+    if kind == "all":
+        return [(0, seq_len)]
+    if kind == "edges":
+        return sorted({(0, 1), (seq_len - 1, seq_len)})
+    # (gap before, length) pairs: gap 0 gives a span touching 0 or adjacent to the
+    # previous one; length 1 a one-token span.
+    pieces = draw(st.lists(st.tuples(st.sampled_from([0, 0, 1, 2, 3, 5, 9, 17, 40]),
+                                     st.sampled_from([1, 1, 2, 3, 5, 8, 16, 33])),
+                           min_size=1, max_size=6))
+    spans, cursor = [], 0
+    for gap, length in pieces:
+        start = cursor + gap
+        if start >= seq_len:
+            break
+        stop = min(seq_len, start + length)
+        spans.append((start, stop))
+        cursor = stop
+    if draw(st.booleans()) and spans and spans[-1][1] < seq_len:
+        spans[-1] = (spans[-1][0], seq_len)  # touch seq_len - 1
+    return spans
+
+
+@dataclass
+class SpanCase:
+    seq_lens: list[int]
+    spans: list[list[tuple[int, int]]]
+    page_size: int
+    spare_pages: int
+    hq: int
+    hk: int
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool
+    return_lse: bool
+    sm_scale: float | None
+    skip_slots: bool
+    int64_meta: bool
+    seed: int
+
+
+@st.composite
+def span_cases(draw: st.DrawFn, sizes: Sizes) -> SpanCase:
+    num_req = draw(st.integers(1, sizes.max_requests) | st.just(0))
+    seq_lens = draw(st.lists(st.integers(0, sizes.max_seq_len) | st.sampled_from([1, sizes.max_seq_len]),
+                             min_size=num_req, max_size=num_req))
+    spans = [draw(request_spans(n)) for n in seq_lens]
+    # Cut spans so the batch stays within max_tokens (keeps the interpreter fast).
+    budget = sizes.max_tokens
+    for b, req in enumerate(spans):
+        kept = []
+        for start, stop in req:
+            if budget <= 0:
+                break
+            stop = min(stop, start + budget)
+            kept.append((start, stop))
+            budget -= stop - start
+        spans[b] = kept
+    hq, hk, d, dtype = draw(heads_and_dims(sizes))
+    return SpanCase(
+        seq_lens=seq_lens, spans=spans,
+        page_size=draw(st.sampled_from([1, 2, 16, 128]) | st.integers(1, 128)),
+        spare_pages=draw(st.integers(0, 3)), hq=hq, hk=hk, head_dim=d, dtype=dtype,
+        causal=draw(st.booleans()),
+        return_lse=sizes.always_lse or draw(st.booleans() | st.just(True)),
+        sm_scale=draw(st.none() | st.floats(0.01, 2.0)),
+        skip_slots=draw(st.integers(0, 7)) == 0, int64_meta=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def check_span_case(c: SpanCase, device: str) -> None:
+    """append_kv + span_prefill through the kernels vs the reference."""
+    gen = torch.Generator().manual_seed(c.seed)
+    pages_per_req = [math.ceil(n / c.page_size) for n in c.seq_lens]
+    num_pages = sum(pages_per_req) + c.spare_pages
+    perm = torch.randperm(num_pages, generator=gen)  # shuffled pool: pages far from in order
+    width = max(pages_per_req + [1]) + (c.seed % 2)  # sometimes unused columns
+    block_table = torch.full((len(c.seq_lens), width), -1, dtype=torch.int64)
+    used = 0
+    for b, n in enumerate(pages_per_req):
+        block_table[b, :n] = perm[used:used + n]
+        used += n
+    if not c.int64_meta:
+        block_table = block_table.to(torch.int32)
+    layout = sf.SpanLayout.build(c.spans, c.seq_lens, block_table.to(device), c.page_size)
+    if c.skip_slots and layout.num_tokens:
+        slots = layout.slot_mapping.clone()
+        slots[torch.randperm(layout.num_tokens, generator=gen)[: layout.num_tokens // 2 + 1].to(device)] = -1
+        meta = [layout.positions, layout.query_start_loc, layout.seq_lens, layout.block_table]
+        if c.int64_meta:
+            meta = [m.long() for m in meta]
+        layout = sf.SpanLayout.from_tensors(*meta, c.page_size, slot_mapping=slots)
+    t = layout.num_tokens
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=c.dtype)
+
+    k_cache, v_cache = rnd(num_pages, c.page_size, c.hk, c.head_dim), rnd(num_pages, c.page_size, c.hk, c.head_dim)
+    # Slots no request may read: NaN in K, inf in V. Any read there shows up.
+    visible = torch.zeros(num_pages, c.page_size, dtype=torch.bool)
+    for b, n in enumerate(c.seq_lens):
+        pos = torch.arange(n)
+        visible[block_table[b, pos // c.page_size].long(), pos % c.page_size] = True
+    hidden = (~visible).to(device)
+    k_cache[hidden] = float("nan")
+    v_cache[hidden] = float("inf")
+    q, k_new, v_new = rnd(t, c.hq, c.head_dim), rnd(t, c.hk, c.head_dim), rnd(t, c.hk, c.head_dim)
+    before_k, before_v = bits(k_cache).clone(), bits(v_cache).clone()
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+
+    sf.append_kv(k_new, v_new, k_cache, v_cache, layout, backend="triton")
+    reference.append_kv(k_new, v_new, ref_k, ref_v, layout.slot_mapping)
+    assert torch.equal(bits(k_cache), bits(ref_k)), "append_kv: k_cache differs from the reference"
+    assert torch.equal(bits(v_cache), bits(ref_v)), "append_kv: v_cache differs from the reference"
+    written = torch.zeros(num_pages * c.page_size, dtype=torch.bool, device=device)
+    slots = layout.slot_mapping[layout.slot_mapping >= 0]
+    written[slots] = True
+    written = written.view(num_pages, c.page_size)
+    for name, now, before in (("k_cache", k_cache, before_k), ("v_cache", v_cache, before_v)):
+        assert torch.equal(bits(now)[~written], before[~written]), f"append_kv wrote outside its slots in {name}"
+
+    with poisoned_allocations():
+        res = sf.span_prefill(q, k_cache, v_cache, layout, causal=c.causal, sm_scale=c.sm_scale,
+                              return_lse=c.return_lse, backend="triton")
+    o, lse = res if c.return_lse else (res, None)
+    scale = 1.0 / math.sqrt(c.head_dim) if c.sm_scale is None else c.sm_scale
+    o_ref, lse_ref = reference.span_prefill(q, ref_k, ref_v, layout.positions, layout.query_start_loc,
+                                            layout.seq_lens, layout.block_table, c.causal, scale)
+    assert o.dtype == c.dtype
+    assert_close("span_prefill o", o, o_ref, c.dtype)
+    if lse is not None:
+        assert_lse(lse, lse_ref, c.dtype)
+    assert torch.equal(bits(k_cache), bits(ref_k)), "span_prefill changed k_cache"
+
+
+@dataclass
+class PaddedCase:
+    valid_lens: list[int]
+    seq_len: int
+    hq: int
+    hk: int
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool
+    padding_side: str
+    sm_scale: float | None
+    seed: int
+
+
+@st.composite
+def padded_cases(draw: st.DrawFn, sizes: Sizes) -> PaddedCase:
+    b = draw(st.integers(1, sizes.max_requests) | st.just(0))
+    s = draw(st.integers(0, sizes.max_padded_len) | st.sampled_from([1, sizes.max_padded_len]))
+    lens = draw(st.lists(st.sampled_from([0, s]) | st.integers(0, s), min_size=b, max_size=b))
+    hq, hk, d, dtype = draw(heads_and_dims(sizes))
+    return PaddedCase(lens, s, hq, hk, d, dtype, draw(st.booleans()),
+                      draw(st.sampled_from(["right", "left"])), draw(st.none() | st.floats(0.01, 2.0)),
+                      draw(st.integers(0, 2**31 - 1)))
+
+
+def check_padded_case(c: PaddedCase, device: str) -> None:
+    """padded_prefill through the kernel vs the reference, with NaN/inf in the padding."""
+    gen = torch.Generator().manual_seed(c.seed)
+    b = len(c.valid_lens)
+
+    def rnd(h: int) -> torch.Tensor:
+        return torch.randn(b, c.seq_len, h, c.head_dim, generator=gen).to(device=device, dtype=c.dtype)
+
+    q, k, v = rnd(c.hq), rnd(c.hk), rnd(c.hk)
+    lens = torch.tensor(c.valid_lens, dtype=torch.int64, device=device)
+    col = torch.arange(c.seq_len, device=device)[None, :]
+    pad = col >= lens[:, None]
+    if c.padding_side == "left":
+        pad = pad.flip(1)
+    q[pad], k[pad], v[pad] = float("nan"), float("inf"), float("nan")
+    with poisoned_allocations():
+        o, lse = sf.padded_prefill(q, k, v, lens.to(torch.int32), causal=c.causal,
+                                   padding_side=c.padding_side, sm_scale=c.sm_scale,
+                                   return_lse=True, backend="triton")
+    scale = 1.0 / math.sqrt(c.head_dim) if c.sm_scale is None else c.sm_scale
+    o_ref, lse_ref = reference.padded_prefill(q, k, v, lens, c.causal, c.padding_side, scale)
+    assert bool((o[pad] == 0).all()), "padded rows are not exactly 0"
+    assert_close("padded_prefill o", o, o_ref, c.dtype)
+    assert_lse(lse, lse_ref, c.dtype)
+
+
+@dataclass
+class VarlenCase:
+    lens: list[int]
+    hq: int
+    hk: int
+    head_dim: int
+    dtype: torch.dtype
+    causal: bool
+    seed: int
+
+
+@st.composite
+def varlen_cases(draw: st.DrawFn, sizes: Sizes) -> VarlenCase:
+    per = max(1, sizes.max_tokens // 2)
+    lens = draw(st.lists(st.integers(0, per) | st.sampled_from([0, 1]), min_size=0,
+                         max_size=sizes.max_requests))
+    while sum(lens) > sizes.max_tokens:
+        lens.pop()
+    hq, hk, d, dtype = draw(heads_and_dims(sizes))
+    return VarlenCase(lens, hq, hk, d, dtype, draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
+
+
+def check_varlen_case(c: VarlenCase, device: str) -> None:
+    gen = torch.Generator().manual_seed(c.seed)
+    t = sum(c.lens)
+
+    def rnd(h: int) -> torch.Tensor:
+        return torch.randn(t, h, c.head_dim, generator=gen).to(device=device, dtype=c.dtype)
+
+    q, k, v = rnd(c.hq), rnd(c.hk), rnd(c.hk)
+    cu = torch.tensor([0] + c.lens, device=device).cumsum(0).to(torch.int32)
+    with poisoned_allocations():
+        o, lse = sf.varlen_prefill(q, k, v, cu, causal=c.causal, return_lse=True, backend="triton")
+    o_ref, lse_ref = reference.varlen_prefill(q, k, v, cu, c.causal)
+    assert_close("varlen_prefill o", o, o_ref, c.dtype)
+    assert_lse(lse, lse_ref, c.dtype)
