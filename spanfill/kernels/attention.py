@@ -166,7 +166,8 @@ def _attn_fwd_kernel(
             acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
 
-    seen = valid & (l_i > 0.0)
+    # l_i != 0 (not > 0): a NaN input row stays NaN instead of passing for "sees nothing".
+    seen = valid & (l_i != 0.0)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     out = tl.where(seen[:, None], out, 0.0)
     store_rows = in_tile if ZERO_FILL else valid
