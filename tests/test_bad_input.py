@@ -613,8 +613,6 @@ def test_empty_pool_with_a_request() -> None:
 
 # ----------------------------------------------------------------------------- NaN / inf policy
 
-NAN_BACKENDS = BACKENDS
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_outside_every_request_never_leaks(case: Case, backend: str) -> None:
     """NaN/inf in free pages and past seq_len (another user's data) must not reach any output.
@@ -646,7 +644,7 @@ def _pages_in_use(case: Case) -> int:
     return int((case.block_table >= 0).sum())
 
 
-@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_one_query_row_stays_in_that_row(case: Case, backend: str) -> None:
     q = case.q.clone()
     q[2, 1] = float("nan")  # token 2, q head 1
@@ -659,7 +657,7 @@ def test_nan_in_one_query_row_stays_in_that_row(case: Case, backend: str) -> Non
     assert torch.equal(o[~bad], o_clean[~bad])
 
 
-@pytest.mark.parametrize("backend", NAN_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_visible_kv_propagates(case: Case, backend: str) -> None:
     """A NaN in position 0 of request 1 is seen by all its rows: they are NaN, not hidden."""
     slot = int(case.block_table[1, 0]) * P
