@@ -240,7 +240,7 @@ def prefill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: PagedK
     """
     ids = input_ids.reshape(1, -1).to(cache.device)
     n = ids.shape[1]
-    out = model(input_ids=ids, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache.allocate(request, n)
     slots = cache.slot_mapping(request, torch.arange(n))
     for layer in range(model.config.num_hidden_layers):

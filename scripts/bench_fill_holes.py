@@ -1,0 +1,115 @@
+"""Time to fill a prompt's KV holes: spanfill vs full recompute vs one forward per span.
+
+Llama-3.2-1B-shaped random model in bf16; EPIC-style layout (first 16 tokens of
+each 512-token chunk missing) and CacheBlend-style layout (15% of tokens, in
+spans of 1-32 tokens), 8k and 32k prompts; the last 64 tokens (the question) are
+always recomputed. Writes bench/results/fill_holes.csv.
+
+    python scripts/bench_fill_holes.py [--lengths 8192,32768] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import transformers  # noqa: E402
+
+from _results import RESULTS, quantiles, write_rows  # noqa: E402
+from spanfill.integrations.holes import (  # noqa: E402
+    fill_holes, fill_holes_per_span, make_cache, poison_holes, prefill_cache,
+)
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                tie_word_embeddings=True, max_position_embeddings=131072)
+QUESTION = 64
+
+
+def epic(n: int) -> list[tuple[int, int]]:
+    body = n - QUESTION
+    return [(s, min(body, s + 16)) for s in range(0, body, 512)] + [(body, n)]
+
+
+def cacheblend(n: int, share: float = 0.15, seed: int = 0) -> list[tuple[int, int]]:
+    """About ``share`` of the prompt in random spans of 1..32 tokens, plus the question."""
+    rng = random.Random(seed)
+    body, spans, pos, want = n - QUESTION, [], 0, int(share * n) - QUESTION
+    gap_mean = (body - want) / max(1, want / 16.5)
+    while pos < body and want > 0:
+        pos += max(1, int(rng.expovariate(1 / gap_mean)))
+        length = min(rng.randint(1, 32), want, body - pos)
+        if length <= 0:
+            break
+        spans.append((pos, pos + length))
+        pos += length
+        want -= length
+    return spans + [(body, n)]
+
+
+def timed(fn, reps: int, before=None) -> list[float]:
+    out = []
+    for _ in range(reps):
+        if before:
+            before()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="8192,32768")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default=str(RESULTS / "fill_holes.csv"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**LLAMA_1B)
+    model = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    rows = []
+    for n in (int(x) for x in args.lengths.split(",")):
+        ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
+        for name, spans in (("epic", epic(n)), ("cacheblend15", cacheblend(n))):
+            cache = make_cache(model, n, page_size=16)
+            want = prefill_cache(model, ids, cache)
+            recomputed = sum(e - s for s, e in spans)
+            poison = lambda: poison_holes(cache, 0, spans)  # noqa: E731
+            poison()
+            got = fill_holes(model, ids, cache, spans)
+            rel = ((got - want).norm() / want.norm()).item()
+            with torch.no_grad():
+                providers = {
+                    "spanfill": (lambda: fill_holes(model, ids, cache, spans), poison),
+                    "full_recompute": (lambda: model(input_ids=ids[None], use_cache=False,
+                                                     logits_to_keep=1), None),
+                    "forward_per_span": (lambda: fill_holes_per_span(model, ids, cache, spans),
+                                         poison),
+                }
+                workload = f"{name}_n{n}_spans{len(spans)}_recomputed{recomputed}"
+                for provider, (fn, before) in providers.items():
+                    fn()  # warm-up
+                    q = quantiles(timed(fn, args.reps, before))
+                    rows.append({"kernel": "fill_holes", "provider": provider, "workload": workload,
+                                 "x": n, "metric": "time", "unit": "ms", **q,
+                                 "note": f"Llama-3.2-1B shape, bf16, random weights; spanfill "
+                                         f"logits rel err vs full prefill {rel:.2e}"})
+                    print(f"{workload:<48} {provider:<17} {q['p50']:9.2f} ms")
+            del cache
+            torch.cuda.empty_cache()
+    print("wrote", write_rows(Path(args.out), rows))
+
+
+if __name__ == "__main__":
+    main()
