@@ -85,8 +85,7 @@ def draw(path: str, n: int, chunk_len: int, spans: list[tuple[int, int]],
     for s, e in spans:
         grid[s:e] = 1.0
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    cmap = matplotlib.colors.ListedColormap(["#c8c8c8", "#f28e2b"])
-    cmap.set_bad("white")
+    cmap = matplotlib.colors.ListedColormap(["#c8c8c8", "#f28e2b"]).with_extremes(bad="white")
     ax0.imshow(np.ma.masked_invalid(grid.reshape(rows, chunk_len)), cmap=cmap, aspect="auto",
                interpolation="nearest", vmin=0, vmax=1)
     ax0.set_xlabel(f"token within chunk (chunk = {chunk_len} tokens)")
