@@ -66,13 +66,14 @@ def test_torch_compile_inductor_fullgraph() -> None:
     page_size, hq, hk, d, num_pages = 16, 8, 2, 128, 64
     positions, qsl, seq_lens, table = random_metadata(gen, 3, 100, 150, page_size, 10, num_pages)
     meta = [t.to(DEVICE) for t in (positions, qsl, seq_lens, table)]
-    w = (torch.randn(d, d, generator=gen) / d**0.5).to(DEVICE).half()
+    w_q = (torch.randn(d, hq * d, generator=gen) / d**0.5).to(DEVICE).half()
+    w_o = (torch.randn(hq * d, d, generator=gen) / (hq * d) ** 0.5).to(DEVICE).half()
 
     def layer(x, k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table):
-        q = (x @ w).view(x.shape[0], hq, d)
+        q = (x @ w_q).view(x.shape[0], hq, d)
         library.append_kv(k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table, page_size)
         o = library.span_prefill(q, k_cache, v_cache, positions, qsl, seq_lens, table, page_size)
-        return o.flatten(1) @ w.repeat(hq, 1)
+        return o.flatten(1) @ w_o
 
     def args():
         g = torch.Generator().manual_seed(1)
