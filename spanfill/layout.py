@@ -9,6 +9,7 @@ layout so every layer of a model step reuses it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -100,14 +101,49 @@ def plan_packed(
     positions : [T] int32 or None (rows of a request sit at ``0, 1, 2, ...``)
     kv_start : [B] int32 or None, first KV row per request in a dense KV tensor
     """
+    num_req = query_start_loc.shape[0] - 1
+    # sum(ceil(n_b / block_q)) <= T // block_q + B: a host-known bound on the grid.
+    max_tiles = max(num_tokens // block_q + num_req, 1)
+    on_kernel_device = (query_start_loc.device.type == "cuda"
+                        or os.environ.get("TRITON_INTERPRET") == "1")
+    if not on_kernel_device or num_req == 0:
+        return _plan_packed_torch(query_start_loc, kv_len, num_tokens, block_q, causal,
+                                  positions, kv_start)
+    from .kernels import MAX_PLAN_TILES, plan_packed_launch
+
+    if max_tiles > MAX_PLAN_TILES:
+        return _plan_packed_torch(query_start_loc, kv_len, num_tokens, block_q, causal,
+                                  positions, kv_start)
+    i32 = torch.int32
+    qsl = query_start_loc.to(i32).contiguous()
+    kv_len = kv_len.to(i32).contiguous()
+    tile_req, tile_row0, tile_row_end = plan_packed_launch(
+        qsl, kv_len, positions.to(i32).contiguous() if positions is not None else None,
+        max_tiles, block_q, causal)
+    kv_start = torch.zeros_like(kv_len) if kv_start is None else kv_start.to(i32).contiguous()
+    return TilePlan(tile_req, tile_row0, tile_row_end, qsl[:-1], qsl[1:] - qsl[:-1], kv_start,
+                    kv_len, block_q)
+
+
+def _plan_packed_torch(
+    query_start_loc: torch.Tensor,
+    kv_len: torch.Tensor,
+    num_tokens: int,
+    block_q: int,
+    causal: bool,
+    positions: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None,
+) -> TilePlan:
+    """:func:`plan_packed` with torch ops: for plans larger than one program sorts."""
     device = query_start_loc.device
     qsl = query_start_loc.long()
     num_req = qsl.shape[0] - 1
     q_start, q_len = qsl[:-1], qsl[1:] - qsl[:-1]
+    if kv_start is None:
+        kv_start = torch.zeros_like(q_start)
+    max_tiles = max(num_tokens // block_q + num_req, 1)
     tiles_per_req = (q_len + block_q - 1) // block_q
     cum = torch.cumsum(tiles_per_req, 0)
-    # sum(ceil(n_b / block_q)) <= T // block_q + B: a host-known bound on the grid.
-    max_tiles = max(num_tokens // block_q + num_req, 1)
     tile = torch.arange(max_tiles, device=device)
     req = torch.searchsorted(cum, tile, right=True)
     valid = req < num_req
@@ -124,8 +160,6 @@ def plan_packed(
         work = kv_len.long()[req_c]
     work = torch.where(valid, work, torch.full_like(work, -1))
     tile_req = torch.where(valid, req_c, torch.full_like(req_c, -1))
-    if kv_start is None:
-        kv_start = torch.zeros_like(q_start)
     return _sorted_plan(tile_req, row0, row_end, work, q_start, q_len, kv_start, kv_len,
                         block_q)
 

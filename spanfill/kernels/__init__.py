@@ -3,5 +3,9 @@
 from .append import append_kv_launch
 from .attention import attention_fwd
 from .configs import AttentionConfig, pick_config
+from .plan import MAX_PLAN_TILES, plan_packed_launch
 
-__all__ = ["append_kv_launch", "attention_fwd", "AttentionConfig", "pick_config"]
+__all__ = [
+    "append_kv_launch", "attention_fwd", "AttentionConfig", "pick_config", "MAX_PLAN_TILES",
+    "plan_packed_launch",
+]
