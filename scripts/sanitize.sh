@@ -24,9 +24,11 @@ export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 LOG_DIR="${SANITIZE_LOG_DIR:-$(mktemp -d)}"
 mkdir -p "$LOG_DIR"
 
-# Small gpu tests only: the sanitizer slows every launch down by 10-100x.
-PYTEST_SUBSET=(tests/test_bad_input.py tests/test_reliability_gpu.py -m gpu -x -q
-               -k "cuda_graph and fp16 or cache_on")
+# Small gpu tests only: the sanitizer slows every launch down by 10-100x. No CUDA
+# graph tests: capture needs the caching allocator, which is off here (seen on the
+# H100: cudaErrorStreamCaptureUnsupported at the first allocation during capture).
+PYTEST_SUBSET=(tests/test_bad_input.py tests/test_reliability_gpu.py tests/test_layout.py
+               -m gpu -x -q -k "not cuda_graph and not large and not compile")
 
 # run NAME TOOL CMD...: run CMD under TOOL, keep the log, print its error summary.
 run() {

@@ -175,16 +175,27 @@ def test_llama_1b_shape_bf16_gpu(layout: str) -> None:
     floor = ((eager - want).norm() / want.norm()).item()
     print(f"logits relative error {rel:.3e}; eager-vs-sdpa floor {floor:.3e}")
     assert rel <= max(2e-2, 1.5 * floor), f"logits relative error {rel:.3e} (floor {floor:.3e})"
+    # Greedy tokens: random weights leave near-ties among 128k logits that bf16 noise
+    # alone can flip (seen on the H100: eager and sdpa disagree too). So our greedy
+    # token must be one the reference ranks within the eager-vs-sdpa noise of its
+    # best, and decoding is teacher-forced with the reference's token so one tie
+    # does not derail the 32 steps.
+    tie = (eager - want).abs().max().item()
+
+    def same_greedy(ours: torch.Tensor, ref_logits: torch.Tensor) -> bool:
+        pick = ours.argmax(-1)
+        return bool((ref_logits.gather(-1, pick[:, None]) >= ref_logits.max(-1).values[:, None] - tie).all())
+
     with torch.no_grad():
         past = model(input_ids=ids[None], use_cache=True).past_key_values
-        ours_tok, theirs_tok = got.argmax(-1), want.argmax(-1)
-        assert torch.equal(ours_tok, theirs_tok)
+        assert same_greedy(got, want), "greedy token after filling is not a reference top token"
+        token = want.argmax(-1)
         for step in range(32):
-            ours = decode_step(model, ours_tok, cache)
-            theirs = model(input_ids=theirs_tok[None], past_key_values=past, use_cache=True)
+            ours = decode_step(model, token, cache)
+            theirs = model(input_ids=token[None], past_key_values=past, use_cache=True)
             past = theirs.past_key_values
             theirs_logits = theirs.logits[:, -1].float()
             rel = ((ours - theirs_logits).norm() / theirs_logits.norm()).item()
             assert rel <= max(2e-2, 1.5 * floor), f"step {step}: logits relative error {rel:.3e}"
-            ours_tok, theirs_tok = ours.argmax(-1), theirs_logits.argmax(-1)
-            assert torch.equal(ours_tok, theirs_tok), f"greedy tokens differ at decode step {step}"
+            assert same_greedy(ours, theirs_logits), f"greedy tokens differ at decode step {step}"
+            token = theirs_logits.argmax(-1)
