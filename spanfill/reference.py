@@ -38,6 +38,9 @@ def attend(
     causal: bool,
     sm_scale: float,
     compute_dtype: torch.dtype = torch.float32,
+    kv_start: int = 0,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one request's query rows over its ``kv_len`` keys.
 
@@ -49,6 +52,9 @@ def attend(
     causal : row at ``pos`` sees keys ``[0, pos]`` if True, all ``kv_len`` keys if False
     sm_scale : scale applied to ``q @ k^T``
     compute_dtype : fp32 or fp64
+    kv_start : keys below this position are not seen (a KV shard or window)
+    window_left : if >= 0, a row at ``pos`` sees no key below ``pos - window_left``
+    logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` before softmax
 
     Returns
     -------
@@ -61,11 +67,21 @@ def attend(
     qf = q.to(compute_dtype)
     kf = k.to(compute_dtype).repeat_interleave(group, dim=1)
     vf = v.to(compute_dtype).repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,shd->hts", qf, kf) * sm_scale  # [Hq, Tq, kv_len]
     key_pos = torch.arange(kv_len, device=q.device)
-    visible = torch.ones(tq, kv_len, dtype=torch.bool, device=q.device)
+    pos = q_positions.to(q.device).long()[:, None]
+    visible = (key_pos[None, :] >= kv_start).expand(tq, kv_len)
     if causal:
-        visible = key_pos[None, :] <= q_positions.to(q.device).long()[:, None]
+        visible = visible & (key_pos[None, :] <= pos)
+    if window_left >= 0:
+        visible = visible & (key_pos[None, :] >= pos - window_left)
+    # Keys nobody sees may hold anything (another shard's pages, NaN): zero them so
+    # 0 * NaN cannot leak through the weighted sum.
+    seen_key = visible.any(0)[:, None, None]
+    kf = torch.where(seen_key, kf, torch.zeros((), dtype=compute_dtype, device=q.device))
+    vf = torch.where(seen_key, vf, torch.zeros((), dtype=compute_dtype, device=q.device))
+    scores = torch.einsum("thd,shd->hts", qf, kf) * sm_scale  # [Hq, Tq, kv_len]
+    if logits_soft_cap > 0:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
     scores = scores.masked_fill(~visible[None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [Hq, Tq]
     # exp(-inf - -inf) would be NaN: rows that see nothing get weight 0 instead.
@@ -88,6 +104,8 @@ def padded_prefill(
     padding_side: str = "right",
     sm_scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over a padded batch where sample ``b`` has ``valid_lens[b]`` real tokens.
 
@@ -115,7 +133,8 @@ def padded_prefill(
         rows = slice(0, n) if padding_side == "right" else slice(s - n, s)
         pos = torch.arange(n, device=q.device)
         o[b, rows], lse[b, rows] = attend(
-            q[b, rows], k[b, rows], v[b, rows], pos, causal, scale, compute_dtype
+            q[b, rows], k[b, rows], v[b, rows], pos, causal, scale, compute_dtype,
+            window_left=window_left, logits_soft_cap=logits_soft_cap,
         )
     return o, lse
 
@@ -128,6 +147,8 @@ def varlen_prefill(
     causal: bool = True,
     sm_scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention over sequences packed back to back.
 
@@ -152,7 +173,8 @@ def varlen_prefill(
             continue
         pos = torch.arange(stop - start, device=q.device)
         o[start:stop], lse[start:stop] = attend(
-            q[start:stop], k[start:stop], v[start:stop], pos, causal, scale, compute_dtype
+            q[start:stop], k[start:stop], v[start:stop], pos, causal, scale, compute_dtype,
+            window_left=window_left, logits_soft_cap=logits_soft_cap,
         )
     return o, lse
 
@@ -161,6 +183,9 @@ def gather_kv(
     cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, request: int
 ) -> torch.Tensor:
     """The first ``seq_len`` positions of one request's KV, gathered from pages.
+
+    Positions whose block-table entry is negative (pages another shard holds) come
+    back as zeros.
 
     Parameters
     ----------
@@ -174,7 +199,9 @@ def gather_kv(
     page_size = cache.shape[1]
     pos = torch.arange(seq_len, device=cache.device)
     pages = block_table[request].to(cache.device).long()[pos // page_size]
-    return cache[pages, pos % page_size]
+    rows = cache[pages.clamp(min=0), pos % page_size]
+    return torch.where((pages >= 0)[:, None, None], rows, torch.zeros((), dtype=cache.dtype,
+                                                                         device=cache.device))
 
 
 def span_prefill(
@@ -188,6 +215,10 @@ def span_prefill(
     causal: bool = True,
     sm_scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the span (hole) tokens over each request's paged KV.
 
@@ -202,6 +233,10 @@ def span_prefill(
     seq_lens : [B] int, KV positions ``[0, seq_lens[b])`` are valid
     block_table : [B, max_pages] int
     causal : row at ``pos`` sees ``[0, pos]`` if True, ``[0, seq_len)`` if False
+    kv_start, kv_end : [B] int or None: only KV positions ``[kv_start[b], kv_end[b])``
+        are held here (a shard of the cache by position); default ``[0, seq_len)``
+    window_left : if >= 0, a row at ``pos`` sees no key below ``pos - window_left``
+    logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)``
 
     Returns
     -------
@@ -216,11 +251,13 @@ def span_prefill(
     for b, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
         if stop == start:
             continue
-        seq_len = int(seq_lens[b])
+        seq_len = int(seq_lens[b]) if kv_end is None else min(int(kv_end[b]), int(seq_lens[b]))
         k = gather_kv(k_cache, block_table, seq_len, b)
         v = gather_kv(v_cache, block_table, seq_len, b)
         o[start:stop], lse[start:stop] = attend(
-            q[start:stop], k, v, positions[start:stop], causal, scale, compute_dtype
+            q[start:stop], k, v, positions[start:stop], causal, scale, compute_dtype,
+            kv_start=0 if kv_start is None else int(kv_start[b]), window_left=window_left,
+            logits_soft_cap=logits_soft_cap,
         )
     return o, lse
 
