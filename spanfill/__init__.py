@@ -3,6 +3,7 @@ cache with holes, as Triton kernels on PyTorch tensors."""
 
 from .cache import PagedKVCache
 from .layout import PaddedLayout, SpanLayout, TilePlan
+from .merge import merge_states, merge_states_n
 from .ops import append_kv, padded_prefill, resolve_backend, span_prefill, varlen_prefill
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ __all__ = [
     "SpanLayout",
     "TilePlan",
     "append_kv",
+    "merge_states",
+    "merge_states_n",
     "padded_prefill",
     "resolve_backend",
     "span_prefill",

@@ -283,3 +283,34 @@ def append_kv(
     pages, offsets = slots[keep] // page_size, slots[keep] % page_size
     k_cache[pages, offsets] = k_new[keep].to(k_cache.dtype)
     v_cache[pages, offsets] = v_new[keep].to(v_cache.dtype)
+
+
+def merge_states(
+    o: torch.Tensor, lse: torch.Tensor, compute_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``N`` partial attention states of each row into one, exactly.
+
+    State ``i`` of a row is attention over a KV subset ``S_i`` (the subsets
+    disjoint); the merge is attention over their union:
+    ``lse = logsumexp_i lse_i`` and ``o = sum_i exp(lse_i - lse) o_i``. States with
+    ``lse_i = -inf`` (no key seen) are ignored, ``o_i`` included; a row where all are
+    ``-inf`` gives ``o = 0`` and ``lse = -inf``.
+
+    Parameters
+    ----------
+    o : [T, N, H, D] any float dtype
+    lse : [T, N, H] any float dtype, natural log
+
+    Returns
+    -------
+    o : [T, H, D] compute_dtype
+    lse : [T, H] compute_dtype
+    """
+    of, lf = o.to(compute_dtype), lse.to(compute_dtype)
+    merged = torch.logsumexp(lf, dim=1)  # [T, H]
+    safe = torch.where(torch.isinf(merged) & (merged < 0), torch.zeros_like(merged), merged)
+    weight = torch.exp(lf - safe[:, None])  # [T, N, H]; 0 where lse_i = -inf
+    # `== 0` keeps NaN weights (NaN inputs) in, so NaN propagates instead of vanishing.
+    zero = torch.zeros((), dtype=compute_dtype, device=o.device)
+    terms = torch.where((weight == 0)[..., None], zero, weight[..., None] * of)
+    return terms.sum(dim=1), merged

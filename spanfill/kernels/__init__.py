@@ -3,9 +3,10 @@
 from .append import append_kv_launch
 from .attention import attention_fwd
 from .configs import AttentionConfig, pick_config
+from .merge import merge_states_launch, merge_two_launch
 from .plan import MAX_PLAN_TILES, plan_packed_launch
 
 __all__ = [
     "append_kv_launch", "attention_fwd", "AttentionConfig", "pick_config", "MAX_PLAN_TILES",
-    "plan_packed_launch",
+    "plan_packed_launch", "merge_states_launch", "merge_two_launch",
 ]
