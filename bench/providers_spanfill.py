@@ -124,7 +124,7 @@ def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
         except TypeError:  # an older pick_config without ``paged``
             cfg = pick_config(w.head_dim, t.q.dtype, 1, True)
         plan = plan_packed(cu, (cu[1:] - cu[:-1]).to(torch.int32), qp.shape[0], cfg.block_q,
-                           w.causal, kv_start=cu[:-1].contiguous())
+                           w.causal, kv_row0=cu[:-1].contiguous())
         scale = 1.0 / math.sqrt(w.head_dim)
 
         def run() -> torch.Tensor:

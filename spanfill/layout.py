@@ -33,7 +33,7 @@ class TilePlan:
     tile_row_end : [num_tiles] int32, one past the last packed row of the tile
     q_start : [B] int32, first packed row of each request's valid rows
     q_len : [B] int32, number of valid query rows of each request
-    kv_start : [B] int32, first row of each request's KV in a dense KV tensor
+    kv_row0 : [B] int32, row of each request's KV position 0 in a dense KV tensor
         (unused with paged KV)
     kv_len : [B] int32, number of valid KV positions of each request
     block_q : int, query tokens per tile
@@ -44,7 +44,7 @@ class TilePlan:
     tile_row_end: torch.Tensor
     q_start: torch.Tensor
     q_len: torch.Tensor
-    kv_start: torch.Tensor
+    kv_row0: torch.Tensor
     kv_len: torch.Tensor
     block_q: int
 
@@ -60,7 +60,7 @@ def _sorted_plan(
     work: torch.Tensor,
     q_start: torch.Tensor,
     q_len: torch.Tensor,
-    kv_start: torch.Tensor,
+    kv_row0: torch.Tensor,
     kv_len: torch.Tensor,
     block_q: int,
 ) -> TilePlan:
@@ -74,7 +74,7 @@ def _sorted_plan(
         tile_row_end=tile_row_end[order].to(i32).contiguous(),
         q_start=q_start.to(i32).contiguous(),
         q_len=q_len.to(i32).contiguous(),
-        kv_start=kv_start.to(i32).contiguous(),
+        kv_row0=kv_row0.to(i32).contiguous(),
         kv_len=kv_len.to(i32).contiguous(),
         block_q=block_q,
     )
@@ -87,7 +87,7 @@ def plan_packed(
     block_q: int,
     causal: bool,
     positions: torch.Tensor | None = None,
-    kv_start: torch.Tensor | None = None,
+    kv_row0: torch.Tensor | None = None,
 ) -> TilePlan:
     """Tile plan for rows packed request by request (span and varlen layouts).
 
@@ -99,7 +99,7 @@ def plan_packed(
     block_q : query tokens per tile
     causal : whether a tile's KV range ends at its last row's position
     positions : [T] int32 or None (rows of a request sit at ``0, 1, 2, ...``)
-    kv_start : [B] int32 or None, first KV row per request in a dense KV tensor
+    kv_row0 : [B] int32 or None, row of each request's position 0 in a dense KV tensor
     """
     num_req = query_start_loc.shape[0] - 1
     # sum(ceil(n_b / block_q)) <= T // block_q + B: a host-known bound on the grid.
@@ -108,20 +108,20 @@ def plan_packed(
                         or os.environ.get("TRITON_INTERPRET") == "1")
     if not on_kernel_device or num_req == 0:
         return _plan_packed_torch(query_start_loc, kv_len, num_tokens, block_q, causal,
-                                  positions, kv_start)
+                                  positions, kv_row0)
     from .kernels import MAX_PLAN_TILES, plan_packed_launch
 
     if max_tiles > MAX_PLAN_TILES:
         return _plan_packed_torch(query_start_loc, kv_len, num_tokens, block_q, causal,
-                                  positions, kv_start)
+                                  positions, kv_row0)
     i32 = torch.int32
     qsl = query_start_loc.to(i32).contiguous()
     kv_len = kv_len.to(i32).contiguous()
     tile_req, tile_row0, tile_row_end = plan_packed_launch(
         qsl, kv_len, positions.to(i32).contiguous() if positions is not None else None,
         max_tiles, block_q, causal)
-    kv_start = torch.zeros_like(kv_len) if kv_start is None else kv_start.to(i32).contiguous()
-    return TilePlan(tile_req, tile_row0, tile_row_end, qsl[:-1], qsl[1:] - qsl[:-1], kv_start,
+    kv_row0 = torch.zeros_like(kv_len) if kv_row0 is None else kv_row0.to(i32).contiguous()
+    return TilePlan(tile_req, tile_row0, tile_row_end, qsl[:-1], qsl[1:] - qsl[:-1], kv_row0,
                     kv_len, block_q)
 
 
@@ -132,15 +132,15 @@ def _plan_packed_torch(
     block_q: int,
     causal: bool,
     positions: torch.Tensor | None = None,
-    kv_start: torch.Tensor | None = None,
+    kv_row0: torch.Tensor | None = None,
 ) -> TilePlan:
     """:func:`plan_packed` with torch ops: for plans larger than one program sorts."""
     device = query_start_loc.device
     qsl = query_start_loc.long()
     num_req = qsl.shape[0] - 1
     q_start, q_len = qsl[:-1], qsl[1:] - qsl[:-1]
-    if kv_start is None:
-        kv_start = torch.zeros_like(q_start)
+    if kv_row0 is None:
+        kv_row0 = torch.zeros_like(q_start)
     max_tiles = max(num_tokens // block_q + num_req, 1)
     tiles_per_req = (q_len + block_q - 1) // block_q
     cum = torch.cumsum(tiles_per_req, 0)
@@ -160,7 +160,7 @@ def _plan_packed_torch(
         work = kv_len.long()[req_c]
     work = torch.where(valid, work, torch.full_like(work, -1))
     tile_req = torch.where(valid, req_c, torch.full_like(req_c, -1))
-    return _sorted_plan(tile_req, row0, row_end, work, q_start, q_len, kv_start, kv_len,
+    return _sorted_plan(tile_req, row0, row_end, work, q_start, q_len, kv_row0, kv_len,
                         block_q)
 
 
@@ -277,6 +277,10 @@ class SpanLayout:
         ``block_table[b, pos // page_size] * page_size + pos % page_size``
     validated : whether the metadata was checked (``from_tensors(validate=...)``);
         an unvalidated layout also skips the page-pool check of the ops
+    kv_start, kv_end : [B] int32 or None: this cache holds only KV positions
+        ``[kv_start[b], kv_end[b])`` of request ``b`` (a shard by position, for
+        context parallelism); pages outside may be -1, span tokens outside get slot
+        -1, and rows see no key outside. None means ``[0, seq_lens[b])``.
     """
 
     positions: torch.Tensor
@@ -286,6 +290,8 @@ class SpanLayout:
     page_size: int
     slot_mapping: torch.Tensor
     validated: bool = True
+    kv_start: torch.Tensor | None = None
+    kv_end: torch.Tensor | None = None
     _plans: dict = field(default_factory=dict, repr=False)
     _pools_checked: set = field(default_factory=set, repr=False)
 
@@ -382,6 +388,8 @@ class SpanLayout:
         page_size: int,
         slot_mapping: torch.Tensor | None = None,
         validate: bool = True,
+        kv_start: torch.Tensor | None = None,
+        kv_end: torch.Tensor | None = None,
     ) -> "SpanLayout":
         """Build a layout from a serving engine's metadata.
 
@@ -397,6 +405,8 @@ class SpanLayout:
         validate : check the metadata (one host sync for the whole check). With
             False nothing here waits on the device, so the call can be captured in a
             CUDA graph; invalid metadata is then undefined behaviour.
+        kv_start, kv_end : [B] int or None, the KV positions this cache holds (see
+            the class docstring); ``0 <= kv_start <= kv_end <= seq_lens``
         """
         _check_meta_types(positions, query_start_loc, seq_lens, block_table, page_size)
         if slot_mapping is not None and (
@@ -414,25 +424,28 @@ class SpanLayout:
         qsl = query_start_loc.to(device=device, dtype=torch.int32).contiguous()
         seq_lens = seq_lens.to(device=device, dtype=torch.int32).contiguous()
         block_table = block_table.to(device=device, dtype=torch.int32).contiguous()
+        if kv_start is not None or kv_end is not None:
+            kv_start, kv_end = _kv_bounds(kv_start, kv_end, seq_lens, validate)
         if validate:
-            _validate_meta(positions, qsl, seq_lens, block_table, page_size)
+            _validate_meta(positions, qsl, seq_lens, block_table, page_size, kv_start, kv_end)
         if slot_mapping is None:
-            slot_mapping = compute_slot_mapping(positions, qsl, block_table, page_size)
+            slot_mapping = compute_slot_mapping(positions, qsl, block_table, page_size,
+                                                kv_start, kv_end)
         elif slot_mapping.shape != positions.shape:
             raise ValueError(
                 f"slot_mapping has shape {tuple(slot_mapping.shape)}, expected {tuple(positions.shape)}"
             )
         return cls(positions, qsl, seq_lens, block_table, page_size,
                    slot_mapping.to(device=device, dtype=torch.int64).contiguous(),
-                   validated=validate)
+                   validated=validate, kv_start=kv_start, kv_end=kv_end)
 
     def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
         """The (cached) tile plan for tiles of ``block_q`` tokens."""
         key = (block_q, causal)
         if key not in self._plans:
             self._plans[key] = plan_packed(
-                self.query_start_loc, self.seq_lens, self.num_tokens, block_q, causal,
-                positions=self.positions,
+                self.query_start_loc, self.seq_lens if self.kv_end is None else self.kv_end,
+                self.num_tokens, block_q, causal, positions=self.positions,
             )
         return self._plans[key]
 
@@ -446,7 +459,8 @@ class SpanLayout:
         """
         if not self.validated or num_pages in self._pools_checked:
             return
-        needed = _pages_in_use(self.seq_lens, self.block_table, self.page_size)
+        needed = _pages_in_use(self.seq_lens, self.block_table, self.page_size,
+                               self.kv_start, self.kv_end)
         bad = needed & ((self.block_table < 0) | (self.block_table >= num_pages))
         if bool(bad.any()):
             b, j = (int(x) for x in torch.nonzero(bad)[0])
@@ -467,9 +481,10 @@ class SpanLayout:
 
 def compute_slot_mapping(
     positions: torch.Tensor, query_start_loc: torch.Tensor, block_table: torch.Tensor,
-    page_size: int,
+    page_size: int, kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``slot = block_table[b, pos // page_size] * page_size + pos % page_size``.
+    """``slot = block_table[b, pos // page_size] * page_size + pos % page_size``, and -1
+    for positions outside ``[kv_start[b], kv_end[b])`` when those are given.
 
     Returns
     -------
@@ -482,14 +497,44 @@ def compute_slot_mapping(
     pos = positions.long()
     page_idx = (pos // page_size).clamp(max=max(block_table.shape[1] - 1, 0))
     pages = block_table.long()[req, page_idx]
-    return pages * page_size + pos % page_size
+    slots = pages * page_size + pos % page_size
+    if kv_start is None:
+        return slots
+    held = (pos >= kv_start.long()[req]) & (pos < kv_end.long()[req])
+    return torch.where(held, slots, torch.full_like(slots, -1))
 
 
-def _pages_in_use(seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int) -> torch.Tensor:
-    """[B, max_pages] bool: which block-table entries hold a valid position."""
-    pages_needed = (seq_lens.long() + page_size - 1) // page_size
+def _pages_in_use(seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int,
+                  kv_start: torch.Tensor | None = None,
+                  kv_end: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, max_pages] bool: which block-table entries hold a position this cache keeps."""
+    end = seq_lens.long() if kv_end is None else kv_end.long()
+    pages_end = (end + page_size - 1) // page_size
     col = torch.arange(block_table.shape[1], device=block_table.device)
-    return col[None, :] < pages_needed[:, None]
+    needed = col[None, :] < pages_end[:, None]
+    if kv_start is not None:
+        needed &= col[None, :] >= (kv_start.long() // page_size)[:, None]
+    return needed
+
+
+def _kv_bounds(kv_start: torch.Tensor | None, kv_end: torch.Tensor | None,
+               seq_lens: torch.Tensor, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both shard bounds as int32 [B] tensors, checked when ``validate``."""
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is not None and (not torch.is_tensor(t) or t.dtype not in (torch.int32, torch.int64)
+                              or t.shape != seq_lens.shape):
+            raise ValueError(f"{name} must be an int32/int64 tensor of shape [B]={tuple(seq_lens.shape)}")
+    lo = torch.zeros_like(seq_lens) if kv_start is None else kv_start.to(seq_lens.device, torch.int32)
+    hi = seq_lens.clone() if kv_end is None else kv_end.to(seq_lens.device, torch.int32)
+    if validate:
+        bad = (lo < 0) | (lo > hi) | (hi > seq_lens)
+        if bool(bad.any()):
+            b = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"kv_start[{b}]={int(lo[b])}, kv_end[{b}]={int(hi[b])} must satisfy "
+                f"0 <= kv_start <= kv_end <= seq_lens[{b}]={int(seq_lens[b])}"
+            )
+    return lo.contiguous(), hi.contiguous()
 
 
 def _check_meta_types(
@@ -537,7 +582,8 @@ def _check_int32_range(**tensors: torch.Tensor) -> None:
 
 def _validate_meta(
     positions: torch.Tensor, qsl: torch.Tensor, seq_lens: torch.Tensor,
-    block_table: torch.Tensor, page_size: int,
+    block_table: torch.Tensor, page_size: int, kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
 ) -> None:
     """All checks on the device, one host sync for the verdict; details only on failure."""
     num_tokens = positions.shape[0]
@@ -555,7 +601,8 @@ def _validate_meta(
         "pos_order": (same_req & (pos[1:] <= pos[:-1])).any(),
         "pos_range": (pos >= seq_lens.long()[req]).any() if num_tokens else torch.tensor(False),
         "table_cover": (seq_lens.long() > block_table.shape[1] * page_size).any(),
-        "table_neg": (_pages_in_use(seq_lens, block_table, page_size) & (block_table < 0)).any(),
+        "table_neg": (_pages_in_use(seq_lens, block_table, page_size, kv_start, kv_end)
+                      & (block_table < 0)).any(),
     }
     flags = torch.stack([c.to(positions.device).reshape(()) for c in checks.values()]).cpu()
     if not bool(flags.any()):
@@ -593,7 +640,7 @@ def _validate_meta(
             f"seq_lens[{b}] = {int(seq_lens[b])} is larger than block_table covers "
             f"({block_table.shape[1]} pages x page_size {page_size})"
         )
-    bad = _pages_in_use(seq_lens, block_table, page_size) & (block_table < 0)
+    bad = _pages_in_use(seq_lens, block_table, page_size, kv_start, kv_end) & (block_table < 0)
     b, j = (int(x) for x in torch.nonzero(bad)[0])
     raise ValueError(
         f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page, but request {b} needs it "

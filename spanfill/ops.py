@@ -98,6 +98,13 @@ def _check_int_tensor(name: str, t: object, device: torch.device) -> torch.Tenso
     return t
 
 
+def _check_variant(window_left: int, logits_soft_cap: float) -> None:
+    if isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"window_left must be an int >= -1 (-1: no window), got {window_left!r}")
+    if not isinstance(logits_soft_cap, (int, float)) or not 0 <= logits_soft_cap < math.inf:
+        raise ValueError(f"logits_soft_cap must be a finite number >= 0 (0: off), got {logits_soft_cap!r}")
+
+
 def _scale(head_dim: int, sm_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
@@ -124,6 +131,8 @@ def padded_prefill(
     padding_side: str | None = None,
     sm_scale: float | None = None,
     return_lse: bool = False,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over a padded batch with per-sample valid lengths.
@@ -144,6 +153,9 @@ def padded_prefill(
     padding_side : "right" (default) or "left"; with a PaddedLayout, its own side
     sm_scale : defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
+    window_left : if >= 0, a row at position ``pos`` sees no key below
+        ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
+    logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` (Gemma-2)
     backend : "auto" | "triton" | "reference" (see module docstring)
 
     Returns
@@ -176,11 +188,14 @@ def padded_prefill(
         raise ValueError(
             f"valid_lens has {layout.valid_lens.shape[0]} entries but the batch has B={b_sz}"
         )
+    _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
     path = resolve_backend(q.device, backend)
     if path == "reference" or q.numel() == 0:
         o, lse = reference.padded_prefill(q, k, v, layout.valid_lens, causal,
-                                          layout.padding_side, scale)
+                                          layout.padding_side, scale,
+                                          window_left=window_left,
+                                          logits_soft_cap=logits_soft_cap)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
     from .kernels import attention_fwd
@@ -194,7 +209,8 @@ def padded_prefill(
     lse = torch.empty(b_sz * seq_len, num_q_heads, dtype=torch.float32, device=q.device) \
         if return_lse else None
     plan = layout.tile_plan(cfg.block_q, causal)
-    attention_fwd(q_rows, k_rows, v_rows, out, lse, plan, cfg, scale, causal, zero_fill=True)
+    attention_fwd(q_rows, k_rows, v_rows, out, lse, plan, cfg, scale, causal, zero_fill=True,
+                  window_left=window_left, logits_soft_cap=logits_soft_cap)
     out = out.view(q.shape)
     if return_lse:
         return out, lse.view(b_sz, seq_len, num_q_heads)
@@ -211,6 +227,8 @@ def varlen_prefill(
     causal: bool = True,
     sm_scale: float | None = None,
     return_lse: bool = False,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Self-attention over sequences packed back to back (FlashAttention's varlen form).
@@ -227,6 +245,9 @@ def varlen_prefill(
     causal : default True
     sm_scale : defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
+    window_left : if >= 0, a row at position ``pos`` sees no key below
+        ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
+    logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` (Gemma-2)
     backend : "auto" | "triton" | "reference"
 
     Returns
@@ -255,10 +276,13 @@ def varlen_prefill(
             )
         i = int(torch.nonzero(steps < 0)[0, 0])
         raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
+    _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
     path = resolve_backend(q.device, backend)
     if path == "reference" or num_tokens == 0 or cu_seqlens.shape[0] == 1:
-        o, lse = reference.varlen_prefill(q, k, v, cu_seqlens, causal, scale)
+        o, lse = reference.varlen_prefill(q, k, v, cu_seqlens, causal, scale,
+                                          window_left=window_left,
+                                          logits_soft_cap=logits_soft_cap)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
     from .kernels import attention_fwd
@@ -266,11 +290,12 @@ def varlen_prefill(
     cfg = _config(q, k.shape[1], paged=False)
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
     plan = plan_packed(cu_seqlens.to(torch.int32), seq_lens, num_tokens, cfg.block_q, causal,
-                       kv_start=cu_seqlens[:-1].to(torch.int32))
+                       kv_row0=cu_seqlens[:-1].to(torch.int32))
     out = torch.empty_like(q)
     lse = torch.empty(num_tokens, q.shape[1], dtype=torch.float32, device=q.device) \
         if return_lse else None
-    attention_fwd(q, k, v, out, lse, plan, cfg, scale, causal)
+    attention_fwd(q, k, v, out, lse, plan, cfg, scale, causal, window_left=window_left,
+                  logits_soft_cap=logits_soft_cap)
     return _result(out, lse, return_lse)
 
 
@@ -304,6 +329,8 @@ def span_prefill(
     causal: bool = True,
     sm_scale: float | None = None,
     return_lse: bool = False,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
     backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the hole (span) tokens over each request's paged KV, one launch.
@@ -320,6 +347,9 @@ def span_prefill(
     causal : default True
     sm_scale : defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
+    window_left : if >= 0, a row at position ``pos`` sees no key below
+        ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
+    logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` (Gemma-2)
     backend : "auto" | "triton" | "reference"
 
     Returns
@@ -332,12 +362,14 @@ def span_prefill(
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     if q.shape[0] != layout.num_tokens:
         raise ValueError(f"q has {q.shape[0]} rows but layout has {layout.num_tokens} span tokens")
+    _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
     path = resolve_backend(q.device, backend)
     if path == "reference" or q.shape[0] == 0:
         o, lse = reference.span_prefill(
             q, k_cache, v_cache, layout.positions, layout.query_start_loc, layout.seq_lens,
-            layout.block_table, causal, scale,
+            layout.block_table, causal, scale, kv_start=layout.kv_start, kv_end=layout.kv_end,
+            window_left=window_left, logits_soft_cap=logits_soft_cap,
         )
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
@@ -349,7 +381,9 @@ def span_prefill(
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \
         if return_lse else None
     attention_fwd(q, k_cache, v_cache, out, lse, plan, cfg, scale, causal,
-                  positions=layout.positions, block_table=layout.block_table)
+                  positions=layout.positions, block_table=layout.block_table,
+                  kv_lo=layout.kv_start, window_left=window_left,
+                  logits_soft_cap=logits_soft_cap)
     return _result(out, lse, return_lse)
 
 

@@ -116,5 +116,5 @@ def test_plan_kernel_matches_torch_plan(causal, block_q):
     valid = slow.tile_req >= 0  # unused slots (-1) carry no rows
     assert torch.equal(fast.tile_row0[valid], slow.tile_row0[valid])
     assert torch.equal(fast.tile_row_end[valid], slow.tile_row_end[valid])
-    for name in ("q_start", "q_len", "kv_start", "kv_len"):
+    for name in ("q_start", "q_len", "kv_row0", "kv_len"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
