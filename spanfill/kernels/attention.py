@@ -162,7 +162,10 @@ def _attn_fwd_kernel(
     q = tl.load(Q + row64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=valid[:, None] & d_in[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    pos_min = tl.min(tl.where(valid, pos, 2147483646), axis=0)
+    # A tile of padding only gets pos_min = 0, not the sentinel: loop bounds near
+    # 2^31 overflow in the software pipeliner's prologue predicates (seen on the
+    # H100 as an illegal address with a sliding window).
+    pos_min = tl.where(n_valid > 0, tl.min(tl.where(valid, pos, 2147483646), axis=0), 0)
     pos_max = tl.max(pos, axis=0)
     # The tile's KV range [kv_begin, kv_end) and inside it [full_lo, full_hi), the
     # BLOCK_N-aligned positions that every valid row sees in full.
@@ -187,12 +190,14 @@ def _attn_fwd_kernel(
     full_hi = tl.where(no_full, kv_begin, full_hi)
     kv_end = tl.where(n_valid > 0, kv_end, 0)
 
-    for start_n in range(kv_begin, full_lo, BLOCK_N):  # below the window: masked
-        acc, m_i, l_i = _attend_kv_tile(
-            acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n, offs_d,
-            d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow, stride_kh,
-            stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale, window_left,
-            PAGE_SIZE, PAGED, EVEN_D, True, CAUSAL, HAS_WINDOW, SOFT_CAP, IEEE_DOT)
+    if HAS_WINDOW or HAS_KV_LO:  # a lower bound: masked tiles below the full ones
+        for start_n in range(kv_begin, full_lo, BLOCK_N):
+            acc, m_i, l_i = _attend_kv_tile(
+                acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n,
+                offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
+                stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
+                window_left, PAGE_SIZE, PAGED, EVEN_D, True, CAUSAL, HAS_WINDOW, SOFT_CAP,
+                IEEE_DOT)
     for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n, offs_d,
