@@ -35,88 +35,18 @@ sequence-parallel over rows too) it moves only ``(R - 1) / R * S``.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 import torch.distributed as dist
 
-from . import reference
 from .layout import SpanLayout
 from .merge import merge_states_n
-from .ops import append_kv
+from .ops import append_kv, span_prefill
 
-__all__ = ["ShardLayout", "shard_layout", "span_prefill_cp", "row_range"]
+__all__ = ["shard_layout", "span_prefill_cp", "row_range"]
 
 METHODS = ("allgather", "reduce_scatter")
 # torch 2.13 renamed all_gather_into_tensor (same arguments) and deprecated the old name.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-@dataclass
-class ShardLayout:
-    """This rank's view of a batch of spans: built once per batch, reused by every layer.
-
-    Attributes
-    ----------
-    layout : :class:`spanfill.SpanLayout` over this rank's page pool; its
-        ``slot_mapping`` is -1 for the span tokens whose position this rank does not hold
-    kv_start, kv_end : [B] int32, this rank holds KV positions ``[kv_start[b],
-        min(kv_end[b], seq_lens[b]))`` of request ``b``
-    validated : whether :func:`shard_layout` checked the metadata; an unvalidated
-        shard also skips the page-pool check, so that nothing waits on the device
-    """
-
-    layout: SpanLayout
-    kv_start: torch.Tensor
-    kv_end: torch.Tensor
-    validated: bool = True
-    _pools_checked: set = field(default_factory=set, repr=False)
-
-    def check_pool(self, num_pages: int) -> None:
-        """Raise if a page of this rank's range is outside ``[0, num_pages)`` (once per pool size)."""
-        if not self.validated or num_pages in self._pools_checked:
-            return
-        bad = _shard_pages(self.layout, self.kv_start, self.kv_end) & (
-            (self.layout.block_table < 0) | (self.layout.block_table >= num_pages))
-        if bool(bad.any()):
-            b, j = (int(x) for x in torch.nonzero(bad)[0])
-            raise ValueError(
-                f"block_table[{b}, {j}] = {int(self.layout.block_table[b, j])} is not a page of "
-                f"this rank's pool (num_pages={num_pages}), but positions [kv_start[{b}], "
-                f"kv_end[{b}]) = [{int(self.kv_start[b])}, {int(self.kv_end[b])}) need it"
-            )
-        self._pools_checked.add(num_pages)
-
-
-def _shard_pages(layout: SpanLayout, kv_start: torch.Tensor, kv_end: torch.Tensor) -> torch.Tensor:
-    """[B, max_pages] bool: the block-table entries that hold a position of this rank's range."""
-    page_size = layout.page_size
-    hi = torch.minimum(kv_end.long(), layout.seq_lens.long())
-    lo = kv_start.long()
-    col = torch.arange(layout.block_table.shape[1], device=layout.device)[None, :]
-    first, stop = lo // page_size, (hi + page_size - 1) // page_size
-    return (hi > lo)[:, None] & (col >= first[:, None]) & (col < stop[:, None])
-
-
-def _check_ranges(kv_start: torch.Tensor, kv_end: torch.Tensor, num_req: int,
-                  device: torch.device) -> None:
-    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
-        if not torch.is_tensor(t):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-        if tuple(t.shape) != (num_req,):
-            raise ValueError(f"{name} must have shape [B] = ({num_req},), got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but positions is on {device}")
-    bad = (kv_start < 0) | (kv_end < kv_start)
-    if bool(bad.any()):
-        b = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(
-            f"kv_start[{b}] = {int(kv_start[b])}, kv_end[{b}] = {int(kv_end[b])}: need "
-            f"0 <= kv_start <= kv_end"
-        )
 
 
 def _check_partition(kv_start: torch.Tensor, kv_end: torch.Tensor, seq_lens: torch.Tensor,
@@ -151,7 +81,7 @@ def shard_layout(
     kv_end: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     validate: bool = True,
-) -> ShardLayout:
+) -> SpanLayout:
     """This rank's layout for :func:`span_prefill_cp`, from a serving engine's metadata.
 
     Parameters
@@ -164,43 +94,30 @@ def shard_layout(
         request ``b`` holds positions ``[j*page_size, (j+1)*page_size)``; entries of
         pages outside ``[kv_start[b], kv_end[b])`` are not read and may be -1
     page_size : tokens per page
-    kv_start, kv_end : [B] int32|int64, the positions this rank holds; ``kv_end`` past
-        ``seq_lens`` means "to the end"
+    kv_start, kv_end : [B] int32|int64, the positions this rank holds,
+        ``0 <= kv_start <= kv_end <= seq_lens``
     group : the process group (default: the world)
     validate : check the metadata, and (one all-gather of ``2 * B`` ints, so every
         rank must call this together) that the ranks' ranges partition each request;
-        with False nothing here or in :func:`span_prefill_cp`'s own checks waits on
-        the device (invalid metadata is then undefined behaviour)
+        with False nothing waits on the device (invalid metadata is then undefined
+        behaviour)
 
     Returns
     -------
-    :class:`ShardLayout`
+    :class:`spanfill.SpanLayout` with ``kv_start``/``kv_end`` set: its ``slot_mapping``
+    is -1 for the span tokens this rank does not hold
     """
-    # Type and shape checks, int32 copies, and the slots (those of tokens this rank
-    # does not hold read -1 entries and are replaced below).
-    probe = SpanLayout.from_tensors(positions, query_start_loc, seq_lens, block_table, page_size,
-                                    validate=False)
-    device = probe.device
+    if torch.is_tensor(kv_start) and torch.is_tensor(kv_end) and kv_start.shape == kv_end.shape:
+        # A rank holding nothing of a request gets [0, 0): then no page is asked of it,
+        # wherever the empty range sat (a page there may be -1).
+        empty = kv_end == kv_start
+        kv_start = torch.where(empty, torch.zeros_like(kv_start), kv_start)
+        kv_end = torch.where(empty, torch.zeros_like(kv_end), kv_end)
+    layout = SpanLayout.from_tensors(positions, query_start_loc, seq_lens, block_table, page_size,
+                                     validate=validate, kv_start=kv_start, kv_end=kv_end)
     if validate:
-        _check_ranges(kv_start, kv_end, probe.num_requests, device)
-        # The layout's own checks (sorted positions, table coverage, ...) with the
-        # pages outside this rank's range stood in by page 0: only its pages matter.
-        held = _shard_pages(probe, kv_start, kv_end)
-        SpanLayout.from_tensors(probe.positions, probe.query_start_loc, probe.seq_lens,
-                                torch.where(held, probe.block_table, 0), page_size,
-                                slot_mapping=probe.slot_mapping, validate=True)
-        _check_partition(kv_start, kv_end, probe.seq_lens, group)
-    token = torch.arange(probe.num_tokens, device=device)
-    req = torch.searchsorted(probe.query_start_loc[1:].long(), token, right=True)
-    req = req.clamp(max=max(probe.num_requests - 1, 0))
-    pos = probe.positions.long()
-    owned = (pos >= kv_start.long()[req]) & (pos < kv_end.long()[req])
-    slots = torch.where(owned, probe.slot_mapping, torch.full_like(probe.slot_mapping, -1))
-    layout = SpanLayout.from_tensors(probe.positions, probe.query_start_loc, probe.seq_lens,
-                                     probe.block_table, page_size, slot_mapping=slots,
-                                     validate=False)
-    return ShardLayout(layout, kv_start.to(device=device, dtype=torch.int32).contiguous(),
-                       kv_end.to(device=device, dtype=torch.int32).contiguous(), validate)
+        _check_partition(layout.kv_start, layout.kv_end, layout.seq_lens, group)
+    return layout
 
 
 def row_range(num_tokens: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -218,24 +135,20 @@ def _partial(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     layout: SpanLayout,
-    kv_start: torch.Tensor,
-    kv_end: torch.Tensor,
     causal: bool,
-    sm_scale: float,
+    sm_scale: float | None,
+    backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every span row over the KV positions ``[kv_start[b], kv_end[b])``
-    this rank holds: the one call site of the attention itself.
+    this rank holds (``layout.kv_start``/``kv_end``): the one call site of the attention.
 
     Returns
     -------
     o : [T, Hq, D] q.dtype, 0 on rows that see no key of this shard
     lse : [T, Hq] fp32, natural log, -inf on those rows
     """
-    o, lse = reference.span_prefill(
-        q, k_cache, v_cache, layout.positions, layout.query_start_loc, layout.seq_lens,
-        layout.block_table, causal, sm_scale, kv_start=kv_start, kv_end=kv_end,
-    )
-    return o.to(q.dtype), lse.float()
+    return span_prefill(q, k_cache, v_cache, layout, causal, sm_scale, return_lse=True,
+                        backend=backend)
 
 
 def _gather(out: torch.Tensor, t: torch.Tensor, group) -> dist.Work:
@@ -294,7 +207,7 @@ def span_prefill_cp(
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    shard: ShardLayout,
+    layout: SpanLayout,
     group: dist.ProcessGroup | None = None,
     causal: bool = True,
     sm_scale: float | None = None,
@@ -317,7 +230,7 @@ def span_prefill_cp(
     k_new, v_new : [T, Hk, D] k_cache.dtype, all span tokens' new K/V; this rank writes
         the ones it holds
     k_cache, v_cache : [num_pages, page_size, Hk, D], this rank's page pool (NHD)
-    shard : :class:`ShardLayout` from :func:`shard_layout`
+    layout : this rank's :class:`spanfill.SpanLayout` from :func:`shard_layout`
     group : the process group (default: the world); NCCL for CUDA tensors, gloo for CPU
     causal : row at ``pos`` sees ``[0, pos]`` (default) or ``[0, seq_len)``
     sm_scale : defaults to ``1/sqrt(D)``
@@ -325,7 +238,7 @@ def span_prefill_cp(
     all_rows : return all ``T`` rows (default), or only this rank's rows
         ``row_range(T, rank, world_size)`` (cheaper with "reduce_scatter")
     return_lse : also return the merged log-sum-exp
-    backend : "auto" | "triton" | "reference", for the append and the merge
+    backend : "auto" | "triton" | "reference", for the append, the attention and the merge
 
     Returns
     -------
@@ -334,9 +247,8 @@ def span_prefill_cp(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(shard, ShardLayout):
-        raise TypeError(f"shard must be a ShardLayout (see shard_layout), got {type(shard).__name__}")
-    layout = shard.layout
+    if not isinstance(layout, SpanLayout) or layout.kv_start is None:
+        raise TypeError("layout must be a SpanLayout with kv_start/kv_end: build it with shard_layout")
     if not torch.is_tensor(q) or q.dim() != 3:
         raise ValueError(f"q must be a [T, Hq, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")
     if q.shape[0] != layout.num_tokens:
@@ -348,16 +260,12 @@ def span_prefill_cp(
             f"q has shape {tuple(q.shape)} and k_cache {tuple(k_cache.shape)}: need the same head "
             f"dim and Hq a multiple of Hk"
         )
-    if layout.device != q.device:
-        raise ValueError(f"shard is on {layout.device} but q is on {q.device}")
-    shard.check_pool(k_cache.shape[0])
     append_kv(k_new, v_new, k_cache, v_cache, layout, backend=backend)
     if q.shape[0] == 0:  # T is the same on every rank, so all of them return here
         out = q.new_empty(q.shape)
         return (out, torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)) \
             if return_lse else out
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    o, lse = _partial(q, k_cache, v_cache, layout, shard.kv_start, shard.kv_end, causal, scale)
+    o, lse = _partial(q, k_cache, v_cache, layout, causal, sm_scale, backend)
     if method == "allgather":
         rows = (0, q.shape[0]) if all_rows else \
             row_range(q.shape[0], dist.get_rank(group), dist.get_world_size(group))

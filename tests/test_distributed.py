@@ -138,16 +138,15 @@ def cpu_worker(rank: int, world: int, init_file: str, seeds: list[int]) -> None:
     torch.set_num_threads(1)
     try:
         for seed in seeds:
-            # The first case runs the append and merge kernels (the interpreter on the
-            # CPU); the rest run the reference ops, which the interpreter makes ~5x faster.
+            # The first case runs the append, attention and merge kernels (the
+            # interpreter on the CPU); the rest run the reference ops, which are faster
+            # there.
             backend = "auto" if seed == seeds[0] else "reference"
             case = make_case(seed, world)
             mine = [(c[case["order"][rank]], c[case["order"][rank] + 1]) for c in case["cuts"]]
             table, k_cache, v_cache = build_pool(case, mine, torch.float32, "cpu", seed + rank)
             kv_start = torch.tensor([r[0] for r in mine], dtype=torch.int32)
             kv_end = torch.tensor([r[1] for r in mine], dtype=torch.int32)
-            if seed % 2:  # "to the end" is allowed past seq_len
-                kv_end = torch.where(kv_end == torch.tensor(case["seq_lens"]), kv_end + 7, kv_end)
             shard = shard_layout(case["positions"], case["qsl"], torch.tensor(case["seq_lens"]),
                                  table, case["page_size"], kv_start, kv_end)
             want_k, want_v = expected_cache(case, mine, table, k_cache, v_cache)
@@ -191,11 +190,21 @@ def partition_worker(rank: int, world: int, init_file: str) -> None:
         kv_start = torch.tensor([r[0] for r in mine])
         kv_end = torch.tensor([r[1] for r in mine])
         # Every rank claims all of request 0 (overlap), then none of it (a gap).
+        args = (case["positions"], case["qsl"], torch.tensor(case["seq_lens"]), table,
+                case["page_size"])
         for end0 in (case["seq_lens"][0], 0):
             kv_end[0] = end0
             with pytest.raises(ValueError, match=r"must partition \[0, seq_lens\[0\]"):
-                shard_layout(case["positions"], case["qsl"], torch.tensor(case["seq_lens"]),
-                             table, case["page_size"], kv_start, kv_end)
+                shard_layout(*args, kv_start, kv_end)
+        # A valid partition, and a pool too small for this rank's pages.
+        mine = [(c[case["order"][rank]], c[case["order"][rank] + 1]) for c in case["cuts"]]
+        table, k_cache, v_cache = build_pool(case, mine, torch.float32, "cpu", rank)
+        layout = shard_layout(case["positions"], case["qsl"], torch.tensor(case["seq_lens"]),
+                              table, case["page_size"], torch.tensor([r[0] for r in mine]),
+                              torch.tensor([r[1] for r in mine]))
+        with pytest.raises(ValueError, match="is not a page of the pool"):
+            span_prefill_cp(case["q"], case["k_new"], case["v_new"], k_cache[:1], v_cache[:1],
+                            layout)
     finally:
         dist.destroy_process_group()
 
@@ -211,21 +220,23 @@ def test_bad_arguments_name_themselves():
                                          "cpu", 0)
     start = torch.zeros(len(case["seq_lens"]), dtype=torch.int32)
     args = (case["positions"], case["qsl"], seq_lens, table, case["page_size"])
-    with pytest.raises(TypeError, match="kv_start must be int32 or int64"):
-        shard_layout(*args, start.float(), seq_lens, validate=True)
-    with pytest.raises(ValueError, match="kv_end must have shape"):
-        shard_layout(*args, start, seq_lens[:1], validate=True)
-    with pytest.raises(ValueError, match=r"kv_start\[0\] = 3, kv_end\[0\] = 2"):
-        shard_layout(*args, start + 3, start + 2, validate=True)
+    # These checks run before the partition check, so one process can see them.
+    with pytest.raises(ValueError, match="kv_start must be an int32/int64 tensor"):
+        shard_layout(*args, start.float(), seq_lens)
+    with pytest.raises(ValueError, match="kv_end must be an int32/int64 tensor of shape"):
+        shard_layout(*args, start, seq_lens[:1])
+    with pytest.raises(ValueError, match=r"kv_start\[0\]=3, kv_end\[0\]=2"):
+        shard_layout(*args, start + 3, start + 2)
     shard = shard_layout(*args, start, seq_lens, validate=False)
-    shard.validated = True  # the partition check needs a process group; the pool check not
+    with pytest.raises(TypeError, match="build it with shard_layout"):
+        span_prefill_cp(case["q"], case["k_new"], case["v_new"], k_cache, v_cache,
+                        sf.SpanLayout.build(case["spans"], case["seq_lens"], table,
+                                            case["page_size"]))
     with pytest.raises(ValueError, match="method must be one of"):
         span_prefill_cp(case["q"], case["k_new"], case["v_new"], k_cache, v_cache, shard,
                         method="ring")
     with pytest.raises(ValueError, match="rows but the layout has"):
         span_prefill_cp(case["q"][1:], case["k_new"], case["v_new"], k_cache, v_cache, shard)
-    with pytest.raises(ValueError, match="is not a page of this rank's pool"):
-        span_prefill_cp(case["q"], case["k_new"], case["v_new"], k_cache[:1], v_cache[:1], shard)
 
 
 # ------------------------------------------------------------------ GPUs
