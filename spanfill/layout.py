@@ -513,7 +513,9 @@ def _pages_in_use(seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: 
     col = torch.arange(block_table.shape[1], device=block_table.device)
     needed = col[None, :] < pages_end[:, None]
     if kv_start is not None:
-        needed &= col[None, :] >= (kv_start.long() // page_size)[:, None]
+        # An empty window [s, s) needs no page, even when s sits inside one.
+        needed &= (col[None, :] >= (kv_start.long() // page_size)[:, None]) \
+            & (end > kv_start.long())[:, None]
     return needed
 
 

@@ -131,3 +131,11 @@ def test_bad_variant_arguments():
                                    layout.block_table, 16,
                                    kv_start=torch.tensor([100, 0, 0], device=DEVICE),
                                    kv_end=torch.tensor([50, 77, 1], device=DEVICE))
+
+
+def test_empty_shard_inside_a_page_needs_no_page():
+    i = lambda *v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    table = torch.full((1, 2), -1, dtype=torch.int32, device=DEVICE)
+    shard = sf.SpanLayout.from_tensors(i(), i(0, 0), i(20), table, 16, kv_start=i(3), kv_end=i(3))
+    shard.check_pool(4)
+    assert shard.num_tokens == 0
