@@ -17,24 +17,9 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .ops import resolve_backend
+from .ops import _check_tensor as _check_o, resolve_backend
 
 __all__ = ["merge_states", "merge_states_n"]
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_o(name: str, o: object, ndim: int) -> torch.Tensor:
-    if not torch.is_tensor(o):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(o).__name__}")
-    if o.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {o.dtype}")
-    if o.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(o.shape)}")
-    if o.numel() > 0 and o.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {o.stride()}")
-    return o
-
 
 def _check_lse(name: str, lse: object, o_name: str, o: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(lse):
