@@ -139,3 +139,17 @@ def test_empty_shard_inside_a_page_needs_no_page():
     shard = sf.SpanLayout.from_tensors(i(), i(0, 0), i(20), table, 16, kv_start=i(3), kv_end=i(3))
     shard.check_pool(4)
     assert shard.num_tokens == 0
+
+
+def test_bad_variant_arguments_padded_varlen_and_shard_shapes():
+    q = torch.randn(2, 8, 2, 32, dtype=DTYPE, device=DEVICE)
+    valid = torch.tensor([8, 3], device=DEVICE)
+    with pytest.raises(ValueError, match="window_left"):
+        sf.padded_prefill(q, q, q, valid, window_left=1.5)
+    with pytest.raises(ValueError, match="logits_soft_cap"):
+        sf.varlen_prefill(q[0], q[0], q[0], torch.tensor([0, 8], device=DEVICE),
+                          logits_soft_cap=float("inf"))
+    layout, *_ = _span_case(2)
+    with pytest.raises(ValueError, match="kv_end must be an int32/int64 tensor"):
+        sf.SpanLayout.from_tensors(layout.positions, layout.query_start_loc, layout.seq_lens,
+                                   layout.block_table, 16, kv_end=torch.tensor([1, 2], device=DEVICE))
