@@ -69,7 +69,8 @@ def row_subset(rng: np.random.Generator, n: int, heads: int, kv_len: int) -> np.
 
 
 def segmented_checker(w: SegmentedWorkload, t: SegmentedTensors, seed: int = 0) -> Checker:
-    """Reference at a random subset of span rows of every request."""
+    """Reference at a random subset of span rows of every request (under the
+    workload's sliding window, if it has one)."""
     rng = np.random.default_rng(seed)
     qsl = t.layout.query_start_loc.tolist()
     positions = t.layout.positions
@@ -82,7 +83,8 @@ def segmented_checker(w: SegmentedWorkload, t: SegmentedTensors, seed: int = 0) 
         local = torch.from_numpy(row_subset(rng, n, w.num_q_heads, w.seq_lens[b])).to(t.q.device)
         idx = local + qsl[b]
         k, v = t.dense_kv(b)
-        o, _ = reference.attend(t.q[idx], k, v, positions[idx], True, scale)
+        o, _ = reference.attend(t.q[idx], k, v, positions[idx], True, scale,
+                                window_left=getattr(w, "window_left", -1))
         rows.append(idx)
         outs.append(o)
     return Checker(torch.cat(rows), torch.cat(outs))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from spanfill import reference
 
 from .check import packed_valid_index, relerr, row_subset
-from .providers_base import Prepared, spanfill_backend
+from .providers_base import Prepared, Unsupported, spanfill_backend, window_of
 from .providers_spanfill import (
     spanfill_nopad,
     spanfill_padded,
@@ -32,7 +32,7 @@ from .providers_spanfill import (
 )
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
-__all__ = ["Prepared", "spanfill_backend", "spanfill_segmented", "spanfill_padded", "SEGMENTED",
+__all__ = ["Prepared", "Unsupported", "spanfill_backend", "spanfill_segmented", "spanfill_padded", "SEGMENTED",
            "PADDED", "CEILINGS", "FLASHINFER", "SWEEP_PROVIDERS", "SMOKE_SKIP"]
 
 
@@ -85,6 +85,9 @@ def _dense_ceiling(backend: str) -> Callable[[SegmentedWorkload, SegmentedTensor
         """Dense causal SDPA 1 x Hq x n x D (n = the prompt length) on one backend."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        if window_of(w) >= 0:
+            raise Unsupported("dense causal ceiling has no sliding window: not comparable")
+
         device, n, hq, d = t.q.device, max(w.seq_lens), w.num_q_heads, w.head_dim
         gen = torch.Generator(device=device)
         gen.manual_seed(w.seed + 7)
@@ -110,10 +113,22 @@ def _dense_ceiling(backend: str) -> Callable[[SegmentedWorkload, SegmentedTensor
     return provider
 
 
+def _window_mask(start: int, stop: int, lo: int, window: int,
+                 device: torch.device) -> torch.Tensor:
+    """[stop - start, stop - lo] bool: query at ``start + i`` sees key ``lo + j`` iff
+    ``q_pos - window <= kv_pos <= q_pos``."""
+    q_pos = torch.arange(start, stop, device=device)[:, None]
+    kv_pos = torch.arange(lo, stop, device=device)[None, :]
+    return (kv_pos <= q_pos) & (q_pos - kv_pos <= window)
+
+
 def sdpa_per_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
-    """One SDPA call per span over KV [0, stop), bottom-right causal mask."""
+    """One SDPA call per span over KV [0, stop), bottom-right causal mask; with a
+    sliding window, over the window's keys [max(0, start - window_left), stop) only,
+    with an explicit boolean mask."""
     from torch.nn.attention.bias import causal_lower_right
 
+    window = window_of(w)
     calls = []
     for b, (r0, r1) in enumerate(_request_rows(t)):
         if r1 == r0:
@@ -123,8 +138,13 @@ def sdpa_per_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
         offset = 0
         for start, stop in w.spans[b]:
             n = stop - start
-            calls.append((qh[:, :, offset:offset + n], kh[:, :, :stop], vh[:, :, :stop],
-                          causal_lower_right(n, stop)))
+            if window >= 0:
+                lo = max(0, start - window)
+                mask = _window_mask(start, stop, lo, window, t.q.device)
+            else:
+                lo, mask = 0, causal_lower_right(n, stop)
+            calls.append((qh[:, :, offset:offset + n], kh[:, :, lo:stop], vh[:, :, lo:stop],
+                          mask))
             offset += n
 
     def run() -> list[torch.Tensor]:
@@ -133,17 +153,26 @@ def sdpa_per_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     def output() -> torch.Tensor:
         return torch.cat([o[0].transpose(0, 1) for o in run()], 0)
 
-    return Prepared(run, output, note=f"{len(calls)} SDPA calls; KV gathered once, untimed")
+    note = f"{len(calls)} SDPA calls; KV gathered once, untimed"
+    if window >= 0:
+        note += "; window's keys only, boolean mask (built once, untimed)"
+    return Prepared(run, output, note=note)
 
 
 def sdpa_dense_mask(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     """One SDPA call per request with a dense [T_b, seq_len] boolean mask."""
     positions = t.layout.positions.long()
     rows = [(b, r0, r1) for b, (r0, r1) in enumerate(_request_rows(t)) if r1 > r0]
+    window = window_of(w)
+
+    def mask_of(b: int, r0: int, r1: int) -> torch.Tensor:
+        key = torch.arange(w.seq_lens[b], device=t.q.device)[None, :]
+        pos = positions[r0:r1, None]
+        mask = key <= pos
+        return mask & (pos - key <= window) if window >= 0 else mask
 
     def plan() -> list[torch.Tensor]:
-        return [torch.arange(w.seq_lens[b], device=t.q.device)[None, :] <= positions[r0:r1, None]
-                for b, r0, r1 in rows]
+        return [mask_of(b, r0, r1) for b, r0, r1 in rows]
 
     calls = [(_heads_first(t.q[r0:r1]), *_sdpa_kv(t, b, w.num_q_heads), mask)
              for (b, r0, r1), mask in zip(rows, plan())]
@@ -154,11 +183,17 @@ def sdpa_dense_mask(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     def output() -> torch.Tensor:
         return torch.cat([o[0].transpose(0, 1) for o in run()], 0)
 
-    return Prepared(run, output, plan, note="plan = building the dense masks")
+    note = "plan = building the dense masks"
+    if window >= 0:
+        note += f"; mask incl. q_pos - kv_pos <= {window}"
+    return Prepared(run, output, plan, note=note)
 
 
 def full_recompute(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     """Dense causal SDPA over each whole prompt (the span rows carry the span q)."""
+    if window_of(w) >= 0:
+        raise Unsupported("is_causal dense SDPA has no sliding window (a dense mask is "
+                          "sdpa_dense_mask's row)")
     gen = torch.Generator(device=t.q.device)
     gen.manual_seed(w.seed + 11)
     calls, picks = [], []
@@ -199,8 +234,16 @@ def flex_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
         kf[b, :, :k.shape[0]] = k.transpose(0, 1)
         vf[b, :, :v.shape[0]] = v.transpose(0, 1)
 
-    def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's signature
+    window = window_of(w)
+
+    def causal_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's signature
         return kv_idx <= pos[b, q_idx]
+
+    def window_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 - FlexAttention's signature
+        q_pos = pos[b, q_idx]
+        return (kv_idx <= q_pos) & (q_pos - kv_idx <= window)
+
+    mask_mod = window_mod if window >= 0 else causal_mod
 
     def plan() -> object:
         return create_block_mask(mask_mod, num_req, None, lq, lkv, device=device)
@@ -215,7 +258,10 @@ def flex_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
         o = run()
         return torch.cat([o[b, :, :r1 - r0].transpose(0, 1) for b, (r0, r1) in enumerate(rows)], 0)
 
-    return Prepared(run, output, plan, note=f"{how}; plan = create_block_mask")
+    note = f"{how}; plan = create_block_mask"
+    if window >= 0:
+        note += f"; mask_mod with q_pos - kv_pos <= {window}"
+    return Prepared(run, output, plan, note=note)
 
 
 # ----------------------------------------------------------------------------- padded

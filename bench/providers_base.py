@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Prepared", "spanfill_backend"]
+__all__ = ["Prepared", "Unsupported", "spanfill_backend", "window_of"]
 
 
 @dataclass
@@ -41,3 +41,13 @@ def spanfill_backend(device: torch.device) -> str | None:
     """spanfill's own choice on a GPU; the reference on a CPU, even under
     ``TRITON_INTERPRET=1`` (the smoke run tests the suite, not the kernels)."""
     return None if device.type == "cuda" else "reference"
+
+
+class Unsupported(Exception):
+    """Raised by a provider that cannot compute this workload (e.g. a sliding window):
+    the runner writes a ``skipped`` row with the message as its note, not an error."""
+
+
+def window_of(w: object) -> int:
+    """The workload's ``window_left`` (-1: none, also for workloads without the field)."""
+    return int(getattr(w, "window_left", -1))

@@ -10,6 +10,13 @@ causal mask in batch prefill is bottom-right aligned: row ``i`` of an entry with
   ``[T_b, seq_len]`` mask ``key <= position`` (packed by ``plan``).
 
 ``plan`` (FlashInfer's per-layout scheduling, host side) is timed separately.
+
+Sliding window (``window_left >= 0``): ``span_entries`` passes ``window_left`` to
+``plan`` (FlashInfer's window is relative to the bottom-right aligned diagonal, which
+is the span row's position here, since each entry's KV starts at position 0).
+``custom_mask`` puts the window into its mask instead: its rows are not contiguous
+positions, so FlashInfer's own window (relative to ``i + kv_len - qo_len``) would be
+wrong there.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .providers_base import Prepared
+from .providers_base import Prepared, window_of
 from .workloads import SegmentedTensors, SegmentedWorkload
 
 __all__ = ["available", "span_entries", "custom_mask"]
@@ -89,20 +96,30 @@ def span_entries(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
             lens.append(stop - start)
             kv_lens.append((b, stop))
     qo_indptr = _i32(np.concatenate([[0], np.cumsum(lens)]), t.q.device)
-    return _prepared(w, t, qo_indptr, _entries(w, t, kv_lens),
-                     f"{len(lens)} batch entries; plan = wrapper.plan", causal=True)
+    window = window_of(w)
+    extra = {"window_left": window} if window >= 0 else {}
+    note = f"{len(lens)} batch entries; plan = wrapper.plan"
+    if window >= 0:
+        note += f"; plan(window_left={window})"
+    return _prepared(w, t, qo_indptr, _entries(w, t, kv_lens), note, causal=True, **extra)
 
 
 def custom_mask(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     """One FlashInfer batch entry per request over its whole KV, dense custom mask."""
     positions = t.layout.positions.long()
     qsl = t.layout.query_start_loc.tolist()
+    window = window_of(w)
     masks = []
     for b, seq_len in enumerate(w.seq_lens):
-        key = torch.arange(seq_len, device=t.q.device)
-        masks.append((key[None, :] <= positions[qsl[b]:qsl[b + 1], None]).reshape(-1))
+        key = torch.arange(seq_len, device=t.q.device)[None, :]
+        pos = positions[qsl[b]:qsl[b + 1], None]
+        mask = key <= pos
+        if window >= 0:
+            mask = mask & (pos - key <= window)
+        masks.append(mask.reshape(-1))
     mask = torch.cat(masks)
     kv = _entries(w, t, list(enumerate(w.seq_lens)))
-    return _prepared(w, t, t.layout.query_start_loc, kv,
-                     "one entry per request; plan = wrapper.plan incl. mask packing",
-                     custom_mask=mask)
+    note = "one entry per request; plan = wrapper.plan incl. mask packing"
+    if window >= 0:
+        note += "; window in the custom mask"
+    return _prepared(w, t, t.layout.query_start_loc, kv, note, custom_mask=mask)

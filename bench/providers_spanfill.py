@@ -17,7 +17,7 @@ import torch
 import spanfill as sf
 
 from .check import packed_valid_index
-from .providers_base import Prepared, spanfill_backend
+from .providers_base import Prepared, spanfill_backend, window_of
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
 __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_nopad",
@@ -43,9 +43,12 @@ def spanfill_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     """sf.span_prefill on the prebuilt layout; plan = from_tensors(validate=False) + tile_plan."""
     layout = t.layout
     backend = spanfill_backend(t.q.device)
+    window = window_of(w)
+    # Only passed when on, so the unwindowed rows call exactly what they always did.
+    extra = {"window_left": window} if window >= 0 else {}
 
     def run() -> torch.Tensor:
-        return sf.span_prefill(t.q, t.k_cache, t.v_cache, layout, backend=backend)
+        return sf.span_prefill(t.q, t.k_cache, t.v_cache, layout, backend=backend, **extra)
 
     run()
     group = w.num_q_heads // w.num_kv_heads
@@ -59,7 +62,10 @@ def spanfill_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
         )
         return fresh.tile_plan(*key)
 
-    return Prepared(run, run, plan, note=f"prebuilt SpanLayout; plan block_q={key[0]}")
+    note = f"prebuilt SpanLayout; plan block_q={key[0]}"
+    if window >= 0:
+        note += f"; window_left={window}"
+    return Prepared(run, run, plan, note=note)
 
 
 def spanfill_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:

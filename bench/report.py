@@ -19,6 +19,10 @@ __all__ = ["COLUMNS", "markdown", "targets", "write_plots", "read_csv", "main"]
 COLUMNS = ["kernel", "provider", "workload", "x", "metric", "unit", "p50", "p20", "p80",
            "tflops", "gpu", "torch", "triton", "commit", "date", "note"]
 CEILINGS = ("sdpa_cudnn_dense", "sdpa_flash_dense")
+# The workloads BENCHMARKS.md sets targets for; any other core row (few_big_swa, the
+# sliding-window row) is informational: in the tables, labelled, never in the targets.
+TARGET_WORKLOADS = ("few_big", "many_small", "scatter15", "long_32k", "bert_base_512",
+                    "enc_2k_d128")
 ATTENTION_KERNELS = ("span_prefill", "padded_prefill")
 
 Row = dict[str, object]
@@ -64,6 +68,8 @@ def _cell(metrics: dict[str, Row]) -> str:
         return f"check FAIL ({_f(check['p50']):.2g})"
     if "error" in metrics:
         return "error"
+    if "skipped" in metrics:
+        return "skipped"
     return "-"
 
 
@@ -80,7 +86,8 @@ def _kernel_table(index: "OrderedDict[tuple[str, str], dict[str, Row]]") -> list
                   "|---|" + "---|" * len(provs)]
         for w in ws:
             cells = [_cell(index.get((w, p), {})) for p in provs]
-            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+            label = w if w in TARGET_WORKLOADS else f"{w} (info)"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -106,7 +113,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
         out.append((name, workload, shown, goal, "n/a" if ok is None or value is None else
                     ("yes" if ok else "NO")))
 
-    workloads = list(OrderedDict.fromkeys(w for w, _ in index))
+    workloads = [w for w in OrderedDict.fromkeys(w for w, _ in index) if w in TARGET_WORKLOADS]
     for w in workloads:
         provs = [p for (w2, p) in index if w2 == w]
         kernel = next(iter(index[(w, provs[0])].values())).get("kernel")
@@ -203,6 +210,12 @@ def markdown(rows: list[Row]) -> str:
         lines += ["### Targets (BENCHMARKS.md, same run)", "",
                   "| target | workload | measured | goal | met |", "|---|---|---|---|---|"]
         lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in goals]
+        lines.append("")
+    skipped = [r for r in rows if r.get("metric") == "skipped"]
+    if skipped:
+        lines += ["### Skipped (provider cannot compute the workload)", ""]
+        lines += [f"- {r.get('workload')} / {r.get('provider')}: {r.get('note')}"
+                  for r in skipped]
         lines.append("")
     errors = [r for r in rows if r.get("metric") == "error"
               or (r.get("metric") == "check_relerr" and "FAIL" in str(r.get("note", "")))]

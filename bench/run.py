@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from . import providers as prov
+from .providers_base import Unsupported
 from .check import padded_checker, segmented_checker, tolerance
 from .micro import micro_rows
 from .report import COLUMNS, markdown, write_plots
@@ -107,6 +108,13 @@ def _error_row(sink: Sink, base: Row, provider: str, exc: BaseException) -> None
     _say(f"[error] {base.get('workload')} / {provider}: {msg}")
 
 
+def _skipped_row(sink: Sink, base: Row, provider: str, exc: Unsupported) -> None:
+    """A provider that cannot compute this workload: a ``skipped`` row, not an error."""
+    msg = f"skipped: {exc}".replace("\n", " ")[:400]
+    sink.write({**base, "provider": provider, "metric": "skipped", "note": msg})
+    _say(f"[skip] {base.get('workload')} / {provider}: {exc}")
+
+
 def _release(device: torch.device, collect: bool = True) -> None:
     """Give a finished run's GPU memory back (nothing to do on a CPU)."""
     if device.type != "cuda":
@@ -121,6 +129,9 @@ def run_provider(name: str, fn: Callable, w: Workload, tensors: object, checker:
                  timing: dict) -> None:
     """Prepare, check, then time one provider; every failure becomes a row."""
     prep = fn(w, tensors)
+    window = int(getattr(w, "window_left", -1))
+    if window >= 0 and f"window_left={window}" not in prep.note:
+        prep.note = f"{prep.note}; window_left={window}" if prep.note else f"window_left={window}"
     t0 = time.perf_counter()
     err = prep.own_check() if prep.own_check is not None else checker(prep.output())
     if device.type == "cuda":
@@ -171,6 +182,8 @@ def run_workload(w: Workload, names: list[str], sink: Sink, device: torch.device
         try:
             run_provider(name, registry[name], w, tensors, checker, base, sink, device, dtype,
                          timing)
+        except Unsupported as exc:
+            _skipped_row(sink, base, name, exc)
         except Exception as exc:
             _error_row(sink, base, name, exc)
             del exc

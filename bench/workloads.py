@@ -7,6 +7,7 @@ tensors, so every provider sees identical inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -140,6 +141,8 @@ class SegmentedWorkload:
     num_q_heads, num_kv_heads, head_dim, page_size : shapes
     seed : seeds the tensors and the page shuffle
     x : the swept value (None for the core suite)
+    window_left : sliding window (FlashInfer's convention): a row at ``pos`` sees keys
+        ``[pos - window_left, pos]``; -1 = no window
     """
 
     name: str
@@ -151,6 +154,7 @@ class SegmentedWorkload:
     page_size: int = 16
     seed: int = 0
     x: float | None = None
+    window_left: int = -1
     kind: str = field(default="segmented", init=False)
 
     @property
@@ -168,14 +172,23 @@ class SegmentedWorkload:
         return int(self.positions.shape[0])
 
     @property
+    def windowed(self) -> bool:
+        return self.window_left >= 0
+
+    @property
     def flops(self) -> float:
-        """``4 * Hq * D * sum over span tokens of (position + 1)``."""
-        return 4.0 * self.num_q_heads * self.head_dim * float((self.positions + 1).sum())
+        """``4 * Hq * D * sum over span tokens of (keys seen)``: ``position + 1``, or
+        ``min(position + 1, window_left + 1)`` with a sliding window."""
+        seen = self.positions + 1
+        if self.windowed:
+            seen = np.minimum(seen, self.window_left + 1)
+        return 4.0 * self.num_q_heads * self.head_dim * float(seen.sum())
 
     def describe(self) -> str:
+        window = f" window_left={self.window_left}" if self.windowed else ""
         return (f"B={len(self.seq_lens)} seq={max(self.seq_lens)} spans={self.num_spans} "
                 f"tokens={self.num_tokens} Hq={self.num_q_heads} Hk={self.num_kv_heads} "
-                f"D={self.head_dim} page={self.page_size}")
+                f"D={self.head_dim} page={self.page_size}{window}")
 
     def make(self, device: torch.device | str, dtype: torch.dtype) -> SegmentedTensors:
         """Tensors on ``device``: q and new K/V of the span tokens, a shuffled page pool
@@ -292,24 +305,39 @@ def padded_fill(name: str, batch: int, seq_len: int, fill: float, num_heads: int
     return padded_uniform(name, batch, seq_len, num_heads, head_dim, low, high, seed, x=fill)
 
 
+# Informational rows beyond BENCHMARKS.md's six (no targets): sliding window.
+SWA_WINDOW_LEFT = 4095       # Mistral / Gemma-2 style 4k window
+SWA_WINDOW_LEFT_SMALL = 47   # the smoke version's window (prompts of 256 tokens)
+
+
+def with_window(w: SegmentedWorkload, name: str, window_left: int) -> SegmentedWorkload:
+    """``w``'s shapes, spans and seed under a causal sliding window."""
+    return dataclasses.replace(w, name=name, window_left=window_left)
+
+
 def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload | PaddedWorkload]:
-    """The six workloads of BENCHMARKS.md; ``small`` gives tiny CPU-sized versions with
-    the same names and the same placement rules."""
+    """The six workloads of BENCHMARKS.md plus ``few_big_swa`` (few_big under a sliding
+    window, informational); ``small`` gives tiny CPU-sized versions with the same names
+    and the same placement rules."""
     if small:
         seg = dict(num_q_heads=4, num_kv_heads=2, head_dim=32, page_size=4)
+        few_big = segmented_uniform("few_big", 2, 256, 4, 16, seed, **seg)
         return [
-            segmented_uniform("few_big", 2, 256, 4, 16, seed, **seg),
+            few_big,
             segmented_uniform("many_small", 2, 512, 16, 4, seed, **seg),
             segmented_scatter("scatter15", 2, 512, seed=seed, **seg),
             segmented_uniform("long_32k", 1, 1024, 8, 16, seed, **seg),
+            with_window(few_big, "few_big_swa", SWA_WINDOW_LEFT_SMALL),
             padded_uniform("bert_base_512", 4, 32, 2, 32, seed=seed),
             padded_uniform("enc_2k_d128", 2, 64, 2, 32, seed=seed),
         ]
+    few_big = segmented_uniform("few_big", 2, 8192, 4, 512, seed)
     return [
-        segmented_uniform("few_big", 2, 8192, 4, 512, seed),
+        few_big,
         segmented_uniform("many_small", 2, 8192, 64, 16, seed),
         segmented_scatter("scatter15", 2, 8192, seed=seed),
         segmented_uniform("long_32k", 1, 32768, 32, 64, seed),
+        with_window(few_big, "few_big_swa", SWA_WINDOW_LEFT),
         padded_uniform("bert_base_512", 64, 512, 12, 64, seed=seed),
         padded_uniform("enc_2k_d128", 16, 2048, 16, 128, seed=seed),
     ]

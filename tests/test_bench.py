@@ -173,6 +173,15 @@ def test_smoke_run_writes_csv_plots_and_table(tmp_path: Path, monkeypatch: pytes
     for w in ("bert_base_512", "enc_2k_d128"):
         for p in ("spanfill", "spanfill_nopad", "sdpa_dense_mask", "sdpa_nomask", "flex"):
             assert (w, p) in timed, (w, p)
+    for p in ("spanfill", "flex", "sdpa_per_span", "sdpa_dense_mask"):
+        assert ("few_big_swa", p) in timed, p
+    swa_checks = {r["provider"]: r for r in checks if r["workload"] == "few_big_swa"}
+    assert {"spanfill", "flex", "sdpa_per_span", "sdpa_dense_mask"} <= set(swa_checks)
+    assert all(r["note"].startswith("pass") and "window_left=" in r["note"]
+               for r in swa_checks.values()), swa_checks
+    skipped = [r for r in rows if r["metric"] == "skipped"]
+    assert {(r["workload"], r["provider"]) for r in skipped} == {("few_big_swa", "full_recompute")}
+    assert all("sliding window" in r["note"] for r in skipped)
     errors = [r for r in rows if r["metric"] == "error"]
     assert {r["provider"] for r in errors} == {"broken"}, errors
     assert all("provider exploded" in r["note"] for r in errors)
@@ -185,7 +194,35 @@ def test_smoke_run_writes_csv_plots_and_table(tmp_path: Path, monkeypatch: pytes
     assert len(list(tmp_path.glob("*.png"))) == 1 + 8
     printed = capsys.readouterr().out
     assert "| few_big |" in printed and "Targets" in printed
+    assert "| few_big_swa (info) |" in printed and "Skipped" in printed
+    assert not any(g[1] == "few_big_swa" for g in targets(rows)), "informational: no targets"
     goals = {(g[0].split(" (")[0], g[1]) for g in targets(rows)}
     assert ("vs FlexAttention kernel alone", "scatter15") in goals
     assert ("padded time / same batch without padding", "bert_base_512") in goals
     assert "sweep:span_len" in markdown(rows)
+
+
+def test_sliding_window_workload() -> None:
+    few_big, swa = CORE["few_big"], CORE["few_big_swa"]
+    assert swa.window_left == 4095 and few_big.window_left == -1
+    assert (swa.spans, swa.seq_lens, swa.seed) == (few_big.spans, few_big.seq_lens, few_big.seed)
+    seen = np.minimum(swa.positions + 1, 4096)
+    assert swa.flops == 4 * 32 * 128 * float(seen.sum())
+    assert swa.flops < few_big.flops
+    small = {w.name: w for w in core_workloads(small=True)}["few_big_swa"]
+    assert 0 <= small.window_left < max(small.positions), "the smoke window must bite"
+
+
+def test_sliding_window_check_and_providers() -> None:
+    w = {w.name: w for w in core_workloads(small=True)}["few_big_swa"]
+    t = w.make("cpu", torch.float32)
+    check = segmented_checker(w, t)
+    assert check(prov.spanfill_segmented(w, t).output()) < 1e-5
+    # The unwindowed answer must fail the windowed check: the window really is exercised.
+    plain = {x.name: x for x in core_workloads(small=True)}["few_big"]
+    assert check(prov.spanfill_segmented(plain, t).output()) > 1e-3
+    for name in ("sdpa_per_span", "sdpa_dense_mask", "flex"):
+        assert check(prov.SEGMENTED[name](w, t).output()) < 1e-4, name
+    for name in ("full_recompute", "sdpa_cudnn_dense", "sdpa_flash_dense"):
+        with pytest.raises(prov.Unsupported):
+            prov.SEGMENTED[name](w, t)
