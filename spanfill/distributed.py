@@ -107,12 +107,6 @@ def shard_layout(
     :class:`spanfill.SpanLayout` with ``kv_start``/``kv_end`` set: its ``slot_mapping``
     is -1 for the span tokens this rank does not hold
     """
-    if torch.is_tensor(kv_start) and torch.is_tensor(kv_end) and kv_start.shape == kv_end.shape:
-        # A rank holding nothing of a request gets [0, 0): then no page is asked of it,
-        # wherever the empty range sat (a page there may be -1).
-        empty = kv_end == kv_start
-        kv_start = torch.where(empty, torch.zeros_like(kv_start), kv_start)
-        kv_end = torch.where(empty, torch.zeros_like(kv_end), kv_end)
     layout = SpanLayout.from_tensors(positions, query_start_loc, seq_lens, block_table, page_size,
                                      validate=validate, kv_start=kv_start, kv_end=kv_end)
     if validate:
