@@ -11,6 +11,8 @@ never visited.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,18 +21,17 @@ from .configs import AttentionConfig
 
 
 @triton.jit
-def _load_kv_tile(
-    base, kv_pos, kv_in, req, hk, offs_d, d_in, kv_row0, block_table, stride_bt,
-    stride_page, stride_row, stride_head, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+def _kv_row_offsets(
+    kv_pos, kv_in, req, kv_row0, block_table, stride_bt, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, MASK_N: tl.constexpr,
 ):
-    """K or V rows at ``kv_pos``, as ``[BLOCK_N, BLOCK_D]``; zero outside ``kv_in``.
+    """Where KV positions ``kv_pos`` live: ``(page, slot)`` for paged KV, else the row.
 
-    ``MASK_N`` / ``EVEN_D`` False drop the row / column masks, so the loads of the
-    unmasked KV tiles stay full-width vector loads. ``PAGE_SIZE`` is a compile-time
-    constant so the page arithmetic is shifts, not integer division (measured on
-    the H100: page_size 1, which Triton specialises by itself, ran 15% faster than
-    a run-time page_size of 16).
+    Computed once per KV tile and shared by the K and V loads, so the block table
+    is read once per tile, not twice. ``PAGE_SIZE`` is a compile-time constant so
+    the page arithmetic is shifts, not integer division (measured on the H100:
+    page_size 1, which Triton specialises by itself, ran 15% faster than a
+    run-time page_size of 16).
     """
     if PAGED:
         if MASK_N:
@@ -38,9 +39,24 @@ def _load_kv_tile(
                            other=0)
         else:
             page = tl.load(block_table + req * stride_bt + kv_pos // PAGE_SIZE)
-        row = page.to(tl.int64) * stride_page + (kv_pos % PAGE_SIZE).to(tl.int64) * stride_row
+        return page.to(tl.int64), (kv_pos % PAGE_SIZE).to(tl.int64)
+    return (kv_row0 + kv_pos).to(tl.int64), kv_pos.to(tl.int64) * 0
+
+
+@triton.jit
+def _load_kv_tile(
+    base, page, slot, kv_in, hk, offs_d, d_in, stride_page, stride_row, stride_head,
+    PAGED: tl.constexpr, MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """K or V rows at ``(page, slot)`` (or dense row ``page``), as ``[BLOCK_N, BLOCK_D]``.
+
+    Zero outside ``kv_in``. ``MASK_N`` / ``EVEN_D`` False drop the row / column
+    masks, so the loads of the unmasked KV tiles stay full-width vector loads.
+    """
+    if PAGED:
+        row = page * stride_page + slot * stride_row
     else:
-        row = (kv_row0 + kv_pos).to(tl.int64) * stride_row
+        row = page * stride_row
     ptrs = base + row[:, None] + hk * stride_head + offs_d[None, :]
     if MASK_N:
         if EVEN_D:
@@ -58,7 +74,7 @@ def _attend_kv_tile(
     stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale, window_left,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
-    IEEE_DOT: tl.constexpr,
+    IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One online-softmax step over the KV positions ``start_n + offs_n``.
 
@@ -67,10 +83,23 @@ def _attend_kv_tile(
     """
     kv_pos = start_n + offs_n
     kv_in = (kv_pos >= kv_lo) & (kv_pos < kv_hi)
-    k = _load_kv_tile(K, kv_pos, kv_in, req, hk, offs_d, d_in, kv_row0, block_table, stride_bt,
-                      stride_kpage, stride_krow, stride_kh, PAGE_SIZE, PAGED, MASKED, EVEN_D)
-    v = _load_kv_tile(V, kv_pos, kv_in, req, hk, offs_d, d_in, kv_row0, block_table, stride_bt,
-                      stride_vpage, stride_vrow, stride_vh, PAGE_SIZE, PAGED, MASKED, EVEN_D)
+    if USE_TMA:
+        # Dense KV through tensor descriptors (the copy engine): whole rows of the
+        # [rows, Hk * D] view; rows past kv_hi belong to padding or the next
+        # request, so V is zeroed there (p = 0 times a NaN would still be NaN).
+        tma_row = (kv_row0 + start_n).to(tl.int32)
+        tma_col = (hk * BLOCK_D).to(tl.int32)
+        k = K.load([tma_row, tma_col])
+        v = V.load([tma_row, tma_col])
+        if MASKED:
+            v = tl.where(kv_in[:, None], v, 0.0)
+    else:
+        page, slot = _kv_row_offsets(kv_pos, kv_in, req, kv_row0, block_table, stride_bt,
+                                     PAGE_SIZE, PAGED, MASKED)
+        k = _load_kv_tile(K, page, slot, kv_in, hk, offs_d, d_in, stride_kpage, stride_krow,
+                          stride_kh, PAGED, MASKED, EVEN_D)
+        v = _load_kv_tile(V, page, slot, kv_in, hk, offs_d, d_in, stride_vpage, stride_vrow,
+                          stride_vh, PAGED, MASKED, EVEN_D)
     if IEEE_DOT:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -79,9 +108,7 @@ def _attend_kv_tile(
         # cap * tanh(s / cap) with tanh(x) = 1 - 2 / (exp(2x) + 1): no libdevice
         # call, so the interpreter runs it too; saturates cleanly at +-1.
         x = qk * cap_scale
-        qk = (1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)) * qk_scale
-    else:
-        qk = qk * qk_scale
+        qk = 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
     if MASKED:
         visible = kv_in[None, :] & valid[:, None]
         if CAUSAL:
@@ -89,14 +116,16 @@ def _attend_kv_tile(
         if HAS_WINDOW:
             visible = visible & (kv_pos[None, :] >= pos[:, None] - window_left)
         qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    # Scores stay unscaled; the scale (with log2 e) is folded into one FMA inside
+    # exp2, as the running max m is kept in the scaled log2 domain.
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
     if MASKED:
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so
         # exp2 gives 0, not NaN.
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_new_safe = m_new
-    p = tl.math.exp2(qk - m_new_safe[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
@@ -120,10 +149,16 @@ def _attn_fwd_kernel(
     PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
     HAS_POSITIONS: tl.constexpr, HAS_KV_LO: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr, RETURN_LSE: tl.constexpr, ZERO_FILL: tl.constexpr,
-    IEEE_DOT: tl.constexpr, EVEN_D: tl.constexpr,
+    IEEE_DOT: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+    HEAD_GROUPS: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
-    tile = tl.program_id(0)
+    # One grid axis, head groups fastest: programs start in the plan's order
+    # (longest tile first) across all heads, so the last wave holds the shortest
+    # tiles of every head rather than a sawtooth of long and short ones.
+    pid = tl.program_id(0)
+    tile = pid // HEAD_GROUPS
+    head_group = pid % HEAD_GROUPS
     req = tl.load(TILE_REQ + tile)
     if req < 0:
         return
@@ -137,7 +172,7 @@ def _attn_fwd_kernel(
         kv_lo = tl.load(KV_LO + req)
     else:
         kv_lo = 0
-    h0 = tl.program_id(1).to(tl.int64) * HEADS  # first q head of this program
+    h0 = head_group.to(tl.int64) * HEADS  # first q head of this program
     hk = h0 // GROUP
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -197,19 +232,21 @@ def _attn_fwd_kernel(
                 offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
                 stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
                 window_left, PAGE_SIZE, PAGED, EVEN_D, True, CAUSAL, HAS_WINDOW, SOFT_CAP,
-                IEEE_DOT)
+                IEEE_DOT, USE_TMA, BLOCK_D)
     for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n, offs_d,
             d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow, stride_kh,
             stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale, window_left,
-            PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP, IEEE_DOT)
+            PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP, IEEE_DOT,
+            USE_TMA, BLOCK_D)
     for start_n in range(full_hi, kv_end, BLOCK_N):  # causal diagonal and kv_len edge
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n, offs_d,
             d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow, stride_kh,
             stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale, window_left,
-            PAGE_SIZE, PAGED, EVEN_D, True, CAUSAL, HAS_WINDOW, SOFT_CAP, IEEE_DOT)
+            PAGE_SIZE, PAGED, EVEN_D, True, CAUSAL, HAS_WINDOW, SOFT_CAP, IEEE_DOT,
+            USE_TMA, BLOCK_D)
 
     # l_i != 0 (not > 0): a NaN input row stays NaN instead of passing for "sees nothing".
     seen = valid & (l_i != 0.0)
@@ -223,6 +260,38 @@ def _attn_fwd_kernel(
         lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                        float("-inf"))
         tl.store(LSE + row64 * stride_lt + head * stride_lh, lse, mask=store_rows)
+
+
+def _tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool,
+                  head_dim: int) -> bool:
+    """Whether dense K/V can go through tensor descriptors (Hopper's copy engine).
+
+    Needs: a Hopper-or-newer GPU, dense (not paged) KV, a power-of-two head dim (a
+    descriptor tile of ``D`` columns must not reach into the next head), 16-byte
+    aligned rows, and no opt-out (``SPANFILL_TMA=0``). Paged KV gathers rows of
+    different pages per tile, which one descriptor load cannot do.
+    """
+    mode = os.environ.get("SPANFILL_TMA", "1")
+    if paged or mode == "0" or q.dtype == torch.float32:
+        return False
+    # "force" lets the interpreter tests run the descriptor path on the CPU.
+    if mode != "force" and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9):
+        return False
+    if triton.next_power_of_2(head_dim) != head_dim:
+        return False
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.stride(-2) != head_dim or (t.stride(0) * t.element_size()) % 16 \
+                or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _kv_descriptor(x: torch.Tensor, block_n: int):
+    """A descriptor over dense ``[N, Hk, D]`` rows viewed as ``[N, Hk * D]``."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, hk, d = x.shape
+    return TensorDescriptor(x, [n, hk * d], [x.stride(0), 1], [block_n, d])
 
 
 def attention_fwd(
@@ -291,9 +360,13 @@ def attention_fwd(
     # then by cap * log2(e); otherwise once, by sm_scale * log2(e).
     qk_scale = logits_soft_cap * log2e if soft_cap else sm_scale * log2e
     cap_scale = sm_scale / logits_soft_cap if soft_cap else 1.0
-    grid = (plan.num_tiles, num_q_heads // cfg.heads)
+    head_groups = num_q_heads // cfg.heads
+    use_tma = _tma_eligible(q, k, v, paged, head_dim)
+    k_arg, v_arg = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) if use_tma \
+        else (k, v)
+    grid = (plan.num_tiles * head_groups,)
     return _attn_fwd_kernel[grid](
-        q, k, v, out, lse_arg, positions if positions is not None else plan.q_start,
+        q, k_arg, v_arg, out, lse_arg, positions if positions is not None else plan.q_start,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len, kv_lo if kv_lo is not None else plan.kv_len, bt,
         qk_scale, cap_scale, window_left,
@@ -306,6 +379,6 @@ def attention_fwd(
         HAS_POSITIONS=positions is not None, HAS_KV_LO=kv_lo is not None,
         HAS_WINDOW=window_left >= 0, SOFT_CAP=soft_cap, RETURN_LSE=lse is not None,
         ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
-        EVEN_D=triton.next_power_of_2(head_dim) == head_dim,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=use_tma,
+        HEAD_GROUPS=head_groups, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
