@@ -105,6 +105,25 @@ def draw(path: str, n: int, chunk_len: int, spans: list[tuple[int, int]],
     plt.close(fig)
 
 
+def _bf16_floor(model: torch.nn.Module, ids: torch.Tensor, want: torch.Tensor
+                ) -> tuple[float, float]:
+    """The noise of swapping one correct attention for another in low precision.
+
+    The same full prefill with transformers' eager attention instead of sdpa:
+    returns its logits' relative error against ``want`` and the largest absolute
+    logit difference.
+    """
+    impl = model.config._attn_implementation
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        try:
+            eager = model(input_ids=ids[None], use_cache=False, logits_to_keep=1).logits[:, -1]
+        finally:
+            model.set_attn_implementation(impl)
+    eager = eager.float()
+    return ((eager - want).norm() / want.norm()).item(), (eager - want).abs().max().item()
+
+
 def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool = False) -> bool:
     """Run the main job on ``device``; print the table, write the PNG; True if it matches."""
     import transformers
@@ -121,7 +140,8 @@ def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool 
     bar.set_postfix_str("random Llama")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(max_position_embeddings=max(4096, 2 * n), **s.model)
-    model = transformers.LlamaForCausalLM(config).to(device, s.dtype).eval()
+    with torch.device(device):  # initialised in place: on the CPU a 1B model takes ~30 s
+        model = transformers.LlamaForCausalLM(config).to(s.dtype).eval()
     params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, config.vocab_size, (n,), device=device)
     bar.update()
@@ -154,8 +174,17 @@ def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool 
         ok, how = err <= 1e-4, f"max |diff| {err:.1e} (<= 1e-4)"
     else:
         err = ((got - want).norm() / want.norm()).item()
-        ok = err <= 2e-2 and torch.equal(got.argmax(-1), want.argmax(-1))
-        how = f"rel err {err:.1e} (<= 2e-2), same next token"
+        floor, margin = _bf16_floor(model, ids, want)
+        bound = max(2e-2, 1.5 * floor)
+        pick = got.argmax(-1)
+        same = torch.equal(pick, want.argmax(-1))
+        # Random weights leave near-ties among 128k logits that bf16 noise alone
+        # can flip, so a different greedy token passes only if the full prefill
+        # ranks it within the eager-vs-sdpa noise of its own top logit.
+        tie = (want.max(-1).values - want.gather(-1, pick[:, None])[:, 0] <= margin).all().item()
+        ok = err <= bound and (same or tie)
+        how = (f"rel err {err:.1e} (<= {bound:.1e}: 2e-2 or 1.5x the bf16 floor, eager vs sdpa "
+               f"{floor:.1e}), {'same next token' if same else 'next token within noise' if tie else 'OTHER next token'}")
     rows = [
         ("model", f"random Llama, {config.num_hidden_layers} layers, {params / 1e6:.0f}M params, "
                   f"{str(s.dtype).replace('torch.', '')}"),
