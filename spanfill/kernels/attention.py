@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import AttentionConfig
+from .configs import AttentionConfig, has_tma
 
 
 @triton.jit
@@ -275,7 +275,7 @@ def _tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool
     if paged or mode == "0" or q.dtype == torch.float32:
         return False
     # "force" lets the interpreter tests run the descriptor path on the CPU.
-    if mode != "force" and not (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9):
+    if mode != "force" and not has_tma(q.device):
         return False
     if triton.next_power_of_2(head_dim) != head_dim:
         return False

@@ -10,6 +10,7 @@ compile for some shapes; two fp16 exponentials per special-function instruction
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,9 +48,23 @@ def _stacked_heads(group: int, block_m: int, min_tokens: int) -> int:
     return best
 
 
-def _has_tma() -> bool:
-    """Whether the current CUDA device has Hopper's tensor-memory copy engine."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    # Cached: this sits on every launch's host path, where each microsecond shows.
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def has_tma(device: torch.device | None = None) -> bool:
+    """Whether a CUDA device (default: the current one) has Hopper's tensor-memory copy engine."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return False
+        index = torch.cuda.current_device()
+    elif device.type != "cuda":
+        return False
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability_major(index) >= 9
 
 
 def pick_config(
@@ -78,7 +93,7 @@ def pick_config(
         # Dense KV: the longer step wins only through tensor descriptors (Hopper,
         # power-of-two D; enc_2k_d128 0.475 ms vs 0.492 ms for 128x64), with plain
         # pointer loads 128x64 does (0.526 ms vs 0.560 ms).
-        long_step = paged or (head_dim & (head_dim - 1) == 0 and _has_tma())
+        long_step = paged or (head_dim & (head_dim - 1) == 0 and has_tma())
         block_m, block_n, warps, stages = 128, 128 if long_step else 64, 8, 3
     else:
         block_m, block_n, warps, stages = 64, 64, 4, 2
