@@ -262,17 +262,30 @@ def _attn_fwd_kernel(
         tl.store(LSE + row64 * stride_lt + head * stride_lh, lse, mask=store_rows)
 
 
+# Below this many multiply-adds (rows x mean KV length x Hq x D, an upper bound
+# known without a sync) a launch takes dense KV through plain loads: the two
+# descriptors cost ~20-40 us of host time per launch on the H100 machines, more
+# than the ~6-8% of kernel time they save on launches that small (bert_base_512:
+# 1.3e10, host-bound with descriptors; enc_2k_d128: 1.4e11, 8% faster with them).
+TMA_MIN_WORK = 1 << 36
+
+
 def _tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool,
-                  head_dim: int) -> bool:
-    """Whether dense K/V can go through tensor descriptors (Hopper's copy engine).
+                  head_dim: int, num_requests: int) -> bool:
+    """Whether dense K/V should go through tensor descriptors (Hopper's copy engine).
 
     Needs: a Hopper-or-newer GPU, dense (not paged) KV, a power-of-two head dim (a
     descriptor tile of ``D`` columns must not reach into the next head), 16-byte
-    aligned rows, and no opt-out (``SPANFILL_TMA=0``). Paged KV gathers rows of
-    different pages per tile, which one descriptor load cannot do.
+    aligned rows, a launch big enough to pay for the descriptors' host time, and
+    no opt-out (``SPANFILL_TMA=0``; ``force`` skips the device and size checks).
+    Paged KV gathers rows of different pages per tile, which one descriptor load
+    cannot do.
     """
     mode = os.environ.get("SPANFILL_TMA", "1")
     if paged or mode == "0" or q.dtype == torch.float32:
+        return False
+    work = q.shape[0] * (k.shape[0] // max(num_requests, 1)) * q.shape[1] * head_dim
+    if mode != "force" and work < TMA_MIN_WORK:
         return False
     # "force" lets the interpreter tests run the descriptor path on the CPU.
     if mode != "force" and not has_tma(q.device):
@@ -361,7 +374,7 @@ def attention_fwd(
     qk_scale = logits_soft_cap * log2e if soft_cap else sm_scale * log2e
     cap_scale = sm_scale / logits_soft_cap if soft_cap else 1.0
     head_groups = num_q_heads // cfg.heads
-    use_tma = _tma_eligible(q, k, v, paged, head_dim)
+    use_tma = _tma_eligible(q, k, v, paged, head_dim, plan.kv_len.shape[0])
     k_arg, v_arg = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) if use_tma \
         else (k, v)
     grid = (plan.num_tiles * head_groups,)
