@@ -63,21 +63,10 @@ def _sorted_plan(
     kv_row0: torch.Tensor,
     kv_len: torch.Tensor,
     block_q: int,
-    spread_idle: bool = False,
 ) -> TilePlan:
     # Longest KV range first: programs are scheduled roughly in grid order, so the
     # short tiles fill the tail wave instead of one long tile running alone.
     order = torch.argsort(work, descending=True, stable=True)
-    if spread_idle:
-        # Tiles with no work (padding: they only write zeros) are spread evenly
-        # among the others instead of forming a last wave of their own, so their
-        # memory writes overlap other programs' math. All on the device: no sync.
-        idle = work[order] == 0
-        n_busy = (~idle).sum()
-        n_idle = idle.sum().clamp(min=1)
-        rank = torch.arange(order.numel(), device=work.device, dtype=torch.float64)
-        key = torch.where(idle, (rank - n_busy + 0.5) * n_busy / n_idle, rank)
-        order = order[torch.argsort(key, stable=True)]
     i32 = torch.int32
     return TilePlan(
         tile_req=tile_req[order].to(i32).contiguous(),
@@ -207,8 +196,7 @@ def plan_padded(
     work = (last - q_start[req] + 1) if causal else lens[req]
     work = torch.where(has_rows, work, torch.zeros_like(work))
     tile_req = req if num_req > 0 else torch.full_like(req, -1)
-    return _sorted_plan(tile_req, row0, row_end, work, q_start, lens, q_start, lens, block_q,
-                        spread_idle=True)
+    return _sorted_plan(tile_req, row0, row_end, work, q_start, lens, q_start, lens, block_q)
 
 
 @dataclass
