@@ -125,9 +125,13 @@ def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
         from spanfill.kernels import attention_fwd, pick_config
         from spanfill.layout import plan_packed
 
-        try:
-            cfg = pick_config(w.head_dim, t.q.dtype, 1, True, paged=False)
-        except TypeError:  # an older pick_config without ``paged``
+        try:  # the same choice padded_prefill makes (descriptors and tile shape together)
+            from spanfill.kernels import dense_kv_uses_tma
+
+            tma = dense_kv_uses_tma(qp, kp, vp, len(w.valid_lens))
+            cfg = pick_config(w.head_dim, t.q.dtype, 1, True, paged=False, tma=tma)
+        except (ImportError, TypeError):  # an older spanfill
+            tma = None
             cfg = pick_config(w.head_dim, t.q.dtype, 1, True)
         plan = plan_packed(cu, (cu[1:] - cu[:-1]).to(torch.int32), qp.shape[0], cfg.block_q,
                            w.causal, kv_row0=cu[:-1].contiguous())
@@ -135,7 +139,10 @@ def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
 
         def run() -> torch.Tensor:
             out = torch.empty_like(qp)
-            attention_fwd(qp, kp, vp, out, None, plan, cfg, scale, w.causal)
+            if tma is None:
+                attention_fwd(qp, kp, vp, out, None, plan, cfg, scale, w.causal)
+            else:
+                attention_fwd(qp, kp, vp, out, None, plan, cfg, scale, w.causal, use_tma=tma)
             return out
 
         run()

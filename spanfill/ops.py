@@ -109,11 +109,11 @@ def _scale(head_dim: int, sm_scale: float | None) -> float:
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
 
-def _config(q: torch.Tensor, num_kv_heads: int, paged: bool):
+def _config(q: torch.Tensor, num_kv_heads: int, paged: bool, tma: bool = False):
     from .kernels import pick_config
 
     return pick_config(q.shape[-1], q.dtype, q.shape[-2] // num_kv_heads,
-                       q.device.type == "cuda", paged)
+                       q.device.type == "cuda", paged, tma)
 
 
 def _result(o: torch.Tensor, lse: torch.Tensor, return_lse: bool):
@@ -198,19 +198,20 @@ def padded_prefill(
                                           logits_soft_cap=logits_soft_cap)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
-    from .kernels import attention_fwd
+    from .kernels import attention_fwd, dense_kv_uses_tma
 
-    cfg = _config(q, k.shape[2], paged=False)
     num_q_heads, head_dim = q.shape[2], q.shape[3]
     q_rows = q.reshape(b_sz * seq_len, num_q_heads, head_dim)  # a view for contiguous q
     k_rows = k.reshape(b_sz * seq_len, k.shape[2], head_dim)
     v_rows = v.reshape(b_sz * seq_len, v.shape[2], head_dim)
+    tma = dense_kv_uses_tma(q_rows, k_rows, v_rows, b_sz)
+    cfg = _config(q, k.shape[2], paged=False, tma=tma)
     out = torch.empty_like(q_rows)
     lse = torch.empty(b_sz * seq_len, num_q_heads, dtype=torch.float32, device=q.device) \
         if return_lse else None
     plan = layout.tile_plan(cfg.block_q, causal)
     attention_fwd(q_rows, k_rows, v_rows, out, lse, plan, cfg, scale, causal, zero_fill=True,
-                  window_left=window_left, logits_soft_cap=logits_soft_cap)
+                  window_left=window_left, logits_soft_cap=logits_soft_cap, use_tma=tma)
     out = out.view(q.shape)
     if return_lse:
         return out, lse.view(b_sz, seq_len, num_q_heads)
@@ -285,9 +286,10 @@ def varlen_prefill(
                                           logits_soft_cap=logits_soft_cap)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
-    from .kernels import attention_fwd
+    from .kernels import attention_fwd, dense_kv_uses_tma
 
-    cfg = _config(q, k.shape[1], paged=False)
+    tma = dense_kv_uses_tma(q, k, v, cu_seqlens.shape[0] - 1)
+    cfg = _config(q, k.shape[1], paged=False, tma=tma)
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
     plan = plan_packed(cu_seqlens.to(torch.int32), seq_lens, num_tokens, cfg.block_q, causal,
                        kv_row0=cu_seqlens[:-1].to(torch.int32))
@@ -295,7 +297,7 @@ def varlen_prefill(
     lse = torch.empty(num_tokens, q.shape[1], dtype=torch.float32, device=q.device) \
         if return_lse else None
     attention_fwd(q, k, v, out, lse, plan, cfg, scale, causal, window_left=window_left,
-                  logits_soft_cap=logits_soft_cap)
+                  logits_soft_cap=logits_soft_cap, use_tma=tma)
     return _result(out, lse, return_lse)
 
 

@@ -168,3 +168,21 @@ def test_append_kv_skips_slot_minus_one():
     assert torch.equal(k_cache[page, off], before[page, off])
     page, off = int(slots[3]) // 16, int(slots[3]) % 16
     assert torch.equal(k_cache[page, off], k_new[3])
+
+
+def test_descriptor_choice_is_made_once(monkeypatch):
+    """dense_kv_uses_tma decides both the KV step (pick_config) and the loads."""
+    from spanfill.kernels import dense_kv_uses_tma, pick_config
+
+    q = torch.zeros(64, 4, 128, dtype=torch.float16)
+    kv = torch.zeros(64, 2, 128, dtype=torch.float16)
+    assert not dense_kv_uses_tma(q, kv, kv, 1)  # no Hopper GPU here
+    monkeypatch.setenv("SPANFILL_TMA", "force")
+    assert dense_kv_uses_tma(q, kv, kv, 1)
+    assert not dense_kv_uses_tma(q.float(), kv.float(), kv.float(), 1)  # fp32: plain loads
+    odd = torch.zeros(64, 2, 80, dtype=torch.float16)
+    assert not dense_kv_uses_tma(q[..., :80], odd, odd, 1)  # a D-wide tile would cross heads
+    monkeypatch.setenv("SPANFILL_TMA", "0")
+    assert not dense_kv_uses_tma(q, kv, kv, 1)
+    assert pick_config(128, torch.bfloat16, 1, True, paged=False, tma=True).block_n == 128
+    assert pick_config(128, torch.bfloat16, 1, True, paged=False, tma=False).block_n == 64

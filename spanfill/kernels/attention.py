@@ -40,7 +40,8 @@ def _kv_row_offsets(
         else:
             page = tl.load(block_table + req * stride_bt + kv_pos // PAGE_SIZE)
         return page.to(tl.int64), (kv_pos % PAGE_SIZE).to(tl.int64)
-    return (kv_row0 + kv_pos).to(tl.int64), kv_pos.to(tl.int64) * 0
+    row = (kv_row0 + kv_pos).to(tl.int64)
+    return row, row  # dense rows: the second value (slot) is not read
 
 
 @triton.jit
@@ -270,19 +271,29 @@ def _attn_fwd_kernel(
 TMA_MIN_WORK = 1 << 36
 
 
-def _tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, paged: bool,
-                  head_dim: int, num_requests: int) -> bool:
-    """Whether dense K/V should go through tensor descriptors (Hopper's copy engine).
+def dense_kv_uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      num_requests: int) -> bool:
+    """Whether a launch over dense K/V should load them through tensor descriptors.
 
-    Needs: a Hopper-or-newer GPU, dense (not paged) KV, a power-of-two head dim (a
-    descriptor tile of ``D`` columns must not reach into the next head), 16-byte
-    aligned rows, a launch big enough to pay for the descriptors' host time, and
-    no opt-out (``SPANFILL_TMA=0``; ``force`` skips the device and size checks).
-    Paged KV gathers rows of different pages per tile, which one descriptor load
-    cannot do.
+    The one place this is decided: callers pass the answer to both
+    :func:`~spanfill.kernels.configs.pick_config` (the KV step length depends on
+    it) and :func:`attention_fwd`. Paged KV never does: a tile gathers rows of
+    different pages, which one descriptor load cannot do.
+
+    Needs: a Hopper-or-newer GPU, fp16/bf16, a power-of-two head dim (a descriptor
+    tile of ``D`` columns must not reach into the next head), 16-byte aligned rows,
+    a launch big enough to pay for the descriptors' host time, and no opt-out
+    (``SPANFILL_TMA=0``; ``force`` skips the device and size checks).
+
+    Parameters
+    ----------
+    q : [T, Hq, D] packed query rows
+    k, v : [N, Hk, D] dense KV rows
+    num_requests : B (a host int: the plan's request count)
     """
     mode = os.environ.get("SPANFILL_TMA", "1")
-    if paged or mode == "0" or q.dtype == torch.float32:
+    head_dim = q.shape[-1]
+    if mode == "0" or q.dtype == torch.float32:
         return False
     work = q.shape[0] * (k.shape[0] // max(num_requests, 1)) * q.shape[1] * head_dim
     if mode != "force" and work < TMA_MIN_WORK:
@@ -323,6 +334,7 @@ def attention_fwd(
     kv_lo: torch.Tensor | None = None,
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
+    use_tma: bool | None = None,
 ):
     """Launch the attention kernel over a tile plan.
 
@@ -346,6 +358,8 @@ def attention_fwd(
         (its pages there need not exist: a shard of the cache)
     window_left : if >= 0, a row at ``pos`` sees no position below ``pos - window_left``
     logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)``
+    use_tma : load dense K/V through tensor descriptors; None decides with
+        :func:`dense_kv_uses_tma` (pass the value ``cfg`` was picked with)
 
     Returns
     -------
@@ -374,7 +388,10 @@ def attention_fwd(
     qk_scale = logits_soft_cap * log2e if soft_cap else sm_scale * log2e
     cap_scale = sm_scale / logits_soft_cap if soft_cap else 1.0
     head_groups = num_q_heads // cfg.heads
-    use_tma = _tma_eligible(q, k, v, paged, head_dim, plan.kv_len.shape[0])
+    if use_tma is None:
+        use_tma = not paged and dense_kv_uses_tma(q, k, v, plan.kv_len.shape[0])
+    elif use_tma and paged:
+        raise ValueError("use_tma=True needs dense KV (block_table=None)")
     k_arg, v_arg = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) if use_tma \
         else (k, v)
     grid = (plan.num_tiles * head_groups,)

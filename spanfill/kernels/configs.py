@@ -54,21 +54,17 @@ def _capability_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def has_tma(device: torch.device | None = None) -> bool:
-    """Whether a CUDA device (default: the current one) has Hopper's tensor-memory copy engine."""
-    if device is None:
-        if not torch.cuda.is_available():
-            return False
-        index = torch.cuda.current_device()
-    elif device.type != "cuda":
+def has_tma(device: torch.device) -> bool:
+    """Whether a device is a GPU with Hopper's tensor-memory copy engine."""
+    if device.type != "cuda":
         return False
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability_major(index) >= 9
+    return _capability_major(device.index if device.index is not None
+                             else torch.cuda.current_device()) >= 9
 
 
 def pick_config(
-    head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool = True
+    head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool = True,
+    tma: bool = False,
 ) -> AttentionConfig:
     """Tile sizes for a launch.
 
@@ -79,6 +75,8 @@ def pick_config(
     group : ``Hq // Hk``
     on_gpu : False under the Triton interpreter, where small blocks run faster
     paged : KV in pages (span prefill) rather than dense rows (padded, varlen)
+    tma : dense KV goes through tensor descriptors (see
+        :func:`spanfill.kernels.attention.dense_kv_uses_tma`)
     """
     if not on_gpu:
         block_m, block_n, warps, stages = 32, 16, 4, 1
@@ -94,8 +92,7 @@ def pick_config(
         # Dense KV: the longer step wins only through tensor descriptors (Hopper,
         # power-of-two D; enc_2k_d128 0.475 ms vs 0.492 ms for 128x64), with plain
         # pointer loads 128x64 does (0.526 ms vs 0.560 ms).
-        long_step = paged or (head_dim & (head_dim - 1) == 0 and has_tma())
-        block_m, block_n, warps, stages = 128, 128 if long_step else 64, 8, 3
+        block_m, block_n, warps, stages = 128, 128 if paged or tma else 64, 8, 3
     else:
         block_m, block_n, warps, stages = 64, 64, 4, 2
     heads = _stacked_heads(group, block_m, min_tokens=16 if on_gpu else 8)
