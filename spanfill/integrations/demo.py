@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from .holes import fill_holes, fill_holes_per_span, make_cache, poison_holes, prefill_cache
+from .holes import (attention_noise_floor, fill_holes, fill_holes_per_span, make_cache,
+                    poison_holes, prefill_cache)
 
 
 @dataclass
@@ -105,25 +106,6 @@ def draw(path: str, n: int, chunk_len: int, spans: list[tuple[int, int]],
     plt.close(fig)
 
 
-def _bf16_floor(model: torch.nn.Module, ids: torch.Tensor, want: torch.Tensor
-                ) -> tuple[float, float]:
-    """The noise of swapping one correct attention for another in low precision.
-
-    The same full prefill with transformers' eager attention instead of sdpa:
-    returns its logits' relative error against ``want`` and the largest absolute
-    logit difference.
-    """
-    impl = model.config._attn_implementation
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        try:
-            eager = model(input_ids=ids[None], use_cache=False, logits_to_keep=1).logits[:, -1]
-        finally:
-            model.set_attn_implementation(impl)
-    eager = eager.float()
-    return ((eager - want).norm() / want.norm()).item(), (eager - want).abs().max().item()
-
-
 def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool = False) -> bool:
     """Run the main job on ``device``; print the table, write the PNG; True if it matches."""
     import transformers
@@ -174,7 +156,7 @@ def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool 
         ok, how = err <= 1e-4, f"max |diff| {err:.1e} (<= 1e-4)"
     else:
         err = ((got - want).norm() / want.norm()).item()
-        floor, margin = _bf16_floor(model, ids, want)
+        floor, margin = attention_noise_floor(model, ids, want)
         bound = max(2e-2, 1.5 * floor)
         pick = got.argmax(-1)
         same = torch.equal(pick, want.argmax(-1))
