@@ -4,7 +4,9 @@ Kernel time only (layouts and plans built outside the timed region). Used to fil
 the table in spanfill/kernels/configs.py; the benchmark suite (bench/) is what
 the README quotes.
 """
+import os
 import random
+import re
 import sys
 
 import torch
@@ -44,6 +46,9 @@ def span_workload(name, n, B, nspan, slen):
 
 cfgs_128 = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
 cfgs_64 = [(128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
+if os.environ.get("TUNE_CONFIGS"):  # e.g. "128x128w8s3,64x64w4s2": one list for every head dim
+    cfgs_128 = cfgs_64 = [tuple(int(x) for x in re.split("[xws]", c))
+                          for c in os.environ["TUNE_CONFIGS"].split(",")]
 
 
 def checked(out, expect, label):
@@ -68,7 +73,8 @@ for name, n, B, nspan, slen in (("few_big", 8192, 2, 4, 512), ("many_small", 819
         try:
             handle = attention_fwd(q, kc, vc, out, None, plan, cfg, 128 ** -0.5, True,
                                    positions=lay.positions, block_table=lay.block_table)
-            print(cfg, "regs", getattr(handle, "n_regs", "?"), "spills", getattr(handle, "n_spills", "?"))
+            print(cfg, "regs", getattr(handle, "n_regs", "?"), "spills", getattr(handle, "n_spills", "?"),
+                  "smem", getattr(getattr(handle, "metadata", None), "shared", "?"))
             t = bench(lambda: attention_fwd(q, kc, vc, out, None, plan, cfg, 128 ** -0.5, True,
                                             positions=lay.positions, block_table=lay.block_table))
         except Exception as e:  # a config that does not fit (shared memory) is skipped

@@ -1,0 +1,57 @@
+"""Host time per call of the padded and span entry points (no device sync), for tuning.
+
+Prints microseconds of host time per call for ``padded_prefill`` on bert_base_512
+(through a PaddedLayout), for the bare ``attention_fwd`` launch it makes, and the
+top of a cProfile of the entry point. A call whose host time exceeds its kernel
+time makes back-to-back timing host-bound.
+"""
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+import spanfill as sf  # noqa: E402
+from spanfill.ops import _config  # noqa: E402
+from spanfill.kernels import attention_fwd, dense_kv_uses_tma  # noqa: E402
+
+
+def host_us(fn, calls: int = 300) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def main() -> None:
+    dev, dtype = "cuda", torch.bfloat16
+    b, s, h, d = 64, 512, 12, 64
+    vl = torch.randint(1, s + 1, (b,), generator=torch.Generator().manual_seed(1)).to(dev)
+    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dtype) for _ in range(3))
+    layout = sf.PaddedLayout.build(vl, s)
+    print(f"padded_prefill (PaddedLayout): {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
+    qr, kr, vr = (x.reshape(b * s, h, d) for x in (q, k, v))
+    tma = dense_kv_uses_tma(qr, kr, vr, b)
+    cfg = _config(q, h, paged=False, tma=tma)
+    plan = layout.tile_plan(cfg.block_q, False)
+    out = torch.empty_like(qr)
+    print(f"attention_fwd alone: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)):.1f} us")
+    print(f"torch.empty_like: {host_us(lambda: torch.empty_like(qr)):.1f} us")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        sf.padded_prefill(q, k, v, layout)
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
