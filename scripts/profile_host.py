@@ -44,6 +44,48 @@ def main() -> None:
     out = torch.empty_like(qr)
     print(f"attention_fwd alone: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)):.1f} us")
     print(f"torch.empty_like: {host_us(lambda: torch.empty_like(qr)):.1f} us")
+    from spanfill import ops
+    pieces = {
+        "checks (3 tensors + qkv)": lambda: (ops._check_tensor("q", q, 4), ops._check_tensor("k", k, 4),
+                                             ops._check_tensor("v", v, 4),
+                                             ops._check_qkv(q, k, v, ("q", "k", "v"))),
+        "layout.device != q.device": lambda: layout.device != q.device,
+        "resolve_backend": lambda: ops.resolve_backend(q.device, None),
+        "_check_variant + _scale": lambda: (ops._check_variant(-1, 0.0), ops._scale(d, None)),
+        "3 reshapes": lambda: (q.reshape(b * s, h, d), k.reshape(b * s, h, d), v.reshape(b * s, h, d)),
+        "dense_kv_uses_tma": lambda: dense_kv_uses_tma(qr, kr, vr, b),
+        "_config": lambda: _config(q, h, paged=False, tma=tma),
+        "tile_plan (cached)": lambda: layout.tile_plan(cfg.block_q, False),
+        "out.view": lambda: out.view(q.shape),
+    }
+    import spanfill.kernels.attention as attn
+    captured = {}
+    real = attn._attn_fwd_kernel
+
+    class Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                captured.update(grid=grid, args=args, kwargs=kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    attn._attn_fwd_kernel = Capture()
+    attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)
+    attn._attn_fwd_kernel = real
+    pieces["bare Triton launch (args prebuilt)"] = lambda: real[captured["grid"]](
+        *captured["args"], **captured["kwargs"])
+    for label, fn in pieces.items():
+        print(f"{label}: {host_us(fn, 2000):.2f} us")
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    attn._attn_fwd_kernel = NoLaunch()
+    print(f"padded_prefill, launch stubbed out: {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
+    print(f"attention_fwd, launch stubbed out: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)):.1f} us")
+    attn._attn_fwd_kernel = real
+    print(f"padded_prefill again: {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):

@@ -76,11 +76,13 @@ def _attend_kv_tile(
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
     IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
+    page_in=None, PAGES_GIVEN: tl.constexpr = False,
 ):
     """One online-softmax step over the KV positions ``start_n + offs_n``.
 
     ``MASKED`` False is for tiles every valid row sees in full: no load mask, no
-    score mask. Scores are kept in the log2 domain (``qk_scale`` holds log2 e).
+    score mask. ``PAGES_GIVEN``: ``page_in`` holds the block-table entry of each
+    position (read ahead by the caller) instead of this step reading it. Scores are kept in the log2 domain (``qk_scale`` holds log2 e).
     """
     kv_pos = start_n + offs_n
     kv_in = (kv_pos >= kv_lo) & (kv_pos < kv_hi)
@@ -95,8 +97,12 @@ def _attend_kv_tile(
         if MASKED:
             v = tl.where(kv_in[:, None], v, 0.0)
     else:
-        page, slot = _kv_row_offsets(kv_pos, kv_in, req, kv_row0, block_table, stride_bt,
-                                     PAGE_SIZE, PAGED, MASKED)
+        if PAGES_GIVEN:  # the caller read the block table (see _attn_fwd_kernel)
+            page = page_in.to(tl.int64)
+            slot = (kv_pos % PAGE_SIZE).to(tl.int64)
+        else:
+            page, slot = _kv_row_offsets(kv_pos, kv_in, req, kv_row0, block_table, stride_bt,
+                                         PAGE_SIZE, PAGED, MASKED)
         k = _load_kv_tile(K, page, slot, kv_in, hk, offs_d, d_in, stride_kpage, stride_krow,
                           stride_kh, PAGED, MASKED, EVEN_D)
         v = _load_kv_tile(V, page, slot, kv_in, hk, offs_d, d_in, stride_vpage, stride_vrow,
@@ -234,13 +240,34 @@ def _attn_fwd_kernel(
                 stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
                 window_left, PAGE_SIZE, PAGED, EVEN_D, True, CAUSAL, HAS_WINDOW, SOFT_CAP,
                 IEEE_DOT, USE_TMA, BLOCK_D)
-    for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
-        acc, m_i, l_i = _attend_kv_tile(
-            acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n, offs_d,
-            d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow, stride_kh,
-            stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale, window_left,
-            PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP, IEEE_DOT,
-            USE_TMA, BLOCK_D)
+    if PAGED:
+        # The block-table entries of tile j + 1 are read during tile j and carried:
+        # the K/V addresses of a step then depend on no load of the same step, and
+        # Triton's software pipeliner keeps two tiles of K/V in flight (3 buffers,
+        # cp.async.wait_group 2). Read in the same step, the indirect load left it
+        # one tile ahead with wait_group 0, and the loop waited on memory (H100:
+        # 15-19% slower on every segmented workload; bench/results/logs).
+        bt_row = BLOCK_TABLE + req * stride_bt
+        page_next = tl.load(bt_row + (full_lo + offs_n) // PAGE_SIZE,
+                            mask=full_lo + offs_n < full_hi, other=0)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
+            page = page_next
+            ahead = start_n + BLOCK_N + offs_n
+            page_next = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < full_hi, other=0)
+            acc, m_i, l_i = _attend_kv_tile(
+                acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n,
+                offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
+                stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
+                window_left, PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP,
+                IEEE_DOT, USE_TMA, BLOCK_D, page, True)
+    else:
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
+            acc, m_i, l_i = _attend_kv_tile(
+                acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n,
+                offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
+                stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
+                window_left, PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP,
+                IEEE_DOT, USE_TMA, BLOCK_D)
     for start_n in range(full_hi, kv_end, BLOCK_N):  # causal diagonal and kv_len edge
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n, offs_d,
