@@ -26,6 +26,7 @@ from .check import packed_valid_index, relerr, row_subset
 from .providers_base import Prepared, Unsupported, spanfill_backend, window_of
 from .providers_spanfill import (
     spanfill_nopad,
+    spanfill_padded_kernel,
     spanfill_padded,
     spanfill_segmented,
     spanfill_varlen,
@@ -380,6 +381,7 @@ SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] 
 
 PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {
     "spanfill": spanfill_padded,
+    "spanfill_kernel": spanfill_padded_kernel,
     "spanfill_nopad": spanfill_nopad,
     "spanfill_varlen": spanfill_varlen,
     "sdpa_dense_mask": sdpa_dense_mask_padded,
@@ -394,7 +396,8 @@ FLASHINFER = frozenset({"flashinfer_span_entries", "flashinfer_custom_mask"})
 # FlexAttention compiles per shape and the sweep has ~30 shapes: left out by default.
 SWEEP_PROVIDERS = frozenset({
     "spanfill", "sdpa_cudnn_dense", "sdpa_per_span", "sdpa_dense_mask", "full_recompute",
-    "flashinfer_span_entries", "spanfill_nopad", "sdpa_nomask", "sdpa_nested_jagged",
+    "flashinfer_span_entries", "spanfill_kernel", "spanfill_nopad", "sdpa_nomask",
+    "sdpa_nested_jagged",
 })
 
 # On a CPU the dense ceilings cannot run (cuDNN/flash backends); they are skipped there.

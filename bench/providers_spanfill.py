@@ -20,8 +20,8 @@ from .check import packed_valid_index
 from .providers_base import Prepared, spanfill_backend, window_of
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
-__all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_nopad",
-           "spanfill_varlen"]
+__all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_padded_kernel",
+           "spanfill_nopad", "spanfill_varlen"]
 
 
 def block_q_for(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool) -> int:
@@ -92,6 +92,39 @@ def spanfill_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
 
         note = f"prebuilt PaddedLayout; plan block_q={key[0]}"
     return Prepared(run, lambda: run().reshape(-1, w.num_heads, w.head_dim)[idx], plan, note=note)
+
+
+def spanfill_padded_kernel(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """The attention kernel alone on the padded batch, plan prebuilt, launched exactly as
+    sf.padded_prefill launches it: the like-for-like partner of ``spanfill_nopad`` for
+    "padded rows cost nothing" (both without the public call's argument checks)."""
+    if t.q.device.type != "cuda" or getattr(sf, "PaddedLayout", None) is None:
+        return spanfill_padded(w, t)
+    idx = packed_valid_index(t.valid_lens, w.seq_len)
+    b, s, h, d = t.q.shape
+    qr, kr, vr = (x.reshape(b * s, x.shape[2], d) for x in (t.q, t.k, t.v))
+    try:
+        from spanfill.kernels import attention_fwd, dense_kv_uses_tma, pick_config
+
+        tma = dense_kv_uses_tma(qr, kr, vr, b)
+        cfg = pick_config(d, t.q.dtype, h // t.k.shape[2], True, paged=False, tma=tma)
+        plan = sf.PaddedLayout.build(t.valid_lens, s).tile_plan(cfg.block_q, w.causal)
+        scale = 1.0 / math.sqrt(d)
+
+        def run() -> torch.Tensor:
+            out = torch.empty_like(qr)
+            attention_fwd(qr, kr, vr, out, None, plan, cfg, scale, w.causal, zero_fill=True,
+                          use_tma=tma)
+            return out
+
+        run()
+    except Exception as exc:  # an older spanfill: the public call instead
+        prepared = spanfill_padded(w, t)
+        prepared.note += f"; kernel-only path failed ({type(exc).__name__}: {exc})"
+        return prepared
+    return Prepared(run, lambda: run()[idx], note="attention kernel on the padded batch, plan "
+                                                   "prebuilt, zero-filled padding (spanfill "
+                                                   "internals, as padded_prefill calls them)")
 
 
 def _pack(w: PaddedWorkload, t: PaddedTensors) -> tuple[torch.Tensor, ...]:

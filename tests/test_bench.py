@@ -171,7 +171,8 @@ def test_smoke_run_writes_csv_plots_and_table(tmp_path: Path, monkeypatch: pytes
         for p in ("spanfill", "flex", "sdpa_per_span", "sdpa_dense_mask", "full_recompute"):
             assert (w, p) in timed, (w, p)
     for w in ("bert_base_512", "enc_2k_d128"):
-        for p in ("spanfill", "spanfill_nopad", "sdpa_dense_mask", "sdpa_nomask", "flex"):
+        for p in ("spanfill", "spanfill_kernel", "spanfill_nopad", "sdpa_dense_mask",
+                  "sdpa_nomask", "flex"):
             assert (w, p) in timed, (w, p)
     for p in ("spanfill", "flex", "sdpa_per_span", "sdpa_dense_mask"):
         assert ("few_big_swa", p) in timed, p
@@ -198,7 +199,7 @@ def test_smoke_run_writes_csv_plots_and_table(tmp_path: Path, monkeypatch: pytes
     assert not any(g[1] == "few_big_swa" for g in targets(rows)), "informational: no targets"
     goals = {(g[0].split(" (")[0], g[1]) for g in targets(rows)}
     assert ("vs FlexAttention kernel alone", "scatter15") in goals
-    assert ("padded time / same batch without padding", "bert_base_512") in goals
+    assert ("padded kernel / same batch without padding", "bert_base_512") in goals
     assert "sweep:span_len" in markdown(rows)
 
 

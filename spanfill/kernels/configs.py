@@ -5,7 +5,10 @@ group, device) and was tuned on an H100 with ``scripts/tune.py`` (2026-11-23:
 128x128/8 warps/3 stages was best for D=128 on every segmented workload, 6-15%
 ahead of 128x64; Triton's warp specialization gained nothing and failed to
 compile for some shapes; two fp16 exponentials per special-function instruction
-(``ex2.approx.f16x2``) ran 2-10% slower, so the exponential is not the bottleneck). Serving never autotunes on the hot path.
+(``ex2.approx.f16x2``) ran 2-10% slower, so the exponential is not the bottleneck;
+with the block-table read-ahead, 128x128/3 stages still led 128x64/4 stages by
+13-16%, and 64-row tiles with two programs per SM lost 5-15%). Serving never
+autotunes on the hot path.
 """
 
 from __future__ import annotations
