@@ -157,7 +157,7 @@ def _attn_fwd_kernel(
     HAS_POSITIONS: tl.constexpr, HAS_KV_LO: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr, RETURN_LSE: tl.constexpr, ZERO_FILL: tl.constexpr,
     IEEE_DOT: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
-    HEAD_GROUPS: tl.constexpr,
+    HEAD_GROUPS: tl.constexpr, BOUNDARY_STAGES: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
     # One grid axis, head groups fastest: programs start in the plan's order
@@ -233,7 +233,7 @@ def _attn_fwd_kernel(
     kv_end = tl.where(n_valid > 0, kv_end, 0)
 
     if HAS_WINDOW or HAS_KV_LO:  # a lower bound: masked tiles below the full ones
-        for start_n in range(kv_begin, full_lo, BLOCK_N):
+        for start_n in tl.range(kv_begin, full_lo, BLOCK_N, num_stages=BOUNDARY_STAGES):
             acc, m_i, l_i = _attend_kv_tile(
                 acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n,
                 offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
@@ -268,7 +268,8 @@ def _attn_fwd_kernel(
                 stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
                 window_left, PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP,
                 IEEE_DOT, USE_TMA, BLOCK_D)
-    for start_n in range(full_hi, kv_end, BLOCK_N):  # causal diagonal and kv_len edge
+    # causal diagonal and kv_len edge
+    for start_n in tl.range(full_hi, kv_end, BLOCK_N, num_stages=BOUNDARY_STAGES):
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n, offs_d,
             d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow, stride_kh,
@@ -421,6 +422,13 @@ def attention_fwd(
         raise ValueError("use_tma=True needs dense KV (block_table=None)")
     k_arg, v_arg = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) if use_tma \
         else (k, v)
+    # The masked boundary loops hold a tile or two each. Software-pipelined like the
+    # main loop, a third loop (window or shard lower bound) pushed the kernel to 255
+    # registers and cost the main loop: H100, few_big with window_left=4095 683 us
+    # pipelined vs 556 us not; D=256 2164 vs 2014 us. Without a lower bound the
+    # pipelined diagonal loop is 1-4% faster (bench/results/logs/kernel_ab_*).
+    boundary_stages = 1 if (window_left >= 0 or kv_lo is not None or head_dim > 128) \
+        else cfg.num_stages
     grid = (plan.num_tiles * head_groups,)
     return _attn_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse_arg, positions if positions is not None else plan.q_start,
@@ -437,5 +445,5 @@ def attention_fwd(
         HAS_WINDOW=window_left >= 0, SOFT_CAP=soft_cap, RETURN_LSE=lse is not None,
         ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
         EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=use_tma,
-        HEAD_GROUPS=head_groups, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
