@@ -121,25 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.planted:
         planted()
         return 0
-    bad = 0
-    runs = 0
+    results = []  # one bool per case: matched the reference
+
+    def report(label: str, dtype: torch.dtype, err: float) -> None:
+        ok = err <= TOL[dtype]
+        results.append(ok)
+        print(f"{label} relerr={err:.2e} {'ok' if ok else 'FAIL'}")
+
     for dtype, d, hq, hk, page_size in CASES_PAGED:
         for causal in (True, False):
-            err = span_case(dtype, d, hq, hk, page_size, causal)
-            runs += 1
-            ok = err <= TOL[dtype]
-            bad += not ok
-            print(f"span   {str(dtype):15} D={d:3} Hq={hq} Hk={hk} P={page_size:2} causal={causal!s:5}"
-                  f" relerr={err:.2e} {'ok' if ok else 'FAIL'}")
+            report(f"span   {str(dtype):15} D={d:3} Hq={hq} Hk={hk} P={page_size:2} "
+                   f"causal={causal!s:5}", dtype, span_case(dtype, d, hq, hk, page_size, causal))
     for dtype, d, hq, hk, _ in CASES_PAGED[:3]:
         for causal, side in ((True, "right"), (False, "left")):
-            err = dense_case(dtype, d, hq, hk, causal, side)
-            runs += 1
-            ok = err <= TOL[dtype]
-            bad += not ok
-            print(f"dense  {str(dtype):15} D={d:3} Hq={hq} Hk={hk} {side:5} causal={causal!s:5}"
-                  f" relerr={err:.2e} {'ok' if ok else 'FAIL'}")
-    print(f"{runs - bad}/{runs} cases match the reference")
+            report(f"dense  {str(dtype):15} D={d:3} Hq={hq} Hk={hk} {side:5} causal={causal!s:5}",
+                   dtype, dense_case(dtype, d, hq, hk, causal, side))
+    bad = results.count(False)
+    print(f"{len(results) - bad}/{len(results)} cases match the reference")
     return 1 if bad else 0
 
 
