@@ -30,7 +30,9 @@ class TilePlan:
     tile_req : [num_tiles] int32, the request of each tile; -1 for an empty slot
         (the grid is sized from host-known shapes, so it has an upper bound of tiles)
     tile_row0 : [num_tiles] int32, first packed row of the tile
-    tile_row_end : [num_tiles] int32, one past the last packed row of the tile
+    tile_row_end : [num_tiles] int32, one past the last packed row of the tile (at
+        most ``block_q`` rows past ``tile_row0``, except a padded plan's entry of
+        padding-only rows: see :func:`plan_padded`)
     q_start : [B] int32, first packed row of each request's valid rows
     q_len : [B] int32, number of valid query rows of each request
     kv_row0 : [B] int32, row of each request's KV position 0 in a dense KV tensor
@@ -169,8 +171,12 @@ def plan_padded(
 ) -> TilePlan:
     """Tile plan for a padded batch ``[B, S, ...]`` viewed as ``B*S`` packed rows.
 
-    Every ``block_q`` rows of every sample get a tile, so that tiles of padding can
-    write their zeros and exit; tiles with valid rows are ordered by KV range.
+    Every ``block_q`` rows of a sample that hold a valid row get a tile, ordered by
+    KV range. A sample's padding-only tiles form one run (a suffix when padded on
+    the right, a prefix on the left); the first of them becomes one entry over the
+    whole run, which the kernel fills with zeros, and the rest become empty slots
+    (``tile_req`` -1, no rows). One entry per sample costs far fewer programs than
+    one per tile, and the grid keeps its host-known size ``B * ceil(S / block_q)``.
 
     Parameters
     ----------
@@ -196,6 +202,20 @@ def plan_padded(
     work = (last - q_start[req] + 1) if causal else lens[req]
     work = torch.where(has_rows, work, torch.zeros_like(work))
     tile_req = req if num_req > 0 else torch.full_like(req, -1)
+    if num_req > 0:
+        # Merge each sample's padding-only tiles into its first one.
+        pure = (~has_rows).view(num_req, tiles_per_req)
+        idx = (tile % tiles_per_req).view(num_req, tiles_per_req)
+        first_pure = torch.where(pure, idx, tiles_per_req).min(dim=1).values
+        n_pure = pure.sum(dim=1)
+        head = ~has_rows & ((tile % tiles_per_req) == first_pure[req])
+        run_end = torch.minimum(row0 + n_pure[req] * block_q, (req + 1) * seq_len)
+        row_end = torch.where(head, run_end, row_end)
+        empty = ~has_rows & ~head
+        tile_req = torch.where(empty, torch.full_like(req, -1), tile_req)
+        row0 = torch.where(empty, torch.zeros_like(row0), row0)
+        row_end = torch.where(empty, torch.zeros_like(row_end), row_end)
+        work = torch.where(empty, torch.full_like(work, -1), work)  # empty slots last
     return _sorted_plan(tile_req, row0, row_end, work, q_start, lens, q_start, lens, block_q)
 
 

@@ -67,9 +67,26 @@ def test_padded_plan_covers_whole_batch(padding_side):
     covered = torch.zeros(40, dtype=torch.int64)
     for r0, r1 in zip(plan.tile_row0.tolist(), plan.tile_row_end.tolist()):
         covered[r0:r1] += 1
-    assert (covered == 1).all()  # padding too: those tiles write the zeros
+    assert (covered == 1).all()  # padding too: those entries write the zeros
     pad = 10 - valid if padding_side == "left" else torch.zeros_like(valid)
     assert plan.q_start.tolist() == (torch.arange(4) * 10 + pad).tolist()
+    # Each sample's padding-only rows are one entry; the slots it replaced are empty.
+    zero_entries = {}
+    for req, r0, r1 in zip(plan.tile_req.tolist(), plan.tile_row0.tolist(),
+                           plan.tile_row_end.tolist()):
+        if req < 0:
+            assert r0 == r1
+            continue
+        q0 = plan.q_start[req].item()
+        q1 = q0 + plan.q_len[req].item()
+        if r1 <= q0 or r0 >= q1:
+            assert req not in zero_entries
+            zero_entries[req] = (r0, r1)
+    # 4-row tiles of 10-row samples: the padding-only runs, right or left padded
+    expect = ({0: (0, 10), 1: (18, 20), 3: (34, 40)} if padding_side == "right"
+              else {0: (0, 10), 3: (30, 34)})
+    assert zero_entries == expect
+    assert plan.tile_req[-1].item() == -1  # empty slots come last
 
 
 def test_tile_plan_is_cached():
