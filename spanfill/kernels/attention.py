@@ -82,7 +82,8 @@ def _attend_kv_tile(
 
     ``MASKED`` False is for tiles every valid row sees in full: no load mask, no
     score mask. ``PAGES_GIVEN``: ``page_in`` holds the block-table entry of each
-    position (read ahead by the caller) instead of this step reading it. Scores are kept in the log2 domain (``qk_scale`` holds log2 e).
+    position (read ahead by the caller) instead of this step reading it. Scores are
+    kept in the log2 domain (``qk_scale`` holds log2 e).
     """
     kv_pos = start_n + offs_n
     kv_in = (kv_pos >= kv_lo) & (kv_pos < kv_hi)
@@ -279,34 +280,29 @@ def _attn_fwd_kernel(
                 stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
                 window_left, PAGE_SIZE, PAGED, EVEN_D, True, CAUSAL, HAS_WINDOW, SOFT_CAP,
                 IEEE_DOT, USE_TMA, BLOCK_D)
+    # Paged KV: the block-table entries of tile j + 1 are read during tile j and
+    # carried, so the K/V addresses of a step depend on no load of the same step,
+    # and Triton's software pipeliner keeps two tiles of K/V in flight (3 buffers,
+    # cp.async.wait_group 2). Read in the same step, the indirect load left it one
+    # tile ahead with wait_group 0, and the loop waited on memory (H100: 15-19%
+    # slower on every segmented workload; bench/results/logs). Dense KV reads no table.
+    bt_row = BLOCK_TABLE + req * stride_bt
     if PAGED:
-        # The block-table entries of tile j + 1 are read during tile j and carried:
-        # the K/V addresses of a step then depend on no load of the same step, and
-        # Triton's software pipeliner keeps two tiles of K/V in flight (3 buffers,
-        # cp.async.wait_group 2). Read in the same step, the indirect load left it
-        # one tile ahead with wait_group 0, and the loop waited on memory (H100:
-        # 15-19% slower on every segmented workload; bench/results/logs).
-        bt_row = BLOCK_TABLE + req * stride_bt
         page_next = tl.load(bt_row + (full_lo + offs_n) // PAGE_SIZE,
                             mask=full_lo + offs_n < full_hi, other=0)
-        for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
-            page = page_next
+    else:
+        page_next = offs_n  # a placeholder of the same type, never read
+    for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
+        page = page_next
+        if PAGED:
             ahead = start_n + BLOCK_N + offs_n
             page_next = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < full_hi, other=0)
-            acc, m_i, l_i = _attend_kv_tile(
-                acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n,
-                offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
-                stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
-                window_left, PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP,
-                IEEE_DOT, USE_TMA, BLOCK_D, page, True)
-    else:
-        for start_n in range(full_lo, full_hi, BLOCK_N):  # seen in full by every row
-            acc, m_i, l_i = _attend_kv_tile(
-                acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n,
-                offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
-                stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
-                window_left, PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP,
-                IEEE_DOT, USE_TMA, BLOCK_D)
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_end, pos, valid, req, hk, offs_n,
+            offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
+            stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
+            window_left, PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP,
+            IEEE_DOT, USE_TMA, BLOCK_D, page, PAGED)
     # causal diagonal and kv_len edge
     for start_n in tl.range(full_hi, kv_end, BLOCK_N, num_stages=BOUNDARY_STAGES):
         acc, m_i, l_i = _attend_kv_tile(
@@ -484,5 +480,6 @@ def attention_fwd(
         HAS_WINDOW=window_left >= 0, SOFT_CAP=soft_cap, RETURN_LSE=lse is not None,
         ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
         EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=use_tma,
-        HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
