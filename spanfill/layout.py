@@ -171,12 +171,15 @@ def plan_padded(
 ) -> TilePlan:
     """Tile plan for a padded batch ``[B, S, ...]`` viewed as ``B*S`` packed rows.
 
-    Every ``block_q`` rows of a sample that hold a valid row get a tile, ordered by
-    KV range. A sample's padding-only tiles form one run (a suffix when padded on
-    the right, a prefix on the left); the first of them becomes one entry over the
-    whole run, which the kernel fills with zeros, and the rest become empty slots
-    (``tile_req`` -1, no rows). One entry per sample costs far fewer programs than
-    one per tile, and the grid keeps its host-known size ``B * ceil(S / block_q)``.
+    Each sample's valid rows are tiled from its first valid row, as packed rows
+    would be, and ordered by KV range; after them comes one entry per sample that
+    holds all its rows of padding (a prefix when padded on the left, a suffix on
+    the right), which the kernel fills with zeros. One program per sample and head
+    group for the padding costs far less than one per tile of padding.
+
+    One single-program launch on a GPU (or under the interpreter); elsewhere, and
+    for plans too large for one program to sort, torch ops build a plan of the same
+    contract with tiles aligned to the sample's ``block_q`` grid instead.
 
     Parameters
     ----------
@@ -186,6 +189,35 @@ def plan_padded(
     padding_side : "right" or "left"
     causal : causal within the valid tokens
     """
+    device = valid_lens.device
+    num_req = valid_lens.shape[0]
+    tiles_per_req = (seq_len + block_q - 1) // block_q
+    # sum(ceil(valid_len / block_q)) <= B * ceil(S / block_q), plus B padding entries
+    max_tiles = max(num_req * (tiles_per_req + 1), 1)
+    on_kernel_device = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if on_kernel_device and num_req > 0:
+        from .kernels import MAX_PLAN_TILES, plan_packed_launch
+
+        if max_tiles <= MAX_PLAN_TILES:
+            i32 = torch.int32
+            lens = valid_lens.to(i32).contiguous()
+            q_start = torch.arange(0, num_req * seq_len, seq_len, dtype=i32, device=device)
+            if padding_side == "left":
+                q_start = q_start + (seq_len - lens)
+            q_stop = q_start + lens
+            tile_req, tile_row0, tile_row_end = plan_packed_launch(
+                None, lens, None, max_tiles, block_q, causal, q_start=q_start, q_stop=q_stop,
+                padded_seq_len=seq_len)
+            return TilePlan(tile_req, tile_row0, tile_row_end, q_start, lens, q_start, lens,
+                            block_q)
+    return _plan_padded_torch(valid_lens, seq_len, block_q, padding_side, causal)
+
+
+def _plan_padded_torch(
+    valid_lens: torch.Tensor, seq_len: int, block_q: int, padding_side: str, causal: bool
+) -> TilePlan:
+    """:func:`plan_padded` with torch ops (tiles on each sample's ``block_q`` grid; a
+    sample's padding-only tiles merged into one entry, the slots they leave empty)."""
     device = valid_lens.device
     lens = valid_lens.long()
     num_req = lens.shape[0]

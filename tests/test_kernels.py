@@ -51,6 +51,33 @@ def test_padded_prefill(dtype, causal, padding_side, d, hq, hk):
     assert (o[pad] == 0).all(), "padded rows must be exactly zero"
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padded_prefill_torch_plan(causal, padding_side, monkeypatch):
+    """The torch-built padded plan (plans too big for the one-program sort): tiles on
+    each sample's grid, padding-only tiles merged; same results, padded rows 0."""
+    import spanfill.kernels
+
+    monkeypatch.setattr(spanfill.kernels, "MAX_PLAN_TILES", 0)
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("the one-program plan ran")
+
+    monkeypatch.setattr(spanfill.kernels, "plan_packed_launch", no_launch)
+    torch.manual_seed(11)
+    b, s, hq, hk, d = 4, 37, 4, 2, 32
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.float16, device=DEVICE) for h in (hq, hk, hk))
+    valid_lens = torch.tensor([0, s, 1, 23], device=DEVICE)
+    layout = sf.PaddedLayout.build(valid_lens, s, padding_side)
+    with poisoned_allocations():
+        o, lse = sf.padded_prefill(q, k, v, layout, causal=causal, return_lse=True,
+                                   backend="triton")
+    ro, rlse = ref.padded_prefill(q, k, v, valid_lens, causal, padding_side)
+    assert relerr(o, ro) < TOLERANCE[torch.float16]
+    _check_lse(lse, rlse)
+    assert (o[torch.isinf(rlse)] == 0).all()
+
+
 @pytest.mark.parametrize("tma", ["default", "descriptor", "pointer"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padded_prefill_ignores_poisoned_padding(tma, padding_side, monkeypatch):

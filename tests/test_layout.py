@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import spanfill as sf
-from spanfill.layout import plan_packed, plan_padded
+from spanfill.layout import _plan_padded_torch, plan_packed, plan_padded
 
 
 def _table(rows: list[list[int]]) -> torch.Tensor:
@@ -60,32 +60,47 @@ def test_packed_plan_covers_every_row_once(block_q, causal):
     assert (first == 22) if causal else plan.tile_req[0].item() == 3
 
 
+# Padding-only entries of valid_lens [0, 7, 10, 3], S = 10, 4-row tiles. The one-launch
+# plan tiles from each sample's first valid row, so its entry holds all the padding;
+# the torch plan tiles on the sample's grid, so its entry holds the padding-only tiles.
+PADDING_ENTRIES = {
+    ("kernel", "right"): {0: (0, 10), 1: (17, 20), 3: (33, 40)},
+    ("kernel", "left"): {0: (0, 10), 1: (10, 13), 3: (30, 37)},
+    ("torch", "right"): {0: (0, 10), 1: (18, 20), 3: (34, 40)},
+    ("torch", "left"): {0: (0, 10), 3: (30, 34)},
+}
+
+
+@pytest.mark.parametrize("builder", ["kernel", "torch"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_padded_plan_covers_whole_batch(padding_side):
+def test_padded_plan_covers_whole_batch(padding_side, builder):
     valid = torch.tensor([0, 7, 10, 3])
-    plan = plan_padded(valid, 10, 4, padding_side, causal=False)
+    build = plan_padded if builder == "kernel" else _plan_padded_torch
+    plan = build(valid, 10, 4, padding_side, causal=False)
     covered = torch.zeros(40, dtype=torch.int64)
-    for r0, r1 in zip(plan.tile_row0.tolist(), plan.tile_row_end.tolist()):
-        covered[r0:r1] += 1
+    for req, r0, r1 in zip(plan.tile_req.tolist(), plan.tile_row0.tolist(),
+                           plan.tile_row_end.tolist()):
+        if req >= 0:
+            covered[r0:r1] += 1
     assert (covered == 1).all()  # padding too: those entries write the zeros
     pad = 10 - valid if padding_side == "left" else torch.zeros_like(valid)
     assert plan.q_start.tolist() == (torch.arange(4) * 10 + pad).tolist()
-    # Each sample's padding-only rows are one entry; the slots it replaced are empty.
-    zero_entries = {}
+    # Each sample's padding-only rows are one entry, after every tile with valid rows.
+    zero_entries, seen_zero = {}, False
     for req, r0, r1 in zip(plan.tile_req.tolist(), plan.tile_row0.tolist(),
                            plan.tile_row_end.tolist()):
         if req < 0:
-            assert r0 == r1
             continue
         q0 = plan.q_start[req].item()
         q1 = q0 + plan.q_len[req].item()
         if r1 <= q0 or r0 >= q1:
             assert req not in zero_entries
             zero_entries[req] = (r0, r1)
-    # 4-row tiles of 10-row samples: the padding-only runs, right or left padded
-    expect = ({0: (0, 10), 1: (18, 20), 3: (34, 40)} if padding_side == "right"
-              else {0: (0, 10), 3: (30, 34)})
-    assert zero_entries == expect
+            seen_zero = True
+        else:
+            assert not seen_zero, "a tile of valid rows after the padding entries"
+            assert r1 - r0 <= 4
+    assert zero_entries == PADDING_ENTRIES[builder, padding_side]
     assert plan.tile_req[-1].item() == -1  # empty slots come last
 
 
