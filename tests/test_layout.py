@@ -74,7 +74,9 @@ PADDING_ENTRIES = {
 @pytest.mark.parametrize("builder", ["kernel", "torch"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padded_plan_covers_whole_batch(padding_side, builder):
-    valid = torch.tensor([0, 7, 10, 3])
+    # The one-launch plan runs where the kernels do: a GPU, or the interpreter on the CPU.
+    device = "cuda" if builder == "kernel" and torch.cuda.is_available() else "cpu"
+    valid = torch.tensor([0, 7, 10, 3], device=device)
     build = plan_padded if builder == "kernel" else _plan_padded_torch
     plan = build(valid, 10, 4, padding_side, causal=False)
     covered = torch.zeros(40, dtype=torch.int64)
@@ -83,7 +85,7 @@ def test_padded_plan_covers_whole_batch(padding_side, builder):
         if req >= 0:
             covered[r0:r1] += 1
     assert (covered == 1).all()  # padding too: those entries write the zeros
-    pad = 10 - valid if padding_side == "left" else torch.zeros_like(valid)
+    pad = 10 - valid.cpu() if padding_side == "left" else torch.zeros(4, dtype=torch.int64)
     assert plan.q_start.tolist() == (torch.arange(4) * 10 + pad).tolist()
     # Each sample's padding-only rows are one entry, after every tile with valid rows.
     zero_entries, seen_zero = {}, False
