@@ -1,9 +1,10 @@
 """One attention kernel for padded, varlen and span (KV-with-holes) prefill.
 
 Each program takes one tile of the plan (up to ``BLOCK_Q`` packed query rows of
-one request) and ``HEADS`` q heads that share a KV head, stacked into the rows of
-a ``BLOCK_M = BLOCK_Q * HEADS`` block, so every K/V tile loaded from memory serves
-all of them. The KV loop is split into the tiles every valid row sees in full (no
+one request; with ``ZERO_FILL``, an entry of padding rows of any length, which
+it only fills with zeros) and ``HEADS`` q heads that share a KV head, stacked into
+the rows of a ``BLOCK_M = BLOCK_Q * HEADS`` block, so every K/V tile loaded from
+memory serves all of them. The KV loop is split into the tiles every valid row sees in full (no
 mask) and the boundary tiles that need the per-row mask (causal diagonal, kv_len
 edge, sliding-window or shard lower bound). Tiles outside every row's range are
 never visited.
