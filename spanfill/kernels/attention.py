@@ -153,8 +153,9 @@ def _fill_padding_rows(
 ):
     """Write 0 (and lse -inf) on packed rows ``[row0, row_end)`` for this program's heads.
 
-    The rows may be many tiles long: the plan gives each sample's whole run of
-    padding-only tiles to one entry (see :func:`spanfill.layout.plan_padded`).
+    The rows may be many tiles long: a padded plan gives all of a sample's padding
+    rows (the torch-built plan: its run of padding-only tiles) to one entry (see
+    :func:`spanfill.layout.plan_padded`).
     """
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
     offs_m = tl.arange(0, BLOCK_M)
