@@ -31,8 +31,8 @@ class TilePlan:
         (the grid is sized from host-known shapes, so it has an upper bound of tiles)
     tile_row0 : [num_tiles] int32, first packed row of the tile
     tile_row_end : [num_tiles] int32, one past the last packed row of the tile (at
-        most ``block_q`` rows past ``tile_row0``, except a padded plan's entry of
-        padding-only rows: see :func:`plan_padded`)
+        most ``block_q`` rows past ``tile_row0``, except a padded plan's entry of a
+        sample's padding rows: see :func:`plan_padded`)
     q_start : [B] int32, first packed row of each request's valid rows
     q_len : [B] int32, number of valid query rows of each request
     kv_row0 : [B] int32, row of each request's KV position 0 in a dense KV tensor
@@ -137,31 +137,69 @@ def _plan_packed_torch(
     kv_row0: torch.Tensor | None = None,
 ) -> TilePlan:
     """:func:`plan_packed` with torch ops: for plans larger than one program sorts."""
-    device = query_start_loc.device
     qsl = query_start_loc.long()
     num_req = qsl.shape[0] - 1
-    q_start, q_len = qsl[:-1], qsl[1:] - qsl[:-1]
+    max_tiles = max(num_tokens // block_q + num_req, 1)
+    return _plan_rows_torch(qsl[:-1], qsl[1:] - qsl[:-1], kv_len, max_tiles, block_q, causal,
+                            positions, kv_row0)
+
+
+def _plan_rows_torch(
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    kv_len: torch.Tensor,
+    max_tiles: int,
+    block_q: int,
+    causal: bool,
+    positions: torch.Tensor | None = None,
+    kv_row0: torch.Tensor | None = None,
+    padded_seq_len: int = 0,
+) -> TilePlan:
+    """The plan of :func:`spanfill.kernels.plan_packed_launch`, built with torch ops.
+
+    Request ``b`` owns rows ``[q_start[b], q_start[b] + q_len[b])``; ``max_tiles``
+    bounds its tiles. With ``padded_seq_len`` = S, one entry per sample with padding
+    follows the tiles, as the kernel's: ``[b*S, q_start[b])`` or ``[q_stop[b], (b+1)*S)``.
+    """
+    device = q_start.device
+    q_start, q_len = q_start.long(), q_len.long()
+    num_req = q_start.shape[0]
     if kv_row0 is None:
         kv_row0 = torch.zeros_like(q_start)
-    max_tiles = max(num_tokens // block_q + num_req, 1)
+    tile = torch.arange(max_tiles, device=device)
+    if num_req == 0:
+        empty = torch.full_like(tile, -1)
+        return _sorted_plan(empty, tile * 0, tile * 0, empty, q_start, q_len, kv_row0, kv_len,
+                            block_q)
     tiles_per_req = (q_len + block_q - 1) // block_q
     cum = torch.cumsum(tiles_per_req, 0)
-    tile = torch.arange(max_tiles, device=device)
     req = torch.searchsorted(cum, tile, right=True)
     valid = req < num_req
-    req_c = req.clamp(max=max(num_req - 1, 0))
+    req_c = req.clamp(max=num_req - 1)
     local = tile - (cum[req_c] - tiles_per_req[req_c])
     row0 = q_start[req_c] + local * block_q
     row_end = torch.minimum(row0 + block_q, q_start[req_c] + q_len[req_c])
     if causal:
         last = (row_end - 1).clamp(min=0)
-        last_pos = positions.long()[last.clamp(max=max(num_tokens - 1, 0))] if positions is not None \
-            else last - q_start[req_c]
+        last_pos = positions.long()[last.clamp(max=max(positions.shape[0] - 1, 0))] \
+            if positions is not None else last - q_start[req_c]
         work = last_pos + 1
     else:
         work = kv_len.long()[req_c]
     work = torch.where(valid, work, torch.full_like(work, -1))
     tile_req = torch.where(valid, req_c, torch.full_like(req_c, -1))
+    if padded_seq_len > 0:
+        # After every tile with rows (work >= 1), before the empty slots (-1).
+        sample0 = torch.arange(num_req, device=device) * padded_seq_len
+        left = q_start > sample0
+        pad0 = torch.where(left, sample0, q_start + q_len)
+        pad1 = torch.where(left, q_start, sample0 + padded_seq_len)
+        has_pad = pad1 > pad0
+        req_p = torch.arange(num_req, device=device)
+        tile_req = torch.cat([tile_req, torch.where(has_pad, req_p, -1)])
+        row0 = torch.cat([row0, pad0])
+        row_end = torch.cat([row_end, pad1])
+        work = torch.cat([work, has_pad.long() - 1])
     return _sorted_plan(tile_req, row0, row_end, work, q_start, q_len, kv_row0, kv_len,
                         block_q)
 
@@ -177,9 +215,8 @@ def plan_padded(
     the right), which the kernel fills with zeros. One program per sample and head
     group for the padding costs far less than one per tile of padding.
 
-    One single-program launch on a GPU (or under the interpreter); elsewhere, and
-    for plans too large for one program to sort, torch ops build a plan of the same
-    contract with tiles aligned to the sample's ``block_q`` grid instead.
+    One single-program launch on a GPU (or under the interpreter); torch ops build
+    the same plan elsewhere and when it is too large for one program to sort.
 
     Parameters
     ----------
@@ -191,64 +228,25 @@ def plan_padded(
     """
     device = valid_lens.device
     num_req = valid_lens.shape[0]
-    tiles_per_req = (seq_len + block_q - 1) // block_q
-    # sum(ceil(valid_len / block_q)) <= B * ceil(S / block_q), plus B padding entries
-    max_tiles = max(num_req * (tiles_per_req + 1), 1)
+    i32 = torch.int32
+    lens = valid_lens.to(i32).contiguous()
+    q_start = torch.arange(0, num_req * seq_len, seq_len, dtype=i32, device=device)
+    if padding_side == "left":
+        q_start = q_start + (seq_len - lens)
+    # sum(ceil(valid_len / block_q)) <= B * ceil(S / block_q)
+    max_tiles = max(num_req * ((seq_len + block_q - 1) // block_q), 1)
     on_kernel_device = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if on_kernel_device and num_req > 0:
         from .kernels import MAX_PLAN_TILES, plan_packed_launch
 
-        if max_tiles <= MAX_PLAN_TILES:
-            i32 = torch.int32
-            lens = valid_lens.to(i32).contiguous()
-            q_start = torch.arange(0, num_req * seq_len, seq_len, dtype=i32, device=device)
-            if padding_side == "left":
-                q_start = q_start + (seq_len - lens)
-            q_stop = q_start + lens
+        if max_tiles + num_req <= MAX_PLAN_TILES:
             tile_req, tile_row0, tile_row_end = plan_packed_launch(
-                None, lens, None, max_tiles, block_q, causal, q_start=q_start, q_stop=q_stop,
-                padded_seq_len=seq_len)
+                None, lens, None, max_tiles + num_req, block_q, causal, q_start=q_start,
+                q_stop=q_start + lens, padded_seq_len=seq_len)
             return TilePlan(tile_req, tile_row0, tile_row_end, q_start, lens, q_start, lens,
                             block_q)
-    return _plan_padded_torch(valid_lens, seq_len, block_q, padding_side, causal)
-
-
-def _plan_padded_torch(
-    valid_lens: torch.Tensor, seq_len: int, block_q: int, padding_side: str, causal: bool
-) -> TilePlan:
-    """:func:`plan_padded` with torch ops (tiles on each sample's ``block_q`` grid; a
-    sample's padding-only tiles merged into one entry, the slots they leave empty)."""
-    device = valid_lens.device
-    lens = valid_lens.long()
-    num_req = lens.shape[0]
-    tiles_per_req = (seq_len + block_q - 1) // block_q
-    tile = torch.arange(max(num_req * tiles_per_req, 1), device=device)
-    req = (tile // tiles_per_req).clamp(max=max(num_req - 1, 0))
-    row0 = req * seq_len + (tile % tiles_per_req) * block_q
-    row_end = torch.minimum(row0 + block_q, (req + 1) * seq_len)
-    pad = seq_len - lens if padding_side == "left" else torch.zeros_like(lens)
-    q_start = torch.arange(num_req, device=device) * seq_len + pad
-    first = torch.maximum(row0, q_start[req])
-    last = torch.minimum(row_end, q_start[req] + lens[req]) - 1
-    has_rows = last >= first
-    work = (last - q_start[req] + 1) if causal else lens[req]
-    work = torch.where(has_rows, work, torch.zeros_like(work))
-    tile_req = req if num_req > 0 else torch.full_like(req, -1)
-    if num_req > 0:
-        # Merge each sample's padding-only tiles into its first one.
-        pure = (~has_rows).view(num_req, tiles_per_req)
-        idx = (tile % tiles_per_req).view(num_req, tiles_per_req)
-        first_pure = torch.where(pure, idx, tiles_per_req).min(dim=1).values
-        n_pure = pure.sum(dim=1)
-        head = ~has_rows & ((tile % tiles_per_req) == first_pure[req])
-        run_end = torch.minimum(row0 + n_pure[req] * block_q, (req + 1) * seq_len)
-        row_end = torch.where(head, run_end, row_end)
-        empty = ~has_rows & ~head
-        tile_req = torch.where(empty, torch.full_like(req, -1), tile_req)
-        row0 = torch.where(empty, torch.zeros_like(row0), row0)
-        row_end = torch.where(empty, torch.zeros_like(row_end), row_end)
-        work = torch.where(empty, torch.full_like(work, -1), work)  # empty slots last
-    return _sorted_plan(tile_req, row0, row_end, work, q_start, lens, q_start, lens, block_q)
+    return _plan_rows_torch(q_start, lens, lens, max_tiles, block_q, causal, kv_row0=q_start,
+                            padded_seq_len=seq_len)
 
 
 @dataclass

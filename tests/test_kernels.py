@@ -54,8 +54,8 @@ def test_padded_prefill(dtype, causal, padding_side, d, hq, hk):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padded_prefill_torch_plan(causal, padding_side, monkeypatch):
-    """The torch-built padded plan (plans too big for the one-program sort): tiles on
-    each sample's grid, padding-only tiles merged; same results, padded rows 0."""
+    """The torch-built padded plan (plans too big for the one-program sort): same
+    results, padded rows 0."""
     import spanfill.kernels
 
     monkeypatch.setattr(spanfill.kernels, "MAX_PLAN_TILES", 0)

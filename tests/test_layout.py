@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import spanfill as sf
-from spanfill.layout import _plan_padded_torch, plan_packed, plan_padded
+from spanfill.layout import plan_packed, plan_padded
 
 
 def _table(rows: list[list[int]]) -> torch.Tensor:
@@ -60,25 +60,31 @@ def test_packed_plan_covers_every_row_once(block_q, causal):
     assert (first == 22) if causal else plan.tile_req[0].item() == 3
 
 
-# Padding-only entries of valid_lens [0, 7, 10, 3], S = 10, 4-row tiles. The one-launch
-# plan tiles from each sample's first valid row, so its entry holds all the padding;
-# the torch plan tiles on the sample's grid, so its entry holds the padding-only tiles.
-PADDING_ENTRIES = {
-    ("kernel", "right"): {0: (0, 10), 1: (17, 20), 3: (33, 40)},
-    ("kernel", "left"): {0: (0, 10), 1: (10, 13), 3: (30, 37)},
-    ("torch", "right"): {0: (0, 10), 1: (18, 20), 3: (34, 40)},
-    ("torch", "left"): {0: (0, 10), 3: (30, 34)},
-}
+# Padding entries of valid_lens [0, 7, 10, 3], S = 10, 4-row tiles: tiles start at
+# each sample's first valid row, so one entry holds all of a sample's padding.
+PADDING_ENTRIES = {"right": {0: (0, 10), 1: (17, 20), 3: (33, 40)},
+                   "left": {0: (0, 10), 1: (10, 13), 3: (30, 37)}}
+
+
+def _force_torch_plan(monkeypatch):
+    import spanfill.kernels
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("the one-program plan ran")
+
+    monkeypatch.setattr(spanfill.kernels, "MAX_PLAN_TILES", 0)
+    monkeypatch.setattr(spanfill.kernels, "plan_packed_launch", no_launch)
 
 
 @pytest.mark.parametrize("builder", ["kernel", "torch"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_padded_plan_covers_whole_batch(padding_side, builder):
+def test_padded_plan_covers_whole_batch(padding_side, builder, monkeypatch):
+    if builder == "torch":
+        _force_torch_plan(monkeypatch)
     # The one-launch plan runs where the kernels do: a GPU, or the interpreter on the CPU.
     device = "cuda" if builder == "kernel" and torch.cuda.is_available() else "cpu"
     valid = torch.tensor([0, 7, 10, 3], device=device)
-    build = plan_padded if builder == "kernel" else _plan_padded_torch
-    plan = build(valid, 10, 4, padding_side, causal=False)
+    plan = plan_padded(valid, 10, 4, padding_side, causal=False)
     covered = torch.zeros(40, dtype=torch.int64)
     for req, r0, r1 in zip(plan.tile_req.tolist(), plan.tile_row0.tolist(),
                            plan.tile_row_end.tolist()):
@@ -87,7 +93,7 @@ def test_padded_plan_covers_whole_batch(padding_side, builder):
     assert (covered == 1).all()  # padding too: those entries write the zeros
     pad = 10 - valid.cpu() if padding_side == "left" else torch.zeros(4, dtype=torch.int64)
     assert plan.q_start.tolist() == (torch.arange(4) * 10 + pad).tolist()
-    # Each sample's padding-only rows are one entry, after every tile with valid rows.
+    # Each sample's padding rows are one entry, after every tile with valid rows.
     zero_entries, seen_zero = {}, False
     for req, r0, r1 in zip(plan.tile_req.tolist(), plan.tile_row0.tolist(),
                            plan.tile_row_end.tolist()):
@@ -101,9 +107,30 @@ def test_padded_plan_covers_whole_batch(padding_side, builder):
             seen_zero = True
         else:
             assert not seen_zero, "a tile of valid rows after the padding entries"
-            assert r1 - r0 <= 4
-    assert zero_entries == PADDING_ENTRIES[builder, padding_side]
+            assert q0 <= r0 < r1 <= q1 and r1 - r0 <= 4
+    assert zero_entries == PADDING_ENTRIES[padding_side]
     assert plan.tile_req[-1].item() == -1  # empty slots come last
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padded_plan_kernel_matches_torch_plan(causal, padding_side, monkeypatch):
+    """The one-launch padded plan equals the torch-ops one, entry for entry (-1 slots
+    aside: the kernel leaves a sample without padding an empty slot in place)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    valid = torch.randint(0, 70, (29,), generator=gen)
+    valid[3], valid[4] = 0, 69
+    valid = valid.to(device)
+    fast = plan_padded(valid, 69, 16, padding_side, causal)
+    _force_torch_plan(monkeypatch)
+    slow = plan_padded(valid, 69, 16, padding_side, causal)
+    assert fast.num_tiles == slow.num_tiles
+    keep_f, keep_s = fast.tile_req >= 0, slow.tile_req >= 0
+    for name in ("tile_req", "tile_row0", "tile_row_end"):
+        assert torch.equal(getattr(fast, name)[keep_f].cpu(), getattr(slow, name)[keep_s].cpu()), name
+    for name in ("q_start", "q_len", "kv_row0", "kv_len"):
+        assert torch.equal(getattr(fast, name).cpu(), getattr(slow, name).cpu()), name
 
 
 def test_tile_plan_is_cached():
