@@ -58,36 +58,34 @@ def main() -> None:
         "tile_plan (cached)": lambda: layout.tile_plan(cfg.block_q, False),
         "out.view": lambda: out.view(q.shape),
     }
-    import os
-
     import spanfill.kernels.attention as attn
     captured = {}
-    launcher = attn._launch_attn_fwd
+    real = attn._attn_fwd_kernel
 
-    def capture(grid, args, constexprs, num_warps, num_stages, device):
-        captured.update(grid=grid, args=args, constexprs=constexprs, num_warps=num_warps,
-                        num_stages=num_stages, device=device)
-        return launcher(grid, args, constexprs, num_warps, num_stages, device)
+    class Capture:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                captured.update(grid=grid, args=args, kwargs=kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
 
-    attn._launch_attn_fwd = capture
+    attn._attn_fwd_kernel = Capture()
     attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)
-    attn._launch_attn_fwd = launcher
-    c = captured
-    pieces["bare Triton launch (args prebuilt)"] = lambda: attn._attn_fwd_kernel[(c["grid"],)](
-        *c["args"], **c["constexprs"], num_warps=c["num_warps"], num_stages=c["num_stages"])
-    pieces["cached launch (args prebuilt)"] = lambda: launcher(
-        c["grid"], c["args"], c["constexprs"], c["num_warps"], c["num_stages"], c["device"])
+    attn._attn_fwd_kernel = real
+    pieces["bare Triton launch (args prebuilt)"] = lambda: real[captured["grid"]](
+        *captured["args"], **captured["kwargs"])
     for label, fn in pieces.items():
         print(f"{label}: {host_us(fn, 2000):.2f} us")
 
-    attn._launch_attn_fwd = lambda *args: None
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    attn._attn_fwd_kernel = NoLaunch()
     print(f"padded_prefill, launch stubbed out: {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
     print(f"attention_fwd, launch stubbed out: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)):.1f} us")
-    attn._launch_attn_fwd = launcher
+    attn._attn_fwd_kernel = real
     print(f"padded_prefill again: {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
-    os.environ["SPANFILL_FAST_LAUNCH"] = "0"
-    print(f"padded_prefill, SPANFILL_FAST_LAUNCH=0: {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
-    del os.environ["SPANFILL_FAST_LAUNCH"]
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(300):

@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from .configs import AttentionConfig, has_tma
-from .launch import CachedLauncher
 
 
 @triton.jit
@@ -329,9 +328,6 @@ def _attn_fwd_kernel(
         tl.store(LSE + row64 * stride_lt + head * stride_lh, lse, mask=store_rows)
 
 
-_launch_attn_fwd = CachedLauncher(_attn_fwd_kernel)
-
-
 # Below this many multiply-adds (rows x mean KV length x Hq x D, an upper bound
 # known without a sync) a launch takes dense KV through plain loads: the two
 # descriptors cost ~20-40 us of host time per launch on the H100 machines, more
@@ -470,7 +466,8 @@ def attention_fwd(
     # pipelined diagonal loop is 1-4% faster (bench/results/logs/kernel_ab_*).
     boundary_stages = 1 if (window_left >= 0 or kv_lo is not None or head_dim > 128) \
         else cfg.num_stages
-    args = (
+    grid = (plan.num_tiles * head_groups,)
+    return _attn_fwd_kernel[grid](
         q, k_arg, v_arg, out, lse_arg, positions if positions is not None else plan.q_start,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len, kv_lo if kv_lo is not None else plan.kv_len, bt,
@@ -478,8 +475,6 @@ def attention_fwd(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *lse_strides,
         kpage, krow, kh, vpage, vrow, vh,
         stride_bt,
-    )
-    constexprs = dict(
         GROUP=num_q_heads // num_kv_heads, HEADS=cfg.heads, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size, CAUSAL=causal, PAGED=paged,
@@ -488,6 +483,5 @@ def attention_fwd(
         ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
         EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=use_tma,
         HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return _launch_attn_fwd(plan.num_tiles * head_groups, args, constexprs, cfg.num_warps,
-                            cfg.num_stages, q.device)
