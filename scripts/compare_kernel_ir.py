@@ -41,7 +41,7 @@ KERNEL = "spanfill/kernels/attention.py"
 def load_kernel_module(rev: str | None, tmp: Path):
     """The kernel module at git revision ``rev`` (None: the working tree), compiled-mode.
 
-    Loaded from a copy with its relative import made absolute, and with the
+    Loaded from a copy with its relative imports made absolute, and with the
     interpreter switched off while its ``@triton.jit`` decorators run (the test
     suite sets ``TRITON_INTERPRET=1``, under which they give interpreted functions).
     """
@@ -52,7 +52,8 @@ def load_kernel_module(rev: str | None, tmp: Path):
                               capture_output=True, text=True).stdout
     name = f"attention_at_{rev or 'worktree'}".replace("~", "_").replace("^", "_")
     path = tmp / f"{name}.py"
-    path.write_text(text.replace("from .configs import", "from spanfill.kernels.configs import"))
+    path.write_text(re.sub(r"^from \.(\w+) import", r"from spanfill.kernels.\1 import", text,
+                           flags=re.MULTILINE))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     saved = os.environ.get("TRITON_INTERPRET")
