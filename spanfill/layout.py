@@ -104,44 +104,51 @@ def plan_packed(
     kv_row0 : [B] int32 or None, row of each request's position 0 in a dense KV tensor
     """
     num_req = query_start_loc.shape[0] - 1
+    qsl = query_start_loc.to(torch.int32).contiguous()
     # sum(ceil(n_b / block_q)) <= T // block_q + B: a host-known bound on the grid.
-    max_tiles = max(num_tokens // block_q + num_req, 1)
-    on_kernel_device = (query_start_loc.device.type == "cuda"
-                        or os.environ.get("TRITON_INTERPRET") == "1")
-    if not on_kernel_device or num_req == 0:
-        return _plan_packed_torch(query_start_loc, kv_len, num_tokens, block_q, causal,
-                                  positions, kv_row0)
-    from .kernels import MAX_PLAN_TILES, plan_packed_launch
-
-    if max_tiles > MAX_PLAN_TILES:
-        return _plan_packed_torch(query_start_loc, kv_len, num_tokens, block_q, causal,
-                                  positions, kv_row0)
-    i32 = torch.int32
-    qsl = query_start_loc.to(i32).contiguous()
-    kv_len = kv_len.to(i32).contiguous()
-    tile_req, tile_row0, tile_row_end = plan_packed_launch(
-        qsl, kv_len, positions.to(i32).contiguous() if positions is not None else None,
-        max_tiles, block_q, causal)
-    kv_row0 = torch.zeros_like(kv_len) if kv_row0 is None else kv_row0.to(i32).contiguous()
-    return TilePlan(tile_req, tile_row0, tile_row_end, qsl[:-1], qsl[1:] - qsl[:-1], kv_row0,
-                    kv_len, block_q)
+    return _plan_rows(qsl[:-1], qsl[1:] - qsl[:-1], kv_len,
+                      max(num_tokens // block_q + num_req, 1), block_q, causal,
+                      positions=positions, kv_row0=kv_row0, q_stop=qsl[1:])
 
 
-def _plan_packed_torch(
-    query_start_loc: torch.Tensor,
+def _plan_rows(
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
     kv_len: torch.Tensor,
-    num_tokens: int,
+    max_tiles: int,
     block_q: int,
     causal: bool,
     positions: torch.Tensor | None = None,
     kv_row0: torch.Tensor | None = None,
+    padded_seq_len: int = 0,
+    q_stop: torch.Tensor | None = None,
 ) -> TilePlan:
-    """:func:`plan_packed` with torch ops: for plans larger than one program sorts."""
-    qsl = query_start_loc.long()
-    num_req = qsl.shape[0] - 1
-    max_tiles = max(num_tokens // block_q + num_req, 1)
-    return _plan_rows_torch(qsl[:-1], qsl[1:] - qsl[:-1], kv_len, max_tiles, block_q, causal,
-                            positions, kv_row0)
+    """The plan of every layout: request ``b`` owns rows ``[q_start[b], q_start[b] + q_len[b])``.
+
+    One single-program launch where the kernels run (a GPU, or the interpreter);
+    torch ops build the same plan elsewhere and when it has more slots than one
+    program sorts. ``max_tiles`` bounds the tiles (the grid); ``padded_seq_len``
+    = S adds one padding entry per sample after them (see :func:`plan_padded`);
+    ``q_stop`` may pass ``q_start + q_len`` when the caller has it as a view.
+    """
+    num_req = q_start.shape[0]
+    slots = max_tiles + (num_req if padded_seq_len > 0 else 0)
+    on_kernel_device = q_start.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if on_kernel_device and num_req > 0:
+        from .kernels import MAX_PLAN_TILES, plan_packed_launch
+
+        if slots <= MAX_PLAN_TILES:
+            i32 = torch.int32
+            kv_len = kv_len.to(i32).contiguous()
+            tile_req, tile_row0, tile_row_end = plan_packed_launch(
+                q_start, q_start + q_len if q_stop is None else q_stop, kv_len,
+                positions.to(i32).contiguous() if positions is not None else None,
+                slots, block_q, causal, padded_seq_len)
+            kv_row0 = torch.zeros_like(kv_len) if kv_row0 is None else kv_row0.to(i32).contiguous()
+            return TilePlan(tile_req, tile_row0, tile_row_end, q_start, q_len, kv_row0, kv_len,
+                            block_q)
+    return _plan_rows_torch(q_start, q_len, kv_len, max_tiles, block_q, causal, positions,
+                            kv_row0, padded_seq_len)
 
 
 def _plan_rows_torch(
@@ -155,7 +162,7 @@ def _plan_rows_torch(
     kv_row0: torch.Tensor | None = None,
     padded_seq_len: int = 0,
 ) -> TilePlan:
-    """The plan of :func:`spanfill.kernels.plan_packed_launch`, built with torch ops.
+    """:func:`_plan_rows` with torch ops (the plan of ``plan_packed_launch``).
 
     Request ``b`` owns rows ``[q_start[b], q_start[b] + q_len[b])``; ``max_tiles``
     bounds its tiles. With ``padded_seq_len`` = S, one entry per sample with padding
@@ -215,9 +222,6 @@ def plan_padded(
     the right), which the kernel fills with zeros. One program per sample and head
     group for the padding costs far less than one per tile of padding.
 
-    One single-program launch on a GPU (or under the interpreter); torch ops build
-    the same plan elsewhere and when it is too large for one program to sort.
-
     Parameters
     ----------
     valid_lens : [B] int, valid tokens per sample
@@ -235,18 +239,8 @@ def plan_padded(
         q_start = q_start + (seq_len - lens)
     # sum(ceil(valid_len / block_q)) <= B * ceil(S / block_q)
     max_tiles = max(num_req * ((seq_len + block_q - 1) // block_q), 1)
-    on_kernel_device = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if on_kernel_device and num_req > 0:
-        from .kernels import MAX_PLAN_TILES, plan_packed_launch
-
-        if max_tiles + num_req <= MAX_PLAN_TILES:
-            tile_req, tile_row0, tile_row_end = plan_packed_launch(
-                None, lens, None, max_tiles + num_req, block_q, causal, q_start=q_start,
-                q_stop=q_start + lens, padded_seq_len=seq_len)
-            return TilePlan(tile_req, tile_row0, tile_row_end, q_start, lens, q_start, lens,
-                            block_q)
-    return _plan_rows_torch(q_start, lens, lens, max_tiles, block_q, causal, kv_row0=q_start,
-                            padded_seq_len=seq_len)
+    return _plan_rows(q_start, lens, lens, max_tiles, block_q, causal, kv_row0=q_start,
+                      padded_seq_len=seq_len)
 
 
 @dataclass

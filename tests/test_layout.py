@@ -158,10 +158,8 @@ def test_tensor_path_makes_no_host_sync():
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("block_q", [4, 16])
-def test_plan_kernel_matches_torch_plan(causal, block_q):
+def test_plan_kernel_matches_torch_plan(causal, block_q, monkeypatch):
     """The single-program Triton plan equals the torch-ops plan, tile for tile."""
-    from spanfill.layout import _plan_packed_torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(block_q)
     counts = torch.randint(0, 40, (37,), generator=gen)
@@ -172,7 +170,8 @@ def test_plan_kernel_matches_torch_plan(causal, block_q):
     kv_len = torch.randint(200, 300, (37,), generator=gen).int().to(device)
     positions = positions.int().to(device)
     fast = plan_packed(qsl, kv_len, num_tokens, block_q, causal, positions=positions)
-    slow = _plan_packed_torch(qsl, kv_len, num_tokens, block_q, causal, positions=positions)
+    _force_torch_plan(monkeypatch)
+    slow = plan_packed(qsl, kv_len, num_tokens, block_q, causal, positions=positions)
     assert torch.equal(fast.tile_req, slow.tile_req)
     valid = slow.tile_req >= 0  # unused slots (-1) carry no rows
     assert torch.equal(fast.tile_row0[valid], slow.tile_row0[valid])

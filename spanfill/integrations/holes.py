@@ -30,8 +30,8 @@ from ..cache import PagedKVCache
 from ..layout import SpanLayout
 from ..ops import append_kv, span_prefill
 
-__all__ = ["NAME", "attention_noise_floor", "fill_holes", "fill_holes_per_span", "decode_step", "prefill_cache",
-           "poison_holes", "make_cache", "transformers_kv"]
+__all__ = ["NAME", "attention_noise_floor", "fill_holes", "fill_holes_per_span", "decode_step",
+           "prefill_cache", "poison_holes", "make_cache", "transformers_kv"]
 
 NAME = "spanfill_holes"
 Spans = Sequence[tuple[int, int]]

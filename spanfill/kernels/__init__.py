@@ -7,6 +7,6 @@ from .merge import merge_states_launch, merge_two_launch
 from .plan import MAX_PLAN_TILES, plan_packed_launch
 
 __all__ = [
-    "append_kv_launch", "attention_fwd", "dense_kv_uses_tma", "AttentionConfig", "pick_config", "MAX_PLAN_TILES",
-    "plan_packed_launch", "merge_states_launch", "merge_two_launch",
+    "append_kv_launch", "attention_fwd", "dense_kv_uses_tma", "AttentionConfig", "pick_config",
+    "MAX_PLAN_TILES", "plan_packed_launch", "merge_states_launch", "merge_two_launch",
 ]

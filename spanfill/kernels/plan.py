@@ -101,29 +101,27 @@ MAX_PLAN_TILES = 8192
 
 
 def plan_packed_launch(
-    query_start_loc: torch.Tensor | None,
+    q_start: torch.Tensor,
+    q_stop: torch.Tensor,
     kv_len: torch.Tensor,
     positions: torch.Tensor | None,
     num_tiles: int,
     block_q: int,
     causal: bool,
-    q_start: torch.Tensor | None = None,
-    q_stop: torch.Tensor | None = None,
     padded_seq_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sorted tile plan of packed rows (or of a padded batch's valid rows).
 
     Parameters
     ----------
-    query_start_loc : [B+1] int32, or None when ``q_start``/``q_stop`` are given
+    q_start, q_stop : [B] int32, request ``b`` owns rows ``[q_start[b], q_stop[b])``
+        (packed rows: the two views ``query_start_loc[:-1]`` and ``[1:]``)
     kv_len : [B] int32
     positions : [T] int32 or None (rows at 0, 1, ... within a request)
     num_tiles : host bound on the number of tiles (the grid size), <= MAX_PLAN_TILES;
         with ``padded_seq_len``, room for ``B`` padding entries too
     block_q : query tokens per tile
     causal : sort by the last row's position + 1 instead of by kv_len
-    q_start, q_stop : [B] int32, request ``b`` owns rows ``[q_start[b], q_stop[b])``
-        (instead of ``query_start_loc``)
     padded_seq_len : S > 0: the rows are a padded batch ``[B, S]``; after the sorted
         tiles come one entry per sample with its padding rows (request -1 if none)
 
@@ -132,8 +130,6 @@ def plan_packed_launch(
     tile_req, tile_row0, tile_row_end : [num_tiles] int32, longest KV range first;
         unused slots have ``tile_req == -1``
     """
-    if q_start is None:
-        q_start, q_stop = query_start_loc[:-1], query_start_loc[1:]
     device = kv_len.device
     num_req = kv_len.shape[0]
     tiles = triton.next_power_of_2(max(num_tiles, 16))
