@@ -26,6 +26,8 @@ class Prepared:
     expect_wrong : the provider is known to compute something else; its error is
         recorded and it is timed anyway
     note : goes into the CSV
+    tile_work : spanfill only: the kernel's work on its plan against the counted
+        work (:func:`bench.tile_work.tile_work`), written as a ``tile_work`` row
     """
 
     run: Callable[[], object]
@@ -35,6 +37,7 @@ class Prepared:
     own_check: Callable[[], float] | None = None
     expect_wrong: bool = False
     note: str = ""
+    tile_work: Callable[[], object] | None = None
 
 
 def spanfill_backend(device: torch.device) -> str | None:

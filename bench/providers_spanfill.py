@@ -18,6 +18,7 @@ import spanfill as sf
 
 from .check import packed_valid_index
 from .providers_base import Prepared, spanfill_backend, window_of
+from .tile_work import TileWork, tile_work
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
 __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_padded_kernel",
@@ -31,6 +32,12 @@ def block_q_for(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, pag
         return pick_config(head_dim, dtype, group, on_gpu, paged=paged).block_q
     except TypeError:  # an older pick_config without ``paged``
         return pick_config(head_dim, dtype, group, on_gpu).block_q
+
+
+def _block_n(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool) -> int:
+    from spanfill.kernels import pick_config
+
+    return pick_config(head_dim, dtype, group, on_gpu, paged=paged).block_n
 
 
 def _plan_key(layout: object, fallback: Callable[[], int], causal: bool) -> tuple[int, bool]:
@@ -65,7 +72,13 @@ def spanfill_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     note = f"prebuilt SpanLayout; plan block_q={key[0]}"
     if window >= 0:
         note += f"; window_left={window}"
-    return Prepared(run, run, plan, note=note)
+
+    def work() -> TileWork:
+        # On a CPU the reference ran; this is the kernel's work with the CPU tile sizes.
+        block_n = _block_n(w.head_dim, t.q.dtype, group, t.q.is_cuda, paged=True)
+        return tile_work(layout.tile_plan(*key), block_n, True, layout.positions, window)
+
+    return Prepared(run, run, plan, note=note, tile_work=work)
 
 
 def spanfill_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
@@ -124,7 +137,8 @@ def spanfill_padded_kernel(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
         return prepared
     return Prepared(run, lambda: run()[idx], note="attention kernel on the padded batch, plan "
                                                    "prebuilt, zero-filled padding (spanfill "
-                                                   "internals, as padded_prefill calls them)")
+                                                   "internals, as padded_prefill calls them)",
+                    tile_work=lambda: tile_work(plan, cfg.block_n, w.causal))
 
 
 def _pack(w: PaddedWorkload, t: PaddedTensors) -> tuple[torch.Tensor, ...]:

@@ -168,6 +168,16 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
                 r = None if s is None or nopad is None else s / nopad
                 add("padded time / same batch without padding", w, r, "<= 1.10x",
                     None if r is None else r <= 1.10)
+        for p in ("spanfill", "spanfill_kernel"):
+            # Tile waste (bench.tile_work): how much of a shortfall is work the tiles
+            # do beyond the counted FLOPs, and the rate on the work they do.
+            tw = _p50(index, w, p, "tile_work")
+            if tw is not None:
+                add(f"  tile work / counted work ({p})", w, tw, "(info)", None)
+                tf = _tflops(index, w, p)
+                if tf is not None:
+                    add(f"  {p} TFLOP/s on the work its tiles do", w, tf * tw, "(info)", None,
+                        "{:.0f}")
     micro = {(str(r.get("workload")), str(r.get("provider")), str(r.get("metric"))): r
              for r in rows}
     graph = micro.get(("plan_1000_spans", "spanfill", "plan_graph_time"))

@@ -154,6 +154,13 @@ def run_provider(name: str, fn: Callable, w: Workload, tensors: object, checker:
                 "tflops": flops / (stats.p50 * 1e-3) / 1e12,
                 "note": f"{prep.note}; {stats.reps} reps; "
                         f"{L2_FLUSH_NOTE if device.type == 'cuda' else 'host clock'}"})
+    if prep.tile_work is not None:
+        work = prep.tile_work()
+        sink.write({**base, "provider": name, "metric": "tile_work", "unit": "x counted",
+                    "p50": work.ratio,
+                    "note": f"KV positions the kernel's tiles compute (all block_q token slots, "
+                            f"whole BLOCK_N steps) / positions the valid rows see; row fill "
+                            f"{work.row_fill:.3f} over {work.tiles} tiles per head"})
     if prep.plan is not None:
         plan_timing = {k: v for k, v in timing.items() if k != "flush_l2"}
         stats = time_wall(prep.plan, device, **plan_timing)

@@ -201,6 +201,11 @@ def test_smoke_run_writes_csv_plots_and_table(tmp_path: Path, monkeypatch: pytes
     assert ("vs FlexAttention kernel alone", "scatter15") in goals
     assert ("padded kernel / same batch without padding", "bert_base_512") in goals
     assert "sweep:span_len" in markdown(rows)
+    work = {r["workload"]: float(r["p50"]) for r in rows
+            if r["metric"] == "tile_work" and r["provider"] == "spanfill"}
+    assert {"few_big", "many_small", "scatter15", "long_32k"} <= set(work)
+    assert all(v >= 1.0 for v in work.values()), work
+    assert ("  tile work / counted work", "scatter15") in goals
 
 
 def test_sliding_window_workload() -> None:

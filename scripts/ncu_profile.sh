@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Profile spanfill's attention kernel with Nsight Compute on core bench workloads.
+#
+#   bash scripts/ncu_profile.sh OUTDIR many_small scatter15 bert_base_512
+#
+# Per workload: OUTDIR/ncu_<name>.log holds the details page (occupancy, throughput,
+# registers, warp states) followed by scripts/ncu_stalls.py's summary of the SASS
+# source page (stall reasons, the instructions with the most samples). One launch
+# (the third: the first compiles, see scripts/profile_kernel.py), --set full.
+set -euo pipefail
+out=$1; shift
+mkdir -p "$out"
+ncu=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
+for name in "$@"; do
+    rep="$out/ncu_$name"
+    "$ncu" --kernel-name regex:_attn_fwd --launch-skip 2 --launch-count 1 --set full \
+        --import-source no -f -o "$rep" python3 scripts/profile_kernel.py "$name" > "$rep.run.log" 2>&1
+    {
+        echo "# ncu --set full, one launch of _attn_fwd_kernel on $name (scripts/ncu_profile.sh)"
+        nvidia-smi --query-gpu=name --format=csv,noheader
+        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+        "$ncu" -i "$rep.ncu-rep" --page details
+        echo
+        "$ncu" -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.sass.csv"
+        python3 scripts/ncu_stalls.py "$rep.sass.csv"
+    } > "$rep.log" 2>&1
+    rm -f "$rep.sass.csv"
+    echo "$name: $rep.log"
+done
