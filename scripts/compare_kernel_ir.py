@@ -10,10 +10,18 @@ each with the tile shape ``pick_config`` gives on an H100.
 Usage::
 
     python scripts/compare_kernel_ir.py [REV]      # REV defaults to HEAD
+    python scripts/compare_kernel_ir.py --features # JSON: what each case compiles to
+
+Run it as its own process, never inside one that imported Triton under
+``TRITON_INTERPRET=1`` (the test suite): there ``tl.zeros`` and the other
+``triton.language`` helpers are interpreted functions, and compiling a kernel that
+is not in Triton's cache fails (``tests/test_compile_sm90.py`` runs it in a
+subprocess with an empty cache).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -68,7 +76,9 @@ def load_kernel_module(rev: str | None, tmp: Path):
     return module
 
 
-def _cases() -> dict[str, dict]:
+def _cases(lazy: bool = False) -> dict[str, dict]:
+    """The launches to compare; ``lazy`` turns on ``LAZY_RESCALE`` (a kernel revision
+    without that switch compiles without it)."""
     cases = {}
     for name, d, group, paged, tma in (("paged_causal_d128_gqa4", 128, 4, True, False),
                                        ("padded_d64", 64, 1, False, False),
@@ -80,7 +90,7 @@ def _cases() -> dict[str, dict]:
                             CAUSAL=paged, PAGED=paged, HAS_POSITIONS=paged, HAS_KV_LO=False,
                             HAS_WINDOW=False, SOFT_CAP=False, RETURN_LSE=not paged,
                             ZERO_FILL=not paged, IEEE_DOT=False, EVEN_D=True, USE_TMA=tma,
-                            HEAD_GROUPS=8, BOUNDARY_STAGES=cfg.num_stages),
+                            HEAD_GROUPS=8, BOUNDARY_STAGES=cfg.num_stages, LAZY=lazy),
             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), d=d, tma=tma)
     return cases
 
@@ -108,14 +118,33 @@ def _signature(fn, case: dict) -> dict[str, str]:
 def ttgir(module, case: dict) -> str:
     """The kernel's TTGIR for sm_90 with source locations removed."""
     fn = module._attn_fwd_kernel
-    consts = {(fn.arg_names.index(k),): v for k, v in case["constexprs"].items()}
+    consts = {(fn.arg_names.index(k),): v for k, v in case["constexprs"].items()
+              if k in fn.arg_names}
     src = ASTSource(fn=fn, signature=_signature(fn, case), constexprs=consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=case["options"])
     text = re.sub(r" loc\(#loc\d*\)", "", kernel.asm["ttgir"])
     return "\n".join(line for line in text.splitlines() if not line.startswith("#loc"))
 
 
+def features() -> dict[str, dict[str, bool]]:
+    """For every case, with and without lazy rescaling: whether the working tree's
+    kernel compiles to Hopper's wgmma and to descriptor (TMA) loads."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        current = load_kernel_module(None, Path(tmp))
+        for lazy in (False, True):
+            for name, case in _cases(lazy).items():
+                ir = ttgir(current, case)
+                out[f"{name}{'_lazy' if lazy else ''}"] = {
+                    "wgmma": "ttng.warp_group_dot" in ir,
+                    "tma": "ttng.async_tma_copy_global_to_local" in ir}
+    return out
+
+
 def main(rev: str = "HEAD") -> int:
+    if rev == "--features":
+        print(json.dumps(features()))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         old = load_kernel_module(rev, Path(tmp))
         current = load_kernel_module(None, Path(tmp))

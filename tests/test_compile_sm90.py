@@ -5,10 +5,17 @@ way the compiler does (loop-carried values, constexpr branches, descriptor
 loads). Compiling for sm_90 here catches those errors before a GPU run, and
 ``scripts/compare_kernel_ir.py`` uses the same path to show a refactor leaves
 the GPU code unchanged.
+
+The compile runs in a subprocess without ``TRITON_INTERPRET`` and with an empty
+Triton cache: in this process Triton was imported in interpreter mode, where
+compiling works only for kernels already in the cache (a fresh CI machine has none).
 """
 from __future__ import annotations
 
-import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,20 +24,19 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_kernel_ir.py
 
 
 @pytest.fixture(scope="module")
-def compare():
+def features(tmp_path_factory) -> dict[str, dict[str, bool]]:
     pytest.importorskip("triton.backends.nvidia")
-    spec = importlib.util.spec_from_file_location("compare_kernel_ir", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    done = subprocess.run([sys.executable, str(SCRIPT), "--features"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("lazy", [False, True], ids=["rescale", "lazy_rescale"])
 @pytest.mark.parametrize("case", ["paged_causal_d128_gqa4", "padded_d64", "padded_d128_tma"])
-def test_kernel_compiles_for_sm90(compare, case, tmp_path):
-    kernel = compare.load_kernel_module(None, tmp_path)
-    ir = compare.ttgir(kernel, compare._cases()[case])
-    assert "ttng.warp_group_dot" in ir  # Hopper's wgmma, not the mma.sync fallback
-    if case.endswith("_tma"):
-        assert "ttng.async_tma_copy_global_to_local" in ir  # descriptor loads
-    else:
-        assert "ttng.async_tma_copy_global_to_local" not in ir
+def test_kernel_compiles_for_sm90(features, case, lazy):
+    got = features[case + ("_lazy" if lazy else "")]
+    assert got["wgmma"]  # Hopper's wgmma, not the mma.sync fallback
+    assert got["tma"] == case.endswith("_tma")  # descriptor loads only where asked for
