@@ -1,6 +1,9 @@
 """A/B a module-level switch of the kernels on the core bench workloads (GPU).
 
-    python3 scripts/ab_flag.py spanfill.kernels.attention LAZY_RESCALE [WORKLOAD ...]
+    python3 scripts/ab_flag.py spanfill.kernels.attention SOME_SWITCH [WORKLOAD ...]
+
+(used for the lazy-rescaling A/B, bench/results/logs/kernel_ab_lazy_rescale_h100.log;
+the kernel read the switch at launch and passed it as a constexpr).
 
 For each workload (built as the bench builds it): spanfill's kernel (``span_prefill``
 on the prebuilt layout, or the attention kernel alone on the padded batch) with the

@@ -76,9 +76,7 @@ def load_kernel_module(rev: str | None, tmp: Path):
     return module
 
 
-def _cases(lazy: bool = False) -> dict[str, dict]:
-    """The launches to compare; ``lazy`` turns on ``LAZY_RESCALE`` (a kernel revision
-    without that switch compiles without it)."""
+def _cases() -> dict[str, dict]:
     cases = {}
     for name, d, group, paged, tma in (("paged_causal_d128_gqa4", 128, 4, True, False),
                                        ("padded_d64", 64, 1, False, False),
@@ -90,7 +88,7 @@ def _cases(lazy: bool = False) -> dict[str, dict]:
                             CAUSAL=paged, PAGED=paged, HAS_POSITIONS=paged, HAS_KV_LO=False,
                             HAS_WINDOW=False, SOFT_CAP=False, RETURN_LSE=not paged,
                             ZERO_FILL=not paged, IEEE_DOT=False, EVEN_D=True, USE_TMA=tma,
-                            HEAD_GROUPS=8, BOUNDARY_STAGES=cfg.num_stages, LAZY=lazy),
+                            HEAD_GROUPS=8, BOUNDARY_STAGES=cfg.num_stages),
             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), d=d, tma=tma)
     return cases
 
@@ -127,17 +125,15 @@ def ttgir(module, case: dict) -> str:
 
 
 def features() -> dict[str, dict[str, bool]]:
-    """For every case, with and without lazy rescaling: whether the working tree's
-    kernel compiles to Hopper's wgmma and to descriptor (TMA) loads."""
+    """For every case: whether the working tree's kernel compiles to Hopper's wgmma
+    and to descriptor (TMA) loads."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         current = load_kernel_module(None, Path(tmp))
-        for lazy in (False, True):
-            for name, case in _cases(lazy).items():
-                ir = ttgir(current, case)
-                out[f"{name}{'_lazy' if lazy else ''}"] = {
-                    "wgmma": "ttng.warp_group_dot" in ir,
-                    "tma": "ttng.async_tma_copy_global_to_local" in ir}
+        for name, case in _cases().items():
+            ir = ttgir(current, case)
+            out[name] = {"wgmma": "ttng.warp_group_dot" in ir,
+                         "tma": "ttng.async_tma_copy_global_to_local" in ir}
     return out
 
 

@@ -69,13 +69,6 @@ def _load_kv_tile(
     return tl.load(ptrs, mask=d_in[None, :], other=0.0)
 
 
-# log2 of the largest p a lazily rescaled step may give (see _attend_kv_tile; the
-# kernel spells it as a literal).
-RESCALE_SLACK = 8.0
-# Whether unmasked steps rescale lazily (module-level so an A/B run can flip it).
-LAZY_RESCALE = False
-
-
 @triton.jit
 def _attend_kv_tile(
     acc, m_i, l_i, q, K, V, start_n, kv_lo, kv_hi, pos, valid, req, hk, offs_n, offs_d, d_in,
@@ -84,17 +77,14 @@ def _attend_kv_tile(
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
     IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
-    page_in=None, PAGES_GIVEN: tl.constexpr = False, LAZY: tl.constexpr = False,
+    page_in=None, PAGES_GIVEN: tl.constexpr = False,
 ):
     """One online-softmax step over the KV positions ``start_n + offs_n``.
 
     ``MASKED`` False is for tiles every valid row sees in full: no load mask, no
     score mask. ``PAGES_GIVEN``: ``page_in`` holds the block-table entry of each
     position (read ahead by the caller) instead of this step reading it. Scores are
-    kept in the log2 domain (``qk_scale`` holds log2 e). ``LAZY`` (unmasked
-    steps only): the running max moves, and the accumulator is rescaled, only when
-    some row's max grew by more than ``RESCALE_SLACK``; otherwise ``p`` may reach
-    ``2**RESCALE_SLACK``, which fp32 sums and bf16/fp16 ``p`` hold as well as 1.
+    kept in the log2 domain (``qk_scale`` holds log2 e).
     """
     kv_pos = start_n + offs_n
     kv_in = (kv_pos >= kv_lo) & (kv_pos < kv_hi)
@@ -137,26 +127,7 @@ def _attend_kv_tile(
         qk = tl.where(visible, qk, float("-inf"))
     # Scores stay unscaled; the scale (with log2 e) is folded into one FMA inside
     # exp2, as the running max m is kept in the scaled log2 domain.
-    m_tile = tl.max(qk, axis=1) * qk_scale
-    if LAZY:
-        # The rescale costs D / BLOCK_N multiplies per score (2 at D=64, BLOCK_N=32),
-        # and after the first steps the max rarely grows by much: skip it, for the
-        # whole tile, unless some row's grew by more than the slack. The first step
-        # (m = -inf) always rescales, so m stays finite on valid rows.
-        if tl.max(m_tile - m_i, axis=0) > 8.0:  # RESCALE_SLACK
-            m_new = tl.maximum(m_i, m_tile)
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, axis=1)
-        if IEEE_DOT:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
-        return acc, m_i, l_i
-    m_new = tl.maximum(m_i, m_tile)
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
     if MASKED:
         # A row with nothing visible yet keeps m = -inf; subtract 0 instead so
         # exp2 gives 0, not NaN.
@@ -218,7 +189,7 @@ def _attn_fwd_kernel(
     HAS_POSITIONS: tl.constexpr, HAS_KV_LO: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr, RETURN_LSE: tl.constexpr, ZERO_FILL: tl.constexpr,
     IEEE_DOT: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
-    HEAD_GROUPS: tl.constexpr, BOUNDARY_STAGES: tl.constexpr, LAZY: tl.constexpr,
+    HEAD_GROUPS: tl.constexpr, BOUNDARY_STAGES: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
     # One grid axis, head groups fastest: programs start in the plan's order
@@ -333,7 +304,7 @@ def _attn_fwd_kernel(
             offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, stride_kpage, stride_krow,
             stride_kh, stride_vpage, stride_vrow, stride_vh, qk_scale, cap_scale,
             window_left, PAGE_SIZE, PAGED, EVEN_D, False, CAUSAL, HAS_WINDOW, SOFT_CAP,
-            IEEE_DOT, USE_TMA, BLOCK_D, page, PAGED, LAZY)
+            IEEE_DOT, USE_TMA, BLOCK_D, page, PAGED)
     # causal diagonal and kv_len edge
     for start_n in tl.range(full_hi, kv_end, BLOCK_N, num_stages=BOUNDARY_STAGES):
         acc, m_i, l_i = _attend_kv_tile(
@@ -511,6 +482,6 @@ def attention_fwd(
         HAS_WINDOW=window_left >= 0, SOFT_CAP=soft_cap, RETURN_LSE=lse is not None,
         ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
         EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=use_tma,
-        HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages, LAZY=LAZY_RESCALE,
+        HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
