@@ -25,19 +25,17 @@ __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_pad
            "spanfill_nopad", "spanfill_varlen"]
 
 
-def block_q_for(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool) -> int:
+def _config(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool):
     from spanfill.kernels import pick_config
 
     try:
-        return pick_config(head_dim, dtype, group, on_gpu, paged=paged).block_q
+        return pick_config(head_dim, dtype, group, on_gpu, paged=paged)
     except TypeError:  # an older pick_config without ``paged``
-        return pick_config(head_dim, dtype, group, on_gpu).block_q
+        return pick_config(head_dim, dtype, group, on_gpu)
 
 
-def _block_n(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool) -> int:
-    from spanfill.kernels import pick_config
-
-    return pick_config(head_dim, dtype, group, on_gpu, paged=paged).block_n
+def block_q_for(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool) -> int:
+    return _config(head_dim, dtype, group, on_gpu, paged).block_q
 
 
 def _plan_key(layout: object, fallback: Callable[[], int], causal: bool) -> tuple[int, bool]:
@@ -75,7 +73,7 @@ def spanfill_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
 
     def work() -> TileWork:
         # On a CPU the reference ran; this is the kernel's work with the CPU tile sizes.
-        block_n = _block_n(w.head_dim, t.q.dtype, group, t.q.is_cuda, paged=True)
+        block_n = _config(w.head_dim, t.q.dtype, group, t.q.is_cuda, True).block_n
         return tile_work(layout.tile_plan(*key), block_n, True, layout.positions, window)
 
     return Prepared(run, run, plan, note=note, tile_work=work)
