@@ -2,8 +2,9 @@
 
     python3 scripts/ab_flag.py spanfill.kernels.attention SOME_SWITCH [WORKLOAD ...]
 
-(used for the lazy-rescaling A/B, bench/results/logs/kernel_ab_lazy_rescale_h100.log;
-the kernel read the switch at launch and passed it as a constexpr).
+(used for the lazy-rescaling A/B at commit 55cd019, where the kernel read
+``attention.LAZY_RESCALE`` at launch and passed it as a constexpr;
+bench/results/logs/kernel_ab_lazy_rescale_h100.log).
 
 For each workload (built as the bench builds it): spanfill's kernel (``span_prefill``
 on the prebuilt layout, or the attention kernel alone on the padded batch) with the

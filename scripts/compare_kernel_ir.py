@@ -47,11 +47,11 @@ KERNEL = "spanfill/kernels/attention.py"
 
 
 def load_kernel_module(rev: str | None, tmp: Path):
-    """The kernel module at git revision ``rev`` (None: the working tree), compiled-mode.
+    """The kernel module at git revision ``rev`` (None: the working tree).
 
-    Loaded from a copy with its relative imports made absolute, and with the
-    interpreter switched off while its ``@triton.jit`` decorators run (the test
-    suite sets ``TRITON_INTERPRET=1``, under which they give interpreted functions).
+    Loaded from a copy with its relative imports made absolute. Compiled mode comes
+    from this script running as its own process (``TRITON_INTERPRET=0`` is set
+    before Triton is imported; see the module docstring).
     """
     if rev is None:
         text = (ROOT / KERNEL).read_text()
@@ -64,15 +64,7 @@ def load_kernel_module(rev: str | None, tmp: Path):
                            flags=re.MULTILINE))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    spec.loader.exec_module(module)
     return module
 
 
