@@ -80,7 +80,7 @@ def _cases() -> dict[str, dict]:
                             CAUSAL=paged, PAGED=paged, HAS_POSITIONS=paged, HAS_KV_LO=False,
                             HAS_WINDOW=False, SOFT_CAP=False, RETURN_LSE=not paged,
                             ZERO_FILL=not paged, IEEE_DOT=False, EVEN_D=True, USE_TMA=tma,
-                            HEAD_GROUPS=8, BOUNDARY_STAGES=cfg.num_stages),
+                            HEAD_GROUPS=8, BOUNDARY_STAGES=cfg.num_stages, NUM_SPLITS=1),
             options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), d=d, tma=tma)
     return cases
 

@@ -105,9 +105,11 @@ def plan_packed(
     """
     num_req = query_start_loc.shape[0] - 1
     qsl = query_start_loc.to(torch.int32).contiguous()
-    # sum(ceil(n_b / block_q)) <= T // block_q + B: a host-known bound on the grid.
-    return _plan_rows(qsl[:-1], qsl[1:] - qsl[:-1], kv_len,
-                      max(num_tokens // block_q + num_req, 1), block_q, causal,
+    # sum_b ceil(n_b / block_q) <= sum_b (n_b + block_q - 1) / block_q, an integer, so
+    # <= (T + B * (block_q - 1)) // block_q: a host-known bound on the grid, and the
+    # program count split-KV decides on (pick_num_splits), so kept tight.
+    max_tiles = (num_tokens + num_req * (block_q - 1)) // block_q
+    return _plan_rows(qsl[:-1], qsl[1:] - qsl[:-1], kv_len, max(max_tiles, 1), block_q, causal,
                       positions=positions, kv_row0=kv_row0, q_stop=qsl[1:])
 
 

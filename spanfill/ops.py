@@ -375,17 +375,20 @@ def span_prefill(
         )
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
-    from .kernels import attention_fwd
+    from .kernels import attention_fwd, pick_num_splits
 
     cfg = _config(q, k_cache.shape[2], paged=True)
     plan = layout.tile_plan(cfg.block_q, causal)
+    # Few span tokens over a long prompt: split each tile's KV range (host sizes only).
+    splits = pick_num_splits(plan.num_tiles * (q.shape[1] // cfg.heads),
+                             layout.block_table.shape[1] * layout.page_size, cfg, q.device)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \
         if return_lse else None
     attention_fwd(q, k_cache, v_cache, out, lse, plan, cfg, scale, causal,
                   positions=layout.positions, block_table=layout.block_table,
                   kv_lo=layout.kv_start, window_left=window_left,
-                  logits_soft_cap=logits_soft_cap)
+                  logits_soft_cap=logits_soft_cap, num_splits=splits)
     return _result(out, lse, return_lse)
 
 

@@ -178,3 +178,24 @@ def test_plan_kernel_matches_torch_plan(causal, block_q, monkeypatch):
     assert torch.equal(fast.tile_row_end[valid], slow.tile_row_end[valid])
     for name in ("q_start", "q_len", "kv_row0", "kv_len"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+
+
+@pytest.mark.parametrize("block_q", [1, 5, 32])
+def test_packed_plan_grid_bound_is_tight_and_safe(block_q):
+    """The grid (num_tiles) is (T + B * (block_q - 1)) // block_q: never fewer slots than
+    tiles, and exactly as many when every request ends one row into a tile."""
+    gen = torch.Generator().manual_seed(block_q)
+    for trial in range(20):
+        lens = torch.randint(0, 3 * block_q + 2, (int(torch.randint(1, 9, (1,), generator=gen)),),
+                             generator=gen)
+        if trial == 0:  # the worst case: every request one row past a whole number of tiles
+            lens = torch.tensor([block_q * k + 1 for k in range(4)])
+        qsl = torch.zeros(lens.numel() + 1, dtype=torch.int32)
+        qsl[1:] = torch.cumsum(lens, 0)
+        t = int(qsl[-1])
+        plan = plan_packed(qsl, lens.to(torch.int32), t, block_q, False)
+        needed = sum(-(-int(n) // block_q) for n in lens)
+        assert plan.num_tiles == max((t + lens.numel() * (block_q - 1)) // block_q, 1)
+        assert int((plan.tile_req >= 0).sum()) == needed <= plan.num_tiles
+        if trial == 0:
+            assert needed == plan.num_tiles

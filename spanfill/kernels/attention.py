@@ -177,10 +177,11 @@ def _fill_padding_rows(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, POSITIONS,
+    Q, K, V, O, LSE, O_SPLIT, LSE_SPLIT, SPLIT_SEM, POSITIONS,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN, KV_LO, BLOCK_TABLE,
     qk_scale, cap_scale, window_left,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    split_stride_o, split_stride_l,
     stride_kpage, stride_krow, stride_kh, stride_vpage, stride_vrow, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -189,13 +190,19 @@ def _attn_fwd_kernel(
     HAS_POSITIONS: tl.constexpr, HAS_KV_LO: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SOFT_CAP: tl.constexpr, RETURN_LSE: tl.constexpr, ZERO_FILL: tl.constexpr,
     IEEE_DOT: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
-    HEAD_GROUPS: tl.constexpr, BOUNDARY_STAGES: tl.constexpr,
+    HEAD_GROUPS: tl.constexpr, BOUNDARY_STAGES: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // HEADS
     # One grid axis, head groups fastest: programs start in the plan's order
     # (longest tile first) across all heads, so the last wave holds the shortest
-    # tiles of every head rather than a sawtooth of long and short ones.
+    # tiles of every head rather than a sawtooth of long and short ones. With
+    # NUM_SPLITS > 1 the KV splits of one (tile, head group) are faster still.
     pid = tl.program_id(0)
+    if NUM_SPLITS > 1:
+        split = pid % NUM_SPLITS
+        pid = pid // NUM_SPLITS  # the (tile, head group) the splits share
+    else:
+        split = 0
     tile = pid // HEAD_GROUPS
     head_group = pid % HEAD_GROUPS
     req = tl.load(TILE_REQ + tile)
@@ -273,6 +280,20 @@ def _attn_fwd_kernel(
     full_lo = tl.where(no_full, kv_begin, full_lo)
     full_hi = tl.where(no_full, kv_begin, full_hi)
     kv_end = tl.where(n_valid > 0, kv_end, 0)
+    if NUM_SPLITS > 1:
+        # Split-KV (few tiles, long KV): this program takes the split-th of
+        # NUM_SPLITS equal runs of the tile's BLOCK_N steps, and every loop bound is
+        # clamped into it. The runs start on BLOCK_N boundaries of the unsplit loop,
+        # so the tiles visited, and which of them are masked, are those of the
+        # unsplit program; kv_end stays the mask bound for the positions visited.
+        steps = tl.maximum((kv_end - kv_begin + BLOCK_N - 1) // BLOCK_N, 0)
+        per_split = (steps + NUM_SPLITS - 1) // NUM_SPLITS
+        chunk_lo = kv_begin + split * per_split * BLOCK_N
+        chunk_hi = chunk_lo + per_split * BLOCK_N
+        kv_begin = tl.minimum(tl.maximum(kv_begin, chunk_lo), chunk_hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, chunk_lo), chunk_hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, chunk_lo), chunk_hi)
+        kv_end = tl.minimum(tl.maximum(kv_end, chunk_lo), chunk_hi)
 
     if HAS_WINDOW or HAS_KV_LO:  # a lower bound: masked tiles below the full ones
         for start_n in tl.range(kv_begin, full_lo, BLOCK_N, num_stages=BOUNDARY_STAGES):
@@ -318,14 +339,84 @@ def _attn_fwd_kernel(
     seen = valid & (l_i != 0.0)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     out = tl.where(seen[:, None], out, 0.0)
+    # natural log: (m + log2 l) * ln 2
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
     store_rows = in_tile if ZERO_FILL else valid
+    if NUM_SPLITS > 1:
+        # Split-KV: publish this split's state, count it in, and the last split of
+        # the (tile, head group) to arrive merges all of them, in this same launch
+        # (no merge kernel: on the H100 machines its launch cost more host time
+        # than the split saved GPU time on the launches small enough to split).
+        # Partial states: fp32 [NUM_SPLITS, T, Hq, D] and [NUM_SPLITS, T, Hq].
+        ROW_L: tl.constexpr = HEAD_GROUPS * HEADS
+        ROW_O: tl.constexpr = ROW_L * HEAD_DIM
+        split64 = split.to(tl.int64)
+        split_o = O_SPLIT + split64 * split_stride_o + row64[:, None] * ROW_O + \
+            head[:, None] * HEAD_DIM + offs_d[None, :]
+        split_lse = LSE_SPLIT + split64 * split_stride_l + row64 * ROW_L + head
+        tl.store(split_o, out, mask=valid[:, None] & d_in[None, :])
+        tl.store(split_lse, lse, mask=valid)
+        # Every thread's stores precede the counter's release (Triton's stream-K
+        # tutorial publishes partial tiles the same way).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(SPLIT_SEM + pid, 1, sem="acq_rel")
+        if arrived == NUM_SPLITS - 1:
+            out, lse = _merge_splits(O_SPLIT, LSE_SPLIT, row64, head, offs_d, valid, d_in,
+                                     split_stride_o, split_stride_l, ROW_O, ROW_L, HEAD_DIM,
+                                     NUM_SPLITS, BLOCK_M, BLOCK_D)
+            _store_rows(O, LSE, out, lse, row64, head, offs_d, store_rows, d_in, stride_ot,
+                        stride_oh, stride_lt, stride_lh, RETURN_LSE)
+    else:
+        _store_rows(O, LSE, out, lse, row64, head, offs_d, store_rows, d_in, stride_ot,
+                    stride_oh, stride_lt, stride_lh, RETURN_LSE)
+
+
+@triton.jit
+def _store_rows(O, LSE, out, lse, row64, head, offs_d, store_rows, d_in, stride_ot, stride_oh,
+                stride_lt, stride_lh, RETURN_LSE: tl.constexpr):
+    """Write a tile's final rows (and their lse) where ``store_rows``."""
     tl.store(O + row64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=store_rows[:, None] & d_in[None, :])
     if RETURN_LSE:
-        # natural log: (m + log2 l) * ln 2
-        lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
         tl.store(LSE + row64 * stride_lt + head * stride_lh, lse, mask=store_rows)
+
+
+@triton.jit
+def _merge_splits(
+    O_SPLIT, LSE_SPLIT, row64, head, offs_d, valid, d_in,
+    split_stride_o, split_stride_l, ROW_O: tl.constexpr, ROW_L: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``o = sum_s exp(lse_s - lse) o_s``, ``lse = logsumexp_s lse_s`` over the splits.
+
+    Online over the splits (running max), natural log. A split that saw nothing
+    (lse -inf, o 0) weighs 0; a row no split saw gives 0 and -inf. The loads skip
+    L1 (``.cg``): other SMs wrote these partial states during this launch.
+    """
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    o_ptrs = O_SPLIT + row64[:, None] * ROW_O + head[:, None] * HEAD_DIM + offs_d[None, :]
+    l_ptrs = LSE_SPLIT + row64 * ROW_L + head
+    for s in range(NUM_SPLITS):
+        lse_s = tl.load(l_ptrs + s * split_stride_l, mask=valid, other=float("-inf"),
+                        cache_modifier=".cg")
+        o_s = tl.load(o_ptrs + s * split_stride_o, mask=valid[:, None] & d_in[None, :],
+                      other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2((m - m_safe) * 1.4426950408889634)
+        w = tl.math.exp2((lse_s - m_safe) * 1.4426950408889634)
+        acc = acc * alpha[:, None] + tl.where(w[:, None] == 0.0, 0.0, w[:, None] * o_s)
+        den = den * alpha + w
+        m = m_new
+    seen = valid & (den != 0.0)  # != 0: a NaN state stays NaN
+    out = tl.where(seen[:, None], acc / tl.where(seen, den, 1.0)[:, None], 0.0)
+    lse = tl.where(seen, tl.where(m == float("-inf"), 0.0, m) + tl.log(tl.where(seen, den, 1.0)),
+                   float("-inf"))
+    return out, lse
 
 
 # Below this many multiply-adds (rows x mean KV length x Hq x D, an upper bound
@@ -400,6 +491,7 @@ def attention_fwd(
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     use_tma: bool | None = None,
+    num_splits: int = 1,
 ):
     """Launch the attention kernel over a tile plan.
 
@@ -425,6 +517,10 @@ def attention_fwd(
     logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)``
     use_tma : load dense K/V through tensor descriptors; None decides with
         :func:`dense_kv_uses_tma` (pass the value ``cfg`` was picked with)
+    num_splits : split each tile's KV range into this many programs (split-KV, see
+        :func:`~spanfill.kernels.configs.pick_num_splits`); they write fp32 partial
+        states (``num_splits * T * Hq * (D + 1)`` floats of workspace) and the last
+        to finish merges them into ``out``/``lse`` in the same launch
 
     Returns
     -------
@@ -444,6 +540,21 @@ def attention_fwd(
         kpage, krow, kh = 0, k.stride(0), k.stride(1)
         vpage, vrow, vh = 0, v.stride(0), v.stride(1)
         bt, stride_bt = plan.kv_len, 0  # never read: PAGED is False
+    if num_splits > 1:
+        # fp32 partial states of every split (one allocation) and one arrival
+        # counter per (tile, head group), zeroed per launch: the last split to
+        # arrive merges (see _merge_splits).
+        rows, heads = q.shape[0], num_q_heads
+        o_size = num_splits * rows * heads * head_dim
+        work = torch.empty(o_size + num_splits * rows * heads, dtype=torch.float32,
+                           device=q.device)
+        o_split, lse_split = work[:o_size], work[o_size:]
+        split_strides = (rows * heads * head_dim, rows * heads)
+        split_sem = torch.zeros(plan.num_tiles * (num_q_heads // cfg.heads), dtype=torch.int32,
+                                device=q.device)
+    else:
+        o_split = lse_split = split_sem = out  # never read
+        split_strides = (0, 0)
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     log2e = 1.4426950408889634
@@ -466,13 +577,14 @@ def attention_fwd(
     # pipelined diagonal loop is 1-4% faster (bench/results/logs/kernel_ab_*).
     boundary_stages = 1 if (window_left >= 0 or kv_lo is not None or head_dim > 128) \
         else cfg.num_stages
-    grid = (plan.num_tiles * head_groups,)
+    grid = (plan.num_tiles * head_groups * num_splits,)
     return _attn_fwd_kernel[grid](
-        q, k_arg, v_arg, out, lse_arg, positions if positions is not None else plan.q_start,
+        q, k_arg, v_arg, out, lse_arg, o_split, lse_split, split_sem,
+        positions if positions is not None else plan.q_start,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len, kv_lo if kv_lo is not None else plan.kv_len, bt,
         qk_scale, cap_scale, window_left,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *lse_strides,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *lse_strides, *split_strides,
         kpage, krow, kh, vpage, vrow, vh,
         stride_bt,
         GROUP=num_q_heads // num_kv_heads, HEADS=cfg.heads, HEAD_DIM=head_dim,
@@ -482,6 +594,6 @@ def attention_fwd(
         HAS_WINDOW=window_left >= 0, SOFT_CAP=soft_cap, RETURN_LSE=lse is not None,
         ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
         EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=use_tma,
-        HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages,
+        HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages, NUM_SPLITS=num_splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -14,6 +14,7 @@ autotunes on the hot path.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,51 @@ def pick_config(
         block_m, block_n, warps, stages = 64, 64, 4, 2
     heads = _stacked_heads(group, block_m, min_tokens=16 if on_gpu else 8)
     return AttentionConfig(block_m, block_n, heads, warps, stages)
+
+
+# Split-KV: a split gets at least this many BLOCK_N steps (below that, the
+# prologue, epilogue and the merge cost more than the split saves), and at most
+# this many splits per tile (the fp32 partial states grow with it).
+SPLIT_MIN_STEPS = 4
+MAX_SPLITS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pick_num_splits(num_programs: int, max_kv_len: int, cfg: AttentionConfig,
+                    device: torch.device) -> int:
+    """How many programs share each tile's KV range (1: no split-KV).
+
+    A launch of few tiles over long KV (a handful of span tokens in a long prompt)
+    leaves most SMs idle while each program walks its whole KV range alone.
+    Splitting each range into equal runs fills one wave instead, and one merge
+    launch combines the partial states. Decided from host-known sizes only (the
+    plan's tile count and the block table's width), so no sync and a CUDA graph
+    captures the same choice every replay.
+
+    Parameters
+    ----------
+    num_programs : tiles x head groups of the unsplit launch (an upper bound)
+    max_kv_len : upper bound of any request's KV length (block table width x page size)
+    cfg : the launch's tile sizes
+    device : where it runs; the CPU interpreter never splits unless asked
+
+    ``SPANFILL_SPLITS=<n>`` forces ``n`` splits (tests and A/B runs).
+    """
+    forced = os.environ.get("SPANFILL_SPLITS")
+    if forced:
+        return max(1, int(forced))
+    if device.type != "cuda" or num_programs <= 0:
+        return 1
+    # Programs resident per SM: one 8-warp D=128 program (240 registers a thread),
+    # about two of the 4-warp configs.
+    per_sm = 1 if cfg.num_warps >= 8 else 2
+    slots = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        * per_sm
+    steps = -(-max_kv_len // cfg.block_n)
+    # floor, not ceil: the split launch stays within one wave.
+    splits = min(slots // num_programs, steps // SPLIT_MIN_STEPS, MAX_SPLITS)
+    return max(1, splits)
