@@ -97,9 +97,14 @@ def test_torch_compile_inductor_fullgraph() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-def test_cuda_graph_layout_append_attention(dtype: torch.dtype, causal: bool) -> None:
+@pytest.mark.parametrize("splits", [None, "3"], ids=["policy", "split3"])
+def test_cuda_graph_layout_append_attention(dtype: torch.dtype, causal: bool, splits,
+                                            monkeypatch) -> None:
     """Capture from_tensors(validate=False) + tile plan + append_kv + span_prefill once,
-    replay with new metadata and data of the same sizes, compare with the reference."""
+    replay with new metadata and data of the same sizes, compare with the reference.
+    With split-KV forced, every replay must re-zero the split counters it captured."""
+    if splits is not None:
+        monkeypatch.setenv("SPANFILL_SPLITS", splits)
     num_req, num_tokens, max_seq_len, page_size, width = 5, 333, 700, 16, 44
     num_pages, hq, hk, d = num_req * width + 7, 8, 2, 128
     gen = torch.Generator().manual_seed(2)

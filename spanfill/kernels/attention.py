@@ -177,11 +177,11 @@ def _fill_padding_rows(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, O_SPLIT, LSE_SPLIT, SPLIT_SEM, POSITIONS,
+    Q, K, V, O, LSE, SPLIT_WS, POSITIONS,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN, KV_LO, BLOCK_TABLE,
     qk_scale, cap_scale, window_left,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
-    split_stride_o, split_stride_l,
+    split_rows,
     stride_kpage, stride_krow, stride_kh, stride_vpage, stride_vrow, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -348,9 +348,17 @@ def _attn_fwd_kernel(
         # the (tile, head group) to arrive merges all of them, in this same launch
         # (no merge kernel: on the H100 machines its launch cost more host time
         # than the split saved GPU time on the launches small enough to split).
-        # Partial states: fp32 [NUM_SPLITS, T, Hq, D] and [NUM_SPLITS, T, Hq].
+        # One fp32 workspace (one launch argument, as every tensor argument costs
+        # host time at each launch): partial o [NUM_SPLITS, T, Hq, D], partial lse
+        # [NUM_SPLITS, T, Hq], then one int32 arrival counter per (tile, head group).
         ROW_L: tl.constexpr = HEAD_GROUPS * HEADS
         ROW_O: tl.constexpr = ROW_L * HEAD_DIM
+        split_stride_o = split_rows.to(tl.int64) * ROW_O
+        split_stride_l = split_rows.to(tl.int64) * ROW_L
+        O_SPLIT = SPLIT_WS
+        LSE_SPLIT = SPLIT_WS + NUM_SPLITS * split_stride_o
+        SPLIT_SEM = (LSE_SPLIT + NUM_SPLITS * split_stride_l).to(tl.pointer_type(tl.int32),
+                                                                 bitcast=True)
         split64 = split.to(tl.int64)
         split_o = O_SPLIT + split64 * split_stride_o + row64[:, None] * ROW_O + \
             head[:, None] * HEAD_DIM + offs_d[None, :]
@@ -541,20 +549,17 @@ def attention_fwd(
         vpage, vrow, vh = 0, v.stride(0), v.stride(1)
         bt, stride_bt = plan.kv_len, 0  # never read: PAGED is False
     if num_splits > 1:
-        # fp32 partial states of every split (one allocation) and one arrival
-        # counter per (tile, head group), zeroed per launch: the last split to
-        # arrive merges (see _merge_splits).
-        rows, heads = q.shape[0], num_q_heads
-        o_size = num_splits * rows * heads * head_dim
-        work = torch.empty(o_size + num_splits * rows * heads, dtype=torch.float32,
-                           device=q.device)
-        o_split, lse_split = work[:o_size], work[o_size:]
-        split_strides = (rows * heads * head_dim, rows * heads)
-        split_sem = torch.zeros(plan.num_tiles * (num_q_heads // cfg.heads), dtype=torch.int32,
-                                device=q.device)
+        # The split workspace (see _attn_fwd_kernel): partial o and lse, left
+        # uninitialised, then the arrival counters, zeroed for every launch (a
+        # replayed CUDA graph zeroes them again).
+        rows = q.shape[0]
+        n_float = num_splits * rows * num_q_heads * (head_dim + 1)
+        split_ws = torch.empty(n_float + plan.num_tiles * (num_q_heads // cfg.heads),
+                               dtype=torch.float32, device=q.device)
+        split_ws[n_float:].zero_()  # all-zero bits: int32 0
+        split_rows = rows
     else:
-        o_split = lse_split = split_sem = out  # never read
-        split_strides = (0, 0)
+        split_ws, split_rows = out, 0  # never read
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     log2e = 1.4426950408889634
@@ -579,12 +584,12 @@ def attention_fwd(
         else cfg.num_stages
     grid = (plan.num_tiles * head_groups * num_splits,)
     return _attn_fwd_kernel[grid](
-        q, k_arg, v_arg, out, lse_arg, o_split, lse_split, split_sem,
+        q, k_arg, v_arg, out, lse_arg, split_ws,
         positions if positions is not None else plan.q_start,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len, kv_lo if kv_lo is not None else plan.kv_len, bt,
         qk_scale, cap_scale, window_left,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *lse_strides, *split_strides,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), *lse_strides, split_rows,
         kpage, krow, kh, vpage, vrow, vh,
         stride_bt,
         GROUP=num_q_heads // num_kv_heads, HEADS=cfg.heads, HEAD_DIM=head_dim,
