@@ -131,6 +131,10 @@ def test_pick_num_splits_policy(monkeypatch):
     assert pick_num_splits(16, 8192, cfg, torch.device("cpu")) == 1, "no splits off the GPU"
     monkeypatch.setenv("SPANFILL_SPLITS", "6")
     assert pick_num_splits(10_000, 64, cfg, torch.device("cpu")) == 6, "forced"
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("SPANFILL_SPLITS", bad)
+        with pytest.raises(ValueError, match="SPANFILL_SPLITS"):
+            pick_num_splits(16, 8192, cfg, torch.device("cpu"))
     monkeypatch.delenv("SPANFILL_SPLITS")
     import spanfill.kernels.configs as configs
 

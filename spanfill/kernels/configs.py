@@ -137,7 +137,9 @@ def pick_num_splits(num_programs: int, max_kv_len: int, cfg: AttentionConfig,
     """
     forced = os.environ.get("SPANFILL_SPLITS")
     if forced:
-        return max(1, int(forced))
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"SPANFILL_SPLITS must be a positive integer, got {forced!r}")
+        return int(forced)
     if device.type != "cuda" or num_programs <= 0:
         return 1
     # Programs resident per SM: one 8-warp D=128 program (240 registers a thread),
