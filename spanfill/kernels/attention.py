@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .configs import AttentionConfig, has_tma
+from .merge import merge_states_tile
 
 
 @triton.jit
@@ -370,9 +371,10 @@ def _attn_fwd_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(SPLIT_SEM + pid, 1, sem="acq_rel")
         if arrived == NUM_SPLITS - 1:
-            out, lse = _merge_splits(O_SPLIT, LSE_SPLIT, row64, head, offs_d, valid, d_in,
-                                     split_stride_o, split_stride_l, ROW_O, ROW_L, HEAD_DIM,
-                                     NUM_SPLITS, BLOCK_M, BLOCK_D)
+            out, lse = merge_states_tile(
+                O_SPLIT + row64[:, None] * ROW_O + head[:, None] * HEAD_DIM + offs_d[None, :],
+                LSE_SPLIT + row64 * ROW_L + head, split_stride_o, split_stride_l, NUM_SPLITS,
+                valid, valid[:, None] & d_in[None, :], BLOCK_M, BLOCK_D)
             _store_rows(O, LSE, out, lse, row64, head, offs_d, store_rows, d_in, stride_ot,
                         stride_oh, stride_lt, stride_lh, RETURN_LSE)
     else:
@@ -388,43 +390,6 @@ def _store_rows(O, LSE, out, lse, row64, head, offs_d, store_rows, d_in, stride_
              out.to(O.dtype.element_ty), mask=store_rows[:, None] & d_in[None, :])
     if RETURN_LSE:
         tl.store(LSE + row64 * stride_lt + head * stride_lh, lse, mask=store_rows)
-
-
-@triton.jit
-def _merge_splits(
-    O_SPLIT, LSE_SPLIT, row64, head, offs_d, valid, d_in,
-    split_stride_o, split_stride_l, ROW_O: tl.constexpr, ROW_L: tl.constexpr,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """``o = sum_s exp(lse_s - lse) o_s``, ``lse = logsumexp_s lse_s`` over the splits.
-
-    Online over the splits (running max), natural log. A split that saw nothing
-    (lse -inf, o 0) weighs 0; a row no split saw gives 0 and -inf. The loads skip
-    L1 (``.cg``): other SMs wrote these partial states during this launch.
-    """
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    den = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    o_ptrs = O_SPLIT + row64[:, None] * ROW_O + head[:, None] * HEAD_DIM + offs_d[None, :]
-    l_ptrs = LSE_SPLIT + row64 * ROW_L + head
-    for s in range(NUM_SPLITS):
-        lse_s = tl.load(l_ptrs + s * split_stride_l, mask=valid, other=float("-inf"),
-                        cache_modifier=".cg")
-        o_s = tl.load(o_ptrs + s * split_stride_o, mask=valid[:, None] & d_in[None, :],
-                      other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2((m - m_safe) * 1.4426950408889634)
-        w = tl.math.exp2((lse_s - m_safe) * 1.4426950408889634)
-        acc = acc * alpha[:, None] + tl.where(w[:, None] == 0.0, 0.0, w[:, None] * o_s)
-        den = den * alpha + w
-        m = m_new
-    seen = valid & (den != 0.0)  # != 0: a NaN state stays NaN
-    out = tl.where(seen[:, None], acc / tl.where(seen, den, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, tl.where(m == float("-inf"), 0.0, m) + tl.log(tl.where(seen, den, 1.0)),
-                   float("-inf"))
-    return out, lse
 
 
 # Below this many multiply-adds (rows x mean KV length x Hq x D, an upper bound

@@ -1,7 +1,7 @@
 """Merging partial attention states: ``o = sum_i exp(lse_i - lse) o_i``, ``lse = logsumexp_i lse_i``.
 
-One program per (query row, block of heads) reads every state's ``lse`` twice
-(max, then weights) and every state's ``o`` once, so the merge costs one pass
+One program per (query row, block of heads) reads every state's ``lse`` and
+``o`` once (an online merge with a running max), so the merge costs one pass
 over its inputs. A state with ``lse = -inf`` has weight 0 and its ``o`` is never
 multiplied in, so garbage there (even NaN) cannot leak; a row where every state
 is ``-inf`` gives ``o = 0`` and ``lse = -inf``. A NaN ``lse`` or a NaN ``o`` of a
@@ -31,6 +31,44 @@ def _finish(acc, denom, m, O_OUT, LSE_OUT, row, offs_h, offs_d, mask_h, mask_hd,
 
 
 @triton.jit
+def merge_states_tile(
+    o_ptrs, lse_ptrs, stride_o, stride_lse, num_states, row_mask, elem_mask,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge ``num_states`` states of a ``[ROWS, BLOCK_D]`` tile, online (running max).
+
+    State ``i`` of the tile is ``o_ptrs + i * stride_o`` ([ROWS, BLOCK_D]) and
+    ``lse_ptrs + i * stride_lse`` ([ROWS], natural log). Shared by the merge kernel
+    below (a row's heads) and the attention kernel's split-KV merge (a tile's rows
+    and heads). The loads skip L1 (``.cg``): in split-KV, other SMs wrote the states
+    during the same launch. Returns ``(o, lse)`` in fp32: 0 and -inf where
+    ``row_mask`` is off or no state has weight.
+    """
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    denom = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for i in range(num_states):
+        lse_i = tl.load(lse_ptrs + i * stride_lse, mask=row_mask, other=float("-inf"),
+                        cache_modifier=".cg")
+        o_i = tl.load(o_ptrs + i * stride_o, mask=elem_mask, other=0.0,
+                      cache_modifier=".cg").to(tl.float32)
+        m_new = tl.maximum(m, lse_i)
+        # A finite stand-in while every state so far is -inf: exp2(-inf - 0) = 0, no NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m - m_safe) * LOG2E)
+        w = tl.exp2((lse_i - m_safe) * LOG2E)  # [ROWS]
+        acc = acc * alpha[:, None] + tl.where(w[:, None] == 0.0, 0.0, w[:, None] * o_i)
+        denom = denom * alpha + w
+        m = m_new
+    # `!= 0` rather than `> 0`: a NaN state makes denom NaN, and NaN must propagate.
+    seen = row_mask & (denom != 0.0)
+    o = tl.where(seen[:, None], acc / tl.where(seen, denom, 1.0)[:, None], 0.0)
+    lse = tl.where(seen, tl.where(m == float("-inf"), 0.0, m) + tl.log(tl.where(seen, denom, 1.0)),
+                   float("-inf"))
+    return o, lse
+
+
+@triton.jit
 def _merge_n_kernel(
     O, LSE, O_OUT, LSE_OUT,
     stride_ot, stride_on, stride_oh, stride_lt, stride_ln, stride_lh,
@@ -43,25 +81,13 @@ def _merge_n_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_h = offs_h < num_heads
     mask_hd = mask_h[:, None] & (offs_d[None, :] < HEAD_DIM)
-    lse_row = LSE + row * stride_lt + offs_h * stride_lh
-    o_row = O + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
-
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for i in range(num_states):
-        m = tl.maximum(m, tl.load(lse_row + i * stride_ln, mask=mask_h, other=float("-inf")))
-    # A finite stand-in for rows where every state is -inf: exp2(-inf - 0) = 0, no NaN.
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    denom = tl.zeros([BLOCK_H], tl.float32)
-    for i in range(num_states):
-        lse_i = tl.load(lse_row + i * stride_ln, mask=mask_h, other=float("-inf"))
-        w = tl.exp2((lse_i - m_safe) * LOG2E)  # [BLOCK_H]
-        o_i = tl.load(o_row + i * stride_on, mask=mask_hd, other=0.0).to(tl.float32)
-        acc += tl.where(w[:, None] == 0.0, 0.0, w[:, None] * o_i)
-        denom += w
-    _finish(acc, denom, m_safe, O_OUT, LSE_OUT, row, offs_h, offs_d, mask_h, mask_hd,
-            stride_out_t, stride_out_h, stride_lse_out_t)
+    o, lse = merge_states_tile(
+        O + row * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+        LSE + row * stride_lt + offs_h * stride_lh, stride_on, stride_ln, num_states,
+        mask_h, mask_hd, BLOCK_H, BLOCK_D)
+    tl.store(O_OUT + row * stride_out_t + offs_h[:, None] * stride_out_h + offs_d[None, :],
+             o.to(O_OUT.dtype.element_ty), mask=mask_hd)
+    tl.store(LSE_OUT + row * stride_lse_out_t + offs_h, lse, mask=mask_h)
 
 
 @triton.jit
