@@ -1,4 +1,4 @@
-"""The attention kernel compiles for Hopper (sm_90) on a machine without a GPU.
+"""Every kernel compiles for Hopper (sm_90) on a machine without a GPU.
 
 The Triton interpreter runs the kernels' Python; it does not type-check them the
 way the compiler does (loop-carried values, constexpr branches, descriptor
@@ -20,15 +20,32 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_kernel_ir.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT = SCRIPTS / "compare_kernel_ir.py"
+
+# Cases of scripts/compile_sm90.py: every kernel family (split and unsplit, paged and
+# dense, padded zero-fill, merge, append, plan) at the integer values Triton
+# specialises (1: a compile-time constant; multiples of 16).
+SPECIALISED_CASES = [
+    "span_split_t1_mqa_d128", "span_split_t1_gqa_d64_page1", "span_split_t16_d256_page256",
+    "span_split_t1_window1_shard_softcap", "span_unsplit_t1_d128",
+    "span_unsplit_t32_page16_nolse", "padded_zero_fill_b1_d64", "padded_zero_fill_tma_d128",
+    "varlen_dense_causal_split_d128", "append_t1_page1_hk1", "append_t16_page16",
+    "merge_one_state_one_head", "merge_16_rows", "plan_one_request", "plan_padded_16",
+]
+
+
+def _compile_env(tmp_path_factory) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    return env
 
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory) -> dict[str, dict[str, bool]]:
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    done = subprocess.run([sys.executable, str(SCRIPT), "--features"], env=env,
+    done = subprocess.run([sys.executable, str(SCRIPT), "--features"],
+                          env=_compile_env(tmp_path_factory),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -39,3 +56,30 @@ def test_kernel_compiles_for_sm90(features, case):
     got = features[case]
     assert got["wgmma"]  # Hopper's wgmma, not the mma.sync fallback
     assert got["tma"] == case.endswith("_tma")  # descriptor loads only where asked for
+
+
+@pytest.fixture(scope="module")
+def specialised(tmp_path_factory) -> dict[str, dict]:
+    pytest.importorskip("triton.backends.nvidia")
+    done = subprocess.run([sys.executable, str(SCRIPTS / "compile_sm90.py"), "--json"],
+                          env=_compile_env(tmp_path_factory), capture_output=True, text=True,
+                          timeout=900)
+    assert done.stdout.strip(), done.stderr[-3000:]
+    return {r["case"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def test_every_case_is_listed(specialised):
+    assert sorted(specialised) == sorted(SPECIALISED_CASES)
+
+
+@pytest.mark.parametrize("case", SPECIALISED_CASES)
+def test_kernel_compiles_at_specialised_ints(specialised, case):
+    """The launch compiles, and the integers the case names really became constants
+    (a case that stopped hitting the value 1 would otherwise pass without testing it)."""
+    got = specialised[case]
+    assert "error" not in got, got.get("error", "") + got.get("trace", "")
+    assert got["missing_constexpr"] == [], f"not specialised: {got['missing_constexpr']}"
+    assert got["ok"]
+    if case.startswith(("span", "padded", "varlen")):
+        assert got["wgmma"]
+        assert got["tma"] == ("tma" in case)

@@ -111,7 +111,9 @@ def _attend_kv_tile(
         v = _load_kv_tile(V, page, slot, kv_in, hk, offs_d, d_in, stride_vpage, stride_vrow,
                           stride_vh, PAGED, MASKED, EVEN_D)
     if IEEE_DOT:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        # fp32 operands: no-op casts for fp32 inputs; for bf16 in the interpreter,
+        # whose bf16 dot is wrong (numpy has no bf16), an exact fp32 dot instead.
+        qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
     if SOFT_CAP:
@@ -140,7 +142,8 @@ def _attend_kv_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     if IEEE_DOT:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        # p rounded to the input dtype first, as the tensor-core path does.
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
@@ -354,8 +357,11 @@ def _attn_fwd_kernel(
         # [NUM_SPLITS, T, Hq], then one int32 arrival counter per (tile, head group).
         ROW_L: tl.constexpr = HEAD_GROUPS * HEADS
         ROW_O: tl.constexpr = ROW_L * HEAD_DIM
-        split_stride_o = split_rows.to(tl.int64) * ROW_O
-        split_stride_l = split_rows.to(tl.int64) * ROW_L
+        # tl.cast, not split_rows.to(): a launch of one row passes split_rows == 1,
+        # which Triton turns into a compile-time int with no .to() (issue 14).
+        rows64 = tl.cast(split_rows, tl.int64)
+        split_stride_o = rows64 * ROW_O
+        split_stride_l = rows64 * ROW_L
         O_SPLIT = SPLIT_WS
         LSE_SPLIT = SPLIT_WS + NUM_SPLITS * split_stride_o
         SPLIT_SEM = (LSE_SPLIT + NUM_SPLITS * split_stride_l).to(tl.pointer_type(tl.int32),
@@ -437,6 +443,19 @@ def dense_kv_uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 or t.data_ptr() % 16:
             return False
     return True
+
+
+def _ieee_dot(dtype: torch.dtype) -> bool:
+    """Whether the kernel's dots run on fp32 operands in IEEE precision.
+
+    fp32 inputs always do (no TF32 rounding). bf16 does under Triton's interpreter:
+    its bf16 ``tl.dot`` returns garbage (relative error ~1e9 seen on Triton 3.9), so
+    there the bf16 tiles are widened to fp32 and only the softmax weights are rounded
+    to bf16 first, as on the GPU. Compiled kernels keep bf16 tensor-core dots.
+    """
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _kv_descriptor(x: torch.Tensor, block_n: int):
@@ -562,7 +581,7 @@ def attention_fwd(
         PAGE_SIZE=page_size, CAUSAL=causal, PAGED=paged,
         HAS_POSITIONS=positions is not None, HAS_KV_LO=kv_lo is not None,
         HAS_WINDOW=window_left >= 0, SOFT_CAP=soft_cap, RETURN_LSE=lse is not None,
-        ZERO_FILL=zero_fill, IEEE_DOT=q.dtype == torch.float32,
+        ZERO_FILL=zero_fill, IEEE_DOT=_ieee_dot(q.dtype),
         EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=use_tma,
         HEAD_GROUPS=head_groups, BOUNDARY_STAGES=boundary_stages, NUM_SPLITS=num_splits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -1,0 +1,240 @@
+"""Compile every Triton kernel family for sm_90 on a machine without a GPU, with the
+arguments specialised exactly as a real launch would specialise them.
+
+Triton turns an integer argument equal to 1 into a compile-time constant and marks
+integers and pointers divisible by 16; code that calls a tensor method on such an
+argument (``split_rows.to(tl.int64)`` with one row) compiles at some values and not
+at others. The interpreter never specialises, so only a compile shows it. Here each
+case calls the real host launcher (``attention_fwd``, ``append_kv_launch``, the merge
+and plan launchers) on small CPU tensors shaped so that the arguments take the values
+Triton specialises (1 and multiples of 16: row counts, strides, page sizes, split
+rows); the launch is intercepted, the arguments go through Triton's own binder and
+specialisation for an sm_90 target, and the kernel is compiled to a cubin.
+
+Usage::
+
+    python scripts/compile_sm90.py            # a table: case, compiled, specialised args
+    python scripts/compile_sm90.py --json     # one JSON line per run (tests read it)
+    python scripts/compile_sm90.py CASE ...   # only these cases
+
+Run it as its own process, never inside one that imported Triton under
+``TRITON_INTERPRET=1`` (see ``scripts/compare_kernel_ir.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "0"
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from spanfill.kernels import (  # noqa: E402
+    append_kv_launch,
+    attention_fwd,
+    merge_states_launch,
+    merge_two_launch,
+    pick_config,
+    plan_packed_launch,
+)
+from spanfill.layout import _plan_rows_torch  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+@contextmanager
+def compile_instead_of_launch(sink: list[dict]):
+    """Replace every Triton launch with an sm_90 compile of what it would have run.
+
+    Each launch appends ``{"kernel", "constexpr_ints", "ttgir"}`` to ``sink``:
+    ``constexpr_ints`` are the integer arguments Triton made compile-time constants.
+    """
+    backend = make_backend(TARGET)
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(
+            backend, kwargs, bound_args, specialization, options)
+        kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET,
+                                options=options.__dict__)
+        names = list(bound_args)
+        specialised = {names[path[0]]: value for path, value in constexprs.items()
+                       if not self.params[path[0]].is_constexpr and isinstance(value, int)}
+        sink.append({"kernel": self.__name__, "constexpr_ints": specialised,
+                     "ttgir": kernel.asm["ttgir"]})
+        return kernel
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = original
+
+
+def _rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.randn(*shape).to(dtype)
+
+
+def _packed_plan(q_lens: list[int], kv_lens: list[int], block_q: int, causal: bool,
+                 positions: torch.Tensor | None = None, kv_row0: list[int] | None = None):
+    q_len = torch.tensor(q_lens, dtype=torch.int32)
+    q_start = torch.cumsum(q_len, 0) - q_len
+    max_tiles = max((sum(q_lens) + len(q_lens) * (block_q - 1)) // block_q, 1)
+    return _plan_rows_torch(q_start, q_len, torch.tensor(kv_lens, dtype=torch.int32), max_tiles,
+                            block_q, causal, positions,
+                            torch.tensor(kv_row0, dtype=torch.int32) if kv_row0 else None)
+
+
+def span_case(rows: int, splits: int, page_size: int, hq: int, hk: int, d: int,
+              pages_per_req: int = 1, return_lse: bool = True,
+              variants: bool = False) -> Callable[[], None]:
+    """Paged (span) attention: one request, ``rows`` query rows at the prompt's end.
+
+    ``variants``: a sliding window of 1, a KV lower bound (a shard) and a soft cap.
+    """
+    def launch() -> None:
+        seq_len = pages_per_req * page_size
+        cfg = pick_config(d, torch.bfloat16, hq // hk, True, paged=True)
+        num_pages = pages_per_req + 1
+        k, v = _rand(num_pages, page_size, hk, d), _rand(num_pages, page_size, hk, d)
+        q = _rand(rows, hq, d)
+        positions = torch.arange(seq_len - rows, seq_len, dtype=torch.int32)
+        table = torch.arange(pages_per_req, dtype=torch.int32)[None, :]  # width 1: stride 1
+        plan = _packed_plan([rows], [seq_len], cfg.block_q, True, positions)
+        lse = torch.empty(rows, hq, dtype=torch.float32) if return_lse else None
+        extra = dict(kv_lo=torch.zeros(1, dtype=torch.int32), window_left=1,
+                     logits_soft_cap=30.0) if variants else {}
+        attention_fwd(q, k, v, torch.empty_like(q), lse, plan, cfg, d ** -0.5, True,
+                      positions=positions, block_table=table, num_splits=splits, **extra)
+    return launch
+
+
+def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool,
+               zero_fill: bool, splits: int = 1) -> Callable[[], None]:
+    """Dense attention: a padded batch (zero-fill) or packed varlen rows."""
+    def launch() -> None:
+        cfg = pick_config(d, torch.bfloat16, hq // hk, True, paged=False, tma=tma)
+        q, k, v = _rand(b * s, hq, d), _rand(b * s, hk, d), _rand(b * s, hk, d)
+        starts = [i * s for i in range(b)]
+        plan = _packed_plan([s] * b, [s] * b, cfg.block_q, causal, kv_row0=starts)
+        lse = torch.empty(b * s, hq, dtype=torch.float32)
+        attention_fwd(q, k, v, torch.empty_like(q), lse, plan, cfg, d ** -0.5, causal,
+                      zero_fill=zero_fill, use_tma=tma, num_splits=splits)
+    return launch
+
+
+def append_case(rows: int, page_size: int, hk: int, d: int) -> Callable[[], None]:
+    def launch() -> None:
+        k_cache, v_cache = _rand(4, page_size, hk, d), _rand(4, page_size, hk, d)
+        slots = torch.arange(rows, dtype=torch.int64)
+        append_kv_launch(_rand(rows, hk, d), _rand(rows, hk, d), k_cache, v_cache, slots)
+    return launch
+
+
+def merge_case(rows: int, states: int, heads: int, d: int) -> Callable[[], None]:
+    def launch() -> None:
+        o = _rand(states, rows, heads, d).transpose(0, 1)
+        lse = torch.randn(rows, states, heads)
+        merge_states_launch(o, lse, _rand(rows, heads, d), torch.empty(rows, heads))
+        merge_two_launch(o[:, 0], lse[:, 0], o[:, -1], lse[:, -1], _rand(rows, heads, d),
+                         torch.empty(rows, heads))
+    return launch
+
+
+def plan_case(num_req: int, rows_per_req: int, padded_seq_len: int) -> Callable[[], None]:
+    def launch() -> None:
+        q_len = torch.full((num_req,), rows_per_req, dtype=torch.int32)
+        step = padded_seq_len or rows_per_req
+        q_start = torch.arange(num_req, dtype=torch.int32) * step
+        tiles = num_req * -(-rows_per_req // 16) + (num_req if padded_seq_len else 0)
+        plan_packed_launch(q_start, q_start + q_len, q_len.clone(),
+                           None if padded_seq_len else torch.arange(num_req * rows_per_req,
+                                                                    dtype=torch.int32),
+                           tiles, 16, True, padded_seq_len)
+    return launch
+
+
+# name -> (launch, integer arguments that must come out as compile-time constants)
+CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
+    # split-KV with one row: split_rows == 1 (the crash of issue 14), MQA, table width 1
+    "span_split_t1_mqa_d128": (span_case(1, 3, 16, 8, 1, 128, pages_per_req=1),
+                               ("split_rows", "stride_bt")),
+    "span_split_t1_gqa_d64_page1": (span_case(1, 7, 1, 32, 8, 64, pages_per_req=1),
+                                    ("split_rows", "stride_bt")),
+    "span_split_t16_d256_page256": (span_case(16, 2, 256, 4, 4, 256, pages_per_req=1), ()),
+    "span_split_t1_window1_shard_softcap": (span_case(1, 3, 16, 8, 8, 64, variants=True),
+                                            ("split_rows", "window_left")),
+    "span_unsplit_t1_d128": (span_case(1, 1, 16, 32, 8, 128, pages_per_req=1),
+                             ("stride_bt",)),
+    "span_unsplit_t32_page16_nolse": (span_case(32, 1, 16, 8, 2, 128, pages_per_req=1,
+                                                return_lse=False), ()),
+    "padded_zero_fill_b1_d64": (dense_case(1, 16, 1, 1, 64, tma=False, causal=False,
+                                           zero_fill=True), ()),
+    "padded_zero_fill_tma_d128": (dense_case(2, 32, 4, 4, 128, tma=True, causal=False,
+                                             zero_fill=True), ()),
+    "varlen_dense_causal_split_d128": (dense_case(1, 16, 2, 1, 128, tma=False, causal=True,
+                                                  zero_fill=False, splits=2), ()),
+    "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
+    "append_t16_page16": (append_case(16, 16, 8, 64), ()),
+    "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),
+    "merge_16_rows": (merge_case(16, 2, 16, 128), ()),
+    "plan_one_request": (plan_case(1, 1, 0), ("num_req", "num_tiles")),
+    "plan_padded_16": (plan_case(16, 16, 32), ()),
+}
+
+
+def run_case(name: str) -> dict:
+    """Compile one case; returns what compiled and whether the expected constants appeared."""
+    launch, expect_const = CASES[name]
+    sink: list[dict] = []
+    start = time.perf_counter()
+    try:
+        with compile_instead_of_launch(sink):
+            launch()
+    except Exception as exc:  # noqa: BLE001 - reported per case, the run goes on
+        return {"case": name, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc(limit=4)[-2000:]}
+    consts = {k: v for entry in sink for k, v in entry["constexpr_ints"].items()}
+    missing = [arg for arg in expect_const if consts.get(arg) != 1]
+    return {
+        "case": name, "ok": bool(sink) and not missing, "kernels": [e["kernel"] for e in sink],
+        "constexpr_ints": consts, "missing_constexpr": missing,
+        "wgmma": any("ttng.warp_group_dot" in e["ttgir"] for e in sink),
+        "tma": any("ttng.async_tma_copy_global_to_local" in e["ttgir"] for e in sink),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main(argv: list[str]) -> int:
+    as_json = "--json" in argv
+    names = [a for a in argv if not a.startswith("--")] or list(CASES)
+    results = [run_case(n) for n in names]
+    if as_json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            detail = r.get("error") or f"consts {r['constexpr_ints']} wgmma={r['wgmma']} " \
+                                       f"tma={r['tma']} {r['seconds']} s"
+            print(f"{r['case']:34s} {'ok  ' if r['ok'] else 'FAIL'} {detail}")
+            if not r["ok"] and "trace" in r:
+                print(r["trace"])
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
