@@ -6,6 +6,8 @@
 #                                  exit 0 only if every run reports 0 errors
 #   scripts/sanitize.sh --planted  a deliberately out-of-bounds launch under memcheck;
 #                                  exit 0 only if memcheck reports it
+#   scripts/sanitize.sh --split-t1 one-row launches over long KV (split-KV), both tools;
+#                                  exit 0 only if every run reports 0 errors
 #
 # PyTorch's caching allocator hands out pieces of large blocks, so an access a little
 # past a tensor usually stays inside memory the process owns and memcheck cannot
@@ -54,6 +56,17 @@ if [ "${1:-}" = "--planted" ]; then
     echo "memcheck reported the planted out-of-bounds access (as it should); log: $LOG_DIR" >&2
     grep -m 8 -E "Invalid __global__|Address .* is out of bounds|ERROR SUMMARY" \
         "$LOG_DIR/planted.memcheck.log" >&2
+    exit 0
+fi
+
+if [ "${1:-}" = "--split-t1" ]; then
+    failed=0
+    for tool in memcheck racecheck; do
+        run split_t1 "$tool" python3 scripts/sanitize_cases.py --split-t1 || failed=1
+    done
+    echo "logs: $LOG_DIR" >&2
+    [ $failed -ne 0 ] && { echo "sanitizer: errors found (or a run failed)" >&2; exit 1; }
+    echo "sanitizer: 0 errors in all runs" >&2
     exit 0
 fi
 

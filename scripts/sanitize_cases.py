@@ -3,6 +3,7 @@ the reference (run by scripts/sanitize.sh; the sanitizer makes each launch slow)
 
     python3 scripts/sanitize_cases.py             # all ops, small sizes; exit 1 on a mismatch
     python3 scripts/sanitize_cases.py --planted   # deliberately out of bounds (memcheck must object)
+    python3 scripts/sanitize_cases.py --split-t1  # one query row over long KV: the split-KV path
 
 ``--planted`` calls the kernel launchers directly, bypassing the public checks:
 append_kv with a slot past the end of the pool, and attention with a block table
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -111,9 +113,45 @@ def planted() -> None:
     print("planted attention: read page", num_pages + 3, "of a pool of", num_pages)
 
 
+def split_t1_case(dtype: torch.dtype, d: int, hq: int, hk: int, seq_len: int, pos: int,
+                  splits: str | None) -> float:
+    """One span token at ``pos`` of a ``seq_len`` prompt (T=1: Triton makes the row count
+    a compile-time 1), with ``splits`` forced through SPANFILL_SPLITS or, for None, the
+    count the policy picks. Returns the relative error against the reference."""
+    from spanfill.kernels import pick_config, pick_num_splits
+
+    page_size = 16
+    gen = torch.Generator().manual_seed(seq_len + pos)
+    pages = -(-seq_len // page_size)
+    num_pages = pages  # exactly the pages in use: a read past them leaves the allocation
+    table = torch.randperm(num_pages, generator=gen).to(torch.int32)[None, :].cuda()
+    layout = sf.SpanLayout.build([[(pos, pos + 1)]], [seq_len], table, page_size)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to("cuda", dtype)  # noqa: E731
+    k_cache, v_cache = rnd(num_pages, page_size, hk, d), rnd(num_pages, page_size, hk, d)
+    q = rnd(1, hq, d)
+    if splits is None:
+        os.environ.pop("SPANFILL_SPLITS", None)
+        cfg = pick_config(d, dtype, hq // hk, True)
+        chosen = pick_num_splits(hq // cfg.heads, table.shape[1] * page_size, cfg, q.device)
+        assert chosen > 1, f"the policy did not split (T=1, {seq_len} KV): {chosen}"
+    else:
+        os.environ["SPANFILL_SPLITS"] = splits
+    try:
+        o, lse = sf.span_prefill(q, k_cache, v_cache, layout, return_lse=True)
+    finally:
+        os.environ.pop("SPANFILL_SPLITS", None)
+    torch.cuda.synchronize()
+    o_ref, _ = reference.span_prefill(q, k_cache, v_cache, layout.positions,
+                                      layout.query_start_loc, layout.seq_lens,
+                                      layout.block_table, True, 1 / math.sqrt(d))
+    return relerr(o, o_ref)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--planted", action="store_true", help="run the out-of-bounds cases")
+    parser.add_argument("--split-t1", action="store_true",
+                        help="only one-row launches over long KV (the split-KV path)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sanitize_cases.py needs a CUDA GPU", file=sys.stderr)
@@ -128,6 +166,18 @@ def main(argv: list[str] | None = None) -> int:
         results.append(ok)
         print(f"{label} relerr={err:.2e} {'ok' if ok else 'FAIL'}")
 
+    if args.split_t1:
+        for dtype, d, hq, hk, seq_len, pos, splits in (
+                (torch.bfloat16, 128, 32, 8, 8192, 8191, None),
+                (torch.float16, 64, 8, 1, 4096, 4095, None),
+                (torch.bfloat16, 128, 32, 8, 1024, 700, "3"),
+                (torch.float16, 256, 4, 4, 2048, 2047, "7")):
+            report(f"split T=1 {str(dtype):15} D={d:3} Hq={hq} Hk={hk} KV={seq_len:5} "
+                   f"pos={pos} splits={splits or 'policy'}", dtype,
+                   split_t1_case(dtype, d, hq, hk, seq_len, pos, splits))
+        bad = results.count(False)
+        print(f"{len(results) - bad}/{len(results)} cases match the reference")
+        return 1 if bad else 0
     for dtype, d, hq, hk, page_size in CASES_PAGED:
         for causal in (True, False):
             report(f"span   {str(dtype):15} D={d:3} Hq={hq} Hk={hk} P={page_size:2} "
