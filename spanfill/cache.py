@@ -6,6 +6,8 @@ from typing import Hashable, Sequence
 
 import torch
 
+from .ops import FLOAT_DTYPES
+
 __all__ = ["PagedKVCache"]
 
 
@@ -22,7 +24,7 @@ class PagedKVCache:
     page_size : tokens per page, >= 1
     num_kv_heads : Hk
     head_dim : D
-    dtype : fp16|bf16|fp32
+    dtype : torch.float16 | torch.bfloat16 | torch.float32 (anything else: TypeError)
     device : where the pools live
     num_layers : if > 1, ``k_cache``/``v_cache`` get a leading layer dimension and
         :meth:`layer` gives one layer's pools
@@ -47,6 +49,11 @@ class PagedKVCache:
                           ("num_layers", num_layers)):
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        # The ops take only these; a pool of another dtype would fail at every call.
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}"
+            )
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         if num_layers > 1:
             shape = (num_layers,) + shape

@@ -2,7 +2,8 @@
 
 ``demo`` shows both jobs end to end and checks them against the reference;
 ``info`` says which path each op takes on this machine; ``check`` is a quick
-self-test of every op; ``bench`` hands over to ``bench/run.py`` in the repository.
+self-test of every op's Triton kernels (in Triton's interpreter on a CPU);
+``bench`` hands over to ``bench/run.py`` in the repository.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 from typing import Sequence
 
@@ -71,13 +73,48 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- check
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from .selfcheck import run_checks
+def _rerun_interpreted(argv: list[str]) -> int:
+    """Run ``spanfill <argv>`` in a fresh Python with ``TRITON_INTERPRET=1``; its exit code.
 
-    _use_interpreter(args.interpret)
+    Triton decides whether a kernel is interpreted when the kernel is defined, and
+    this process may have imported the kernels already (a notebook, a test run): only
+    a new process is sure to have the variable set first.
+    """
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    # The same spanfill as this process's, installed or not.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    print("on the CPU the Triton kernels run in Triton's interpreter: re-running in a "
+          "subprocess with TRITON_INTERPRET=1", flush=True)
+    return subprocess.run([sys.executable, "-m", "spanfill", *argv], env=env).returncode
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+
     device = _device(args.device)
-    print(f"spanfill check on {device}: ops take the {path_name(device)} path")
-    failures = run_checks(device, verbose=True)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"spanfill check: --device {args.device} but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    if device.type not in ("cuda", "cpu"):
+        print(f"spanfill check runs on cuda or cpu, not {device}", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return _rerun_interpreted(["check", "--device", "cpu"])
+
+    from .selfcheck import kernel_dtypes, run_checks
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        where = f"on {torch.cuda.get_device_name(device)}"
+    elif device.type == "cpu":
+        where = "in Triton's interpreter (TRITON_INTERPRET=1), CPU"
+    else:
+        where = f"in Triton's interpreter (TRITON_INTERPRET=1), tensors on {device}"
+    print(f"spanfill check on {device}")
+    print(f"path: triton kernels {where}, against the reference")
+    # backend="triton": an op that cannot take the kernel path raises instead of
+    # quietly comparing the reference with itself.
+    failures = run_checks(device, kernel_dtypes(device), backend="triton", verbose=True)
     print("all ops match the reference" if not failures else f"{failures} check(s) FAILED")
     return 1 if failures else 0
 
@@ -142,10 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default=None)
     info.set_defaults(func=cmd_info)
 
-    check = sub.add_parser("check", help="quick self-check of every op against the reference")
-    check.add_argument("--device", default=None)
-    check.add_argument("--interpret", action="store_true",
-                       help="on the CPU, run the Triton kernels in the interpreter")
+    check = sub.add_parser("check", help="quick self-check of every op's Triton kernels against "
+                                         "the reference (on a CPU, in Triton's interpreter)")
+    check.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     check.set_defaults(func=cmd_check)
 
     # No -h of its own: every argument, --help included, goes to bench/run.py.

@@ -8,6 +8,11 @@ Backends: ``"triton"`` runs the Triton kernels (CUDA tensors, or CPU tensors whe
 :mod:`spanfill.reference`; ``"auto"`` (default, or the ``SPANFILL_BACKEND``
 environment variable) picks the kernels for CUDA tensors and the reference for
 CPU tensors, or the interpreter when ``TRITON_INTERPRET=1``.
+
+The kernel path has no backward pass: rather than return outputs that silently
+carry no gradient, an op on it raises ``NotImplementedError`` when grad mode is on
+and an input requires grad (use ``torch.no_grad()``/``torch.inference_mode()``, or
+``backend="reference"``, which autograd differentiates).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import reference
@@ -106,7 +112,33 @@ def _check_variant(window_left: int, logits_soft_cap: float) -> None:
 
 
 def _scale(head_dim: int, sm_scale: float | None) -> float:
-    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    """The softmax scale: ``sm_scale`` checked, or ``1/sqrt(head_dim)`` for None."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    # bool is an int, and float('0.1') would parse a string: neither is a scale.
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"sm_scale must be None or a real number (int, float or numpy scalar), got "
+            f"{type(sm_scale).__name__} {sm_scale!r}"
+        )
+    scale = float(sm_scale)
+    if not 0 < scale < math.inf:
+        raise ValueError(f"sm_scale must be a finite number > 0 (None: 1/sqrt(D)), got {sm_scale!r}")
+    return scale
+
+
+def _check_grad(op: str, path: str, **tensors: torch.Tensor) -> None:
+    """Refuse to drop gradients: the kernel path has no backward pass."""
+    if path != "triton" or not torch.is_grad_enabled():
+        return
+    needing = [name for name, t in tensors.items() if t.requires_grad]
+    if needing:
+        raise NotImplementedError(
+            f"{op} has no backward pass on the Triton kernel path, but {', '.join(needing)} "
+            f"require{'s' if len(needing) == 1 else ''} grad: wrap the call in torch.no_grad() or "
+            f"torch.inference_mode() if no gradient is wanted, or pass backend=\"reference\" "
+            f"(which supports autograd)"
+        )
 
 
 def _config(q: torch.Tensor, num_kv_heads: int, paged: bool, tma: bool = False):
@@ -151,7 +183,7 @@ def padded_prefill(
         (no host sync per call)
     causal : causal within each sample, default False (encoders)
     padding_side : "right" (default) or "left"; with a PaddedLayout, its own side
-    sm_scale : defaults to ``1/sqrt(D)``
+    sm_scale : a finite real number > 0 (int, float or numpy scalar); defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
     window_left : if >= 0, a row at position ``pos`` sees no key below
         ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
@@ -191,6 +223,7 @@ def padded_prefill(
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
     path = resolve_backend(q.device, backend)
+    _check_grad("padded_prefill", path, q=q, k=k, v=v)
     if path == "reference" or q.numel() == 0:
         o, lse = reference.padded_prefill(q, k, v, layout.valid_lens, causal,
                                           layout.padding_side, scale,
@@ -244,7 +277,7 @@ def varlen_prefill(
     k, v : [T, Hk, D] same dtype and device as q
     cu_seqlens : [B+1] int32|int64, non-decreasing, from 0 to T
     causal : default True
-    sm_scale : defaults to ``1/sqrt(D)``
+    sm_scale : a finite real number > 0 (int, float or numpy scalar); defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
     window_left : if >= 0, a row at position ``pos`` sees no key below
         ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
@@ -280,6 +313,7 @@ def varlen_prefill(
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
     path = resolve_backend(q.device, backend)
+    _check_grad("varlen_prefill", path, q=q, k=k, v=v)
     if path == "reference" or num_tokens == 0 or cu_seqlens.shape[0] == 1:
         o, lse = reference.varlen_prefill(q, k, v, cu_seqlens, causal, scale,
                                           window_left=window_left,
@@ -303,8 +337,25 @@ def varlen_prefill(
 
 # ----------------------------------------------------------------------------- spans
 
+def _check_same_device(**args: torch.Tensor | SpanLayout) -> None:
+    """Raise naming the argument whose device differs from most of the others.
+
+    The odd one out is the argument to move; on a tie the device of the first
+    argument wins, so callers list the cache first.
+    """
+    devices = [t.device for t in args.values()]
+    if all(d == devices[0] for d in devices):
+        return
+    common = max(devices, key=devices.count)  # first of the most frequent
+    anchor = next(name for name, t in args.items() if t.device == common)
+    name, t = next((name, t) for name, t in args.items() if t.device != common)
+    raise ValueError(f"{name} is on {t.device} but {anchor} is on {common}")
+
+
 def _check_cache(layout: SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 device: torch.device) -> None:
+                 **new: torch.Tensor) -> None:
+    """Checks of the paged cache and the layout against each other and the ``new`` tensors
+    (``q``, or ``k_new`` and ``v_new``), which must already be tensors."""
     _check_tensor("k_cache", k_cache, 4)
     _check_tensor("v_cache", v_cache, 4)
     if not isinstance(layout, SpanLayout):
@@ -313,9 +364,7 @@ def _check_cache(layout: SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"k_cache has shape {tuple(k_cache.shape)} but v_cache has {tuple(v_cache.shape)}")
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("layout", layout)):
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the new tokens are on {device}")
+    _check_same_device(k_cache=k_cache, v_cache=v_cache, **new, layout=layout)
     if k_cache.shape[1] != layout.page_size:
         raise ValueError(
             f"k_cache has page_size {k_cache.shape[1]} (dim 1) but layout.page_size is {layout.page_size}"
@@ -347,7 +396,7 @@ def span_prefill(
     k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype (NHD)
     layout : :class:`spanfill.SpanLayout` with ``layout.num_tokens == T``
     causal : default True
-    sm_scale : defaults to ``1/sqrt(D)``
+    sm_scale : a finite real number > 0 (int, float or numpy scalar); defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
     window_left : if >= 0, a row at position ``pos`` sees no key below
         ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
@@ -360,13 +409,14 @@ def span_prefill(
     lse : [T, Hq] fp32, natural log (only if ``return_lse``)
     """
     _check_tensor("q", q, 3)
-    _check_cache(layout, k_cache, v_cache, q.device)
+    _check_cache(layout, k_cache, v_cache, q=q)
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     if q.shape[0] != layout.num_tokens:
         raise ValueError(f"q has {q.shape[0]} rows but layout has {layout.num_tokens} span tokens")
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
     path = resolve_backend(q.device, backend)
+    _check_grad("span_prefill", path, q=q, k_cache=k_cache, v_cache=v_cache)
     if path == "reference" or q.shape[0] == 0:
         o, lse = reference.span_prefill(
             q, k_cache, v_cache, layout.positions, layout.query_start_loc, layout.seq_lens,
@@ -414,16 +464,16 @@ def append_kv(
     """
     _check_tensor("k_new", k_new, 3)
     _check_tensor("v_new", v_new, 3)
-    _check_cache(layout, k_cache, v_cache, k_new.device)
+    _check_cache(layout, k_cache, v_cache, k_new=k_new, v_new=v_new)
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if t.dtype != k_cache.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}")
-        if t.device != k_cache.device:
-            raise ValueError(f"{name} is on {t.device} but k_cache is on {k_cache.device}")
         expected = (layout.num_tokens, k_cache.shape[2], k_cache.shape[3])
         if tuple(t.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [T, Hk, D] = {expected}")
     path = resolve_backend(k_new.device, backend)
+    # The kernel writes the cache behind autograd's back: no gradient reaches k_new/v_new.
+    _check_grad("append_kv", path, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
     if path == "reference":
         reference.append_kv(k_new, v_new, k_cache, v_cache, layout.slot_mapping)
         return

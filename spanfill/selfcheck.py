@@ -1,19 +1,21 @@
 """Small end-to-end runs of every op against :mod:`spanfill.reference`.
 
-Used by ``spanfill demo --basic`` (prints what it computed) and ``spanfill check``
-(a quick self-test on the current device). Each check compares the public op, on
-whatever path it takes here, with the reference computed in fp32 from an
-independent dense copy of the inputs.
+Used by ``spanfill demo --basic`` (prints what it computed, on whatever path the
+ops take here) and ``spanfill check`` (the Triton kernels on the current device, or
+in Triton's interpreter on a CPU). Each check compares the public op with the
+reference computed in fp32 from an independent dense copy of the inputs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from . import reference
 from .cache import PagedKVCache
 from .layout import SpanLayout
-from .ops import append_kv, padded_prefill, span_prefill, varlen_prefill
+from .ops import append_kv, padded_prefill, resolve_backend, span_prefill, varlen_prefill
 
 # Relative-error bounds of STYLE.md, per input dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -31,28 +33,43 @@ def _dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def kernel_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes ``spanfill check`` runs the kernels in on ``device``.
+
+    No bf16 in Triton's interpreter (any CPU run): it does not compute bf16 dot
+    products correctly (see tests/test_kernels.py), so a failure there would say
+    nothing about the kernels.
+    """
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return torch.float16, torch.bfloat16
+    return torch.float32, torch.float16
+
+
 def _padded_case(device: torch.device, dtype: torch.dtype, causal: bool, side: str,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 seed: int = 0, backend: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, ref, valid_lens) for a small padded batch."""
     gen = torch.Generator().manual_seed(seed)
     b_sz, seq, hq, hk, d = 4, 13, 4, 2, 32
     q, k, v = (torch.randn(b_sz, seq, h, d, generator=gen).to(device, dtype) for h in (hq, hk, hk))
     valid = torch.tensor([13, 7, 1, 0], dtype=torch.int32, device=device)
-    out = padded_prefill(q, k, v, valid, causal=causal, padding_side=side)
+    out = padded_prefill(q, k, v, valid, causal=causal, padding_side=side, backend=backend)
     ref, _ = reference.padded_prefill(q, k, v, valid, causal=causal, padding_side=side)
     return out, ref, valid
 
 
-def _varlen_case(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _varlen_case(device: torch.device, dtype: torch.dtype,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     cu = torch.tensor([0, 5, 5, 22, 23], dtype=torch.int32, device=device)
     q, k, v = (torch.randn(23, h, 64, generator=gen).to(device, dtype) for h in (8, 1, 1))
-    out = varlen_prefill(q, k, v, cu, causal=True)
+    out = varlen_prefill(q, k, v, cu, causal=True, backend=backend)
     ref, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
     return out, ref
 
 
-def span_case(device: torch.device, dtype: torch.dtype, causal: bool = True) -> dict:
+def span_case(device: torch.device, dtype: torch.dtype, causal: bool = True,
+              backend: str | None = None) -> dict:
     """Two requests over a paged cache with holes: fill them, attend, compare.
 
     Returns a dict with the spans, the output, the reference output (from dense K/V
@@ -83,8 +100,8 @@ def span_case(device: torch.device, dtype: torch.dtype, causal: bool = True) -> 
     # Poison the hole slots: a kernel reading stale rows would show up as NaN.
     cache.k_cache.view(-1, hk, d)[layout.slot_mapping] = float("nan")
     cache.v_cache.view(-1, hk, d)[layout.slot_mapping] = float("nan")
-    append_kv(k_new, v_new, cache.k_cache, cache.v_cache, layout)
-    out = span_prefill(q, cache.k_cache, cache.v_cache, layout, causal=causal)
+    append_kv(k_new, v_new, cache.k_cache, cache.v_cache, layout, backend=backend)
+    out = span_prefill(q, cache.k_cache, cache.v_cache, layout, causal=causal, backend=backend)
 
     ref = torch.empty(num_new, hq, d, dtype=torch.float32, device=device)
     bounds = layout.query_start_loc.tolist()
@@ -102,29 +119,46 @@ def span_case(device: torch.device, dtype: torch.dtype, causal: bool = True) -> 
             "num_tokens": num_new}
 
 
-def run_checks(device: torch.device, verbose: bool = False) -> int:
-    """Run every op once against the reference; returns the number of failures."""
-    dtype = _dtype(device)
-    tol = TOLERANCE[dtype]
-    results: list[tuple[str, bool, str]] = []
-    for causal in (False, True):
-        for side in ("right", "left"):
-            out, ref, valid = _padded_case(device, dtype, causal, side)
-            err = rel_err(out, ref)
-            ok = err <= tol and bool(torch.isfinite(out).all())
-            results.append((f"padded_prefill causal={causal} {side}", ok, f"rel err {err:.2e}"))
-    out, ref = _varlen_case(device, dtype)
-    err = rel_err(out, ref)
-    results.append(("varlen_prefill causal GQA 8:1 D=64", err <= tol, f"rel err {err:.2e}"))
-    for causal in (True, False):
-        case = span_case(device, dtype, causal)
-        err = rel_err(case["out"], case["ref"])
-        results.append((f"span_prefill causal={causal}", err <= tol, f"rel err {err:.2e}"))
-    results.append(("append_kv (cache rows == dense K/V)", case["cache_ok"], "bit-exact"))
+Result = tuple[str, bool, str, torch.dtype]  # name, passed, detail, input dtype
+
+
+def _compared(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Result:
+    err, tol = rel_err(out, ref), TOLERANCE[dtype]
+    ok = err <= tol and bool(torch.isfinite(out).all())
+    return name, ok, f"rel err {err:.2e} (tol {tol:g})", dtype
+
+
+def run_checks(device: torch.device, dtypes: tuple[torch.dtype, ...], backend: str | None = None,
+               verbose: bool = False) -> int:
+    """Run every op once per dtype against the reference; returns the number of failures.
+
+    Parameters
+    ----------
+    device : where the inputs live
+    dtypes : input dtypes, e.g. :func:`kernel_dtypes`
+    backend : passed to every op ("auto" | "triton" | "reference", None: the ops'
+        default); each printed line names the path it resolved to. With "triton",
+        CPU tensors without the interpreter raise instead of running the reference.
+    verbose : print one line per check
+    """
+    path = resolve_backend(device, backend)
+    results: list[Result] = []
+    for dtype in dtypes:
+        for causal in (False, True):
+            for side in ("right", "left"):
+                out, ref, _ = _padded_case(device, dtype, causal, side, backend=backend)
+                results.append(_compared(f"padded_prefill causal={causal} {side}", out, ref, dtype))
+        out, ref = _varlen_case(device, dtype, backend)
+        results.append(_compared("varlen_prefill causal GQA 8:1 D=64", out, ref, dtype))
+        for causal in (True, False):
+            case = span_case(device, dtype, causal, backend)
+            results.append(_compared(f"span_prefill causal={causal}", case["out"], case["ref"], dtype))
+        results.append(("append_kv (cache rows == dense K/V)", case["cache_ok"], "bit-exact", dtype))
     if verbose:
-        for name, ok, detail in results:
-            print(f"  [{'ok' if ok else 'FAIL'}] {name:<40} {detail} (tol {tol:g}, {dtype})")
-    return sum(not ok for _, ok, _ in results)
+        for name, ok, detail, dtype in results:
+            dtype_name = str(dtype).removeprefix("torch.")
+            print(f"  [{'ok' if ok else 'FAIL'}] {name:<37} {dtype_name:<8} {path:<9} {detail}")
+    return sum(not ok for _, ok, _, _ in results)
 
 
 def basic_demo(device: torch.device) -> bool:

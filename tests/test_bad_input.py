@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,6 +130,69 @@ def test_request_without_spans_is_fine(case: Case) -> None:
     layout = sf.SpanLayout.build(spans, SEQ_LENS, case.block_table, P)
     assert layout.num_tokens == 2
     assert layout.query_start_loc.tolist() == [0, 0, 2]
+
+
+PER_REQUEST = r"spans is per request, e\.g\. spans=\[\[\(0, 4\), \(6, 8\)\]\]"
+
+
+@pytest.mark.parametrize("spans, pattern", [
+    pytest.param([(1, 3), (0, 2)],
+                 r"spans\[0\] = \(1, 3\) must be a list of \(start, stop\) pairs, not a pair: "
+                 + PER_REQUEST, id="flat-pairs"),
+    pytest.param([1, 3], r"spans\[0\] must be a list of \(start, stop\) pairs, got int 1: "
+                 + PER_REQUEST, id="flat-ints"),
+    pytest.param({0: [(1, 3)], 1: [(0, 2)]},
+                 r"spans must be a list of lists of \(start, stop\) pairs, got dict: " + PER_REQUEST,
+                 id="dict"),
+    pytest.param("0:3", r"spans must be a list of lists of \(start, stop\) pairs, got str",
+                 id="string"),
+    pytest.param(([(1, 3)], [(0, 2)]).__iter__(),
+                 r"spans must be a list of lists of \(start, stop\) pairs, got tuple_iterator",
+                 id="iterator"),
+    pytest.param([[(1, 3)], [None]], r"spans\[1\]\[0\] must be a \(start, stop\) pair, got NoneType None",
+                 id="span-none"),
+    pytest.param([[(1, 3.0)], [(0, 2)]],
+                 r"spans\[0\]\[0\] = \(1, 3\.0\) must hold ints \(Python or numpy integers\), got float 3\.0",
+                 id="float-stop"),
+    pytest.param([[(1, 3)], [(0.5, 2)]],
+                 r"spans\[1\]\[0\] = \(0\.5, 2\) must hold ints \(Python or numpy integers\), got float 0\.5",
+                 id="fractional-start"),
+    pytest.param([[(1, 3), (True, 9)], [(0, 2)]],
+                 r"spans\[0\]\[1\] = \(True, 9\) must hold ints \(Python or numpy integers\), got bool True",
+                 id="bool-start"),
+])
+def test_spans_of_wrong_type(case: Case, spans, pattern: str) -> None:
+    """Before: ``object of type 'int' has no len()`` for a flat list, and int(0.5) == 0."""
+    rejected(case, TypeError, pattern, lambda: full_step(case, spans=spans))
+
+
+def test_numpy_int_spans_are_accepted(case: Case) -> None:
+    spans = [[(np.int64(1), np.int32(3)), (np.int16(6), 9)], np.array([[0, 2]])]
+    built = sf.SpanLayout.build(spans, np.array(SEQ_LENS), case.block_table, P)
+    assert built.positions.tolist() == case.layout.positions.tolist()
+    assert built.query_start_loc.tolist() == case.layout.query_start_loc.tolist()
+
+
+@pytest.mark.parametrize("seq_lens, exc, pattern", [
+    pytest.param(10, TypeError, r"seq_lens must be a list of ints or a 1-D int tensor, got int",
+                 id="scalar"),
+    pytest.param([10.0, 7], TypeError, r"seq_lens\[0\] must be an int, got float 10\.0", id="float"),
+    pytest.param(torch.tensor([10.0, 7.0]), TypeError, r"seq_lens must be int32 or int64, got torch\.float32",
+                 id="float-tensor"),
+    pytest.param(torch.tensor([[10], [7]]), ValueError, r"seq_lens must be 1-D, got shape \(2, 1\)",
+                 id="2d-tensor"),
+])
+def test_seq_lens_of_wrong_type(case: Case, seq_lens, exc: type[Exception], pattern: str) -> None:
+    rejected(case, exc, pattern, lambda: full_step(case, seq_lens=seq_lens))
+
+
+@pytest.mark.parametrize("kind", ["list", "ndarray"])
+def test_block_table_not_a_tensor(case: Case, kind: str) -> None:
+    """Before: AttributeError 'list' object has no attribute 'device'."""
+    table = case.block_table.tolist() if kind == "list" else case.block_table.numpy()
+    rejected(case, TypeError,
+             rf"block_table must be a torch\.Tensor \(\[B, max_pages\] int32\), got {kind}",
+             lambda: full_step(case, block_table=table))
 
 
 # ----------------------------------------------------------------------------- metadata tensors
@@ -426,6 +490,79 @@ def test_varlen_bad_cu_seqlens() -> None:
         sf.varlen_prefill(q, k[:4], k[:4], torch.tensor([0, 5]))
 
 
+@pytest.mark.parametrize("dtype, shown", [
+    pytest.param(torch.int8, "torch.int8", id="int8"),
+    pytest.param(torch.float64, "torch.float64", id="float64"),
+    pytest.param(torch.float8_e4m3fn, "torch.float8_e4m3fn", id="float8"),
+    pytest.param("float16", "'float16'", id="string"),
+    pytest.param(np.float16, "<class 'numpy.float16'>", id="numpy-type"),
+])
+def test_paged_kv_cache_dtype(dtype, shown: str) -> None:
+    """Only the dtypes the ops take; before, the pool was built and every op call failed."""
+    with pytest.raises(TypeError, match=r"dtype must be torch\.float16, torch\.bfloat16 or "
+                                        r"torch\.float32, got " + re.escape(shown)):
+        sf.PagedKVCache(4, 4, HK, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+def test_paged_kv_cache_dtypes_accepted(dtype: torch.dtype) -> None:
+    assert sf.PagedKVCache(4, 4, HK, D, dtype=dtype).k_cache.dtype == dtype
+
+
+# ----------------------------------------------------------------------------- sm_scale
+
+ATTENTION_OPS = ["padded_prefill", "varlen_prefill", "span_prefill"]
+
+
+def attention_call(case: Case, op: str, **kw) -> Callable[[], torch.Tensor]:
+    """One call of an attention op on the standard inputs (span_prefill on the case's cache)."""
+    if op == "span_prefill":
+        return lambda: sf.span_prefill(case.q, case.k_cache, case.v_cache, case.layout, **kw)
+    if op == "varlen_prefill":
+        q, k = case.q, case.k_new
+        return lambda: sf.varlen_prefill(q, k, k.clone(), torch.tensor([0, 5, 7]), **kw)
+    q, k, v = padded_inputs()
+    return lambda: sf.padded_prefill(q, k, v, torch.tensor([6, 2]), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ATTENTION_OPS)
+@pytest.mark.parametrize("sm_scale, exc, pattern", [
+    pytest.param(float("nan"), ValueError,
+                 r"sm_scale must be a finite number > 0 \(None: 1/sqrt\(D\)\), got nan", id="nan"),
+    pytest.param(float("inf"), ValueError, r"sm_scale must be a finite number > 0 .*got inf", id="inf"),
+    pytest.param(0, ValueError, r"sm_scale must be a finite number > 0 .*got 0$", id="zero"),
+    pytest.param(-0.125, ValueError, r"sm_scale must be a finite number > 0 .*got -0\.125", id="negative"),
+    pytest.param(np.float32("nan"), ValueError, r"sm_scale must be a finite number > 0", id="numpy-nan"),
+    pytest.param(True, TypeError,
+                 r"sm_scale must be None or a real number \(int, float or numpy scalar\), got bool True",
+                 id="bool"),
+    pytest.param("0.1", TypeError, r"sm_scale must be None or a real number .*got str '0\.1'", id="string"),
+    pytest.param(torch.tensor(0.1), TypeError, r"sm_scale must be None or a real number .*got Tensor",
+                 id="tensor"),
+    pytest.param(1 + 0j, TypeError, r"sm_scale must be None or a real number .*got complex", id="complex"),
+])
+def test_bad_sm_scale(case: Case, op: str, sm_scale, exc: type[Exception], pattern: str,
+                      backend: str) -> None:
+    rejected(case, exc, pattern, attention_call(case, op, sm_scale=sm_scale, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ATTENTION_OPS)
+@pytest.mark.parametrize("sm_scale, same_as", [
+    pytest.param(1, 1.0, id="int"),
+    pytest.param(np.float32(0.25), 0.25, id="numpy-float32"),
+    pytest.param(np.float64(0.25), 0.25, id="numpy-float64"),
+    pytest.param(np.int64(2), 2.0, id="numpy-int64"),
+])
+def test_sm_scale_numbers_are_accepted(case: Case, op: str, sm_scale, same_as: float,
+                                       backend: str) -> None:
+    got = attention_call(case, op, sm_scale=sm_scale, backend=backend)()
+    want = attention_call(case, op, sm_scale=same_as, backend=backend)()
+    assert torch.equal(got, want)
+
+
 # ----------------------------------------------------------------------------- heads
 
 @pytest.mark.parametrize("hq", [3, 0])
@@ -506,20 +643,45 @@ def test_k_on_another_device() -> None:
                     torch.tensor([1, 2], device="meta"))
 
 
-def test_cache_on_another_device(case: Case) -> None:
-    rejected(case, ValueError, r"k_cache is on meta but the new tokens are on cpu",
-             lambda: sf.append_kv(case.k_new, case.v_new, case.k_cache.to("meta"),
-                                  case.v_cache.to("meta"), case.layout))
-    rejected(case, ValueError, r"v_cache is on meta but the new tokens are on cpu",
-             lambda: sf.span_prefill(case.q, case.k_cache, case.v_cache.to("meta"), case.layout))
-
-
-def test_layout_on_another_device(case: Case) -> None:
+def _meta_layout(case: Case) -> sf.SpanLayout:
     m = {k: v.to("meta") for k, v in good_tensors(case).items()}
-    layout = sf.SpanLayout.from_tensors(m["positions"], m["qsl"], m["seq_lens"], m["block_table"],
-                                        P, validate=False)
-    rejected(case, ValueError, r"layout is on meta but the new tokens are on cpu",
-             lambda: sf.append_kv(case.k_new, case.v_new, case.k_cache, case.v_cache, layout))
+    return sf.SpanLayout.from_tensors(m["positions"], m["qsl"], m["seq_lens"], m["block_table"],
+                                      P, validate=False)
+
+
+@pytest.mark.parametrize("op, moved, pattern", [
+    pytest.param("span_prefill", ("q",), r"q is on meta but k_cache is on cpu", id="span-q"),
+    pytest.param("span_prefill", ("k_cache",), r"k_cache is on meta but v_cache is on cpu",
+                 id="span-k_cache"),
+    pytest.param("span_prefill", ("v_cache",), r"v_cache is on meta but k_cache is on cpu",
+                 id="span-v_cache"),
+    pytest.param("span_prefill", ("layout",), r"layout is on meta but k_cache is on cpu",
+                 id="span-layout"),
+    pytest.param("append_kv", ("k_new",), r"k_new is on meta but k_cache is on cpu", id="append-k_new"),
+    pytest.param("append_kv", ("v_new",), r"v_new is on meta but k_cache is on cpu", id="append-v_new"),
+    pytest.param("append_kv", ("k_cache", "v_cache"), r"k_cache is on meta but k_new is on cpu",
+                 id="append-both-caches"),
+    pytest.param("append_kv", ("layout",), r"layout is on meta but k_cache is on cpu",
+                 id="append-layout"),
+])
+def test_one_argument_on_another_device(case: Case, op: str, moved: tuple[str, ...],
+                                        pattern: str) -> None:
+    """The message names the argument that disagrees with the others, and where they are.
+
+    (Before, q on another device than the cache read "k_cache is on cpu but the new
+    tokens are on meta", blaming the cache.)
+    """
+    args = {"q": case.q, "k_new": case.k_new, "v_new": case.v_new, "k_cache": case.k_cache,
+            "v_cache": case.v_cache, "layout": case.layout}
+    for name in moved:
+        args[name] = _meta_layout(case) if name == "layout" else args[name].to("meta")
+    if op == "span_prefill":
+        call = lambda: sf.span_prefill(args["q"], args["k_cache"], args["v_cache"],  # noqa: E731
+                                       args["layout"])
+    else:
+        call = lambda: sf.append_kv(args["k_new"], args["v_new"], args["k_cache"],  # noqa: E731
+                                    args["v_cache"], args["layout"])
+    rejected(case, ValueError, pattern, call)
 
 
 def test_metadata_on_mixed_devices(case: Case) -> None:
@@ -532,9 +694,11 @@ def test_metadata_on_mixed_devices(case: Case) -> None:
 @pytest.mark.gpu
 def test_cache_on_cpu_q_on_gpu(case: Case) -> None:
     layout = sf.SpanLayout.build(SPANS, SEQ_LENS, case.block_table.cuda(), P)
-    rejected(case, ValueError, r"k_cache is on cpu but the new tokens are on cuda:0",
+    rejected(case, ValueError, r"k_cache is on cpu but k_new is on cuda:0",
              lambda: sf.append_kv(case.k_new.cuda(), case.v_new.cuda(), case.k_cache,
                                   case.v_cache, layout))
+    rejected(case, ValueError, r"q is on cuda:0 but k_cache is on cpu",
+             lambda: sf.span_prefill(case.q.cuda(), case.k_cache, case.v_cache, layout))
 
 
 @pytest.mark.gpu
@@ -543,7 +707,7 @@ def test_cache_on_another_gpu(case: Case) -> None:
     layout = sf.SpanLayout.build(SPANS, SEQ_LENS, case.block_table.to("cuda:0"), P)
     k_cache, v_cache = case.k_cache.to("cuda:1"), case.v_cache.to("cuda:1")
     before = tensor_digest(k_cache, v_cache)
-    with pytest.raises(ValueError, match=r"k_cache is on cuda:1 but the new tokens are on cuda:0"):
+    with pytest.raises(ValueError, match=r"k_cache is on cuda:1 but k_new is on cuda:0"):
         sf.append_kv(case.k_new.cuda(), case.v_new.cuda(), k_cache, v_cache, layout)
     assert tensor_digest(k_cache, v_cache) == before
 

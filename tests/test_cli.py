@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+import re
+import subprocess
+import sys
 
+import pytest
+import torch
+
+import spanfill
+from conftest import INTERPRETING
 from spanfill import cli
 
 
@@ -15,9 +23,79 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
     assert "torch" in out and "triton" in out
 
 
-def test_check(capsys: pytest.CaptureFixture[str]) -> None:
+RESULT = re.compile(r"^  \[(ok|FAIL)\] (.+?) +(float32|float16|bfloat16) +(\w+) +(.*)$", re.M)
+
+
+def _results(out: str) -> list[tuple[str, str, str, str, str]]:
+    """(status, check, dtype, path, detail) of each result line of ``spanfill check``."""
+    return RESULT.findall(out)
+
+
+def _rel_errs(results, dtype: str) -> list[float]:
+    return [float(re.match(r"rel err (\S+)", detail).group(1))
+            for _, _, dt, _, detail in results if dt == dtype and detail.startswith("rel err")]
+
+
+def test_check_runs_the_kernels(monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process (conftest set TRITON_INTERPRET=1 on a CPU): every op launches a kernel."""
+    from spanfill import kernels
+
+    launches = {"attention_fwd": 0, "append_kv_launch": 0}
+    for name in launches:
+        real = getattr(kernels, name)
+
+        def counted(*args, _real=real, _name=name, **kw):
+            launches[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(kernels, name, counted)
+    monkeypatch.setenv("SPANFILL_BACKEND", "reference")  # check must not follow it
     assert cli.main(["check"]) == 0
-    assert "all ops match the reference" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "all ops match the reference" in out
+    results = _results(out)
+    compiled = torch.cuda.is_available() and not INTERPRETING
+    dtypes = ("float16", "bfloat16") if compiled else ("float32", "float16")
+    assert sorted({r[2] for r in results}) == sorted(dtypes)
+    assert len(results) == 8 * len(dtypes) and all(r[0] == "ok" and r[3] == "triton" for r in results)
+    # Per dtype: 4 padded + 1 varlen + 2 span launches, and one append_kv per span case.
+    assert launches == {"attention_fwd": 7 * len(dtypes), "append_kv_launch": 2 * len(dtypes)}
+    if compiled:
+        assert "path: triton kernels on " in out
+    else:
+        assert "path: triton kernels in Triton's interpreter (TRITON_INTERPRET=1)" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of spanfill check")
+def test_check_on_cpu_runs_the_interpreter(tmp_path) -> None:
+    """``spanfill check`` started without TRITON_INTERPRET re-runs itself in the interpreter.
+
+    Before, it compared the reference with itself on a CPU (every rel err 0.00e+00).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(spanfill.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, SPANFILL_BACKEND="reference")
+    proc = subprocess.run([sys.executable, "-m", "spanfill", "check"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "re-running in a subprocess with TRITON_INTERPRET=1" in out
+    assert "path: triton kernels in Triton's interpreter (TRITON_INTERPRET=1), CPU" in out
+    results = _results(out)
+    assert len(results) == 16 and all(r[0] == "ok" and r[3] == "triton" for r in results)
+    # fp32 kernels differ from the reference in the last bits; the reference against
+    # itself would give exactly 0 everywhere.
+    fp32 = _rel_errs(results, "float32")
+    assert len(fp32) == 7 and max(fp32) > 0 and max(fp32) <= 1e-5
+    assert "all ops match the reference" in out
+
+
+def test_check_without_a_gpu_for_cuda(monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["check", "--device", "cuda"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
 
 
 def test_demo_basic(capsys: pytest.CaptureFixture[str]) -> None:
@@ -28,8 +106,6 @@ def test_demo_basic(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_without_runner(monkeypatch: pytest.MonkeyPatch, tmp_path,
                               capsys: pytest.CaptureFixture[str]) -> None:
-    import sys
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "bench.run", None)  # import fails like a missing file
     assert cli.main(["bench", "--help"]) == 2

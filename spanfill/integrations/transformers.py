@@ -20,6 +20,11 @@ Two pieces are registered under the name ``"spanfill"``:
 
 Padded query rows come out as exact zeros (transformers' eager path leaves finite
 garbage there); pooling that follows the attention mask never reads them.
+
+Inference only: on the kernel path, a model in training mode or inputs that
+require grad (with grad enabled) raise ``NotImplementedError`` instead of
+training nothing; use ``model.eval()`` with ``torch.no_grad()``, or ``"sdpa"`` /
+``"eager"`` to train.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ..layout import PaddedLayout
-from ..ops import padded_prefill
+from ..ops import padded_prefill, resolve_backend
 
 __all__ = ["NAME", "register", "spanfill_attention_forward", "spanfill_mask",
            "padding_from_mask"]
@@ -167,7 +172,15 @@ def spanfill_attention_forward(
     -------
     attn_output : [B, S, Hq, D] query.dtype, exact zeros on padded rows
     attn_weights : None
+
+    Raises
+    ------
+    NotImplementedError
+        on the kernel path with grad enabled, when the module is in training mode
+        or the inputs require grad: the kernels have no backward pass, and silently
+        returning outputs without gradients would train nothing.
     """
+    _check_inference(module, query, key, value)
     if dropout:
         raise ValueError("spanfill attention is inference-only: dropout must be 0 (call model.eval())")
     b_sz, _, seq_len, _ = query.shape
@@ -184,6 +197,23 @@ def spanfill_attention_forward(
         layout, causal=causal, sm_scale=scaling,
     )
     return out, None
+
+
+def _check_inference(module: torch.nn.Module, *inputs: torch.Tensor) -> None:
+    if not torch.is_grad_enabled() or resolve_backend(inputs[0].device) != "triton":
+        return
+    if module.training:
+        why = "the model is in training mode with grad enabled"
+    elif any(t.requires_grad for t in inputs):
+        why = "its inputs require grad (grad is enabled)"
+    else:
+        return
+    raise NotImplementedError(
+        f'attn_implementation="spanfill" has no backward pass (its Triton kernels are forward '
+        f'only), but {why}. For inference call model.eval() and run the model under '
+        f'torch.no_grad() or torch.inference_mode(); to train, load it with '
+        f'attn_implementation="sdpa" or "eager"'
+    )
 
 
 # Every layer of one forward gets the same mask object: parse, check and plan it once.
