@@ -7,20 +7,39 @@ output rows poisoned with NaN, lse, the KV cache bit-for-bit against the
 reference append, slots outside the written ones unchanged, NaN/inf in every
 slot no request may read. Failures do not stop the run: each is printed with its
 full case (enough to replay it), and the exit status is 1 if any was found.
-The first minute or two is Triton compiling the kernel variants.
+
+Most of the time is Triton compiling kernel variants (a few seconds each, on one
+CPU core), so the examples are shared out to ``--workers`` processes on the one
+GPU, each drawing its own stream of cases (hypothesis seed = worker index, or
+``--seed * 1000 +`` index); they share Triton's on-disk cache. ``--workers 1``
+draws the one derandomized stream of earlier runs.
+
+The log ends with how many span examples covered each edge case (T=1, split-KV
+launches, page sizes 1 and 256, whole-prompt spans, requests with no span, ...),
+counted from what each check returns.
+
+A smoke run of this script without a GPU (the same GPU-sized cases, in Triton's
+interpreter; slow, so few examples):
+
+    TRITON_INTERPRET=1 PYTHONPATH=. python3 scripts/fuzz_gpu.py --device cpu --examples 40
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import sys
 import time
 import traceback
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -35,6 +54,18 @@ from fuzzing import (  # noqa: E402
     varlen_cases,
 )
 
+# Coverage lines of the summary: a check's tag, and what it means.
+COVERAGE = {
+    "T=1": "T=1 (one span token in the batch)",
+    "split": "split-KV launch",
+    "forced-splits": "forced split count (SPANFILL_SPLITS)",
+    "few_rows": "1-8 span tokens over long prompts",
+    "page1": "page_size 1",
+    "page256": "page_size 256",
+    "whole-prompt": "whole-prompt span (0, seq_len)",
+    "no-span-request": "a request with no span",
+}
+
 # Share of the examples per op: span cases exercise append_kv and span_prefill.
 OPS: dict[str, tuple[float, Callable[[], st.SearchStrategy], Callable]] = {
     "span": (0.5, lambda: span_cases(GPU_SIZES), check_span_case),
@@ -44,8 +75,12 @@ OPS: dict[str, tuple[float, Callable[[], st.SearchStrategy], Callable]] = {
 
 
 def fuzz_op(name: str, examples: int, strategy: st.SearchStrategy, check: Callable,
-            seed: int | None, device: str, failures: list[tuple[str, object, str]]) -> int:
-    """Run ``check`` on ``examples`` drawn cases; record failures instead of raising."""
+            seed: int | None, device: str, failures: list[tuple[str, str, str]],
+            tags: Counter[str]) -> int:
+    """Run ``check`` on ``examples`` drawn cases; record failures instead of raising,
+    and count the tags of the cases that passed (a check may return a set of them).
+
+    ``seed`` None draws the derandomized stream."""
     ran = 0
     start = time.perf_counter()
 
@@ -56,50 +91,96 @@ def fuzz_op(name: str, examples: int, strategy: st.SearchStrategy, check: Callab
         nonlocal ran
         ran += 1
         try:
-            check(case, device)
+            tags.update(check(case, device) or ())
         except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
-            failures.append((name, case, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
+            failures.append((name, repr(case),
+                             f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"))
         if ran % 500 == 0:
             print(f"  {name}: {ran} examples, {time.perf_counter() - start:.0f} s", flush=True)
 
     if seed is not None:
-        prop = __import__("hypothesis").seed(seed)(prop)
+        prop = hypothesis_seed(seed)(prop)
     prop()
     return ran
+
+
+def examples_per_op(total: int, names: list[str]) -> dict[str, int]:
+    """``total`` examples shared out by the ops' weights, at least one each."""
+    weight = sum(OPS[n][0] for n in names)
+    return {n: max(1, round(total * OPS[n][0] / weight)) for n in names}
+
+
+def run_worker(index: int, workers: int, per_op: dict[str, int], seed: int | None,
+               device: str) -> dict:
+    """Worker ``index`` of ``workers``: its share of each op's examples.
+
+    Returns a picklable report: examples run and seconds per op, tag counts, and
+    failures as ``(op, repr(case), error)``.
+    """
+    if workers > 1:
+        seed = (seed or 0) * 1000 + index
+    label = f"[worker {index}] " if workers > 1 else ""
+    failures: list[tuple[str, str, str]] = []
+    tags: Counter[str] = Counter()
+    counts: dict[str, int] = {}
+    for name, total in per_op.items():
+        n = total // workers + (index < total % workers)
+        if n == 0:
+            continue
+        _, strategy, check = OPS[name]
+        t0 = time.perf_counter()
+        counts[name] = fuzz_op(name, n, strategy(), check, seed, device, failures, tags)
+        print(f"{label}{name}: {counts[name]} examples in {time.perf_counter() - t0:.1f} s, "
+              f"{sum(1 for f in failures if f[0] == name)} failures", flush=True)
+    return {"counts": counts, "tags": dict(tags), "failures": failures}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=5000, help="total examples over all ops")
-    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ",".join(OPS))
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help="comma-separated subset of " + ",".join(OPS))
     parser.add_argument("--seed", type=int, default=None,
                         help="draw a different stream of cases (default: derandomized)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes sharing the examples (default: one per CPU core, at "
+                             "most 16, on cuda; 1 on cpu)")
     parser.add_argument("--show", type=int, default=20, help="failures to print in full")
     parser.add_argument("--device", default="cuda",
-                        help="cuda, or cpu for a smoke run of this script (needs TRITON_INTERPRET=1)")
+                        help="cuda, or cpu for a smoke run of this script "
+                             "(needs TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fuzz_gpu.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    names = [n.strip() for n in args.ops.split(",") if n.strip()]
-    total_share = sum(OPS[n][0] for n in names)
+    workers = args.workers or (min(16, os.cpu_count() or 1) if args.device == "cuda" else 1)
+    per_op = examples_per_op(args.examples, [n.strip() for n in args.ops.split(",") if n.strip()])
     label = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    print(f"device: {label}  torch {torch.__version__}", flush=True)
-    failures: list[tuple[str, object, str]] = []
-    counts: dict[str, int] = {}
+    print(f"device: {label}  torch {torch.__version__}  workers: {workers}", flush=True)
     start = time.perf_counter()
-    for name in names:
-        share, strategy, check = OPS[name]
-        n = max(1, round(args.examples * share / total_share))
-        t0 = time.perf_counter()
-        counts[name] = fuzz_op(name, n, strategy(), check, args.seed, args.device, failures)
-        print(f"{name}: {counts[name]} examples in {time.perf_counter() - t0:.1f} s, "
-              f"{sum(1 for f in failures if f[0] == name)} failures", flush=True)
-    total = sum(counts.values())
-    print(f"\n{total} examples ({', '.join(f'{k} {v}' for k, v in counts.items())}) in "
-          f"{time.perf_counter() - start:.1f} s; {len(failures)} failures")
+    if workers == 1:
+        reports = [run_worker(0, 1, per_op, args.seed, args.device)]
+    else:
+        # spawn, not fork: a forked child cannot use the parent's CUDA state.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [pool.submit(run_worker, i, workers, per_op, args.seed, args.device)
+                    for i in range(workers)]
+            reports = [job.result() for job in jobs]
+    counts: Counter[str] = Counter()
+    tags: Counter[str] = Counter()
+    failures = []
+    for report in reports:
+        counts.update(report["counts"])
+        tags.update(report["tags"])
+        failures += report["failures"]
+    print(f"\n{sum(counts.values())} examples ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
+          f"in {time.perf_counter() - start:.1f} s; {len(failures)} failures")
+    if "span" in counts:
+        print(f"span coverage (of {counts['span']} examples, passed ones counted):")
+        for tag, what in COVERAGE.items():
+            print(f"  {tags[tag]:6d}  {what}")
     for name, case, err in failures[: args.show]:
-        print(f"\n--- {name} failure\n{case!r}\n{err}")
+        print(f"\n--- {name} failure\n{case}\n{err}")
     return 1 if failures else 0
 
 

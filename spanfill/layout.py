@@ -366,9 +366,11 @@ class SpanLayout:
 
         Parameters
         ----------
-        spans : per request, half-open ``(start, stop)`` pairs: sorted, disjoint,
-            non-empty, inside ``[0, seq_len)``. A request may have no spans.
-        seq_lens : [B] ints, the full prompt length of each request
+        spans : per request, a list of half-open ``(start, stop)`` pairs of ints (Python
+            or numpy integers): sorted, disjoint, non-empty, inside ``[0, seq_len)``. A
+            request may have no spans. One request with two spans: ``[[(0, 4), (6, 8)]]``.
+        seq_lens : [B] ints, or a [B] int32|int64 tensor: the full prompt length of each
+            request
         block_table : [B, max_pages] int32, must cover ``seq_len`` for each request
         page_size : tokens per page, >= 1
         device : where the layout's tensors live; defaults to ``block_table.device``
@@ -378,7 +380,44 @@ class SpanLayout:
         ValueError, TypeError
             naming the argument and the request/span index at fault.
         """
-        lens = [int(x) for x in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
+        def is_seq(x: object) -> bool:
+            return isinstance(x, (Sequence, np.ndarray)) and not isinstance(x, (str, bytes))
+
+        def is_int(x: object) -> bool:
+            # int() would truncate 0.5 to 0 and take True for 1: only integers are bounds.
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        per_request = ("spans is per request, e.g. spans=[[(0, 4), (6, 8)]] for one request "
+                       "with spans (0, 4) and (6, 8)")
+        if not is_seq(spans):
+            raise TypeError(f"spans must be a list of lists of (start, stop) pairs, got "
+                            f"{type(spans).__name__}: {per_request}")
+        if torch.is_tensor(seq_lens):
+            if seq_lens.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"seq_lens must be int32 or int64, got {seq_lens.dtype}")
+            if seq_lens.dim() != 1:
+                raise ValueError(f"seq_lens must be 1-D, got shape {tuple(seq_lens.shape)}")
+            lens = seq_lens.tolist()
+        elif is_seq(seq_lens):
+            lens = list(seq_lens)
+            for b, n in enumerate(lens):
+                if not is_int(n):
+                    raise TypeError(f"seq_lens[{b}] must be an int, got {type(n).__name__} {n!r}")
+            lens = [int(n) for n in lens]
+        else:
+            raise TypeError(f"seq_lens must be a list of ints or a 1-D int tensor, got "
+                            f"{type(seq_lens).__name__}")
+        if not torch.is_tensor(block_table):
+            raise TypeError(f"block_table must be a torch.Tensor ([B, max_pages] int32), got "
+                            f"{type(block_table).__name__}")
+        # A flat [(0, 4), (6, 8)] (the per-request level forgotten) shows as ints here.
+        for b, req_spans in enumerate(spans):
+            if not is_seq(req_spans):
+                raise TypeError(f"spans[{b}] must be a list of (start, stop) pairs, got "
+                                f"{type(req_spans).__name__} {req_spans!r}: {per_request}")
+            if any(is_int(x) for x in req_spans):
+                raise TypeError(f"spans[{b}] = {req_spans!r} must be a list of (start, stop) "
+                                f"pairs, not a pair: {per_request}")
         if len(spans) != len(lens):
             raise ValueError(f"spans has {len(spans)} requests but seq_lens has {len(lens)}")
         starts: list[int] = []
@@ -387,8 +426,15 @@ class SpanLayout:
         for b, req_spans in enumerate(spans):
             prev_stop = 0
             for j, span in enumerate(req_spans):
+                if not is_seq(span):
+                    raise TypeError(f"spans[{b}][{j}] must be a (start, stop) pair, got "
+                                    f"{type(span).__name__} {span!r}")
                 if len(span) != 2:
                     raise ValueError(f"spans[{b}][{j}] must be a (start, stop) pair, got {span!r}")
+                if not (is_int(span[0]) and is_int(span[1])):
+                    bad = span[1] if is_int(span[0]) else span[0]
+                    raise TypeError(f"spans[{b}][{j}] = {span!r} must hold ints (Python or numpy "
+                                    f"integers), got {type(bad).__name__} {bad!r}")
                 start, stop = int(span[0]), int(span[1])
                 if start >= stop:
                     raise ValueError(f"spans[{b}][{j}] = ({start}, {stop}) is empty: start must be < stop")
@@ -439,18 +485,28 @@ class SpanLayout:
     ) -> "SpanLayout":
         """Build a layout from a serving engine's metadata.
 
+        A batch captured at a fixed token capacity (a CUDA graph) pads its unused
+        rows into a spare request of ``seq_lens`` 0, ``validate=False``: those rows
+        write no K/V, read nothing, and output 0 with lse -inf. The convention and
+        what is guaranteed: docs/captured_batches.md.
+
         Parameters
         ----------
         positions : [T] int32|int64, position of each new token, strictly
-            increasing within a request
+            increasing within a request (padded rows: any value >= 0)
         query_start_loc : [B+1] int32|int64, cumulative token counts, starting at 0
         seq_lens : [B] int32|int64, KV length per request
         block_table : [B, max_pages] int32|int64
         page_size : tokens per page
-        slot_mapping : [T] int64 or None (computed from the block table)
+        slot_mapping : [T] int64 or None (computed from the block table: -1 for a
+            row whose position is outside ``[0, seq_lens[b])`` of its request, or
+            outside ``[kv_start[b], kv_end[b])``, or that is at or past
+            ``query_start_loc[-1]``). Given, it is used as is: padded rows must
+            carry -1 there.
         validate : check the metadata (one host sync for the whole check). With
             False nothing here waits on the device, so the call can be captured in a
-            CUDA graph; invalid metadata is then undefined behaviour.
+            CUDA graph; invalid metadata is then undefined behaviour. Validation
+            rejects padded rows (a position outside ``[0, seq_lens[b])``).
         kv_start, kv_end : [B] int or None, the KV positions this cache holds (see
             the class docstring); ``0 <= kv_start <= kv_end <= seq_lens``
         """
@@ -475,7 +531,7 @@ class SpanLayout:
         if validate:
             _validate_meta(positions, qsl, seq_lens, block_table, page_size, kv_start, kv_end)
         if slot_mapping is None:
-            slot_mapping = compute_slot_mapping(positions, qsl, block_table, page_size,
+            slot_mapping = compute_slot_mapping(positions, qsl, seq_lens, block_table, page_size,
                                                 kv_start, kv_end)
         elif slot_mapping.shape != positions.shape:
             raise ValueError(
@@ -526,28 +582,51 @@ class SpanLayout:
 
 
 def compute_slot_mapping(
-    positions: torch.Tensor, query_start_loc: torch.Tensor, block_table: torch.Tensor,
-    page_size: int, kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
+    positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, page_size: int, kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``slot = block_table[b, pos // page_size] * page_size + pos % page_size``, and -1
-    for positions outside ``[kv_start[b], kv_end[b])`` when those are given.
+    """The cache slot of each row, or -1 for a row that must write no K/V.
+
+    Row ``i`` of request ``b`` (``qsl[b] <= i < qsl[b+1]``) at position ``pos`` gets
+    ``block_table[b, pos // page_size] * page_size + pos % page_size`` if
+    ``0 <= pos < seq_lens[b]`` (and ``kv_start[b] <= pos < kv_end[b]`` when given);
+    every other row gets -1, and so does every row at or past ``qsl[-1]`` (it
+    belongs to no request). This is what lets a captured batch pad its unused rows
+    (docs/captured_batches.md): they sit in a spare request of ``seq_lens`` 0, whose
+    block-table row may be stale, so a table entry is only trusted for a position
+    the request holds, and the gather is clamped into the table (a padded row reads
+    nothing out of range whatever its position).
+
+    Parameters
+    ----------
+    positions : [T] int32|int64
+    query_start_loc : [B+1] int32|int64
+    seq_lens : [B] int32|int64
+    block_table : [B, max_pages] int32|int64
+    page_size : tokens per page
+    kv_start, kv_end : [B] int or None, the KV positions this cache holds
 
     Returns
     -------
     [T] int64
     """
     num_tokens = positions.shape[0]
+    if block_table.numel() == 0:
+        # No request, or no page column: no row has a slot, and nothing can be gathered.
+        return torch.full((num_tokens,), -1, dtype=torch.int64, device=positions.device)
     token = torch.arange(num_tokens, device=positions.device)
     req = torch.searchsorted(query_start_loc[1:].long(), token, right=True)
-    req = req.clamp(max=max(block_table.shape[0] - 1, 0))
+    req = req.clamp(max=block_table.shape[0] - 1)
     pos = positions.long()
-    page_idx = (pos // page_size).clamp(max=max(block_table.shape[1] - 1, 0))
-    pages = block_table.long()[req, page_idx]
-    slots = pages * page_size + pos % page_size
-    if kv_start is None:
-        return slots
-    held = (pos >= kv_start.long()[req]) & (pos < kv_end.long()[req])
-    return torch.where(held, slots, torch.full_like(slots, -1))
+    hi = seq_lens.long()[req]
+    if kv_end is not None:
+        hi = torch.minimum(hi, kv_end.long()[req])
+    lo = kv_start.long()[req] if kv_start is not None else 0
+    held = (pos >= lo) & (pos < hi) & (token < query_start_loc[-1])
+    page_idx = (pos // page_size).clamp(min=0, max=block_table.shape[1] - 1)
+    slots = block_table.long()[req, page_idx] * page_size + pos % page_size
+    return torch.where(held, slots, -1)
 
 
 def _pages_in_use(seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int,

@@ -16,12 +16,21 @@ Each ``check_*`` function runs a public op with ``backend="triton"`` against
   slot outside the written ones keeps its old bits;
 * KV slots no request may see (spare pages, page tails, padding) hold NaN/inf,
   so any read outside a request's range poisons its output.
+
+Span cases come in three shapes: ``mixed`` (many spans of every kind over short
+prompts), ``few_rows`` (1-8 span tokens anywhere in long prompts: the launches
+that split-KV splits) and ``single_row`` (T=1: one span token in the batch; on a
+GPU Triton makes an integer argument equal to 1 a compile-time constant, which
+the interpreter never does). Some cases force the split count
+(``SPANFILL_SPLITS``). :func:`span_case_tags` names what a case covers, and
+:func:`check_span_case` adds ``split`` when the attention launch split.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,6 +38,7 @@ import torch
 from hypothesis import strategies as st
 
 import spanfill as sf
+import spanfill.kernels as kernels
 from spanfill import reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
@@ -44,7 +54,17 @@ class Sizes:
     On a GPU Triton compiles the kernel once per distinct combination of
     constexprs *and* of integer-argument specializations (== 1, divisible by 16:
     strides depend on the head counts), so there ``heads`` pins a few
-    (dtype, D, Hq, Hk) combinations and ``always_lse`` keeps RETURN_LSE fixed.
+    (dtype, D, Hq, Hk) combinations, ``always_lse`` keeps RETURN_LSE fixed, and
+    span cases draw heads and page size (a constexpr) together from
+    ``span_kernels``; split counts (a constexpr too) are the policy's or one of
+    ``splits``. Without ``span_kernels``, page sizes are ``page_sizes`` or any
+    in 1..128.
+
+    ``max_long_seq_len`` bounds the prompts of the ``few_rows`` and ``single_row``
+    shapes, which carry at most ``max_long_tokens`` span tokens. The split count
+    the policy picks for them follows from the prompt length, so on a GPU
+    ``long_seq_lens`` lists the lengths (each drawn less 0-15 tokens, which moves
+    no split count); empty: any length up to ``max_long_seq_len``.
     """
 
     max_requests: int
@@ -55,18 +75,28 @@ class Sizes:
     dtypes: tuple[torch.dtype, ...]
     groups: tuple[int, ...]
     max_padded_len: int
+    max_long_seq_len: int
+    splits: tuple[int, ...]
+    page_sizes: tuple[int, ...] = (1, 2, 16, 128, 256)
+    max_long_tokens: int = 8
+    long_seq_lens: tuple[int, ...] = ()
     heads: tuple[tuple[torch.dtype, int, int, int], ...] = ()
+    span_kernels: tuple[tuple[torch.dtype, int, int, int, int], ...] = ()  # + page size
     always_lse: bool = False
 
 
 CPU_SIZES = Sizes(max_requests=4, max_seq_len=80, max_tokens=40, max_q_heads=4,
                   head_dims=(16, 32, 64, 80), dtypes=(torch.float16, torch.float32),
-                  groups=(1, 2, 3, 4), max_padded_len=24)
+                  groups=(1, 2, 3, 4), max_padded_len=24, max_long_seq_len=300,
+                  splits=(2, 3, 7))
 GPU_SIZES = Sizes(max_requests=8, max_seq_len=1200, max_tokens=600, max_q_heads=16,
                   head_dims=(64, 80, 128), dtypes=(torch.float16, torch.bfloat16),
-                  groups=(1, 4, 8), max_padded_len=300,
+                  groups=(1, 4, 8), max_padded_len=300, max_long_seq_len=32768,
+                  splits=(1, 7), long_seq_lens=(1, 700, 2048, 8192, 32768),
                   heads=((torch.float16, 128, 8, 2), (torch.bfloat16, 128, 8, 8),
                          (torch.float16, 64, 8, 1), (torch.bfloat16, 80, 4, 4)),
+                  span_kernels=((torch.float16, 128, 8, 2, 16), (torch.bfloat16, 128, 8, 8, 1),
+                                (torch.float16, 64, 8, 1, 256), (torch.bfloat16, 80, 4, 4, 48)),
                   always_lse=True)
 
 
@@ -95,6 +125,41 @@ def poisoned_allocations() -> Iterator[list[int]]:
         yield count
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+@contextlib.contextmanager
+def forced_splits(splits: int | None) -> Iterator[None]:
+    """Set ``SPANFILL_SPLITS`` (read at each call) to ``splits`` for the duration,
+    then restore what was there; None leaves the policy (or the caller's setting)."""
+    if splits is None:
+        yield
+        return
+    before = os.environ.get("SPANFILL_SPLITS")
+    os.environ["SPANFILL_SPLITS"] = str(splits)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPANFILL_SPLITS"]
+        else:
+            os.environ["SPANFILL_SPLITS"] = before
+
+
+@contextlib.contextmanager
+def recorded_splits() -> Iterator[list[int]]:
+    """Record the ``num_splits`` of every attention launch made in the block."""
+    calls: list[int] = []
+    real = kernels.attention_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("num_splits", 1))
+        return real(*args, **kwargs)
+
+    kernels.attention_fwd = spy
+    try:
+        yield calls
+    finally:
+        kernels.attention_fwd = real
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -183,6 +248,26 @@ def request_spans(draw: st.DrawFn, seq_len: int) -> list[tuple[int, int]]:
     return spans
 
 
+@st.composite
+def sparse_spans(draw: st.DrawFn, seq_len: int, max_tokens: int) -> list[tuple[int, int]]:
+    """1-3 short spans anywhere in a (long) prompt, often at its last position, of at
+    most ``max_tokens`` tokens in all: causal rows far into the prompt see long KV."""
+    if seq_len == 0 or max_tokens <= 0:
+        return []
+    anywhere = st.integers(0, seq_len - 1) | st.just(seq_len - 1)
+    starts = sorted(set(draw(st.lists(anywhere, min_size=1, max_size=3))))
+    spans, budget = [], max_tokens
+    for i, start in enumerate(starts):
+        # Stop before the next start: the spans stay disjoint and sorted.
+        limit = starts[i + 1] if i + 1 < len(starts) else seq_len
+        stop = min(limit, start + draw(st.integers(1, 4)), start + budget)
+        spans.append((start, stop))
+        budget -= stop - start
+        if budget == 0:
+            break
+    return spans
+
+
 @dataclass
 class SpanCase:
     seq_lens: list[int]
@@ -199,40 +284,96 @@ class SpanCase:
     skip_slots: bool
     int64_meta: bool
     seed: int
+    shape: str = "mixed"
+    splits: int | None = None  # forced through SPANFILL_SPLITS; None: the policy
+
+
+def _long_seq_lens(draw: st.DrawFn, sizes: Sizes, num_req: int) -> list[int]:
+    """Prompt lengths of the long shapes: mostly long, sometimes the bound or 1."""
+    top = sizes.max_long_seq_len
+    if sizes.long_seq_lens:
+        lengths = st.builds(lambda n, less: max(1, n - less), st.sampled_from(sizes.long_seq_lens),
+                            st.integers(0, 15))
+    else:
+        lengths = st.integers(top // 4, top) | st.integers(1, top) | st.sampled_from([1, top])
+    return draw(st.lists(lengths, min_size=num_req, max_size=num_req))
 
 
 @st.composite
 def span_cases(draw: st.DrawFn, sizes: Sizes) -> SpanCase:
-    num_req = draw(st.integers(1, sizes.max_requests) | st.just(0))
-    seq_lens = draw(st.lists(st.integers(0, sizes.max_seq_len) | st.sampled_from([1, sizes.max_seq_len]),
-                             min_size=num_req, max_size=num_req))
-    spans = [draw(request_spans(n)) for n in seq_lens]
-    # Cut spans so the batch stays within max_tokens (keeps the interpreter fast).
-    budget = sizes.max_tokens
-    for b, req in enumerate(spans):
-        kept = []
-        for start, stop in req:
-            if budget <= 0:
-                break
-            stop = min(stop, start + budget)
-            kept.append((start, stop))
-            budget -= stop - start
-        spans[b] = kept
-    hq, hk, d, dtype = draw(heads_and_dims(sizes))
+    shape = draw(st.sampled_from(["mixed", "mixed", "mixed", "few_rows", "single_row"]))
+    if shape == "mixed":
+        num_req = draw(st.integers(1, sizes.max_requests) | st.just(0))
+        seq_lens = draw(st.lists(st.integers(0, sizes.max_seq_len)
+                                 | st.sampled_from([1, sizes.max_seq_len]),
+                                 min_size=num_req, max_size=num_req))
+        spans = [draw(request_spans(n)) for n in seq_lens]
+        # Cut spans so the batch stays within max_tokens (keeps the interpreter fast).
+        budget = sizes.max_tokens
+        for b, req in enumerate(spans):
+            kept = []
+            for start, stop in req:
+                if budget <= 0:
+                    break
+                stop = min(stop, start + budget)
+                kept.append((start, stop))
+                budget -= stop - start
+            spans[b] = kept
+    elif shape == "few_rows":
+        num_req = draw(st.integers(1, min(3, sizes.max_requests)))
+        seq_lens = _long_seq_lens(draw, sizes, num_req)
+        budget = draw(st.integers(1, sizes.max_long_tokens))
+        spans = []
+        for n in seq_lens:
+            spans.append(draw(sparse_spans(n, budget)) if draw(st.integers(0, 3)) else [])
+            budget -= sum(stop - start for start, stop in spans[-1])
+    else:  # single_row: one span token in the whole batch, T = 1
+        num_req = draw(st.integers(1, min(3, sizes.max_requests)))
+        seq_lens = _long_seq_lens(draw, sizes, num_req)
+        owner = draw(st.integers(0, num_req - 1))
+        n = seq_lens[owner]
+        pos = draw(st.sampled_from([0, n - 1]) | st.integers(0, n - 1))
+        spans = [[(pos, pos + 1)] if b == owner else [] for b in range(num_req)]
+    if sizes.span_kernels:
+        dtype, d, hq, hk, page_size = draw(st.sampled_from(sizes.span_kernels))
+    else:
+        hq, hk, d, dtype = draw(heads_and_dims(sizes))
+        page_size = draw(st.sampled_from(sizes.page_sizes) | st.integers(1, 128))
     return SpanCase(
-        seq_lens=seq_lens, spans=spans,
-        page_size=draw(st.sampled_from([1, 2, 16, 128]) | st.integers(1, 128)),
+        seq_lens=seq_lens, spans=spans, page_size=page_size,
         spare_pages=draw(st.integers(0, 3)), hq=hq, hk=hk, head_dim=d, dtype=dtype,
         causal=draw(st.booleans()),
         return_lse=sizes.always_lse or draw(st.booleans() | st.just(True)),
         sm_scale=draw(st.none() | st.floats(0.01, 2.0)),
         skip_slots=draw(st.integers(0, 7)) == 0, int64_meta=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)),
+        seed=draw(st.integers(0, 2**31 - 1)), shape=shape,
+        splits=draw(st.none() | st.none() | st.sampled_from(sizes.splits)),
     )
 
 
-def check_span_case(c: SpanCase, device: str) -> None:
-    """append_kv + span_prefill through the kernels vs the reference."""
+def span_case_tags(c: SpanCase) -> set[str]:
+    """The edge cases a span case covers, for coverage counts."""
+    tokens = sum(stop - start for req in c.spans for start, stop in req)
+    tags = {c.shape}
+    if tokens == 1:
+        tags.add("T=1")
+    if c.page_size in (1, 256):
+        tags.add(f"page{c.page_size}")
+    if any(req == [(0, n)] for req, n in zip(c.spans, c.seq_lens) if n > 0):
+        tags.add("whole-prompt")
+    if any(not req for req in c.spans):
+        tags.add("no-span-request")
+    if c.splits is not None:
+        tags.add("forced-splits")
+    return tags
+
+
+def check_span_case(c: SpanCase, device: str) -> set[str]:
+    """append_kv + span_prefill through the kernels vs the reference.
+
+    Returns the case's :func:`span_case_tags`, plus ``split`` when the attention
+    launch ran split-KV.
+    """
     gen = torch.Generator().manual_seed(c.seed)
     pages_per_req = [math.ceil(n / c.page_size) for n in c.seq_lens]
     num_pages = sum(pages_per_req) + c.spare_pages
@@ -254,9 +395,12 @@ def check_span_case(c: SpanCase, device: str) -> None:
             meta = [m.long() for m in meta]
         layout = sf.SpanLayout.from_tensors(*meta, c.page_size, slot_mapping=slots)
     t = layout.num_tokens
+    # Values from a generator on the device: a long prompt's pool is drawn there
+    # in microseconds, on the host in seconds.
+    values = torch.Generator(device=device).manual_seed(c.seed)
 
     def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=c.dtype)
+        return torch.randn(*shape, generator=values, device=device).to(c.dtype)
 
     k_cache, v_cache = rnd(num_pages, c.page_size, c.hk, c.head_dim), rnd(num_pages, c.page_size, c.hk, c.head_dim)
     # Slots no request may read: NaN in K, inf in V. Any read there shows up.
@@ -282,9 +426,11 @@ def check_span_case(c: SpanCase, device: str) -> None:
     for name, now, before in (("k_cache", k_cache, before_k), ("v_cache", v_cache, before_v)):
         assert torch.equal(bits(now)[~written], before[~written]), f"append_kv wrote outside its slots in {name}"
 
-    with poisoned_allocations():
+    with poisoned_allocations(), forced_splits(c.splits), recorded_splits() as launches:
         res = sf.span_prefill(q, k_cache, v_cache, layout, causal=c.causal, sm_scale=c.sm_scale,
                               return_lse=c.return_lse, backend="triton")
+    # An empty batch takes the reference path; any other is one kernel launch.
+    assert len(launches) == (1 if t else 0), f"{len(launches)} attention launches for T={t}"
     o, lse = res if c.return_lse else (res, None)
     scale = 1.0 / math.sqrt(c.head_dim) if c.sm_scale is None else c.sm_scale
     o_ref, lse_ref = reference.span_prefill(q, ref_k, ref_v, layout.positions, layout.query_start_loc,
@@ -294,6 +440,7 @@ def check_span_case(c: SpanCase, device: str) -> None:
     if lse is not None:
         assert_lse(lse, lse_ref, c.dtype)
     assert torch.equal(bits(k_cache), bits(ref_k)), "span_prefill changed k_cache"
+    return span_case_tags(c) | ({"split"} if launches and launches[0] > 1 else set())
 
 
 @dataclass

@@ -98,14 +98,16 @@ def test_torch_compile_inductor_fullgraph() -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("splits", [None, "3"], ids=["policy", "split3"])
-def test_cuda_graph_layout_append_attention(dtype: torch.dtype, causal: bool, splits,
-                                            monkeypatch) -> None:
+@pytest.mark.parametrize("num_req, num_tokens", [(5, 333), (1, 1)], ids=["333-rows", "one-row"])
+def test_cuda_graph_layout_append_attention(num_req: int, num_tokens: int, dtype: torch.dtype,
+                                            causal: bool, splits, monkeypatch) -> None:
     """Capture from_tensors(validate=False) + tile plan + append_kv + span_prefill once,
     replay with new metadata and data of the same sizes, compare with the reference.
-    With split-KV forced, every replay must re-zero the split counters it captured."""
+    With split-KV forced, every replay must re-zero the split counters it captured;
+    one row (a decode step) is the launch whose row count Triton makes a constant."""
     if splits is not None:
         monkeypatch.setenv("SPANFILL_SPLITS", splits)
-    num_req, num_tokens, max_seq_len, page_size, width = 5, 333, 700, 16, 44
+    max_seq_len, page_size, width = 700, 16, 44
     num_pages, hq, hk, d = num_req * width + 7, 8, 2, 128
     gen = torch.Generator().manual_seed(2)
     rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, dtype)  # noqa: E731

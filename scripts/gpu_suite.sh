@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite on a CUDA machine (every test, gpu-marked or not: on CUDA the
+# unmarked ones run the kernels too), with a log header naming the commit.
+#
+#   scripts/gpu_suite.sh LOG [pytest args...]
+#
+# Runs in parallel processes on the one GPU (pytest-xdist, where installed): most of
+# the time is Triton compiling kernel variants on the CPU, which parallelises.
+# Exit status is pytest's.
+set -u
+cd "$(dirname "$0")/.."
+log="${1:?usage: scripts/gpu_suite.sh LOG [pytest args...]}"
+shift
+export PYTHONPATH="${PYTHONPATH:-}:$PWD"
+export PYTHONUNBUFFERED=1
+# The device machine's git may be stale: the caller passes SUITE_COMMIT.
+commit="${SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+dirty="${SUITE_DIRTY:-}"
+workers=()
+python3 -c "import xdist" 2>/dev/null && workers=(-n "${SUITE_WORKERS:-8}")
+{
+    echo "# whole test suite at ${commit}${dirty:-}, $(date -u +%Y-%m-%dT%H:%MZ)"
+    python3 -c "import torch, triton; print('#', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)"
+    echo "# python3 -m pytest -q -rs ${workers[*]} $*"
+} | tee "$log"
+set -o pipefail
+python3 -m pytest -q -rs -p no:cacheprovider "${workers[@]}" "$@" 2>&1 | tee -a "$log"
