@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from typing import Callable, TypeVar
 
 import torch
 
 import spanfill as sf
+
+T = TypeVar("T")
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 
@@ -57,3 +60,21 @@ def paged_setup(
     rnd = lambda *shape: torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
     k_cache, v_cache = rnd(num_pages, page_size, hk, d), rnd(num_pages, page_size, hk, d)
     return layout, k_cache, v_cache, rnd(t, hq, d), rnd(t, hk, d), rnd(t, hk, d)
+
+
+def capture_cuda_graph(step: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Capture ``step()`` in a CUDA graph; returns the graph and the captured outputs.
+
+    ``step`` runs twice on a side stream first, so Triton compiles its kernels and the
+    caching allocator holds its blocks before the capture (neither may happen inside).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs

@@ -24,7 +24,7 @@ import spanfill as sf
 from spanfill import reference
 from spanfill.layout import compute_slot_mapping
 from tests.fuzzing import bits, poisoned_allocations
-from tests.helpers import TOLERANCE, relerr
+from tests.helpers import TOLERANCE, capture_cuda_graph, relerr
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LSE_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -263,15 +263,7 @@ def run_batches(cap: Capacity, dtype: torch.dtype, capture: bool, seed: int = 0)
             return sf.span_prefill(q, k_cache, v_cache, layout, return_lse=True, backend="triton")
 
     if capture:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compile the kernels and warm the allocator outside the capture
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o, lse = step()
+        graph, (o, lse) = capture_cuda_graph(step)
 
     for n, r in cap.batches:
         real = random_batch(gen, n, r, cap.page_size, cap.width, num_pages, DEVICE)

@@ -12,6 +12,7 @@ import torch
 
 import spanfill as sf
 from spanfill import library, reference
+from tests.helpers import capture_cuda_graph
 
 pytestmark = pytest.mark.gpu
 
@@ -125,15 +126,7 @@ def test_cuda_graph_layout_append_attention(num_req: int, num_tokens: int, dtype
         sf.append_kv(k_new, v_new, k_cache, v_cache, layout)
         return sf.span_prefill(q, k_cache, v_cache, layout, causal=causal, return_lse=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compile the kernels and warm the allocator outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o, lse = step()
+    graph, (o, lse) = capture_cuda_graph(step)
 
     for _ in range(3):
         for static, fresh in zip(static_meta, new_meta()):
