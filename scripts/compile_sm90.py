@@ -50,7 +50,7 @@ from spanfill.kernels import (  # noqa: E402
     pick_config,
     plan_packed_launch,
 )
-from spanfill.layout import _plan_rows_torch  # noqa: E402
+from spanfill.layout.planning import _plan_rows_torch  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
