@@ -3,11 +3,13 @@
 Every check runs before anything is written, so bad input leaves the KV cache
 bit-for-bit unchanged.
 
-Backends: ``"triton"`` runs the Triton kernels (CUDA tensors, or CPU tensors when
-``TRITON_INTERPRET=1`` was set before spanfill was imported); ``"reference"`` runs
-:mod:`spanfill.reference`; ``"auto"`` (default, or the ``SPANFILL_BACKEND``
-environment variable) picks the kernels for CUDA tensors and the reference for
-CPU tensors, or the interpreter when ``TRITON_INTERPRET=1``.
+Backends come from :mod:`spanfill.backends`: ``"triton"`` runs the portable Triton
+kernels (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before
+spanfill was imported); ``"reference"`` runs :mod:`spanfill.reference`; ``"auto"``
+(default, or the ``SPANFILL_BACKEND`` environment variable) takes the first in the
+registry's order that supports the call. Every op runs the same steps: check,
+describe the call (:class:`~spanfill.backends.AttentionProblem`), select the backend
+and its :class:`~spanfill.backends.LaunchConfig`, plan (cached on the layout), run.
 
 The kernel path has no backward pass: rather than return outputs that silently
 carry no gradient, an op on it raises ``NotImplementedError`` when grad mode is on
@@ -18,39 +20,25 @@ and an input requires grad (use ``torch.no_grad()``/``torch.inference_mode()``, 
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from . import reference
+from .backends import dense_problem, paged_problem, select_backend
 from .layout import PaddedLayout, SpanLayout, plan_packed
 
 __all__ = ["padded_prefill", "varlen_prefill", "span_prefill", "append_kv", "resolve_backend"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
-BACKENDS = ("auto", "triton", "reference")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
-    """``"triton"`` or ``"reference"``: which path an op takes for tensors on ``device``."""
-    choice = backend or os.environ.get("SPANFILL_BACKEND", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
-    if choice == "auto":
-        return "triton" if device.type == "cuda" or _interpreting() else "reference"
-    if choice == "triton" and device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            "backend='triton' on CPU tensors needs the Triton interpreter: set "
-            "TRITON_INTERPRET=1 before importing spanfill"
-        )
-    return choice
+    """The name of the backend an op takes for tensors on ``device`` (``"triton"`` or
+    ``"reference"``), by the registry's selection (:func:`spanfill.backends.select_backend`)."""
+    return select_backend(device, backend)[0].name
 
 
 # ----------------------------------------------------------------------------- checks
@@ -141,13 +129,6 @@ def _check_grad(op: str, path: str, **tensors: torch.Tensor) -> None:
         )
 
 
-def _config(q: torch.Tensor, num_kv_heads: int, paged: bool, tma: bool = False):
-    from .kernels import pick_config
-
-    return pick_config(q.shape[-1], q.dtype, q.shape[-2] // num_kv_heads,
-                       q.device.type == "cuda", paged, tma)
-
-
 def _result(o: torch.Tensor, lse: torch.Tensor, return_lse: bool):
     return (o, lse) if return_lse else o
 
@@ -222,29 +203,26 @@ def padded_prefill(
         )
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
-    path = resolve_backend(q.device, backend)
-    _check_grad("padded_prefill", path, q=q, k=k, v=v)
-    if path == "reference" or q.numel() == 0:
+    num_q_heads, head_dim = q.shape[2], q.shape[3]
+    q_rows = q.reshape(b_sz * seq_len, num_q_heads, head_dim)  # a view for contiguous q
+    k_rows = k.reshape(b_sz * seq_len, k.shape[2], head_dim)
+    v_rows = v.reshape(b_sz * seq_len, v.shape[2], head_dim)
+    problem = dense_problem("padded", q_rows, k_rows, v_rows, b_sz, seq_len, causal,
+                            window_left, logits_soft_cap)
+    chosen, _ = select_backend(problem, backend)
+    _check_grad("padded_prefill", chosen.name, q=q, k=k, v=v)
+    if chosen.name == "reference" or q.numel() == 0:
         o, lse = reference.padded_prefill(q, k, v, layout.valid_lens, causal,
                                           layout.padding_side, scale,
                                           window_left=window_left,
                                           logits_soft_cap=logits_soft_cap)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
-    from .kernels import attention_fwd, dense_kv_uses_tma
-
-    num_q_heads, head_dim = q.shape[2], q.shape[3]
-    q_rows = q.reshape(b_sz * seq_len, num_q_heads, head_dim)  # a view for contiguous q
-    k_rows = k.reshape(b_sz * seq_len, k.shape[2], head_dim)
-    v_rows = v.reshape(b_sz * seq_len, v.shape[2], head_dim)
-    tma = dense_kv_uses_tma(q_rows, k_rows, v_rows, b_sz)
-    cfg = _config(q, k.shape[2], paged=False, tma=tma)
-    out = torch.empty_like(q_rows)
-    lse = torch.empty(b_sz * seq_len, num_q_heads, dtype=torch.float32, device=q.device) \
-        if return_lse else None
+    cfg = chosen.select_config(problem)
     plan = layout.tile_plan(cfg.block_q, causal)
-    attention_fwd(q_rows, k_rows, v_rows, out, lse, plan, cfg, scale, causal, zero_fill=True,
-                  window_left=window_left, logits_soft_cap=logits_soft_cap, use_tma=tma)
+    out, lse = chosen.attend(cfg, plan, q_rows, k_rows, v_rows, scale, causal, return_lse,
+                             zero_fill=True, window_left=window_left,
+                             logits_soft_cap=logits_soft_cap)
     out = out.view(q.shape)
     if return_lse:
         return out, lse.view(b_sz, seq_len, num_q_heads)
@@ -312,26 +290,23 @@ def varlen_prefill(
         raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
-    path = resolve_backend(q.device, backend)
-    _check_grad("varlen_prefill", path, q=q, k=k, v=v)
-    if path == "reference" or num_tokens == 0 or cu_seqlens.shape[0] == 1:
+    num_requests = cu_seqlens.shape[0] - 1
+    problem = dense_problem("varlen", q, k, v, num_requests, num_tokens, causal, window_left,
+                            logits_soft_cap)
+    chosen, _ = select_backend(problem, backend)
+    _check_grad("varlen_prefill", chosen.name, q=q, k=k, v=v)
+    if chosen.name == "reference" or num_tokens == 0 or num_requests == 0:
         o, lse = reference.varlen_prefill(q, k, v, cu_seqlens, causal, scale,
                                           window_left=window_left,
                                           logits_soft_cap=logits_soft_cap)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
-    from .kernels import attention_fwd, dense_kv_uses_tma
-
-    tma = dense_kv_uses_tma(q, k, v, cu_seqlens.shape[0] - 1)
-    cfg = _config(q, k.shape[1], paged=False, tma=tma)
+    cfg = chosen.select_config(problem)
     seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
     plan = plan_packed(cu_seqlens.to(torch.int32), seq_lens, num_tokens, cfg.block_q, causal,
                        kv_row0=cu_seqlens[:-1].to(torch.int32))
-    out = torch.empty_like(q)
-    lse = torch.empty(num_tokens, q.shape[1], dtype=torch.float32, device=q.device) \
-        if return_lse else None
-    attention_fwd(q, k, v, out, lse, plan, cfg, scale, causal, window_left=window_left,
-                  logits_soft_cap=logits_soft_cap, use_tma=tma)
+    out, lse = chosen.attend(cfg, plan, q, k, v, scale, causal, return_lse,
+                             window_left=window_left, logits_soft_cap=logits_soft_cap)
     return _result(out, lse, return_lse)
 
 
@@ -415,9 +390,11 @@ def span_prefill(
         raise ValueError(f"q has {q.shape[0]} rows but layout has {layout.num_tokens} span tokens")
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
-    path = resolve_backend(q.device, backend)
-    _check_grad("span_prefill", path, q=q, k_cache=k_cache, v_cache=v_cache)
-    if path == "reference" or q.shape[0] == 0:
+    problem = paged_problem(q, k_cache, layout.num_requests, layout.block_table.shape[1], causal,
+                            window_left, logits_soft_cap, has_kv_bounds=layout.kv_start is not None)
+    chosen, _ = select_backend(problem, backend)
+    _check_grad("span_prefill", chosen.name, q=q, k_cache=k_cache, v_cache=v_cache)
+    if chosen.name == "reference" or q.shape[0] == 0:
         o, lse = reference.span_prefill(
             q, k_cache, v_cache, layout.positions, layout.query_start_loc, layout.seq_lens,
             layout.block_table, causal, scale, kv_start=layout.kv_start, kv_end=layout.kv_end,
@@ -425,20 +402,14 @@ def span_prefill(
         )
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
-    from .kernels import attention_fwd, pick_num_splits
-
-    cfg = _config(q, k_cache.shape[2], paged=True)
+    # The config holds the split-KV count: few span tokens over a long prompt split
+    # each tile's KV range (decided from host sizes only).
+    cfg = chosen.select_config(problem)
     plan = layout.tile_plan(cfg.block_q, causal)
-    # Few span tokens over a long prompt: split each tile's KV range (host sizes only).
-    splits = pick_num_splits(plan.num_tiles * (q.shape[1] // cfg.heads),
-                             layout.block_table.shape[1] * layout.page_size, cfg, q.device)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \
-        if return_lse else None
-    attention_fwd(q, k_cache, v_cache, out, lse, plan, cfg, scale, causal,
-                  positions=layout.positions, block_table=layout.block_table,
-                  kv_lo=layout.kv_start, window_left=window_left,
-                  logits_soft_cap=logits_soft_cap, num_splits=splits)
+    out, lse = chosen.attend(cfg, plan, q, k_cache, v_cache, scale, causal, return_lse,
+                             positions=layout.positions, block_table=layout.block_table,
+                             kv_lo=layout.kv_start, window_left=window_left,
+                             logits_soft_cap=logits_soft_cap)
     return _result(out, lse, return_lse)
 
 

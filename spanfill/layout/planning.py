@@ -9,10 +9,11 @@ so every layer of a model step reuses it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ..backends import AUTO, packed_tile_bound, select_backend
 
 __all__ = ["TilePlan", "plan_packed", "plan_padded"]
 
@@ -101,11 +102,9 @@ def plan_packed(
     """
     num_req = query_start_loc.shape[0] - 1
     qsl = query_start_loc.to(torch.int32).contiguous()
-    # sum_b ceil(n_b / block_q) <= sum_b (n_b + block_q - 1) / block_q, an integer, so
-    # <= (T + B * (block_q - 1)) // block_q: a host-known bound on the grid, and the
-    # program count split-KV decides on (pick_num_splits), so kept tight.
-    max_tiles = (num_tokens + num_req * (block_q - 1)) // block_q
-    return _plan_rows(qsl[:-1], qsl[1:] - qsl[:-1], kv_len, max(max_tiles, 1), block_q, causal,
+    # The same bound the backend's split-KV decision counts programs with.
+    max_tiles = packed_tile_bound(num_tokens, num_req, block_q)
+    return _plan_rows(qsl[:-1], qsl[1:] - qsl[:-1], kv_len, max_tiles, block_q, causal,
                       positions=positions, kv_row0=kv_row0, q_stop=qsl[1:])
 
 
@@ -131,8 +130,10 @@ def _plan_rows(
     """
     num_req = q_start.shape[0]
     slots = max_tiles + (num_req if padded_seq_len > 0 else 0)
-    on_kernel_device = q_start.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if on_kernel_device and num_req > 0:
+    # The registry's choice for this device (not the caller's override: the plan is
+    # cached on the layout and serves every op, and both paths build the same plan).
+    planner, _ = select_backend(q_start.device, AUTO)
+    if planner.name == "triton" and num_req > 0:
         from ..kernels import MAX_PLAN_TILES, plan_packed_launch
 
         if slots <= MAX_PLAN_TILES:

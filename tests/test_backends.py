@@ -1,0 +1,155 @@
+"""The backend registry: selection order, overrides, reasons, and one config per launch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spanfill as sf
+import spanfill.kernels as kernels
+from spanfill import backends
+from spanfill.backends import dense_problem, paged_problem, select_backend
+from spanfill.layout import plan_packed
+
+from tests.helpers import paged_setup
+
+CPU = torch.device("cpu")
+
+
+def _span_problem(t: int = 1, table_width: int = 64, page_size: int = 16) -> backends.AttentionProblem:
+    q = torch.zeros(t, 8, 64)
+    k_cache = torch.zeros(4, page_size, 2, 64)
+    return paged_problem(q, k_cache, 1, table_width, causal=True)
+
+
+def test_order_is_kernels_then_reference() -> None:
+    assert [b.name for b in backends.ORDER] == ["triton", "reference"]
+    assert backends.CHOICES == ("auto", "triton", "reference")
+
+
+def test_cpu_without_interpreter_takes_reference_and_says_why(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
+    chosen, reason = select_backend(_span_problem())
+    assert chosen.name == "reference"
+    assert "not triton" in reason and "TRITON_INTERPRET=1" in reason
+
+
+def test_cpu_with_interpreter_takes_kernels(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
+    chosen, reason = select_backend(_span_problem())
+    assert chosen.name == "triton" and "interpreter" in reason
+
+
+def test_environment_and_argument_override(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPANFILL_BACKEND", "reference")
+    chosen, reason = select_backend(_span_problem())
+    assert chosen.name == "reference" and "SPANFILL_BACKEND=reference" in reason
+    chosen, reason = select_backend(_span_problem(), "triton")  # the argument wins
+    assert chosen.name == "triton" and "backend=triton" in reason
+
+
+def test_unknown_backend_names_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'reference'\)"):
+        select_backend(CPU, "cuda-graphs")
+
+
+def test_named_backend_that_cannot_run_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' cannot run here: .*TRITON_INTERPRET=1"):
+        select_backend(_span_problem(), "triton")
+    assert sf.resolve_backend(CPU, "reference") == "reference"
+
+
+def test_span_config_is_the_tuned_tile_and_the_forced_split(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SPANFILL_SPLITS", "3")
+    triton = backends.get_backend("triton")
+    cfg = triton.select_config(_span_problem())
+    assert cfg.tile == kernels.pick_config(64, torch.float32, 4, False, paged=True)
+    assert cfg.num_splits == 3 and not cfg.use_tma
+    assert "splits=3" in cfg.describe()
+    monkeypatch.delenv("SPANFILL_SPLITS")
+    assert triton.select_config(_span_problem()).num_splits == 1  # the CPU never splits unasked
+
+
+def test_dense_config_has_no_descriptors_in_fp32() -> None:
+    q = torch.zeros(40, 4, 64)
+    kv = torch.zeros(40, 2, 64)
+    cfg = backends.get_backend("triton").select_config(
+        dense_problem("padded", q, kv, kv, 2, 20, causal=False))
+    assert cfg.num_splits == 1 and not cfg.use_tma
+    assert cfg.tile == kernels.pick_config(64, torch.float32, 2, False, paged=False, tma=False)
+
+
+def test_reference_has_no_tiles() -> None:
+    cfg = backends.get_backend("reference").select_config(_span_problem())
+    assert cfg.tile is None and cfg.describe() == "no tiles"
+
+
+@pytest.mark.parametrize("tokens,requests,block_q", [(1, 1, 16), (17, 3, 16), (64, 64, 8)])
+def test_tile_bound_is_the_plans_grid(tokens: int, requests: int, block_q: int) -> None:
+    lens = [tokens // requests] * requests
+    lens[-1] += tokens - sum(lens)
+    qsl = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    plan = plan_packed(qsl, torch.tensor(lens, dtype=torch.int32) + 5, tokens, block_q, True)
+    assert plan.num_tiles == backends.packed_tile_bound(tokens, requests, block_q)
+
+
+def test_span_prefill_launches_with_the_selected_config(monkeypatch) -> None:
+    """The op launches exactly what select_config decided (one decision point)."""
+    if not backends.interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs the kernels")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("SPANFILL_SPLITS", "2")
+    layout, k_cache, v_cache, q, _, _ = paged_setup([40], [[(3, 5)]], 16, 4, 2, 64,
+                                                    torch.float32, device)
+    seen = []
+    real = kernels.attention_fwd
+
+    def spy(*args, **kwargs):
+        seen.append((args[6], kwargs["num_splits"], kwargs["use_tma"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_fwd", spy)
+    sf.span_prefill(q, k_cache, v_cache, layout, backend="triton")
+    problem = paged_problem(q, k_cache, 1, layout.block_table.shape[1], True)
+    cfg = backends.get_backend("triton").select_config(problem)
+    assert seen == [(cfg.tile, 2, False)]
+
+
+@pytest.mark.parametrize("interpret,kernel_plan", [("1", True), ("0", False)],
+                         ids=["interpreter-plans-in-a-kernel", "no-interpreter-plans-in-torch"])
+def test_planning_goes_through_the_registry(monkeypatch, interpret: str, kernel_plan: bool) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors only")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    calls = []
+    real = kernels.plan_packed_launch
+    monkeypatch.setattr(kernels, "plan_packed_launch",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    qsl = torch.tensor([0, 3, 7], dtype=torch.int32)
+    plan = plan_packed(qsl, torch.tensor([9, 9], dtype=torch.int32), 7, 4, True)
+    assert bool(calls) == kernel_plan
+    assert int((plan.tile_req >= 0).sum()) == 2  # 3 and 4 rows: one 4-row tile each
+
+
+@pytest.mark.gpu
+def test_selection_never_syncs() -> None:
+    """select_backend and select_config read host metadata only: with CUDA's sync
+    debug mode set to error, any device-to-host wait would raise."""
+    q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(512, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randn(4096, 16, 128, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for problem in (paged_problem(q, k_cache, 1, 512, True),
+                        dense_problem("padded", rows, rows, rows, 4, 1024, False)):
+            chosen, _ = select_backend(problem)
+            assert chosen.name == "triton"
+            chosen.select_config(problem)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
