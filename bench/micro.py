@@ -93,7 +93,7 @@ def plan_rows(device: torch.device, small: bool, timing: dict) -> Iterator[Row]:
     """Rows for planning a layout of 1,000 spans (4 requests x 250 spans x 4 tokens)."""
     seq_len = 2048 if small else 8192
     layout = _layout_inputs(4, seq_len, 250, 4, 16, device)
-    block_q = block_q_for(128, torch.bfloat16, 4, device.type == "cuda", True)
+    block_q = block_q_for(128, torch.bfloat16, 4, device, True)
     plan = _plan_fn(layout, block_q)
     base = {"provider": "spanfill", "workload": "plan_1000_spans",
             "note": f"from_tensors(validate=False) + tile_plan(block_q={block_q})"}

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 import spanfill as sf
+from spanfill.backends import (AttentionProblem, LaunchConfig, dense_problem, get_backend,
+                               paged_problem, select_backend)
 
 from .check import packed_valid_index
 from .providers_base import Prepared, spanfill_backend, window_of
@@ -25,17 +27,22 @@ __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_pad
            "spanfill_nopad", "spanfill_varlen"]
 
 
-def _config(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool):
-    from spanfill.kernels import pick_config
-
-    try:
-        return pick_config(head_dim, dtype, group, on_gpu, paged=paged)
-    except TypeError:  # an older pick_config without ``paged``
-        return pick_config(head_dim, dtype, group, on_gpu)
+def _kernel_config(problem: AttentionProblem) -> LaunchConfig:
+    """The portable kernels' config for ``problem``: what the ops launch with."""
+    return get_backend("triton").select_config(problem)
 
 
-def block_q_for(head_dim: int, dtype: torch.dtype, group: int, on_gpu: bool, paged: bool) -> int:
-    return _config(head_dim, dtype, group, on_gpu, paged).block_q
+def block_q_for(head_dim: int, dtype: torch.dtype, group: int, device: torch.device,
+                paged: bool) -> int:
+    """Query tokens per tile of the kernels' config for one request of that shape."""
+    q = torch.empty(1, group, head_dim, dtype=dtype, device=device)
+    if paged:
+        k_cache = torch.empty(1, 16, 1, head_dim, dtype=dtype, device=device)
+        problem = paged_problem(q, k_cache, 1, 1, True)
+    else:
+        kv = torch.empty(1, 1, head_dim, dtype=dtype, device=device)
+        problem = dense_problem("padded", q, kv, kv, 1, 1, False)
+    return _kernel_config(problem).block_q
 
 
 def _plan_key(layout: object, fallback: Callable[[], int], causal: bool) -> tuple[int, bool]:
@@ -56,9 +63,9 @@ def spanfill_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
         return sf.span_prefill(t.q, t.k_cache, t.v_cache, layout, backend=backend, **extra)
 
     run()
-    group = w.num_q_heads // w.num_kv_heads
-    key = _plan_key(layout, lambda: block_q_for(w.head_dim, t.q.dtype, group, t.q.is_cuda, True),
-                    True)
+    problem = paged_problem(t.q, t.k_cache, layout.num_requests, layout.block_table.shape[1], True,
+                            window)
+    key = _plan_key(layout, lambda: _kernel_config(problem).block_q, True)
 
     def plan() -> object:
         fresh = sf.SpanLayout.from_tensors(
@@ -73,7 +80,7 @@ def spanfill_segmented(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
 
     def work() -> TileWork:
         # On a CPU the reference ran; this is the kernel's work with the CPU tile sizes.
-        block_n = _config(w.head_dim, t.q.dtype, group, t.q.is_cuda, True).block_n
+        block_n = _kernel_config(problem).tile.block_n
         return tile_work(layout.tile_plan(*key), block_n, True, layout.positions, window)
 
     return Prepared(run, run, plan, note=note, tile_work=work)
@@ -95,7 +102,7 @@ def spanfill_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
     note = "valid_lens (no PaddedLayout in this spanfill)"
     if layout_cls is not None:
         key = _plan_key(lens_or_layout,
-                        lambda: block_q_for(w.head_dim, t.q.dtype, 1, t.q.is_cuda, False),
+                        lambda: block_q_for(w.head_dim, t.q.dtype, 1, t.q.device, False),
                         w.causal)
 
         def plan() -> object:
@@ -115,18 +122,14 @@ def spanfill_padded_kernel(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
     b, s, h, d = t.q.shape
     qr, kr, vr = (x.reshape(b * s, x.shape[2], d) for x in (t.q, t.k, t.v))
     try:
-        from spanfill.kernels import attention_fwd, dense_kv_uses_tma, pick_config
-
-        tma = dense_kv_uses_tma(qr, kr, vr, b)
-        cfg = pick_config(d, t.q.dtype, h // t.k.shape[2], True, paged=False, tma=tma)
+        problem = dense_problem("padded", qr, kr, vr, b, s, w.causal)
+        chosen, _ = select_backend(problem, "triton")
+        cfg = chosen.select_config(problem)
         plan = sf.PaddedLayout.build(t.valid_lens, s).tile_plan(cfg.block_q, w.causal)
         scale = 1.0 / math.sqrt(d)
 
         def run() -> torch.Tensor:
-            out = torch.empty_like(qr)
-            attention_fwd(qr, kr, vr, out, None, plan, cfg, scale, w.causal, zero_fill=True,
-                          use_tma=tma)
-            return out
+            return chosen.attend(cfg, plan, qr, kr, vr, scale, w.causal, False, zero_fill=True)[0]
 
         run()
     except Exception as exc:  # an older spanfill: the public call instead
@@ -136,7 +139,7 @@ def spanfill_padded_kernel(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
     return Prepared(run, lambda: run()[idx], note="attention kernel on the padded batch, plan "
                                                    "prebuilt, zero-filled padding (spanfill "
                                                    "internals, as padded_prefill calls them)",
-                    tile_work=lambda: tile_work(plan, cfg.block_n, w.causal))
+                    tile_work=lambda: tile_work(plan, cfg.tile.block_n, w.causal))
 
 
 def _pack(w: PaddedWorkload, t: PaddedTensors) -> tuple[torch.Tensor, ...]:
@@ -167,28 +170,17 @@ def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
         return spanfill_varlen(w, t)
     qp, kp, vp, cu = _pack(w, t)
     try:
-        from spanfill.kernels import attention_fwd, pick_config
         from spanfill.layout import plan_packed
 
-        try:  # the same choice padded_prefill makes (descriptors and tile shape together)
-            from spanfill.kernels import dense_kv_uses_tma
-
-            tma = dense_kv_uses_tma(qp, kp, vp, len(w.valid_lens))
-            cfg = pick_config(w.head_dim, t.q.dtype, 1, True, paged=False, tma=tma)
-        except (ImportError, TypeError):  # an older spanfill
-            tma = None
-            cfg = pick_config(w.head_dim, t.q.dtype, 1, True)
+        problem = dense_problem("varlen", qp, kp, vp, len(w.valid_lens), qp.shape[0], w.causal)
+        chosen, _ = select_backend(problem, "triton")
+        cfg = chosen.select_config(problem)
         plan = plan_packed(cu, (cu[1:] - cu[:-1]).to(torch.int32), qp.shape[0], cfg.block_q,
                            w.causal, kv_row0=cu[:-1].contiguous())
         scale = 1.0 / math.sqrt(w.head_dim)
 
         def run() -> torch.Tensor:
-            out = torch.empty_like(qp)
-            if tma is None:
-                attention_fwd(qp, kp, vp, out, None, plan, cfg, scale, w.causal)
-            else:
-                attention_fwd(qp, kp, vp, out, None, plan, cfg, scale, w.causal, use_tma=tma)
-            return out
+            return chosen.attend(cfg, plan, qp, kp, vp, scale, w.causal, False)[0]
 
         run()
     except Exception as exc:

@@ -24,8 +24,7 @@ from bench.check import segmented_checker  # noqa: E402
 from bench.providers_spanfill import spanfill_segmented  # noqa: E402
 from bench.timing import time_device  # noqa: E402
 from bench.workloads import SegmentedWorkload, core_workloads, sweep_workloads  # noqa: E402
-from spanfill.kernels import pick_num_splits  # noqa: E402
-from spanfill.ops import _config  # noqa: E402
+from spanfill.backends import get_backend, paged_problem  # noqa: E402
 
 
 def _set(value: str | None) -> None:
@@ -63,10 +62,9 @@ def main(suite: str = "all", *names: str) -> None:
             continue
         os.environ.pop("SPANFILL_SPLITS", None)  # the policy's own choice, printed below
         t = w.make(device, torch.bfloat16)
-        cfg = _config(t.q, w.num_kv_heads, paged=True)
-        plan = t.layout.tile_plan(cfg.block_q, True)
-        splits = pick_num_splits(plan.num_tiles * (w.num_q_heads // cfg.heads),
-                                 t.layout.block_table.shape[1] * t.layout.page_size, cfg, device)
+        problem = paged_problem(t.q, t.k_cache, t.layout.num_requests,
+                                t.layout.block_table.shape[1], True)
+        splits = get_backend("triton").select_config(problem).num_splits
         check = segmented_checker(w, t)
         prepared = spanfill_segmented(w, t)
         gpu, eager, errs, graphs = {}, {}, {}, {}

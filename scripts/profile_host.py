@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, ".")
 import spanfill as sf  # noqa: E402
-from spanfill.ops import _config  # noqa: E402
-from spanfill.kernels import attention_fwd, dense_kv_uses_tma  # noqa: E402
+from spanfill.backends import dense_problem, select_backend  # noqa: E402
+from spanfill.kernels import attention_fwd  # noqa: E402
 
 
 def host_us(fn, calls: int = 300) -> float:
@@ -38,8 +38,10 @@ def main() -> None:
     layout = sf.PaddedLayout.build(vl, s)
     print(f"padded_prefill (PaddedLayout): {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
     qr, kr, vr = (x.reshape(b * s, h, d) for x in (q, k, v))
-    tma = dense_kv_uses_tma(qr, kr, vr, b)
-    cfg = _config(q, h, paged=False, tma=tma)
+    problem = dense_problem("padded", qr, kr, vr, b, s, False)
+    chosen, _ = select_backend(problem)
+    launch = chosen.select_config(problem)
+    cfg, tma = launch.tile, launch.use_tma
     plan = layout.tile_plan(cfg.block_q, False)
     out = torch.empty_like(qr)
     print(f"attention_fwd alone: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)):.1f} us")
@@ -50,11 +52,11 @@ def main() -> None:
                                              ops._check_tensor("v", v, 4),
                                              ops._check_qkv(q, k, v, ("q", "k", "v"))),
         "layout.device != q.device": lambda: layout.device != q.device,
-        "resolve_backend": lambda: ops.resolve_backend(q.device, None),
+        "dense_problem + select_backend": lambda: select_backend(
+            dense_problem("padded", qr, kr, vr, b, s, False)),
         "_check_variant + _scale": lambda: (ops._check_variant(-1, 0.0), ops._scale(d, None)),
         "3 reshapes": lambda: (q.reshape(b * s, h, d), k.reshape(b * s, h, d), v.reshape(b * s, h, d)),
-        "dense_kv_uses_tma": lambda: dense_kv_uses_tma(qr, kr, vr, b),
-        "_config": lambda: _config(q, h, paged=False, tma=tma),
+        "select_config": lambda: chosen.select_config(problem),
         "tile_plan (cached)": lambda: layout.tile_plan(cfg.block_q, False),
         "out.view": lambda: out.view(q.shape),
     }
