@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from spanfill import reference
+from spanfill.testing import rel_err
 
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
 __all__ = ["Checker", "segmented_checker", "padded_checker", "packed_valid_index", "row_subset",
-           "tolerance", "relerr"]
+           "tolerance"]
 
 _MAX_SCORES = 2**27
 
@@ -30,17 +31,6 @@ _MAX_SCORES = 2**27
 def tolerance(dtype: torch.dtype) -> float:
     """Largest accepted ``||out - ref|| / ||ref||``."""
     return {torch.bfloat16: 2e-2, torch.float16: 1e-2}.get(dtype, 1e-4)
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in fp32; inf if ``out`` has a NaN or the wrong shape."""
-    if out.shape != ref.shape:
-        return math.inf
-    out, ref = out.float(), ref.float()
-    if not bool(torch.isfinite(out).all()):
-        return math.inf
-    norm = torch.linalg.vector_norm
-    return float(norm(out - ref) / norm(ref).clamp_min(1e-30))
 
 
 class Checker:
@@ -58,7 +48,7 @@ class Checker:
 
     def __call__(self, out: torch.Tensor) -> float:
         """Relative error of ``out`` (canonical rows) at the checked rows."""
-        return relerr(out[self.rows.to(out.device)], self.expected)
+        return rel_err(out[self.rows.to(out.device)], self.expected)
 
 
 def row_subset(rng: np.random.Generator, n: int, heads: int, kv_len: int) -> np.ndarray:

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from spanfill import reference
+from spanfill.testing import rel_err
 
-from .check import packed_valid_index, relerr, row_subset
+from .check import packed_valid_index, row_subset
 from .providers_base import Prepared, Unsupported, spanfill_backend, window_of
 from .providers_spanfill import (
     spanfill_nopad,
@@ -105,7 +106,7 @@ def _dense_ceiling(backend: str) -> Callable[[SegmentedWorkload, SegmentedTensor
             rows = torch.from_numpy(row_subset(np.random.default_rng(w.seed), n, hq, n)).to(device)
             ref, _ = reference.attend(q[0].transpose(0, 1)[rows], k[0].transpose(0, 1),
                                       v[0].transpose(0, 1), rows, True, 1.0 / math.sqrt(d))
-            return relerr(out[rows], ref)
+            return rel_err(out[rows], ref)
 
         flops = 4.0 * hq * d * n * (n + 1) / 2
         return Prepared(run, None, None, flops, own_check,

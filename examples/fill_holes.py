@@ -6,7 +6,8 @@
 import torch
 import transformers
 
-from spanfill.integrations.holes import decode_step, fill_holes, make_cache, poison_holes, prefill_cache
+from spanfill.demo import poison_holes
+from spanfill.integrations.holes import decode_step, fill_holes, make_cache, prefill_cache
 
 torch.manual_seed(0)
 config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,

@@ -40,6 +40,7 @@ from _results import RESULTS, quantiles, write_rows  # noqa: E402
 
 import spanfill as sf  # noqa: E402
 from spanfill.distributed import shard_layout, span_prefill_cp  # noqa: E402
+from spanfill.testing import rel_err  # noqa: E402
 
 HQ, HK, D, PAGE = 32, 8, 128, 16
 
@@ -87,10 +88,6 @@ def timed(fn, reps: int, warmup: int) -> list[float]:
         dist.all_reduce(ms, op=dist.ReduceOp.MAX)
         out.append(float(ms))
     return out
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def main() -> None:
@@ -176,7 +173,7 @@ def main() -> None:
                 continue
             row(provider, "time", "ms", times, f"rank0 holds [{c[0]}, {c[1]})")
             if rank == 0:
-                err = relerr(o, ref_o)
+                err = rel_err(o, ref_o)
                 row(provider, "check_relerr", "", [err], "PASS" if err <= 1e-2 else "FAIL")
         del k_cache, v_cache
 

@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 
 from _results import RESULTS, quantiles, write_rows  # noqa: E402
+from spanfill.demo import poison_holes  # noqa: E402
 from spanfill.integrations.holes import (  # noqa: E402
-    fill_holes, fill_holes_per_span, make_cache, poison_holes, prefill_cache,
+    fill_holes, fill_holes_per_span, make_cache, prefill_cache,
 )
+from spanfill.testing import rel_err  # noqa: E402
 
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
@@ -88,7 +90,7 @@ def main() -> None:
             poison = lambda: poison_holes(cache, 0, spans)  # noqa: E731
             poison()
             got = fill_holes(model, ids, cache, spans)
-            rel = ((got - want).norm() / want.norm()).item()
+            rel = rel_err(got, want)
             with torch.no_grad():
                 providers = {
                     "spanfill": (lambda: fill_holes(model, ids, cache, spans), poison),

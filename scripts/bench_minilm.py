@@ -25,7 +25,7 @@ import transformers  # noqa: E402
 
 import spanfill.integrations.transformers  # noqa: E402,F401  (registers "spanfill")
 from _results import RESULTS, quantiles, write_rows  # noqa: E402
-from spanfill.integrations.sentences import mean_pool, minilm_dir, sample_sentences  # noqa: E402
+from tests.sentences import mean_pool, minilm_dir, sample_sentences  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -21,6 +21,7 @@ import torch
 
 import spanfill as sf
 from spanfill import reference
+from spanfill.testing import TOLERANCE, reference_span, rel_err
 
 CASES_PAGED = [  # (dtype, head_dim, hq, hk, page_size)
     (torch.float16, 64, 4, 1, 16),
@@ -28,16 +29,6 @@ CASES_PAGED = [  # (dtype, head_dim, hq, hk, page_size)
     (torch.float32, 80, 2, 2, 1),
     (torch.float16, 256, 4, 4, 64),
 ]
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not bool(torch.isfinite(out).all()):
-        return math.inf
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-TOL = {torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
 def span_case(dtype: torch.dtype, d: int, hq: int, hk: int, page_size: int, causal: bool) -> float:
@@ -65,9 +56,8 @@ def span_case(dtype: torch.dtype, d: int, hq: int, hk: int, page_size: int, caus
     if not (torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)):
         return math.inf
     o = sf.span_prefill(q, k_cache, v_cache, layout, causal=causal, return_lse=True)[0]
-    o_ref, _ = reference.span_prefill(q, ref_k, ref_v, layout.positions, layout.query_start_loc,
-                                      layout.seq_lens, layout.block_table, causal, 1 / math.sqrt(d))
-    return relerr(o, o_ref)
+    o_ref, _ = reference_span(q, ref_k, ref_v, layout, causal, 1 / math.sqrt(d))
+    return rel_err(o, o_ref)
 
 
 def dense_case(dtype: torch.dtype, d: int, hq: int, hk: int, causal: bool, side: str) -> float:
@@ -78,11 +68,11 @@ def dense_case(dtype: torch.dtype, d: int, hq: int, hk: int, causal: bool, side:
     lens = torch.tensor([77, 0, 30], device="cuda")
     o = sf.padded_prefill(q, k, v, lens, causal=causal, padding_side=side)
     o_ref, _ = reference.padded_prefill(q, k, v, lens, causal, side)
-    err = relerr(o, o_ref)
+    err = rel_err(o, o_ref)
     cu = torch.tensor([0, 50, 51, 231], device="cuda")
     o = sf.varlen_prefill(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, causal=causal)
     o_ref, _ = reference.varlen_prefill(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, causal)
-    return max(err, relerr(o, o_ref))
+    return max(err, rel_err(o, o_ref))
 
 
 def planted() -> None:
@@ -141,10 +131,8 @@ def split_t1_case(dtype: torch.dtype, d: int, hq: int, hk: int, seq_len: int, po
     finally:
         os.environ.pop("SPANFILL_SPLITS", None)
     torch.cuda.synchronize()
-    o_ref, _ = reference.span_prefill(q, k_cache, v_cache, layout.positions,
-                                      layout.query_start_loc, layout.seq_lens,
-                                      layout.block_table, True, 1 / math.sqrt(d))
-    return relerr(o, o_ref)
+    o_ref, _ = reference_span(q, k_cache, v_cache, layout, True, 1 / math.sqrt(d))
+    return rel_err(o, o_ref)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []  # one bool per case: matched the reference
 
     def report(label: str, dtype: torch.dtype, err: float) -> None:
-        ok = err <= TOL[dtype]
+        ok = err <= TOLERANCE[dtype]
         results.append(ok)
         print(f"{label} relerr={err:.2e} {'ok' if ok else 'FAIL'}")
 

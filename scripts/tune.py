@@ -16,6 +16,7 @@ sys.path.insert(0, ".")
 import spanfill as sf
 from spanfill.kernels import AttentionConfig, attention_fwd
 from spanfill.kernels.configs import _stacked_heads
+from spanfill.testing import rel_err
 from tests.helpers import paged_setup
 
 dev, dtype = "cuda", torch.bfloat16
@@ -52,7 +53,7 @@ if os.environ.get("TUNE_CONFIGS"):  # e.g. "128x128w8s3,64x64w4s2": one list for
 
 
 def checked(out, expect, label):
-    err = ((out.float() - expect.float()).norm() / expect.float().norm()).item()
+    err = rel_err(out, expect)
     if not err < 2e-2:
         print("WRONG RESULT", label, err)
     return err

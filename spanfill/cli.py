@@ -1,9 +1,10 @@
-"""``spanfill demo | info | check | bench``: the command line.
+"""``spanfill demo | info | check``: the command line.
 
 ``demo`` shows both jobs end to end and checks them against the reference;
 ``info`` says which path each op takes on this machine; ``check`` is a quick
-self-test of every op's Triton kernels (in Triton's interpreter on a CPU);
-``bench`` hands over to ``bench/run.py`` in the repository.
+self-test of every op's Triton kernels (in Triton's interpreter on a CPU).
+The benchmarks are not part of the installed package: from a checkout of the
+repository, run ``python -m bench.run``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import subprocess
 import sys
 from typing import Sequence
 
+from .op_path import path_name, pick_device
+
 OPS = ("padded_prefill", "varlen_prefill", "span_prefill", "append_kv")
 
 
@@ -22,27 +25,6 @@ def _use_interpreter(flag: bool) -> None:
     # Must happen before spanfill.kernels (and so triton.jit) is first imported.
     if flag:
         os.environ["TRITON_INTERPRET"] = "1"
-
-
-def _device(name: str | None):
-    import torch
-
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def path_name(device) -> str:
-    """``kernel``, ``interpreter`` or ``reference``: what the ops run on ``device``."""
-    from .ops import resolve_backend
-
-    try:
-        path = resolve_backend(device)
-    except ValueError as err:
-        return f"error: {err}"
-    if path == "reference":
-        return "reference"
-    return "kernel" if device.type == "cuda" else "interpreter"
 
 
 # ----------------------------------------------------------------------------- info
@@ -53,7 +35,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import spanfill
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     print(f"spanfill {spanfill.__version__}")
     print(f"torch    {torch.__version__}")
     print(f"triton   {triton.__version__}")
@@ -68,6 +50,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = path_name(device)
     for op in OPS:
         print(f"  {op:<16} -> {path}")
+    from .backends.explain import example_problems, explain
+
+    print("backend and launch config of typical calls (backend= / SPANFILL_BACKEND override):")
+    for label, problem in example_problems(device):
+        print(f"  {label}\n{'':18}{explain(problem)}")
     return 0
 
 
@@ -92,7 +79,7 @@ def _rerun_interpreted(argv: list[str]) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
 
-    device = _device(args.device)
+    device = pick_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"spanfill check: --device {args.device} but no CUDA GPU is visible", file=sys.stderr)
         return 2
@@ -125,44 +112,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .selfcheck import basic_demo
 
     _use_interpreter(args.interpret)
-    device = _device(args.device)
+    device = pick_device(args.device)
     ok = basic_demo(device)
     if args.basic:
         return 0 if ok else 1
     try:
-        from .integrations.demo import main_demo
+        from .demo import main_demo
     except ImportError as err:
-        print(f"\n(the main demo needs the demo extras: {err}; pip install -e '.[bench]')")
+        print(f"\n(the main demo needs the demo extras: {err}; pip install -e '.[demo]')")
         return 0 if ok else 1
     ok = main_demo(device, out=args.out, quick=args.quick) and ok
     return 0 if ok else 1
 
 
-# ----------------------------------------------------------------------------- bench
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    # bench/ is a folder of the repository, not of the installed package.
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for root in (os.getcwd(), repo):
-        if os.path.isfile(os.path.join(root, "bench", "run.py")) and root not in sys.path:
-            sys.path.insert(0, root)
-    try:
-        from bench.run import main as bench_main
-    except ImportError as err:
-        print(
-            "spanfill bench needs bench/run.py from the spanfill repository (run it from the "
-            f"repository root); it could not be imported: {err}",
-            file=sys.stderr,
-        )
-        return 2
-    result = bench_main(list(args.rest))
-    return int(result or 0)
-
-
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spanfill", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="spanfill", description=__doc__.splitlines()[0],
+        epilog="benchmarks: python -m bench.run, from a checkout of the spanfill repository")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="show both jobs end to end, checked against the reference")
@@ -183,21 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "the reference (on a CPU, in Triton's interpreter)")
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     check.set_defaults(func=cmd_check)
-
-    # No -h of its own: every argument, --help included, goes to bench/run.py.
-    bench = sub.add_parser("bench", add_help=False,
-                           help="run bench/run.py (arguments are passed through)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # argparse would claim options such as --help; bench/run.py gets them all.
-        return cmd_bench(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     return args.func(args)
 
 

@@ -8,7 +8,10 @@ them waits on the device, so a compiled or captured step stays free of host
 syncs. Validate the metadata once per batch (``SpanLayout.from_tensors`` with
 ``validate=True``) before handing it to a compiled model.
 
-Importing this module registers::
+Each op takes every option of its :mod:`spanfill.ops` function (``window_left``,
+``logits_soft_cap``, ``backend``, and the KV-shard bounds ``kv_start``/``kv_end``
+of :meth:`SpanLayout.from_tensors <spanfill.SpanLayout.from_tensors>`), with the
+same defaults. Importing this module registers::
 
     torch.ops.spanfill.append_kv       mutates k_cache, v_cache
     torch.ops.spanfill.span_prefill    -> (o [T, Hq, D], lse [T, Hq] fp32)
@@ -32,14 +35,23 @@ __all__ = ["append_kv", "span_prefill", "padded_prefill", "varlen_prefill"]
 
 
 def _layout(positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-            block_table: torch.Tensor, page_size: int,
-            slot_mapping: torch.Tensor | None) -> SpanLayout:
+            block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None,
+            kv_start: torch.Tensor | None, kv_end: torch.Tensor | None) -> SpanLayout:
     return SpanLayout.from_tensors(positions, query_start_loc, seq_lens, block_table, page_size,
-                                   slot_mapping=slot_mapping, validate=False)
+                                   slot_mapping=slot_mapping, validate=False, kv_start=kv_start,
+                                   kv_end=kv_end)
 
 
 def _no_lse(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.float32, device=device)
+
+
+def _with_lse(res, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` from an op called with ``return_lse``; an empty lse without it.
+
+    A custom op's outputs may not alias each other or its inputs: these are fresh.
+    """
+    return res if isinstance(res, tuple) else (res, _no_lse(device))
 
 
 # ----------------------------------------------------------------------------- append_kv
@@ -49,14 +61,18 @@ def _append_kv_op(
     k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> None:
-    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, slot_mapping)
-    ops.append_kv(k_new, v_new, k_cache, v_cache, layout)
+    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, slot_mapping,
+                     kv_start, kv_end)
+    ops.append_kv(k_new, v_new, k_cache, v_cache, layout, backend=backend)
 
 
 @_append_kv_op.register_fake
 def _append_kv_fake(k_new, v_new, k_cache, v_cache, positions, query_start_loc, seq_lens,
-                    block_table, page_size, slot_mapping=None) -> None:
+                    block_table, page_size, slot_mapping=None, kv_start=None, kv_end=None,
+                    backend=None) -> None:
     return None
 
 
@@ -64,6 +80,8 @@ def append_kv(
     k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
+    kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> None:
     """:func:`spanfill.append_kv` from plain metadata, as a custom op (in place).
 
@@ -77,9 +95,14 @@ def append_kv(
     block_table : [B, max_pages] int32|int64
     page_size : tokens per page
     slot_mapping : [T] int64 or None (computed from the block table); -1 skips a token
+    kv_start, kv_end : [B] int32|int64 or None: this cache holds only KV positions
+        ``[kv_start[b], kv_end[b])`` of request ``b`` (a shard by position); tokens
+        outside are not written. Defaults: 0 and ``seq_lens``
+    backend : "auto" | "triton" | "reference", as :func:`spanfill.append_kv`
     """
     torch.ops.spanfill.append_kv(k_new, v_new, k_cache, v_cache, positions, query_start_loc,
-                                 seq_lens, block_table, page_size, slot_mapping)
+                                 seq_lens, block_table, page_size, slot_mapping, kv_start, kv_end,
+                                 backend)
 
 
 # ----------------------------------------------------------------------------- span_prefill
@@ -89,16 +112,21 @@ def _span_prefill_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
     page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+    window_left: int = -1, logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None, backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None)
+    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None,
+                     kv_start, kv_end)
     res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
-                           return_lse=return_lse)
-    return res if return_lse else (res, _no_lse(q.device))
+                           return_lse=return_lse, window_left=window_left,
+                           logits_soft_cap=logits_soft_cap, backend=backend)
+    return _with_lse(res, q.device)
 
 
 @_span_prefill_op.register_fake
 def _span_prefill_fake(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_table,
-                       page_size, causal=True, sm_scale=None, return_lse=False):
+                       page_size, causal=True, sm_scale=None, return_lse=False, window_left=-1,
+                       logits_soft_cap=0.0, kv_start=None, kv_end=None, backend=None):
     lse_shape = q.shape[:2] if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -107,6 +135,8 @@ def span_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
     page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+    window_left: int = -1, logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None, backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`spanfill.span_prefill` from plain metadata, as a custom op.
 
@@ -118,6 +148,13 @@ def span_prefill(
     causal : default True
     sm_scale : defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp
+    window_left : if >= 0, a row at position ``pos`` sees no key below
+        ``pos - window_left``; -1 (default): off
+    logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)``; 0 (default): off
+    kv_start, kv_end : [B] int32|int64 or None, the KV positions this cache holds, as
+        :func:`append_kv`; rows attend only to those (merge the shards' states with
+        :func:`spanfill.merge_states`)
+    backend : "auto" | "triton" | "reference", as :func:`spanfill.span_prefill`
 
     Returns
     -------
@@ -126,7 +163,8 @@ def span_prefill(
     """
     o, lse = torch.ops.spanfill.span_prefill(q, k_cache, v_cache, positions, query_start_loc,
                                              seq_lens, block_table, page_size, causal, sm_scale,
-                                             return_lse)
+                                             return_lse, window_left, logits_soft_cap, kv_start,
+                                             kv_end, backend)
     return (o, lse) if return_lse else o
 
 
@@ -136,19 +174,18 @@ def span_prefill(
 def _padded_prefill_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor,
     causal: bool = False, padding_side: str = "right", sm_scale: float | None = None,
-    return_lse: bool = False,
+    return_lse: bool = False, window_left: int = -1, logits_soft_cap: float = 0.0,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     res = ops.padded_prefill(q, k, v, valid_lens, causal=causal, padding_side=padding_side,
-                             sm_scale=sm_scale, return_lse=return_lse)
-    if not return_lse:
-        return res, _no_lse(q.device)
-    # A custom op's outputs may not alias each other or inputs; these are fresh.
-    return res
+                             sm_scale=sm_scale, return_lse=return_lse, window_left=window_left,
+                             logits_soft_cap=logits_soft_cap, backend=backend)
+    return _with_lse(res, q.device)
 
 
 @_padded_prefill_op.register_fake
 def _padded_prefill_fake(q, k, v, valid_lens, causal=False, padding_side="right", sm_scale=None,
-                         return_lse=False):
+                         return_lse=False, window_left=-1, logits_soft_cap=0.0, backend=None):
     lse_shape = q.shape[:3] if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -156,11 +193,14 @@ def _padded_prefill_fake(q, k, v, valid_lens, causal=False, padding_side="right"
 def padded_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor,
     causal: bool = False, padding_side: str = "right", sm_scale: float | None = None,
-    return_lse: bool = False,
+    return_lse: bool = False, window_left: int = -1, logits_soft_cap: float = 0.0,
+    backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`spanfill.padded_prefill` as a custom op (same arguments and results)."""
+    """:func:`spanfill.padded_prefill` as a custom op (same arguments and results;
+    ``valid_lens`` a [B] tensor, not a PaddedLayout)."""
     o, lse = torch.ops.spanfill.padded_prefill(q, k, v, valid_lens, causal, padding_side,
-                                               sm_scale, return_lse)
+                                               sm_scale, return_lse, window_left, logits_soft_cap,
+                                               backend)
     return (o, lse) if return_lse else o
 
 
@@ -170,14 +210,17 @@ def padded_prefill(
 def _varlen_prefill_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+    window_left: int = -1, logits_soft_cap: float = 0.0, backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     res = ops.varlen_prefill(q, k, v, cu_seqlens, causal=causal, sm_scale=sm_scale,
-                             return_lse=return_lse)
-    return res if return_lse else (res, _no_lse(q.device))
+                             return_lse=return_lse, window_left=window_left,
+                             logits_soft_cap=logits_soft_cap, backend=backend)
+    return _with_lse(res, q.device)
 
 
 @_varlen_prefill_op.register_fake
-def _varlen_prefill_fake(q, k, v, cu_seqlens, causal=True, sm_scale=None, return_lse=False):
+def _varlen_prefill_fake(q, k, v, cu_seqlens, causal=True, sm_scale=None, return_lse=False,
+                         window_left=-1, logits_soft_cap=0.0, backend=None):
     lse_shape = q.shape[:2] if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -185,7 +228,9 @@ def _varlen_prefill_fake(q, k, v, cu_seqlens, causal=True, sm_scale=None, return
 def varlen_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
+    window_left: int = -1, logits_soft_cap: float = 0.0, backend: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`spanfill.varlen_prefill` as a custom op (same arguments and results)."""
-    o, lse = torch.ops.spanfill.varlen_prefill(q, k, v, cu_seqlens, causal, sm_scale, return_lse)
+    o, lse = torch.ops.spanfill.varlen_prefill(q, k, v, cu_seqlens, causal, sm_scale, return_lse,
+                                               window_left, logits_soft_cap, backend)
     return (o, lse) if return_lse else o

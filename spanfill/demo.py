@@ -6,6 +6,11 @@ of every chunk (EPIC-style) and the question at the end must be recomputed. The
 demo fills those holes with spanfill, checks the last-token logits against a full
 prefill, times spanfill vs full recompute vs one prefill per span, prints a table
 and draws the prompt and the timings into a PNG. No network, no downloaded weights.
+
+Its two checks, :func:`poison_holes` (NaN the holes' KV so that a read of a stale
+row shows) and :func:`attention_noise_floor` (how far a second correct attention
+moves the logits), serve the tests, ``scripts/bench_fill_holes.py`` and
+``examples/fill_holes.py`` too.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .holes import (attention_noise_floor, fill_holes, fill_holes_per_span, make_cache,
-                    poison_holes, prefill_cache)
+from .cache import PagedKVCache
+from .integrations.holes import fill_holes, fill_holes_per_span, make_cache, prefill_cache
+from .op_path import path_name
+
+__all__ = ["main_demo", "attention_noise_floor", "poison_holes"]
 
 
 @dataclass
@@ -53,6 +61,55 @@ def spans_for(s: DemoSetup) -> tuple[int, list[tuple[int, int]]]:
     spans = [(c * s.chunk_len, c * s.chunk_len + s.missing) for c in range(s.chunks)]
     return body + s.question, spans + [(body, body + s.question)]
 
+
+# ----------------------------------------------------------------------------- checks
+# Shared with the tests, scripts/bench_fill_holes.py and examples/fill_holes.py.
+
+def poison_holes(cache: PagedKVCache, request: Hashable, spans: Sequence[tuple[int, int]],
+                 value: float = float("nan")) -> None:
+    """Overwrite the hole positions of ``request`` in every layer (NaN by default)."""
+    if not spans:
+        return
+    pos = torch.cat([torch.arange(s, e) for s, e in spans])
+    slots = cache.slot_mapping(request, pos)
+    for layer in range(cache.num_layers):
+        for pool in cache.layer(layer):
+            pool.view(-1, *pool.shape[2:])[slots] = value
+
+
+def attention_noise_floor(model: torch.nn.Module, input_ids: torch.Tensor, want: torch.Tensor
+                          ) -> tuple[float, float]:
+    """The logit noise of swapping one correct attention for another, in the model's dtype.
+
+    Runs the same full prefill with transformers' eager attention and compares
+    its last-token logits to ``want`` (from the model's usual attention, e.g.
+    :func:`spanfill.integrations.holes.prefill_cache`). In bf16 this floor is what a correct kernel can be
+    held to: recomputing tokens with transformers alone differs by exactly 0 (its
+    GEMMs are row-independent), so only the attention differs.
+
+    Parameters
+    ----------
+    model : a transformers causal LM
+    input_ids : [n] int64, the prompt
+    want : [1, V] fp32 last-token logits
+
+    Returns
+    -------
+    (relative error of the eager logits, largest absolute logit difference)
+    """
+    impl = model.config._attn_implementation
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        try:
+            eager = model(input_ids=input_ids.reshape(1, -1), use_cache=False,
+                          logits_to_keep=1).logits[:, -1]
+        finally:
+            model.set_attn_implementation(impl)
+    eager = eager.float()
+    return ((eager - want).norm() / want.norm()).item(), (eager - want).abs().max().item()
+
+
+# ----------------------------------------------------------------------------- demo
 
 def _timed(fn: Callable[[], object], device: torch.device, reps: int,
            before: Callable[[], None] | None = None) -> float:
@@ -110,8 +167,6 @@ def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool 
     """Run the main job on ``device``; print the table, write the PNG; True if it matches."""
     import transformers
     from tqdm import tqdm
-
-    from ..cli import path_name
 
     s = setup_for(device, quick)
     n, spans = spans_for(s)

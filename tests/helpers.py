@@ -1,4 +1,7 @@
-"""Shared test helpers: random layouts, poisoned outputs, relative error."""
+"""Shared test helpers: random layouts and CUDA-graph capture.
+
+Tolerances, relative error and reference wrappers live in :mod:`spanfill.testing`.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +13,6 @@ import torch
 import spanfill as sf
 
 T = TypeVar("T")
-
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in fp64; NaN anywhere gives inf."""
-    out, ref = out.double(), ref.double()
-    if torch.isnan(out).any():
-        return float("inf")
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
 def random_spans(rng: random.Random, seq_len: int, max_spans: int, max_len: int) -> list[tuple[int, int]]:

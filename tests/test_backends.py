@@ -153,3 +153,18 @@ def test_selection_never_syncs() -> None:
             chosen.select_config(problem)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_info_explains_every_example(monkeypatch) -> None:
+    """What `spanfill info` prints: a backend, its config and the reason, per example call."""
+    from spanfill.backends.explain import example_problems, explain
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
+    examples = example_problems(CPU)
+    assert {p.op for _, p in examples} == {"span", "padded", "varlen"}
+    for _, problem in examples:
+        text = explain(problem)
+        assert text.startswith("triton") and "BLOCK_M=" in text and "why: " in text
+    assert explain(examples[0][1], "reference").startswith("reference no tiles")
+    assert explain(examples[0][1], "nope").startswith("error: backend must be one of")

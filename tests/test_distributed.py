@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 import spanfill as sf
 from spanfill import reference
 from spanfill.distributed import row_range, shard_layout, span_prefill_cp
+from spanfill.testing import rel_err
 
-from helpers import relerr
 
 HQ, HK, D = 4, 2, 32
 
@@ -263,10 +263,10 @@ def gpu_worker(rank: int, world: int, init_file: str) -> None:
                     o, lse = span_prefill_cp(q, k_new, v_new, k_cache, v_cache, shard,
                                              causal=causal, method=method, return_lse=True)
                     where = f"seed {seed} rank {rank} causal {causal} {method}"
-                    assert relerr(o, want_o) <= 1e-2, (where, relerr(o, want_o))
+                    assert rel_err(o, want_o) <= 1e-2, (where, rel_err(o, want_o))
                     alive = ~torch.isneginf(want_lse)
                     assert torch.equal(alive, ~torch.isneginf(lse)), where
-                    assert relerr(lse[alive], want_lse[alive]) <= 1e-2, where
+                    assert rel_err(lse[alive], want_lse[alive]) <= 1e-2, where
     finally:
         dist.destroy_process_group()
 

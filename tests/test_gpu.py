@@ -10,7 +10,7 @@ import torch
 
 import spanfill as sf
 from spanfill import reference as ref
-from tests.helpers import TOLERANCE, relerr
+from spanfill.testing import TOLERANCE, reference_span, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -36,9 +36,8 @@ def test_segmented_workload(name, dtype):
     sf.append_kv(t.k_new, t.v_new, k_cache, v_cache, t.layout)
     assert torch.equal(k_cache, t.k_cache) and torch.equal(v_cache, t.v_cache)
     o, lse = sf.span_prefill(t.q, k_cache, v_cache, t.layout, return_lse=True)
-    ro, rlse = ref.span_prefill(t.q, t.k_cache, t.v_cache, t.layout.positions,
-                                t.layout.query_start_loc, t.layout.seq_lens, t.layout.block_table)
-    assert relerr(o, ro) < TOLERANCE[dtype]
+    ro, rlse = reference_span(t.q, t.k_cache, t.v_cache, t.layout)
+    assert rel_err(o, ro) < TOLERANCE[dtype]
     assert torch.allclose(lse, rlse, atol=5e-2, rtol=1e-3)
 
 
@@ -50,7 +49,7 @@ def test_padded_workload(name, dtype, padding_side):
     o, lse = sf.padded_prefill(t.q, t.k, t.v, t.valid_lens, padding_side=padding_side,
                                return_lse=True)
     ro, rlse = ref.padded_prefill(t.q, t.k, t.v, t.valid_lens, padding_side=padding_side)
-    assert relerr(o, ro) < TOLERANCE[dtype]
+    assert rel_err(o, ro) < TOLERANCE[dtype]
     pad = torch.isinf(rlse)
     assert (o[pad] == 0).all() and torch.isinf(lse[pad]).all()
     assert torch.allclose(lse[~pad], rlse[~pad].float(), atol=5e-2, rtol=1e-3)
@@ -81,14 +80,13 @@ def test_head_dims_and_dtypes(dtype, head_dim):
                  k_cache, v_cache, layout)
     for causal in (True, False):
         o = sf.span_prefill(q, k_cache, v_cache, layout, causal=causal)
-        ro, _ = ref.span_prefill(q, k_cache, v_cache, layout.positions, layout.query_start_loc,
-                                 layout.seq_lens, layout.block_table, causal)
-        assert relerr(o, ro) < TOLERANCE[dtype], (causal, relerr(o, ro))
+        ro, _ = reference_span(q, k_cache, v_cache, layout, causal)
+        assert rel_err(o, ro) < TOLERANCE[dtype], (causal, rel_err(o, ro))
     qp, kp, vp = rnd(3, 150, 8, head_dim), rnd(3, 150, 2, head_dim), rnd(3, 150, 2, head_dim)
     valid = torch.tensor([0, 150, 61], device="cuda")
     o = sf.padded_prefill(qp, kp, vp, valid, causal=True)
     ro, _ = ref.padded_prefill(qp, kp, vp, valid, causal=True)
-    assert relerr(o, ro) < TOLERANCE[dtype]
+    assert rel_err(o, ro) < TOLERANCE[dtype]
 
 
 def test_varlen_matches_padded_without_padding():
@@ -101,4 +99,4 @@ def test_varlen_matches_padded_without_padding():
     packed = [x[valid_rows] for x in (t.q, t.k, t.v)]
     o_var = sf.varlen_prefill(*packed, cu, causal=False)
     o_pad = sf.padded_prefill(t.q, t.k, t.v, t.valid_lens)
-    assert relerr(o_var, o_pad[valid_rows]) < 1e-2
+    assert rel_err(o_var, o_pad[valid_rows]) < 1e-2

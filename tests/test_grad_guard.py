@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import spanfill as sf
+from spanfill.testing import TOLERANCE, rel_err
 from conftest import INTERPRETING, tensor_digest
-from helpers import TOLERANCE, paged_setup, relerr
+from helpers import paged_setup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not (DEVICE == "cuda" or INTERPRETING),
@@ -108,7 +109,7 @@ def test_same_call_works_without_grad(op: str, needs_grad: str, no_grad) -> None
         out = call(op, args)()
         want = call(op, args, backend="reference")()
     assert not out.requires_grad
-    assert relerr(out, want) <= TOLERANCE[torch.float32]
+    assert rel_err(out, want) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("op", ["padded_prefill", "varlen_prefill", "span_prefill", "append_kv"])

@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from spanfill.integrations import transformers as sft  # noqa: E402
-from spanfill.integrations.sentences import embed, minilm_dir, sample_sentences  # noqa: E402
+from tests.sentences import embed, minilm_dir, sample_sentences  # noqa: E402
 
 MODEL_DIR = minilm_dir()
 needs_model = pytest.mark.skipif(

@@ -14,9 +14,10 @@ import torch
 
 import spanfill as sf
 from spanfill import reference
+from spanfill.testing import TOLERANCE, reference_span, rel_err
 
 from conftest import INTERPRETING
-from helpers import TOLERANCE, paged_setup, relerr
+from helpers import paged_setup
 
 BF16 = torch.bfloat16
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +32,7 @@ def test_padded_prefill_bf16(causal: bool) -> None:
     lens = torch.tensor([37, 1, 20], device=DEVICE)
     o, lse = sf.padded_prefill(q, k, v, lens, causal=causal, return_lse=True, backend="triton")
     ref, ref_lse = reference.padded_prefill(q, k, v, lens, causal, "right")
-    assert relerr(o, ref) < TOLERANCE[BF16]
+    assert rel_err(o, ref) < TOLERANCE[BF16]
     torch.testing.assert_close(lse, ref_lse.float(), atol=2e-2, rtol=0)
 
 
@@ -41,7 +42,7 @@ def test_varlen_prefill_bf16() -> None:
     q, k, v = (torch.randn(63, h, 32, generator=gen).to(DEVICE, BF16) for h in (8, 1, 1))
     o = sf.varlen_prefill(q, k, v, cu, causal=True, backend="triton")
     ref, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
-    assert relerr(o, ref) < TOLERANCE[BF16]
+    assert rel_err(o, ref) < TOLERANCE[BF16]
 
 
 @pytest.mark.parametrize("splits", ["1", "3"], ids=["unsplit", "split3"])
@@ -55,10 +56,8 @@ def test_span_prefill_bf16(splits: str, monkeypatch: pytest.MonkeyPatch) -> None
     reference.append_kv(k_new, v_new, ref_k, ref_v, layout.slot_mapping)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
     o, lse = sf.span_prefill(q, k_cache, v_cache, layout, return_lse=True, backend="triton")
-    ref, ref_lse = reference.span_prefill(q, ref_k, ref_v, layout.positions,
-                                          layout.query_start_loc, layout.seq_lens,
-                                          layout.block_table, True, 64 ** -0.5)
-    assert relerr(o, ref) < TOLERANCE[BF16]
+    ref, ref_lse = reference_span(q, ref_k, ref_v, layout, True, 64 ** -0.5)
+    assert rel_err(o, ref) < TOLERANCE[BF16]
     torch.testing.assert_close(lse, ref_lse.float(), atol=2e-2, rtol=0)
 
 
@@ -69,6 +68,6 @@ def test_merge_states_bf16() -> None:
     lse_b[0] = float("-inf")
     o, lse = sf.merge_states(o_a, lse_a, o_b, lse_b, backend="triton")
     ref, ref_lse = reference.merge_states(torch.stack([o_a, o_b], 1), torch.stack([lse_a, lse_b], 1))
-    assert relerr(o, ref) < TOLERANCE[BF16]
+    assert rel_err(o, ref) < TOLERANCE[BF16]
     torch.testing.assert_close(lse, ref_lse.float(), atol=1e-5, rtol=1e-5)
 

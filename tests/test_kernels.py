@@ -13,8 +13,9 @@ import torch
 
 import spanfill as sf
 from spanfill import reference as ref
+from spanfill.testing import TOLERANCE, reference_span, rel_err
 from tests.fuzzing import poisoned_allocations
-from tests.helpers import TOLERANCE, paged_setup, random_spans, relerr
+from tests.helpers import paged_setup, random_spans
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 dot products are wrong in the CPU interpreter; bf16 is covered by the GPU tests.
@@ -45,7 +46,7 @@ def test_padded_prefill(dtype, causal, padding_side, d, hq, hk):
     assert count[0] >= 2
     ro, rlse = ref.padded_prefill(q, k, v, valid_lens, causal, padding_side)
     assert o.dtype == dtype and o.shape == q.shape
-    assert relerr(o, ro) < TOLERANCE[dtype]
+    assert rel_err(o, ro) < TOLERANCE[dtype]
     _check_lse(lse, rlse)
     pad = torch.isinf(rlse)
     assert (o[pad] == 0).all(), "padded rows must be exactly zero"
@@ -73,7 +74,7 @@ def test_padded_prefill_torch_plan(causal, padding_side, monkeypatch):
         o, lse = sf.padded_prefill(q, k, v, layout, causal=causal, return_lse=True,
                                    backend="triton")
     ro, rlse = ref.padded_prefill(q, k, v, valid_lens, causal, padding_side)
-    assert relerr(o, ro) < TOLERANCE[torch.float16]
+    assert rel_err(o, ro) < TOLERANCE[torch.float16]
     _check_lse(lse, rlse)
     assert (o[torch.isinf(rlse)] == 0).all()
 
@@ -105,7 +106,7 @@ def test_padded_prefill_ignores_poisoned_padding(tma, padding_side, monkeypatch)
         x[pad] = poison
     o, lse = sf.padded_prefill(q, k, v, valid_lens, causal=True, padding_side=padding_side,
                                return_lse=True, backend="triton")
-    assert relerr(o, ro) < TOLERANCE[dtype]
+    assert rel_err(o, ro) < TOLERANCE[dtype]
     _check_lse(lse, rlse)
     assert (o[pad] == 0).all()
 
@@ -128,9 +129,8 @@ def test_span_prefill(dtype, causal, page_size, d, hq, hk):
     sf.append_kv(k_new, v_new, k_cache, v_cache, layout, backend="triton")
     o, lse = sf.span_prefill(q, k_cache, v_cache, layout, causal=causal, return_lse=True,
                              backend="triton")
-    ro, rlse = ref.span_prefill(q, k_cache, v_cache, layout.positions, layout.query_start_loc,
-                                layout.seq_lens, layout.block_table, causal)
-    assert relerr(o, ro) < TOLERANCE[dtype]
+    ro, rlse = reference_span(q, k_cache, v_cache, layout, causal)
+    assert rel_err(o, ro) < TOLERANCE[dtype]
     _check_lse(lse, rlse)
 
 
@@ -144,9 +144,8 @@ def test_span_prefill_token_counts(num_tokens):
     assert layout.num_tokens == num_tokens
     sf.append_kv(k_new, v_new, k_cache, v_cache, layout, backend="triton")
     o = sf.span_prefill(q, k_cache, v_cache, layout, backend="triton")
-    ro, _ = ref.span_prefill(q, k_cache, v_cache, layout.positions, layout.query_start_loc,
-                             layout.seq_lens, layout.block_table, True)
-    assert relerr(o, ro) < TOLERANCE[torch.float16]
+    ro, _ = reference_span(q, k_cache, v_cache, layout, True)
+    assert rel_err(o, ro) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -160,7 +159,7 @@ def test_varlen_prefill(dtype, causal):
     v = torch.randn(t, hk, d, dtype=dtype, device=DEVICE)
     o, lse = sf.varlen_prefill(q, k, v, cu_seqlens, causal=causal, return_lse=True, backend="triton")
     ro, rlse = ref.varlen_prefill(q, k, v, cu_seqlens, causal)
-    assert relerr(o, ro) < TOLERANCE[dtype]
+    assert rel_err(o, ro) < TOLERANCE[dtype]
     _check_lse(lse, rlse)
 
 
@@ -171,7 +170,7 @@ def test_sm_scale_is_used():
     valid_lens = torch.tensor([20, 11], device=DEVICE)
     o = sf.padded_prefill(q, k, v, valid_lens, sm_scale=0.3, backend="triton")
     ro, _ = ref.padded_prefill(q, k, v, valid_lens, sm_scale=0.3)
-    assert relerr(o, ro) < TOLERANCE[torch.float16]
+    assert rel_err(o, ro) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])

@@ -11,9 +11,10 @@ import torch
 import spanfill as sf
 from spanfill import reference
 from spanfill.kernels import merge_states_launch, merge_two_launch
+from spanfill.testing import TOLERANCE, rel_err
 
 from conftest import INTERPRETING, poison
-from helpers import TOLERANCE, paged_setup, random_spans, relerr
+from helpers import paged_setup, random_spans
 
 NEG_INF = float("-inf")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,8 +45,8 @@ def check(out, out_lse, ref_o, ref_lse, dtype):
     dead = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(out_lse), dead)
     assert (out[dead] == 0).all()
-    assert relerr(out, ref_o) <= TOLERANCE[dtype]
-    assert relerr(out_lse[~dead], ref_lse[~dead]) <= 1e-6
+    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
+    assert rel_err(out_lse[~dead], ref_lse[~dead]) <= 1e-6
 
 
 @needs_kernel
@@ -138,17 +139,17 @@ def test_merged_shards_equal_unsplit_attention(parts, causal, seed):
     lse = torch.stack([p[1] for p in pieces], 1)
 
     merged_o, merged_lse = reference.merge_states(o, lse, compute_dtype=torch.float64)
-    assert relerr(merged_o, full_o) <= 1e-12
+    assert rel_err(merged_o, full_o) <= 1e-12
     assert torch.equal(torch.isneginf(merged_lse), torch.isneginf(full_lse))
     alive = ~torch.isneginf(full_lse)
-    assert relerr(merged_lse[alive], full_lse[alive]) <= 1e-12
+    assert rel_err(merged_lse[alive], full_lse[alive]) <= 1e-12
 
     if DEVICE == "cpu" and not INTERPRETING:
         return
     for dtype in (torch.float32, torch.float16):
         out, out_lse = sf.merge_states_n(o.to(DEVICE, dtype), lse.to(DEVICE, torch.float32),
                                          backend="triton")
-        assert relerr(out.cpu(), full_o) <= TOLERANCE[dtype], dtype
+        assert rel_err(out.cpu(), full_o) <= TOLERANCE[dtype], dtype
         assert torch.equal(torch.isneginf(out_lse).cpu(), torch.isneginf(full_lse))
 
 

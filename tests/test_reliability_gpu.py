@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import spanfill as sf
-from spanfill import library, reference
+from spanfill import custom_ops, reference
+from spanfill.testing import TOLERANCE, reference_span, rel_err
 from tests.helpers import capture_cuda_graph
 
 pytestmark = pytest.mark.gpu
@@ -19,16 +20,6 @@ pytestmark = pytest.mark.gpu
 DEVICE = "cuda"
 # Offsets computed in 32 bits wrap modulo this; the large-pool test straddles it.
 WRAP = 2**32
-
-TOL = {torch.float16: 5e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not bool(torch.isfinite(out).all()):
-        return math.inf
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
 
 def random_metadata(gen: torch.Generator, num_req: int, num_tokens: int, max_seq_len: int,
                     page_size: int, width: int, num_pages: int):
@@ -72,8 +63,8 @@ def test_torch_compile_inductor_fullgraph() -> None:
 
     def layer(x, k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table):
         q = (x @ w_q).view(x.shape[0], hq, d)
-        library.append_kv(k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table, page_size)
-        o = library.span_prefill(q, k_cache, v_cache, positions, qsl, seq_lens, table, page_size)
+        custom_ops.append_kv(k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table, page_size)
+        o = custom_ops.span_prefill(q, k_cache, v_cache, positions, qsl, seq_lens, table, page_size)
         return o.flatten(1) @ w_o
 
     def args():
@@ -89,8 +80,8 @@ def test_torch_compile_inductor_fullgraph() -> None:
         expected = layer(*eager_args)
         got = compiled(*compiled_args)
         got2 = compiled(*compiled_args)  # second call: cache already holds the tokens
-    assert relerr(got, expected) < TOL[torch.float16]
-    assert relerr(got2, expected) < TOL[torch.float16]
+    assert rel_err(got, expected) < TOLERANCE[torch.float16]
+    assert rel_err(got2, expected) < TOLERANCE[torch.float16]
     assert torch.equal(compiled_args[3], eager_args[3]) and torch.equal(compiled_args[4], eager_args[4])
 
 
@@ -139,10 +130,8 @@ def test_cuda_graph_layout_append_attention(num_req: int, num_tokens: int, dtype
         torch.cuda.synchronize()
         reference.append_kv(k_new, v_new, ref_k, ref_v, checked.slot_mapping)
         assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
-        o_ref, lse_ref = reference.span_prefill(
-            q, ref_k, ref_v, checked.positions, checked.query_start_loc, checked.seq_lens,
-            checked.block_table, causal, 1 / math.sqrt(d))
-        assert relerr(o, o_ref) < TOL[dtype]
+        o_ref, lse_ref = reference_span(q, ref_k, ref_v, checked, causal, 1 / math.sqrt(d))
+        assert rel_err(o, o_ref) < TOLERANCE[dtype]
         assert float((lse - lse_ref).abs().max()) < 2e-2
 
 
@@ -205,7 +194,6 @@ def test_page_pool_over_2_31_elements() -> None:
     small = sf.SpanLayout.build(spans, seq_lens, small_table, page_size)
     reference.append_kv(k_new, v_new, ref_k, ref_v, small.slot_mapping)
     assert torch.equal(k_cache[dev_used], ref_k) and torch.equal(v_cache[dev_used], ref_v)
-    o_ref, lse_ref = reference.span_prefill(q, ref_k, ref_v, small.positions, small.query_start_loc,
-                                            small.seq_lens, small.block_table, True, 1 / math.sqrt(d))
-    assert relerr(o, o_ref) < TOL[torch.float16]
+    o_ref, lse_ref = reference_span(q, ref_k, ref_v, small, True, 1 / math.sqrt(d))
+    assert rel_err(o, o_ref) < TOLERANCE[torch.float16]
     assert float((lse - lse_ref).abs().max()) < 1e-2

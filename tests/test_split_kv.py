@@ -14,11 +14,13 @@ import pytest
 import torch
 
 import spanfill as sf
+from spanfill.backends import get_backend, paged_problem
 from spanfill import reference as ref
 from spanfill.kernels import AttentionConfig, pick_num_splits
 from spanfill.kernels.configs import MAX_SPLITS, SPLIT_MIN_STEPS
+from spanfill.testing import TOLERANCE, reference_span, rel_err
 from tests.fuzzing import poisoned_allocations
-from tests.helpers import TOLERANCE, paged_setup, random_spans, relerr
+from tests.helpers import paged_setup, random_spans
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16
@@ -36,15 +38,9 @@ def _case(seed: int, page_size: int):
     return paged_setup(seq_lens, spans, page_size, 4, 2, 32, DTYPE, DEVICE, seed=seed)
 
 
-def _ref(q, kc, vc, layout, causal, **kw):
-    return ref.span_prefill(q, kc, vc, layout.positions, layout.query_start_loc, layout.seq_lens,
-                            layout.block_table, causal, kv_start=layout.kv_start,
-                            kv_end=layout.kv_end, **kw)
-
-
 def _check(o, lse, ro, rlse):
     assert not torch.isnan(o).any(), "a row the merge never wrote"
-    assert relerr(o, ro) < TOLERANCE[DTYPE]
+    assert rel_err(o, ro) < TOLERANCE[DTYPE]
     assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
     finite = torch.isfinite(rlse)
     assert torch.allclose(lse[finite], rlse[finite].float(), atol=2e-2)
@@ -63,9 +59,9 @@ def test_split_matches_reference_and_unsplit(splits, causal, page_size, monkeypa
         o, lse = sf.span_prefill(q, kc, vc, layout, causal=causal, return_lse=True,
                                  backend="triton")
     assert count[0] >= 3, "output, lse and the partial states are poisoned"
-    ro, rlse = _ref(q, kc, vc, layout, causal)
+    ro, rlse = reference_span(q, kc, vc, layout, causal)
     _check(o, lse, ro, rlse)
-    assert relerr(o, whole) < TOLERANCE[DTYPE]
+    assert rel_err(o, whole) < TOLERANCE[DTYPE]
     assert torch.allclose(lse, whole_lse, atol=1e-3)
     # Without return_lse the merge still needs somewhere to put it.
     with poisoned_allocations():
@@ -81,7 +77,7 @@ def test_split_with_window_and_cap(window_left, monkeypatch):
     with poisoned_allocations():
         o, lse = sf.span_prefill(q * 3, kc, vc, layout, window_left=window_left,
                                  logits_soft_cap=20.0, return_lse=True, backend="triton")
-    ro, rlse = _ref(q * 3, kc, vc, layout, True, window_left=window_left, logits_soft_cap=20.0)
+    ro, rlse = reference_span(q * 3, kc, vc, layout, True, window_left=window_left, logits_soft_cap=20.0)
     _check(o, lse, ro, rlse)
 
 
@@ -96,7 +92,7 @@ def test_split_on_a_kv_shard(monkeypatch):
     monkeypatch.setenv("SPANFILL_SPLITS", "5")
     with poisoned_allocations():
         o, lse = sf.span_prefill(q, kc, vc, shard, return_lse=True, backend="triton")
-    ro, rlse = _ref(q, kc, vc, shard, True)
+    ro, rlse = reference_span(q, kc, vc, shard, True)
     _check(o, lse, ro, rlse)
     assert torch.isinf(rlse).any(), "the case must have rows that see nothing"
     assert (o[torch.isinf(rlse)] == 0).all()
@@ -159,12 +155,11 @@ def test_split_chosen_by_itself_on_the_gpu():
     seq_len = 8192
     layout, kc, vc, q, kn, vn = paged_setup([seq_len, seq_len], [[(7000, 7003)], [(8000, 8001)]],
                                             16, 32, 8, 128, torch.bfloat16, DEVICE, seed=1)
-    cfg = sf.ops._config(q, 8, paged=True)
-    plan = layout.tile_plan(cfg.block_q, True)
-    assert pick_num_splits(plan.num_tiles * (32 // cfg.heads), seq_len, cfg, q.device) > 1
+    problem = paged_problem(q, kc, layout.num_requests, layout.block_table.shape[1], True)
+    assert get_backend("triton").select_config(problem).num_splits > 1
     sf.append_kv(kn, vn, kc, vc, layout)
     with poisoned_allocations():
         o, lse = sf.span_prefill(q, kc, vc, layout, return_lse=True)
-    ro, rlse = _ref(q, kc, vc, layout, True)
-    assert relerr(o, ro) < TOLERANCE[torch.bfloat16]
+    ro, rlse = reference_span(q, kc, vc, layout, True)
+    assert rel_err(o, ro) < TOLERANCE[torch.bfloat16]
     assert torch.allclose(lse, rlse.float(), atol=2e-2)

@@ -9,7 +9,8 @@ import torch
 
 import spanfill as sf
 from spanfill import reference as ref
-from tests.helpers import TOLERANCE, paged_setup, random_spans, relerr
+from spanfill.testing import TOLERANCE, reference_span, rel_err
+from tests.helpers import paged_setup, random_spans
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16
@@ -22,12 +23,6 @@ def _span_case(seed: int, page_size: int = 16):
     return paged_setup(seq_lens, spans, page_size, 4, 2, 64, DTYPE, DEVICE, seed=seed)
 
 
-def _ref_span(q, kc, vc, layout, causal, **kw):
-    return ref.span_prefill(q, kc, vc, layout.positions, layout.query_start_loc, layout.seq_lens,
-                            layout.block_table, causal, kv_start=layout.kv_start,
-                            kv_end=layout.kv_end, **kw)
-
-
 @pytest.mark.parametrize("window_left", [0, 5, 40, 200])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 def test_span_sliding_window(window_left, causal):
@@ -35,8 +30,8 @@ def test_span_sliding_window(window_left, causal):
     sf.append_kv(kn, vn, kc, vc, layout, backend="triton")
     o, lse = sf.span_prefill(q, kc, vc, layout, causal=causal, window_left=window_left,
                              return_lse=True, backend="triton")
-    ro, rlse = _ref_span(q, kc, vc, layout, causal, window_left=window_left)
-    assert relerr(o, ro) < TOLERANCE[DTYPE]
+    ro, rlse = reference_span(q, kc, vc, layout, causal, window_left=window_left)
+    assert rel_err(o, ro) < TOLERANCE[DTYPE]
     assert torch.allclose(lse, rlse.float(), atol=2e-2)
 
 
@@ -47,11 +42,11 @@ def test_span_soft_cap(cap):
     sf.append_kv(kn, vn, kc, vc, layout, backend="triton")
     o, lse = sf.span_prefill(q, kc, vc, layout, logits_soft_cap=cap, return_lse=True,
                              backend="triton")
-    ro, rlse = _ref_span(q, kc, vc, layout, True, logits_soft_cap=cap)
-    assert relerr(o, ro) < TOLERANCE[DTYPE]
+    ro, rlse = reference_span(q, kc, vc, layout, True, logits_soft_cap=cap)
+    assert rel_err(o, ro) < TOLERANCE[DTYPE]
     assert torch.allclose(lse, rlse.float(), atol=2e-2)
     plain = sf.span_prefill(q, kc, vc, layout, backend="triton")
-    assert relerr(plain, ro) > 4 * TOLERANCE[DTYPE], "the cap must change the result"
+    assert rel_err(plain, ro) > 4 * TOLERANCE[DTYPE], "the cap must change the result"
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
@@ -71,15 +66,15 @@ def test_kv_shards_merge_to_the_whole(page_size):
                                            layout.seq_lens, table, page_size, kv_start=lo,
                                            kv_end=hi)
         o, lse = sf.span_prefill(q, kc, vc, shard, return_lse=True, backend="triton")
-        ro, rlse = _ref_span(q, kc, vc, shard, True)
-        assert relerr(o, ro) < TOLERANCE[DTYPE]
+        ro, rlse = reference_span(q, kc, vc, shard, True)
+        assert rel_err(o, ro) < TOLERANCE[DTYPE]
         assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
         parts.append((o.float(), lse))
     (o_a, l_a), (o_b, l_b) = parts
     lse = torch.logaddexp(l_a, l_b)
     w_a = torch.exp(l_a - lse).nan_to_num(0.0)[..., None]
     w_b = torch.exp(l_b - lse).nan_to_num(0.0)[..., None]
-    assert relerr(w_a * o_a + w_b * o_b, full_o) < TOLERANCE[DTYPE]
+    assert rel_err(w_a * o_a + w_b * o_b, full_o) < TOLERANCE[DTYPE]
     assert torch.allclose(lse, full_lse, atol=2e-2)
 
 
@@ -106,7 +101,7 @@ def test_padded_window_and_cap(padding_side):
                                    backend="triton")
         ro, rlse = ref.padded_prefill(q, k, v, valid, causal, padding_side, window_left=6,
                                       logits_soft_cap=5.0)
-        assert relerr(o, ro) < TOLERANCE[DTYPE]
+        assert rel_err(o, ro) < TOLERANCE[DTYPE]
         assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
 
 
@@ -117,7 +112,7 @@ def test_varlen_window():
     k, v = torch.randn(120, 1, 32, dtype=DTYPE, device=DEVICE), torch.randn(120, 1, 32, dtype=DTYPE, device=DEVICE)
     o = sf.varlen_prefill(q, k, v, cu, window_left=9, backend="triton")
     ro, _ = ref.varlen_prefill(q, k, v, cu, True, window_left=9)
-    assert relerr(o, ro) < TOLERANCE[DTYPE]
+    assert rel_err(o, ro) < TOLERANCE[DTYPE]
 
 
 def test_bad_variant_arguments():

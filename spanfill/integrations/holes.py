@@ -30,8 +30,8 @@ from ..cache import PagedKVCache
 from ..layout import SpanLayout
 from ..ops import append_kv, span_prefill
 
-__all__ = ["NAME", "attention_noise_floor", "fill_holes", "fill_holes_per_span", "decode_step",
-           "prefill_cache", "poison_holes", "make_cache", "transformers_kv"]
+__all__ = ["NAME", "fill_holes", "fill_holes_per_span", "decode_step", "prefill_cache",
+           "make_cache", "transformers_kv"]
 
 NAME = "spanfill_holes"
 Spans = Sequence[tuple[int, int]]
@@ -210,7 +210,7 @@ def decode_step(model: torch.nn.Module, token_ids: torch.Tensor, cache: PagedKVC
     return _run(model, cache, requests, token_ids.reshape(-1).to(cache.device), layout)
 
 
-# ----------------------------------------------------------------------------- test support
+# ----------------------------------------------------------------------------- cache helpers
 
 def make_cache(model: torch.nn.Module, num_tokens: int, page_size: int = 16,
                device: torch.device | str | None = None, spare_pages: int = 0) -> PagedKVCache:
@@ -249,47 +249,3 @@ def prefill_cache(model: torch.nn.Module, input_ids: torch.Tensor, cache: PagedK
         k_pool.view(-1, *k_pool.shape[2:])[slots] = k[0].transpose(0, 1).to(k_pool.dtype)
         v_pool.view(-1, *v_pool.shape[2:])[slots] = v[0].transpose(0, 1).to(v_pool.dtype)
     return out.logits[:, -1].float()
-
-
-def attention_noise_floor(model: torch.nn.Module, input_ids: torch.Tensor, want: torch.Tensor
-                          ) -> tuple[float, float]:
-    """The logit noise of swapping one correct attention for another, in the model's dtype.
-
-    Runs the same full prefill with transformers' eager attention and compares
-    its last-token logits to ``want`` (from the model's usual attention, e.g.
-    :func:`prefill_cache`). In bf16 this floor is what a correct kernel can be
-    held to: recomputing tokens with transformers alone differs by exactly 0 (its
-    GEMMs are row-independent), so only the attention differs.
-
-    Parameters
-    ----------
-    model : a transformers causal LM
-    input_ids : [n] int64, the prompt
-    want : [1, V] fp32 last-token logits
-
-    Returns
-    -------
-    (relative error of the eager logits, largest absolute logit difference)
-    """
-    impl = model.config._attn_implementation
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        try:
-            eager = model(input_ids=input_ids.reshape(1, -1), use_cache=False,
-                          logits_to_keep=1).logits[:, -1]
-        finally:
-            model.set_attn_implementation(impl)
-    eager = eager.float()
-    return ((eager - want).norm() / want.norm()).item(), (eager - want).abs().max().item()
-
-
-def poison_holes(cache: PagedKVCache, request: Hashable, spans: Spans,
-                 value: float = float("nan")) -> None:
-    """Overwrite the hole positions of ``request`` in every layer (NaN by default)."""
-    if not spans:
-        return
-    pos = torch.cat([torch.arange(s, e) for s, e in spans])
-    slots = cache.slot_mapping(request, pos)
-    for layer in range(cache.num_layers):
-        for pool in cache.layer(layer):
-            pool.view(-1, *pool.shape[2:])[slots] = value
