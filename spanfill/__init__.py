@@ -2,7 +2,7 @@
 cache with holes, as Triton kernels on PyTorch tensors."""
 
 from .cache import PagedKVCache
-from .layout import PaddedLayout, SpanLayout, TilePlan
+from .layout import PaddedLayout, SpanLayout, TilePlan, VarlenLayout
 from .merge import merge_states, merge_states_n
 from .ops import append_kv, padded_prefill, resolve_backend, span_prefill, varlen_prefill
 
@@ -13,6 +13,7 @@ __all__ = [
     "PaddedLayout",
     "SpanLayout",
     "TilePlan",
+    "VarlenLayout",
     "append_kv",
     "merge_states",
     "merge_states_n",

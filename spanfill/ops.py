@@ -27,12 +27,18 @@ import torch
 
 from . import reference
 from .backends import dense_problem, paged_problem, select_backend
-from .layout import PaddedLayout, SpanLayout, plan_packed
+from .layout import PaddedLayout, SpanLayout, VarlenLayout
+from .layout.reuse import TensorMemo
 
 __all__ = ["padded_prefill", "varlen_prefill", "span_prefill", "append_kv", "resolve_backend"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+# Layouts built from raw valid_lens / cu_seqlens, reused while the same tensor comes
+# back unmodified (every layer of a model passes the same one): checked and planned once.
+_PADDED_LAYOUTS: TensorMemo[PaddedLayout] = TensorMemo()
+_VARLEN_LAYOUTS: TensorMemo[VarlenLayout] = TensorMemo()
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -161,7 +167,9 @@ def padded_prefill(
     k, v : [B, S, Hk, D] same dtype and device as q; ``Hq % Hk == 0``
     valid_lens : [B] int32|int64 on q's device, ``0 <= valid_lens[b] <= S``; or a
         :class:`spanfill.PaddedLayout` built once per batch and reused by every layer
-        (no host sync per call)
+        (no host sync per call). A raw tensor is checked and planned on its first call;
+        later calls with the same tensor, unmodified, reuse that (not for tensors made
+        under ``torch.inference_mode()``, which carry no version counter)
     causal : causal within each sample, default False (encoders)
     padding_side : "right" (default) or "left"; with a PaddedLayout, its own side
     sm_scale : a finite real number > 0 (int, float or numpy scalar); defaults to ``1/sqrt(D)``
@@ -194,7 +202,9 @@ def padded_prefill(
             raise ValueError(f"the PaddedLayout has S={layout.seq_len} but q has S={seq_len}")
     else:
         _check_int_tensor("valid_lens", valid_lens, q.device)
-        layout = PaddedLayout.build(valid_lens, seq_len, padding_side or "right")
+        side = padding_side or "right"
+        layout = _PADDED_LAYOUTS.get(valid_lens, (seq_len, side),
+                                     lambda: PaddedLayout.build(valid_lens, seq_len, side))
     if layout.device != q.device:
         raise ValueError(f"valid_lens is on {layout.device} but q is on {q.device}")
     if layout.valid_lens.shape[0] != b_sz:
@@ -235,7 +245,7 @@ def varlen_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | VarlenLayout,
     causal: bool = True,
     sm_scale: float | None = None,
     return_lse: bool = False,
@@ -253,7 +263,9 @@ def varlen_prefill(
     ----------
     q : [T, Hq, D] fp16|bf16|fp32
     k, v : [T, Hk, D] same dtype and device as q
-    cu_seqlens : [B+1] int32|int64, non-decreasing, from 0 to T
+    cu_seqlens : [B+1] int32|int64, non-decreasing, from 0 to T; or a
+        :class:`spanfill.VarlenLayout`. As with ``valid_lens``, a raw tensor is checked
+        and planned once while it comes back unmodified
     causal : default True
     sm_scale : a finite real number > 0 (int, float or numpy scalar); defaults to ``1/sqrt(D)``
     return_lse : also return the log-sum-exp of each row
@@ -273,38 +285,32 @@ def varlen_prefill(
     _check_qkv(q, k, v, ("q", "k", "v"))
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has {k.shape[0]} rows but q has {q.shape[0]}")
-    _check_int_tensor("cu_seqlens", cu_seqlens, q.device)
-    if cu_seqlens.shape[0] < 1:
-        raise ValueError("cu_seqlens must have at least one entry (0)")
     num_tokens = q.shape[0]
-    steps = cu_seqlens[1:] - cu_seqlens[:-1]
-    flags = torch.stack([cu_seqlens[0] != 0, cu_seqlens[-1] != num_tokens,
-                         (steps < 0).any() if steps.numel() else cu_seqlens[0] != cu_seqlens[0]])
-    if bool(flags.any()):
-        if bool(flags[0]) or bool(flags[1]):
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={num_tokens}, got "
-                f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
-            )
-        i = int(torch.nonzero(steps < 0)[0, 0])
-        raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
+    if isinstance(cu_seqlens, VarlenLayout):
+        layout = cu_seqlens
+        if layout.num_tokens != num_tokens:
+            raise ValueError(f"the VarlenLayout has T={layout.num_tokens} rows but q has {num_tokens}")
+        if layout.device != q.device:
+            raise ValueError(f"cu_seqlens is on {layout.device} but q is on {q.device}")
+    else:
+        _check_int_tensor("cu_seqlens", cu_seqlens, q.device)
+        layout = _VARLEN_LAYOUTS.get(cu_seqlens, (num_tokens,),
+                                     lambda: VarlenLayout.build(cu_seqlens, num_tokens))
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
-    num_requests = cu_seqlens.shape[0] - 1
+    num_requests = layout.num_requests
     problem = dense_problem("varlen", q, k, v, num_requests, num_tokens, causal, window_left,
                             logits_soft_cap)
     chosen, _ = select_backend(problem, backend)
     _check_grad("varlen_prefill", chosen.name, q=q, k=k, v=v)
     if chosen.name == "reference" or num_tokens == 0 or num_requests == 0:
-        o, lse = reference.varlen_prefill(q, k, v, cu_seqlens, causal, scale,
+        o, lse = reference.varlen_prefill(q, k, v, layout.cu_seqlens, causal, scale,
                                           window_left=window_left,
                                           logits_soft_cap=logits_soft_cap)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
     cfg = chosen.select_config(problem)
-    seq_lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int32)
-    plan = plan_packed(cu_seqlens.to(torch.int32), seq_lens, num_tokens, cfg.block_q, causal,
-                       kv_row0=cu_seqlens[:-1].to(torch.int32))
+    plan = layout.tile_plan(cfg.block_q, causal)
     out, lse = chosen.attend(cfg, plan, q, k, v, scale, causal, return_lse,
                              window_left=window_left, logits_soft_cap=logits_soft_cap)
     return _result(out, lse, return_lse)

@@ -29,12 +29,12 @@ training nothing; use ``model.eval()`` with ``torch.no_grad()``, or ``"sdpa"`` /
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable
 
 import torch
 
 from ..layout import PaddedLayout
+from ..layout.reuse import TensorMemo
 from ..ops import padded_prefill, resolve_backend
 
 __all__ = ["NAME", "register", "spanfill_attention_forward", "spanfill_mask",
@@ -216,21 +216,20 @@ def _check_inference(module: torch.nn.Module, *inputs: torch.Tensor) -> None:
     )
 
 
-# Every layer of one forward gets the same mask object: parse, check and plan it once.
-_last: tuple[Any, tuple, PaddedLayout] | None = None
+# Every layer of one forward gets the same mask object: parse, check and plan it once
+# (again if it is modified in place, which bumps its version).
+_MASK_LAYOUTS: TensorMemo[PaddedLayout] = TensorMemo(capacity=2)
 
 
 def _layout_for(mask: torch.Tensor | None, b_sz: int, seq_len: int, causal: bool,
                 device: torch.device) -> PaddedLayout:
-    global _last
-    key = (b_sz, seq_len, causal, device)
-    if mask is not None and _last is not None and _last[0]() is mask and _last[1] == key:
-        return _last[2]
-    valid_lens, side = padding_from_mask(mask, b_sz, seq_len, causal)
-    layout = PaddedLayout.build(valid_lens.to(device), seq_len, side)
-    if mask is not None:
-        _last = (weakref.ref(mask), key, layout)
-    return layout
+    def build() -> PaddedLayout:
+        valid_lens, side = padding_from_mask(mask, b_sz, seq_len, causal)
+        return PaddedLayout.build(valid_lens.to(device), seq_len, side)
+
+    if mask is None:
+        return build()
+    return _MASK_LAYOUTS.get(mask, (b_sz, seq_len, causal, device), build)
 
 
 def spanfill_mask(

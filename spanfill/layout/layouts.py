@@ -16,6 +16,7 @@ from .planning import TilePlan, plan_packed, plan_padded
 from .validation import (
     Spans,
     check_int32_range,
+    check_cu_seqlens,
     check_meta_types,
     check_spans,
     kv_bounds,
@@ -23,7 +24,7 @@ from .validation import (
     validate_meta,
 )
 
-__all__ = ["PaddedLayout", "SpanLayout", "compute_slot_mapping"]
+__all__ = ["PaddedLayout", "SpanLayout", "VarlenLayout", "compute_slot_mapping"]
 
 
 @dataclass
@@ -81,6 +82,64 @@ class PaddedLayout:
         if key not in self._plans:
             self._plans[key] = plan_padded(self.valid_lens, self.seq_len, block_q,
                                            self.padding_side, causal)
+        return self._plans[key]
+
+
+@dataclass
+class VarlenLayout:
+    """Sequences packed back to back (``cu_seqlens``), checked once and planned once.
+
+    ``varlen_prefill`` accepts either plain ``cu_seqlens`` (checked and planned on the
+    first call with that tensor, one host sync) or this object.
+
+    Attributes
+    ----------
+    cu_seqlens : [B+1] int32, sequence ``b`` is rows ``[cu_seqlens[b], cu_seqlens[b+1])``
+    num_tokens : T, the packed rows
+    """
+
+    cu_seqlens: torch.Tensor
+    num_tokens: int
+    _plans: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, cu_seqlens: torch.Tensor, num_tokens: int,
+              validate: bool = True) -> "VarlenLayout":
+        """Check that ``cu_seqlens`` runs from 0 to T without decreasing (one host sync
+        unless ``validate=False``).
+
+        Parameters
+        ----------
+        cu_seqlens : [B+1] int32|int64
+        num_tokens : T
+        """
+        if not torch.is_tensor(cu_seqlens):
+            raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1:
+            raise ValueError(f"cu_seqlens must be 1-D, got shape {tuple(cu_seqlens.shape)}")
+        if validate:
+            check_cu_seqlens(cu_seqlens, num_tokens)
+        elif cu_seqlens.shape[0] < 1:
+            raise ValueError("cu_seqlens must have at least one entry (0)")
+        return cls(cu_seqlens.to(torch.int32).contiguous(), int(num_tokens))
+
+    @property
+    def device(self) -> torch.device:
+        return self.cu_seqlens.device
+
+    @property
+    def num_requests(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
+        """The (cached) tile plan for tiles of ``block_q`` tokens."""
+        key = (block_q, causal)
+        if key not in self._plans:
+            cu = self.cu_seqlens
+            self._plans[key] = plan_packed(cu, cu[1:] - cu[:-1], self.num_tokens, block_q, causal,
+                                           kv_row0=cu[:-1])
         return self._plans[key]
 
 

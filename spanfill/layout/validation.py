@@ -248,3 +248,22 @@ def validate_meta(
         f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page, but request {b} needs it "
         f"for seq_lens[{b}]={int(seq_lens[b])}"
     )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
+    """Raise unless ``cu_seqlens`` runs from 0 to ``num_tokens`` without decreasing (one
+    host sync for the verdict; details only on failure)."""
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError("cu_seqlens must have at least one entry (0)")
+    steps = cu_seqlens[1:] - cu_seqlens[:-1]
+    flags = torch.stack([cu_seqlens[0] != 0, cu_seqlens[-1] != num_tokens,
+                         (steps < 0).any() if steps.numel() else cu_seqlens[0] != cu_seqlens[0]])
+    if not bool(flags.any()):
+        return
+    if bool(flags[0]) or bool(flags[1]):
+        raise ValueError(
+            f"cu_seqlens must start at 0 and end at T={num_tokens}, got "
+            f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
+        )
+    i = int(torch.nonzero(steps < 0)[0, 0])
+    raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
