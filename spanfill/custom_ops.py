@@ -62,17 +62,17 @@ def _append_kv_op(
     positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: str | None = None, kv_layout: str = "NHD",
 ) -> None:
     layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, slot_mapping,
                      kv_start, kv_end)
-    ops.append_kv(k_new, v_new, k_cache, v_cache, layout, backend=backend)
+    ops.append_kv(k_new, v_new, k_cache, v_cache, layout, backend=backend, kv_layout=kv_layout)
 
 
 @_append_kv_op.register_fake
 def _append_kv_fake(k_new, v_new, k_cache, v_cache, positions, query_start_loc, seq_lens,
                     block_table, page_size, slot_mapping=None, kv_start=None, kv_end=None,
-                    backend=None) -> None:
+                    backend=None, kv_layout="NHD") -> None:
     return None
 
 
@@ -81,14 +81,15 @@ def append_kv(
     positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
-    backend: str | None = None,
+    backend: str | None = None, kv_layout: str = "NHD",
 ) -> None:
     """:func:`spanfill.append_kv` from plain metadata, as a custom op (in place).
 
     Parameters
     ----------
     k_new, v_new : [T, Hk, D] with the cache's dtype
-    k_cache, v_cache : [num_pages, page_size, Hk, D], written in place
+    k_cache, v_cache : [num_pages, page_size, Hk, D] (or [num_pages, Hk, page_size, D]
+        with ``kv_layout="HND"``), written in place
     positions : [T] int32|int64, the position of each new token
     query_start_loc : [B+1] int32|int64
     seq_lens : [B] int32|int64
@@ -99,10 +100,11 @@ def append_kv(
         ``[kv_start[b], kv_end[b])`` of request ``b`` (a shard by position); tokens
         outside are not written. Defaults: 0 and ``seq_lens``
     backend : "auto" | "triton" | "reference", as :func:`spanfill.append_kv`
+    kv_layout : "NHD" (default) or "HND"
     """
     torch.ops.spanfill.append_kv(k_new, v_new, k_cache, v_cache, positions, query_start_loc,
                                  seq_lens, block_table, page_size, slot_mapping, kv_start, kv_end,
-                                 backend)
+                                 backend, kv_layout)
 
 
 # ----------------------------------------------------------------------------- span_prefill
@@ -113,20 +115,22 @@ def _span_prefill_op(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
     page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
     window_left: int = -1, logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
-    kv_end: torch.Tensor | None = None, backend: str | None = None,
+    kv_end: torch.Tensor | None = None, backend: str | None = None, kv_layout: str = "NHD",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None,
                      kv_start, kv_end)
     res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
                            return_lse=return_lse, window_left=window_left,
-                           logits_soft_cap=logits_soft_cap, backend=backend)
+                           logits_soft_cap=logits_soft_cap, backend=backend,
+                           kv_layout=kv_layout)
     return _with_lse(res, q.device)
 
 
 @_span_prefill_op.register_fake
 def _span_prefill_fake(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_table,
                        page_size, causal=True, sm_scale=None, return_lse=False, window_left=-1,
-                       logits_soft_cap=0.0, kv_start=None, kv_end=None, backend=None):
+                       logits_soft_cap=0.0, kv_start=None, kv_end=None, backend=None,
+                       kv_layout="NHD"):
     lse_shape = q.shape[:2] if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -136,14 +140,14 @@ def span_prefill(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
     page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
     window_left: int = -1, logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
-    kv_end: torch.Tensor | None = None, backend: str | None = None,
+    kv_end: torch.Tensor | None = None, backend: str | None = None, kv_layout: str = "NHD",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`spanfill.span_prefill` from plain metadata, as a custom op.
 
     Parameters
     ----------
     q : [T, Hq, D] fp16|bf16|fp32
-    k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype
+    k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype (or HND with ``kv_layout``)
     positions, query_start_loc, seq_lens, block_table, page_size : as :func:`append_kv`
     causal : default True
     sm_scale : defaults to ``1/sqrt(D)``
@@ -155,6 +159,7 @@ def span_prefill(
         :func:`append_kv`; rows attend only to those (merge the shards' states with
         :func:`spanfill.merge_states`)
     backend : "auto" | "triton" | "reference", as :func:`spanfill.span_prefill`
+    kv_layout : "NHD" (default) or "HND"
 
     Returns
     -------
@@ -164,7 +169,7 @@ def span_prefill(
     o, lse = torch.ops.spanfill.span_prefill(q, k_cache, v_cache, positions, query_start_loc,
                                              seq_lens, block_table, page_size, causal, sm_scale,
                                              return_lse, window_left, logits_soft_cap, kv_start,
-                                             kv_end, backend)
+                                             kv_end, backend, kv_layout)
     return (o, lse) if return_lse else o
 
 

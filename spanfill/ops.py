@@ -333,8 +333,37 @@ def _check_same_device(**args: torch.Tensor | SpanLayout) -> None:
     raise ValueError(f"{name} is on {t.device} but {anchor} is on {common}")
 
 
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def _nhd_pages(k_cache: torch.Tensor, v_cache: torch.Tensor | None,
+               kv_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V page pools as ``[num_pages, page_size, Hk, D]`` views, without a copy.
+
+    Accepts separate pools or one combined pool ``[num_pages, 2, ...]`` (FlashInfer's
+    single-tensor form, with ``v_cache=None``; vLLM's ``[2, num_blocks, ...]`` is passed
+    as ``*kv_cache``), each page ``NHD`` ``[page_size, Hk, D]`` or ``HND``
+    ``[Hk, page_size, D]``. The kernels take any strides, so a view serves as is.
+    """
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}")
+    if v_cache is None:
+        if not torch.is_tensor(k_cache) or k_cache.dim() != 5 or k_cache.shape[1] != 2:
+            raise ValueError(
+                "with v_cache=None, k_cache must be the combined pool [num_pages, 2, ...] "
+                f"(K at [:, 0], V at [:, 1]), got "
+                f"{tuple(k_cache.shape) if torch.is_tensor(k_cache) else type(k_cache).__name__}"
+            )
+        k_cache, v_cache = k_cache[:, 0], k_cache[:, 1]
+    if kv_layout == "HND":
+        _check_tensor("k_cache", k_cache, 4)
+        _check_tensor("v_cache", v_cache, 4)
+        return k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    return k_cache, v_cache
+
+
 def _check_cache(layout: SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 **new: torch.Tensor) -> None:
+                 kv_layout: str = "NHD", **new: torch.Tensor) -> None:
     """Checks of the paged cache and the layout against each other and the ``new`` tensors
     (``q``, or ``k_new`` and ``v_new``), which must already be tensors."""
     _check_tensor("k_cache", k_cache, 4)
@@ -347,8 +376,9 @@ def _check_cache(layout: SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise TypeError(f"v_cache has dtype {v_cache.dtype} but k_cache has {k_cache.dtype}")
     _check_same_device(k_cache=k_cache, v_cache=v_cache, **new, layout=layout)
     if k_cache.shape[1] != layout.page_size:
+        dim = "dim 1" if kv_layout == "NHD" else "dim 2, HND"
         raise ValueError(
-            f"k_cache has page_size {k_cache.shape[1]} (dim 1) but layout.page_size is {layout.page_size}"
+            f"k_cache has page_size {k_cache.shape[1]} ({dim}) but layout.page_size is {layout.page_size}"
         )
     layout.check_pool(k_cache.shape[0])
 
@@ -356,7 +386,7 @@ def _check_cache(layout: SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tenso
 def span_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
     layout: SpanLayout,
     causal: bool = True,
     sm_scale: float | None = None,
@@ -364,6 +394,7 @@ def span_prefill(
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     backend: str | None = None,
+    kv_layout: str = "NHD",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the hole (span) tokens over each request's paged KV, one launch.
 
@@ -374,7 +405,11 @@ def span_prefill(
     Parameters
     ----------
     q : [T, Hq, D] fp16|bf16|fp32, span tokens request by request in position order
-    k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype (NHD)
+    k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype (NHD, the default), or
+        [num_pages, Hk, page_size, D] with ``kv_layout="HND"``; any strides with the last
+        dim contiguous, so vLLM's combined ``[2, num_blocks, ...]`` pool goes in as
+        ``*kv_cache``. ``v_cache=None``: ``k_cache`` is FlashInfer's combined
+        ``[num_pages, 2, ...]`` pool (K at ``[:, 0]``, V at ``[:, 1]``). Never copied.
     layout : :class:`spanfill.SpanLayout` with ``layout.num_tokens == T``
     causal : default True
     sm_scale : a finite real number > 0 (int, float or numpy scalar); defaults to ``1/sqrt(D)``
@@ -383,6 +418,7 @@ def span_prefill(
         ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
     logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` (Gemma-2)
     backend : "auto" | "triton" | "reference"
+    kv_layout : "NHD" (default) or "HND", the order of a page's dims (FlashInfer's name)
 
     Returns
     -------
@@ -390,7 +426,8 @@ def span_prefill(
     lse : [T, Hq] fp32, natural log (only if ``return_lse``)
     """
     _check_tensor("q", q, 3)
-    _check_cache(layout, k_cache, v_cache, q=q)
+    k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
+    _check_cache(layout, k_cache, v_cache, kv_layout, q=q)
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     if q.shape[0] != layout.num_tokens:
         raise ValueError(f"q has {q.shape[0]} rows but layout has {layout.num_tokens} span tokens")
@@ -423,9 +460,10 @@ def append_kv(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
     layout: SpanLayout,
     backend: str | None = None,
+    kv_layout: str = "NHD",
 ) -> None:
     """Write the span tokens' new K/V into their cache slots, in place.
 
@@ -435,13 +473,16 @@ def append_kv(
     Parameters
     ----------
     k_new, v_new : [T, Hk, D] with the cache's dtype, ``T == layout.num_tokens``
-    k_cache, v_cache : [num_pages, page_size, Hk, D]
+    k_cache, v_cache : [num_pages, page_size, Hk, D], or HND / combined pools as in
+        :func:`span_prefill`, written in place through the views
     layout : :class:`spanfill.SpanLayout`
     backend : "auto" | "triton" | "reference"
+    kv_layout : "NHD" (default) or "HND"
     """
     _check_tensor("k_new", k_new, 3)
     _check_tensor("v_new", v_new, 3)
-    _check_cache(layout, k_cache, v_cache, k_new=k_new, v_new=v_new)
+    k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
+    _check_cache(layout, k_cache, v_cache, kv_layout, k_new=k_new, v_new=v_new)
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if t.dtype != k_cache.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}")
