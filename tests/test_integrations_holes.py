@@ -110,6 +110,33 @@ def test_per_span_baseline_and_decode_continue() -> None:
     assert rel_err(k_ours, k_hf[0].transpose(0, 1)) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fill_holes_then_greedy_decode_equals_full_prefill(arch: str) -> None:
+    """fill_holes (all holes, one launch per layer), then 8 greedy steps from the filled
+    cache: the same tokens as a full prefill then decode in transformers, not teacher-forced."""
+    model = tiny_model(arch, seed=3)
+    n, steps = 140, 8
+    ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(3))
+    spans = [(0, 5), (40, 41), (77, 100), (139, 140)]
+    cache = make_cache(model, n + steps, page_size=16)
+    prefill_cache(model, ids, cache)
+    poison_holes(cache, 0, spans)
+    logits = fill_holes(model, ids, cache, spans)
+    ours_tokens, theirs_tokens = [], []
+    with torch.no_grad():
+        out = model(input_ids=ids[None], use_cache=True)
+        past, theirs = out.past_key_values, out.logits[:, -1]
+        assert (logits - theirs).abs().max().item() <= 1e-4
+        ours_tok, theirs_tok = logits.argmax(-1), theirs.argmax(-1)
+        for _ in range(steps):
+            ours_tokens.append(int(ours_tok))
+            theirs_tokens.append(int(theirs_tok))
+            ours_tok = decode_step(model, ours_tok, cache).argmax(-1)
+            out = model(input_ids=theirs_tok[None], past_key_values=past, use_cache=True)
+            past, theirs_tok = out.past_key_values, out.logits[:, -1].argmax(-1)
+    assert ours_tokens == theirs_tokens
+
+
 def test_two_requests_one_launch() -> None:
     """Holes of two prompts (different lengths, interleaved pages) in one call."""
     model = tiny_model("qwen2", seed=2)
