@@ -123,4 +123,25 @@ def test_demo_main_job_quick(tmp_path, monkeypatch: pytest.MonkeyPatch,
     assert cli.main(["demo", "--quick", "--out", str(png)]) == 0
     out = capsys.readouterr().out
     assert "MATCH" in out and "MISMATCH" not in out and "tokens recomputed" in out
+    # both clocks, with the spread of the wall times (no GPU here: its column says so)
+    assert len(re.findall(r"wall +[0-9.]+ ms \[[0-9.]+-[0-9.]+\]", out)) == 3
+    assert "reps; speed-up = full recompute / path" in out
+    if not __import__("torch").cuda.is_available():
+        assert out.count("GPU n/a") == 3
+    assert png.stat().st_size > 10_000
+
+
+def test_demo_timing_rows_and_plot_with_gpu_times(tmp_path) -> None:
+    """The GPU column and the two-bar plot, drawn from given timings (no GPU needed)."""
+    pytest.importorskip("matplotlib")
+    from spanfill.demo import Timing, _time_row, draw
+
+    fill = Timing([0.010, 0.012, 0.011, 0.013, 0.011], gpu=0.004)
+    full = Timing([0.050, 0.052, 0.051], gpu=0.040)
+    assert fill.median == 0.011 and fill.spread() == (0.011, 0.013)
+    row = _time_row(fill, full)
+    assert row.startswith("wall     11.0 ms [11.0-13.0]") and "GPU     4.0 ms" in row
+    assert "4.6x wall, 10.0x GPU" in row
+    png = tmp_path / "two_clocks.png"
+    draw(str(png), 100, 20, [(0, 5)], {"spanfill": fill, "full recompute": full}, "test")
     assert png.stat().st_size > 10_000
