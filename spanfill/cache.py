@@ -7,6 +7,7 @@ from typing import Hashable, Sequence
 import torch
 
 from .ops import FLOAT_DTYPES
+from .reference import FP8_DTYPES
 
 __all__ = ["PagedKVCache"]
 
@@ -24,7 +25,8 @@ class PagedKVCache:
     page_size : tokens per page, >= 1
     num_kv_heads : Hk
     head_dim : D
-    dtype : torch.float16 | torch.bfloat16 | torch.float32 (anything else: TypeError)
+    dtype : torch.float16 | torch.bfloat16 | torch.float32, or fp8 (float8_e4m3fn,
+        float8_e5m2: the ops take k_scale/v_scale with it); anything else: TypeError
     device : where the pools live
     num_layers : if > 1, ``k_cache``/``v_cache`` get a leading layer dimension and
         :meth:`layer` gives one layer's pools
@@ -50,9 +52,10 @@ class PagedKVCache:
             if not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {val!r}")
         # The ops take only these; a pool of another dtype would fail at every call.
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES + FP8_DTYPES:
             raise TypeError(
-                f"dtype must be torch.float16, torch.bfloat16 or torch.float32, got {dtype!r}"
+                "dtype must be torch.float16, torch.bfloat16, torch.float32, "
+                f"torch.float8_e4m3fn or torch.float8_e5m2, got {dtype!r}"
             )
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         if num_layers > 1:

@@ -20,13 +20,15 @@ and an input requires grad (use ``torch.no_grad()``/``torch.inference_mode()``, 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from . import reference
-from .backends import dense_problem, paged_problem, select_backend
+from .reference import FP8_DTYPES
+from .backends import dense_problem, paged_problem, requested_backend, select_backend
 from .layout import PaddedLayout, SpanLayout, VarlenLayout
 from .layout.reuse import TensorMemo
 
@@ -49,11 +51,14 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_tensor(name: str, t: object, ndim: int) -> torch.Tensor:
+def _check_tensor(name: str, t: object, ndim: int, kv: bool = False) -> torch.Tensor:
+    """Type, dtype (``kv``: fp8 too), rank and a contiguous last dim."""
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES and not (kv and t.dtype in FP8_DTYPES):
+        kinds = "float16, bfloat16, float32, float8_e4m3fn or float8_e5m2" if kv \
+            else "float16, bfloat16 or float32"
+        raise TypeError(f"{name} must be {kinds}, got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if t.numel() > 0 and t.stride(-1) != 1:
@@ -65,10 +70,12 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: Sequenc
     """Shared checks of q against a K/V pair: dtype, device, heads, head dim."""
     qn, kn, vn = names
     for name, t in ((kn, k), (vn, v)):
-        if t.dtype != q.dtype:
+        if t.dtype != q.dtype and t.dtype not in FP8_DTYPES:  # fp8 KV: any q dtype
             raise TypeError(f"{name} has dtype {t.dtype} but {qn} has {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but {qn} is on {q.device}")
+    if v.dtype != k.dtype:
+        raise TypeError(f"{vn} has dtype {v.dtype} but {kn} has {k.dtype}")
     if k.shape != v.shape:
         raise ValueError(f"{kn} has shape {tuple(k.shape)} but {vn} has {tuple(v.shape)}")
     head_dim, num_q_heads, num_kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
@@ -84,6 +91,41 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, names: Sequenc
             f"head dim {head_dim} of {qn} is not supported: it must be a multiple of 8 in "
             f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]"
         )
+
+
+def _check_kv_scales(kv: torch.Tensor, k_scale: object, v_scale: object
+                     ) -> tuple[float | torch.Tensor | None, float | torch.Tensor | None]:
+    """The scales of fp8 K/V (1.0 when not given, as in vLLM); None for other dtypes.
+
+    A scale is a finite real > 0, or an fp32 tensor of shape [], [1] or [Hk] on the
+    cache's device (its values are not scanned: that would sync).
+    """
+    if kv.dtype not in FP8_DTYPES:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} applies to fp8 K/V only, but they are {kv.dtype}")
+        return None, None
+    out = []
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            out.append(1.0)
+        elif torch.is_tensor(scale):
+            if scale.dtype != torch.float32:
+                raise TypeError(f"{name} must be float32, got {scale.dtype}")
+            if scale.device != kv.device:
+                raise ValueError(f"{name} is on {scale.device} but the K/V are on {kv.device}")
+            if scale.numel() not in (1, kv.shape[-2]) or scale.dim() > 1:
+                raise ValueError(f"{name} must have shape [], [1] or [Hk]=[{kv.shape[-2]}], got "
+                                 f"{tuple(scale.shape)}")
+            out.append(scale)
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} must be a real number or an fp32 tensor, got "
+                            f"{type(scale).__name__} {scale!r}")
+        elif not 0 < float(scale) < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0, got {scale!r}")
+        else:
+            out.append(float(scale))
+    return out[0], out[1]
 
 
 def _check_int_tensor(name: str, t: object, device: torch.device) -> torch.Tensor:
@@ -153,6 +195,8 @@ def padded_prefill(
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     backend: str | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over a padded batch with per-sample valid lengths.
 
@@ -185,9 +229,10 @@ def padded_prefill(
     lse : [B, S, Hq] fp32, natural log; -inf on padded rows (only if ``return_lse``)
     """
     _check_tensor("q", q, 4)
-    _check_tensor("k", k, 4)
-    _check_tensor("v", v, 4)
+    _check_tensor("k", k, 4, kv=True)
+    _check_tensor("v", v, 4, kv=True)
     _check_qkv(q, k, v, ("q", "k", "v"))
+    k_scale, v_scale = _check_kv_scales(k, k_scale, v_scale)
     b_sz, seq_len = q.shape[0], q.shape[1]
     if k.shape[:2] != q.shape[:2]:
         raise ValueError(f"k has batch/seq shape {tuple(k.shape[:2])} but q has {tuple(q.shape[:2])}")
@@ -225,7 +270,8 @@ def padded_prefill(
         o, lse = reference.padded_prefill(q, k, v, layout.valid_lens, causal,
                                           layout.padding_side, scale,
                                           window_left=window_left,
-                                          logits_soft_cap=logits_soft_cap)
+                                          logits_soft_cap=logits_soft_cap,
+                                          k_scale=k_scale, v_scale=v_scale)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
     cfg = chosen.select_config(problem)
@@ -252,6 +298,8 @@ def varlen_prefill(
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     backend: str | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Self-attention over sequences packed back to back (FlashAttention's varlen form).
 
@@ -280,9 +328,10 @@ def varlen_prefill(
     lse : [T, Hq] fp32, natural log (only if ``return_lse``)
     """
     _check_tensor("q", q, 3)
-    _check_tensor("k", k, 3)
-    _check_tensor("v", v, 3)
+    _check_tensor("k", k, 3, kv=True)
+    _check_tensor("v", v, 3, kv=True)
     _check_qkv(q, k, v, ("q", "k", "v"))
+    k_scale, v_scale = _check_kv_scales(k, k_scale, v_scale)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has {k.shape[0]} rows but q has {q.shape[0]}")
     num_tokens = q.shape[0]
@@ -306,7 +355,8 @@ def varlen_prefill(
     if chosen.name == "reference" or num_tokens == 0 or num_requests == 0:
         o, lse = reference.varlen_prefill(q, k, v, layout.cu_seqlens, causal, scale,
                                           window_left=window_left,
-                                          logits_soft_cap=logits_soft_cap)
+                                          logits_soft_cap=logits_soft_cap,
+                                          k_scale=k_scale, v_scale=v_scale)
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
     cfg = chosen.select_config(problem)
@@ -356,8 +406,8 @@ def _nhd_pages(k_cache: torch.Tensor, v_cache: torch.Tensor | None,
             )
         k_cache, v_cache = k_cache[:, 0], k_cache[:, 1]
     if kv_layout == "HND":
-        _check_tensor("k_cache", k_cache, 4)
-        _check_tensor("v_cache", v_cache, 4)
+        _check_tensor("k_cache", k_cache, 4, kv=True)
+        _check_tensor("v_cache", v_cache, 4, kv=True)
         return k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     return k_cache, v_cache
 
@@ -366,8 +416,8 @@ def _check_cache(layout: SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tenso
                  kv_layout: str = "NHD", **new: torch.Tensor) -> None:
     """Checks of the paged cache and the layout against each other and the ``new`` tensors
     (``q``, or ``k_new`` and ``v_new``), which must already be tensors."""
-    _check_tensor("k_cache", k_cache, 4)
-    _check_tensor("v_cache", v_cache, 4)
+    _check_tensor("k_cache", k_cache, 4, kv=True)
+    _check_tensor("v_cache", v_cache, 4, kv=True)
     if not isinstance(layout, SpanLayout):
         raise TypeError(f"layout must be a SpanLayout, got {type(layout).__name__}")
     if k_cache.shape != v_cache.shape:
@@ -395,6 +445,8 @@ def span_prefill(
     logits_soft_cap: float = 0.0,
     backend: str | None = None,
     kv_layout: str = "NHD",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the hole (span) tokens over each request's paged KV, one launch.
 
@@ -429,6 +481,7 @@ def span_prefill(
     k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
     _check_cache(layout, k_cache, v_cache, kv_layout, q=q)
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    k_scale, v_scale = _check_kv_scales(k_cache, k_scale, v_scale)
     if q.shape[0] != layout.num_tokens:
         raise ValueError(f"q has {q.shape[0]} rows but layout has {layout.num_tokens} span tokens")
     _check_variant(window_left, logits_soft_cap)
@@ -441,7 +494,8 @@ def span_prefill(
         o, lse = reference.span_prefill(
             q, k_cache, v_cache, layout.positions, layout.query_start_loc, layout.seq_lens,
             layout.block_table, causal, scale, kv_start=layout.kv_start, kv_end=layout.kv_end,
-            window_left=window_left, logits_soft_cap=logits_soft_cap,
+            window_left=window_left, logits_soft_cap=logits_soft_cap, k_scale=k_scale,
+            v_scale=v_scale,
         )
         return _result(o.to(q.dtype), lse.float(), return_lse)
 
@@ -464,6 +518,8 @@ def append_kv(
     layout: SpanLayout,
     backend: str | None = None,
     kv_layout: str = "NHD",
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """Write the span tokens' new K/V into their cache slots, in place.
 
@@ -483,17 +539,31 @@ def append_kv(
     _check_tensor("v_new", v_new, 3)
     k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
     _check_cache(layout, k_cache, v_cache, kv_layout, k_new=k_new, v_new=v_new)
+    fp8 = k_cache.dtype in FP8_DTYPES
     for name, t in (("k_new", k_new), ("v_new", v_new)):
-        if t.dtype != k_cache.dtype:
+        if t.dtype != k_cache.dtype and not fp8:  # an fp8 cache quantizes any float
             raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}")
         expected = (layout.num_tokens, k_cache.shape[2], k_cache.shape[3])
         if tuple(t.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [T, Hk, D] = {expected}")
+    if v_new.dtype != k_new.dtype:
+        raise TypeError(f"v_new has dtype {v_new.dtype} but k_new has {k_new.dtype}")
+    k_scale, v_scale = _check_kv_scales(k_cache, k_scale, v_scale)
     path = resolve_backend(k_new.device, backend)
+    if fp8 and path == "triton":
+        # The append kernel casts without scale or saturation: fp8 goes through the
+        # reference's quantize_kv until the kernels do it (refused if asked for).
+        if requested_backend(backend) == "triton":
+            raise ValueError(f"backend='triton' cannot run here: {k_cache.dtype} caches: the "
+                             "kernels do not quantize fp8 yet (backend='reference' does)")
+        if k_new.device.type == "cuda":
+            warnings.warn(f"spanfill runs append_kv on the reference path: {k_cache.dtype} "
+                          "caches are not in the kernels yet", stacklevel=2)
+        path = "reference"
     # The kernel writes the cache behind autograd's back: no gradient reaches k_new/v_new.
     _check_grad("append_kv", path, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
     if path == "reference":
-        reference.append_kv(k_new, v_new, k_cache, v_cache, layout.slot_mapping)
+        reference.append_kv(k_new, v_new, k_cache, v_cache, layout.slot_mapping, k_scale, v_scale)
         return
 
     from .kernels import append_kv_launch

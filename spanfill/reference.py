@@ -12,6 +12,12 @@ position ``pos`` sees the KV positions
 
 and a row that sees no key at all gives ``o = 0`` and ``lse = -inf``.
 ``lse`` is the natural log of the softmax denominator of the scaled scores.
+
+fp8 KV (``float8_e4m3fn``, ``float8_e5m2``) carries a float scale per tensor or per
+KV head, as in vLLM and FlashInfer: a stored value ``s`` means ``s * scale``
+(:func:`dequantize_kv`, then fp32 math), and a new value ``x`` is stored as
+``x / scale`` rounded to the format, saturated at its largest finite value
+(:func:`quantize_kv`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ import math
 import torch
 
 __all__ = [
+    "FP8_DTYPES",
     "attend",
+    "dequantize_kv",
+    "quantize_kv",
     "padded_prefill",
     "varlen_prefill",
     "span_prefill",
@@ -91,6 +100,36 @@ def attend(
     return o, lse.transpose(0, 1).contiguous()
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _kv_scale(scale: float | torch.Tensor, num_heads: int, device: torch.device) -> torch.Tensor:
+    """A scale broadcastable over ``[..., Hk, D]``: a scalar, or ``[Hk, 1]`` per KV head."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=device)
+    if s.numel() == num_heads and s.dim() == 1 and num_heads > 1:
+        return s[:, None]
+    return s.reshape(())
+
+
+def quantize_kv(x: torch.Tensor, scale: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x / scale`` in an fp8 ``dtype``, saturated at the format's largest finite value.
+
+    Parameters
+    ----------
+    x : [..., Hk, D] float
+    scale : a float, or a [] / [1] / [Hk] fp32 tensor
+    dtype : torch.float8_e4m3fn | torch.float8_e5m2
+    """
+    limit = torch.finfo(dtype).max
+    scaled = x.float() / _kv_scale(scale, x.shape[-2], x.device)
+    return scaled.clamp(-limit, limit).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """fp8 ``x`` ([..., Hk, D]) times its scale, in fp32."""
+    return x.float() * _kv_scale(scale, x.shape[-2], x.device)
+
+
 def _default_scale(d: int, sm_scale: float | None) -> float:
     return 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
 
@@ -106,13 +145,15 @@ def padded_prefill(
     compute_dtype: torch.dtype = torch.float32,
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over a padded batch where sample ``b`` has ``valid_lens[b]`` real tokens.
 
     Parameters
     ----------
     q : [B, S, Hq, D]
-    k, v : [B, S, Hk, D]
+    k, v : [B, S, Hk, D]; fp8 with ``k_scale``/``v_scale`` (see the module docstring)
     valid_lens : [B] int, ``0 <= valid_lens[b] <= S``
     causal : causal within each sample's valid tokens
     padding_side : "right" (valid tokens first) or "left" (valid tokens last)
@@ -124,6 +165,8 @@ def padded_prefill(
     """
     b_sz, s, hq, d = q.shape
     scale = _default_scale(d, sm_scale)
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale), dequantize_kv(v, v_scale)
     o = torch.zeros(b_sz, s, hq, d, dtype=compute_dtype, device=q.device)
     lse = torch.full((b_sz, s, hq), float("-inf"), dtype=compute_dtype, device=q.device)
     for b in range(b_sz):
@@ -149,13 +192,15 @@ def varlen_prefill(
     compute_dtype: torch.dtype = torch.float32,
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention over sequences packed back to back.
 
     Parameters
     ----------
     q : [T, Hq, D]
-    k, v : [T, Hk, D]
+    k, v : [T, Hk, D]; fp8 with ``k_scale``/``v_scale``
     cu_seqlens : [B+1] int, sequence ``b`` is rows ``[cu_seqlens[b], cu_seqlens[b+1])``
 
     Returns
@@ -165,6 +210,8 @@ def varlen_prefill(
     """
     t, hq, d = q.shape
     scale = _default_scale(d, sm_scale)
+    if k_scale is not None:
+        k, v = dequantize_kv(k, k_scale), dequantize_kv(v, v_scale)
     o = torch.zeros(t, hq, d, dtype=compute_dtype, device=q.device)
     lse = torch.full((t, hq), float("-inf"), dtype=compute_dtype, device=q.device)
     bounds = [int(x) for x in cu_seqlens]
@@ -219,6 +266,8 @@ def span_prefill(
     kv_end: torch.Tensor | None = None,
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the span (hole) tokens over each request's paged KV.
 
@@ -237,6 +286,7 @@ def span_prefill(
         are held here (a shard of the cache by position); default ``[0, seq_len)``
     window_left : if >= 0, a row at ``pos`` sees no key below ``pos - window_left``
     logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)``
+    k_scale, v_scale : for fp8 caches, the scales they are stored with (module docstring)
 
     Returns
     -------
@@ -245,6 +295,8 @@ def span_prefill(
     """
     t, hq, d = q.shape
     scale = _default_scale(d, sm_scale)
+    if k_scale is not None:
+        k_cache, v_cache = dequantize_kv(k_cache, k_scale), dequantize_kv(v_cache, v_scale)
     o = torch.zeros(t, hq, d, dtype=compute_dtype, device=q.device)
     lse = torch.full((t, hq), float("-inf"), dtype=compute_dtype, device=q.device)
     bounds = [int(x) for x in query_start_loc]
@@ -268,21 +320,28 @@ def append_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """Write each new token's K/V into its cache slot, in place; slot -1 is skipped.
 
     Parameters
     ----------
     k_new, v_new : [T, Hk, D]
-    k_cache, v_cache : [num_pages, page_size, Hk, D]
+    k_cache, v_cache : [num_pages, page_size, Hk, D]; fp8 caches store
+        :func:`quantize_kv` of the new values with ``k_scale``/``v_scale``
     slot_mapping : [T] int, ``slot = page * page_size + offset``, or -1
     """
     page_size = k_cache.shape[1]
     slots = slot_mapping.to(k_cache.device).long()
     keep = slots >= 0
     pages, offsets = slots[keep] // page_size, slots[keep] % page_size
-    k_cache[pages, offsets] = k_new[keep].to(k_cache.dtype)
-    v_cache[pages, offsets] = v_new[keep].to(v_cache.dtype)
+    for cache, new, scale in ((k_cache, k_new, k_scale), (v_cache, v_new, v_scale)):
+        if cache.dtype in FP8_DTYPES:
+            cache[pages, offsets] = quantize_kv(new[keep], 1.0 if scale is None else scale,
+                                                cache.dtype)
+        else:
+            cache[pages, offsets] = new[keep].to(cache.dtype)
 
 
 def merge_states(

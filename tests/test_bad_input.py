@@ -493,19 +493,21 @@ def test_varlen_bad_cu_seqlens() -> None:
 @pytest.mark.parametrize("dtype, shown", [
     pytest.param(torch.int8, "torch.int8", id="int8"),
     pytest.param(torch.float64, "torch.float64", id="float64"),
-    pytest.param(torch.float8_e4m3fn, "torch.float8_e4m3fn", id="float8"),
+    pytest.param(torch.float8_e4m3fnuz, "torch.float8_e4m3fnuz", id="float8-fnuz"),
     pytest.param("float16", "'float16'", id="string"),
     pytest.param(np.float16, "<class 'numpy.float16'>", id="numpy-type"),
 ])
 def test_paged_kv_cache_dtype(dtype, shown: str) -> None:
     """Only the dtypes the ops take; before, the pool was built and every op call failed."""
-    with pytest.raises(TypeError, match=r"dtype must be torch\.float16, torch\.bfloat16 or "
-                                        r"torch\.float32, got " + re.escape(shown)):
+    with pytest.raises(TypeError, match=r"dtype must be torch\.float16, torch\.bfloat16, "
+                                        r"torch\.float32, torch\.float8_e4m3fn or "
+                                        r"torch\.float8_e5m2, got " + re.escape(shown)):
         sf.PagedKVCache(4, 4, HK, D, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
-                         ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32,
+                                   torch.float8_e4m3fn, torch.float8_e5m2],
+                         ids=["fp16", "bf16", "fp32", "fp8-e4m3", "fp8-e5m2"])
 def test_paged_kv_cache_dtypes_accepted(dtype: torch.dtype) -> None:
     assert sf.PagedKVCache(4, 4, HK, D, dtype=dtype).k_cache.dtype == dtype
 

@@ -35,6 +35,7 @@ class AttentionProblem:
     window_left : sliding window, -1 for none
     logits_soft_cap : 0 for none
     has_kv_bounds : the layout holds a KV shard (``kv_start``/``kv_end``)
+    kv_dtype : the K/V (or cache) dtype: ``dtype``, or fp8 with scales
     dense_kv : ``(q, k, v)`` as ``[rows, H, D]`` for dense KV, else None. Only their
         shapes, strides and data pointers are read (whether the rows suit tensor
         descriptors), as FlashAttention-4's ``select_fwd_config`` reads its inputs.
@@ -55,6 +56,7 @@ class AttentionProblem:
     window_left: int = -1
     logits_soft_cap: float = 0.0
     has_kv_bounds: bool = False
+    kv_dtype: torch.dtype | None = None
     dense_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -110,7 +112,8 @@ def dense_problem(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nu
         op=op, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], num_q_heads=q.shape[-2],
         num_kv_heads=k.shape[-2], num_tokens=q.shape[0], num_requests=num_requests,
         causal=causal, paged=False, page_size=1, max_kv_len=max_kv_len,
-        window_left=window_left, logits_soft_cap=logits_soft_cap, dense_kv=(q, k, v))
+        window_left=window_left, logits_soft_cap=logits_soft_cap, kv_dtype=k.dtype,
+        dense_kv=(q, k, v))
 
 
 def paged_problem(q: torch.Tensor, k_cache: torch.Tensor, num_requests: int, table_width: int,
@@ -130,4 +133,5 @@ def paged_problem(q: torch.Tensor, k_cache: torch.Tensor, num_requests: int, tab
         op="span", device=q.device, dtype=q.dtype, head_dim=q.shape[-1], num_q_heads=q.shape[-2],
         num_kv_heads=k_cache.shape[-2], num_tokens=q.shape[0], num_requests=num_requests,
         causal=causal, paged=True, page_size=page_size, max_kv_len=table_width * page_size,
-        window_left=window_left, logits_soft_cap=logits_soft_cap, has_kv_bounds=has_kv_bounds)
+        window_left=window_left, logits_soft_cap=logits_soft_cap, has_kv_bounds=has_kv_bounds,
+        kv_dtype=k_cache.dtype)

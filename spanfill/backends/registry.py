@@ -9,6 +9,7 @@ metadata only (see :mod:`spanfill.backends.problem`).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Protocol
 
 import torch
@@ -90,6 +91,11 @@ def select_backend(problem: AttentionProblem | torch.device,
         ok, reason = check(candidate)
         if ok:
             why = f"{reason}" + (f" (not {'; not '.join(refused)})" if refused else "")
+            if candidate.name == "reference" and isinstance(problem, AttentionProblem) \
+                    and problem.device.type == "cuda":
+                # Correct but far slower than a kernel: say so rather than fall back unseen.
+                warnings.warn(f"spanfill runs {problem.op} on the reference path: {why}",
+                              stacklevel=3)
             return candidate, why
         refused.append(f"{candidate.name}: {reason}")
     raise AssertionError("the reference backend supports every problem")
