@@ -42,6 +42,17 @@ def _layout(positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: to
                                    kv_end=kv_end)
 
 
+def _scale_tensor(scale: float | torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """An fp8 scale as the ops' schema takes it: None, or an fp32 tensor (a number becomes
+    a 0-d one, so one compiled graph serves every calibration value)."""
+    if scale is None or torch.is_tensor(scale):
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"k_scale/v_scale must be a real number or an fp32 tensor, got "
+                        f"{type(scale).__name__} {scale!r}")
+    return torch.tensor(float(scale), dtype=torch.float32, device=device)
+
+
 def _no_lse(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.float32, device=device)
 
@@ -62,17 +73,19 @@ def _append_kv_op(
     positions: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
     block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
-    backend: str | None = None, kv_layout: str = "NHD",
+    backend: str | None = None, kv_layout: str = "NHD", k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, slot_mapping,
                      kv_start, kv_end)
-    ops.append_kv(k_new, v_new, k_cache, v_cache, layout, backend=backend, kv_layout=kv_layout)
+    ops.append_kv(k_new, v_new, k_cache, v_cache, layout, backend=backend, kv_layout=kv_layout,
+                  k_scale=k_scale, v_scale=v_scale)
 
 
 @_append_kv_op.register_fake
 def _append_kv_fake(k_new, v_new, k_cache, v_cache, positions, query_start_loc, seq_lens,
                     block_table, page_size, slot_mapping=None, kv_start=None, kv_end=None,
-                    backend=None, kv_layout="NHD") -> None:
+                    backend=None, kv_layout="NHD", k_scale=None, v_scale=None) -> None:
     return None
 
 
@@ -82,6 +95,7 @@ def append_kv(
     block_table: torch.Tensor, page_size: int, slot_mapping: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None, kv_end: torch.Tensor | None = None,
     backend: str | None = None, kv_layout: str = "NHD",
+    k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None,
 ) -> None:
     """:func:`spanfill.append_kv` from plain metadata, as a custom op (in place).
 
@@ -101,10 +115,12 @@ def append_kv(
         outside are not written. Defaults: 0 and ``seq_lens``
     backend : "auto" | "triton" | "reference", as :func:`spanfill.append_kv`
     kv_layout : "NHD" (default) or "HND"
+    k_scale, v_scale : fp8 caches' scales, as :func:`spanfill.append_kv`
     """
     torch.ops.spanfill.append_kv(k_new, v_new, k_cache, v_cache, positions, query_start_loc,
                                  seq_lens, block_table, page_size, slot_mapping, kv_start, kv_end,
-                                 backend, kv_layout)
+                                 backend, kv_layout, _scale_tensor(k_scale, k_new.device),
+                                 _scale_tensor(v_scale, k_new.device))
 
 
 # ----------------------------------------------------------------------------- span_prefill
@@ -116,13 +132,14 @@ def _span_prefill_op(
     page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
     window_left: int = -1, logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None, backend: str | None = None, kv_layout: str = "NHD",
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None,
                      kv_start, kv_end)
     res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
                            return_lse=return_lse, window_left=window_left,
                            logits_soft_cap=logits_soft_cap, backend=backend,
-                           kv_layout=kv_layout)
+                           kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale)
     return _with_lse(res, q.device)
 
 
@@ -130,7 +147,7 @@ def _span_prefill_op(
 def _span_prefill_fake(q, k_cache, v_cache, positions, query_start_loc, seq_lens, block_table,
                        page_size, causal=True, sm_scale=None, return_lse=False, window_left=-1,
                        logits_soft_cap=0.0, kv_start=None, kv_end=None, backend=None,
-                       kv_layout="NHD"):
+                       kv_layout="NHD", k_scale=None, v_scale=None):
     lse_shape = q.shape[:2] if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -141,6 +158,7 @@ def span_prefill(
     page_size: int, causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
     window_left: int = -1, logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None, backend: str | None = None, kv_layout: str = "NHD",
+    k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`spanfill.span_prefill` from plain metadata, as a custom op.
 
@@ -160,6 +178,7 @@ def span_prefill(
         :func:`spanfill.merge_states`)
     backend : "auto" | "triton" | "reference", as :func:`spanfill.span_prefill`
     kv_layout : "NHD" (default) or "HND"
+    k_scale, v_scale : fp8 caches' scales, as :func:`spanfill.span_prefill`
 
     Returns
     -------
@@ -169,7 +188,9 @@ def span_prefill(
     o, lse = torch.ops.spanfill.span_prefill(q, k_cache, v_cache, positions, query_start_loc,
                                              seq_lens, block_table, page_size, causal, sm_scale,
                                              return_lse, window_left, logits_soft_cap, kv_start,
-                                             kv_end, backend, kv_layout)
+                                             kv_end, backend, kv_layout,
+                                             _scale_tensor(k_scale, q.device),
+                                             _scale_tensor(v_scale, q.device))
     return (o, lse) if return_lse else o
 
 
@@ -180,17 +201,19 @@ def _padded_prefill_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor,
     causal: bool = False, padding_side: str = "right", sm_scale: float | None = None,
     return_lse: bool = False, window_left: int = -1, logits_soft_cap: float = 0.0,
-    backend: str | None = None,
+    backend: str | None = None, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     res = ops.padded_prefill(q, k, v, valid_lens, causal=causal, padding_side=padding_side,
                              sm_scale=sm_scale, return_lse=return_lse, window_left=window_left,
-                             logits_soft_cap=logits_soft_cap, backend=backend)
+                             logits_soft_cap=logits_soft_cap, backend=backend, k_scale=k_scale,
+                             v_scale=v_scale)
     return _with_lse(res, q.device)
 
 
 @_padded_prefill_op.register_fake
 def _padded_prefill_fake(q, k, v, valid_lens, causal=False, padding_side="right", sm_scale=None,
-                         return_lse=False, window_left=-1, logits_soft_cap=0.0, backend=None):
+                         return_lse=False, window_left=-1, logits_soft_cap=0.0, backend=None,
+                         k_scale=None, v_scale=None):
     lse_shape = q.shape[:3] if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -199,13 +222,15 @@ def padded_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_lens: torch.Tensor,
     causal: bool = False, padding_side: str = "right", sm_scale: float | None = None,
     return_lse: bool = False, window_left: int = -1, logits_soft_cap: float = 0.0,
-    backend: str | None = None,
+    backend: str | None = None, k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`spanfill.padded_prefill` as a custom op (same arguments and results;
     ``valid_lens`` a [B] tensor, not a PaddedLayout)."""
     o, lse = torch.ops.spanfill.padded_prefill(q, k, v, valid_lens, causal, padding_side,
                                                sm_scale, return_lse, window_left, logits_soft_cap,
-                                               backend)
+                                               backend, _scale_tensor(k_scale, q.device),
+                                               _scale_tensor(v_scale, q.device))
     return (o, lse) if return_lse else o
 
 
@@ -216,16 +241,19 @@ def _varlen_prefill_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
     window_left: int = -1, logits_soft_cap: float = 0.0, backend: str | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     res = ops.varlen_prefill(q, k, v, cu_seqlens, causal=causal, sm_scale=sm_scale,
                              return_lse=return_lse, window_left=window_left,
-                             logits_soft_cap=logits_soft_cap, backend=backend)
+                             logits_soft_cap=logits_soft_cap, backend=backend, k_scale=k_scale,
+                             v_scale=v_scale)
     return _with_lse(res, q.device)
 
 
 @_varlen_prefill_op.register_fake
 def _varlen_prefill_fake(q, k, v, cu_seqlens, causal=True, sm_scale=None, return_lse=False,
-                         window_left=-1, logits_soft_cap=0.0, backend=None):
+                         window_left=-1, logits_soft_cap=0.0, backend=None, k_scale=None,
+                         v_scale=None):
     lse_shape = q.shape[:2] if return_lse else (0,)
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -234,8 +262,11 @@ def varlen_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
     causal: bool = True, sm_scale: float | None = None, return_lse: bool = False,
     window_left: int = -1, logits_soft_cap: float = 0.0, backend: str | None = None,
+    k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`spanfill.varlen_prefill` as a custom op (same arguments and results)."""
     o, lse = torch.ops.spanfill.varlen_prefill(q, k, v, cu_seqlens, causal, sm_scale, return_lse,
-                                               window_left, logits_soft_cap, backend)
+                                               window_left, logits_soft_cap, backend,
+                                               _scale_tensor(k_scale, q.device),
+                                               _scale_tensor(v_scale, q.device))
     return (o, lse) if return_lse else o

@@ -154,3 +154,26 @@ class _nothing:
 
     def __exit__(self, *exc) -> bool:
         return False
+
+
+def test_custom_ops_carry_the_scales_under_torch_compile() -> None:
+    """spanfill.custom_ops take k_scale/v_scale (numbers become 0-d fp32 tensors)."""
+    from spanfill import custom_ops
+
+    layout, _, _, k_cache, v_cache, q, k_new, v_new = _fp8_span_case(torch.float8_e5m2, 0.5)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    reference.append_kv(k_new, v_new, ref_k, ref_v, layout.slot_mapping, 0.5, 0.5)
+    meta = (layout.positions, layout.query_start_loc, layout.seq_lens, layout.block_table,
+            layout.page_size)
+
+    def step(q, k_new, v_new, k_cache, v_cache):
+        custom_ops.append_kv(k_new, v_new, k_cache, v_cache, *meta, k_scale=0.5, v_scale=0.5)
+        return custom_ops.span_prefill(q, k_cache, v_cache, *meta, k_scale=0.5, v_scale=0.5)
+
+    o = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k_new, v_new, k_cache,
+                                                                 v_cache)
+    assert tensor_digest(k_cache, v_cache) == tensor_digest(ref_k, ref_v)
+    ref_o, _ = reference.span_prefill(
+        q, reference.dequantize_kv(ref_k, 0.5), reference.dequantize_kv(ref_v, 0.5),
+        layout.positions, layout.query_start_loc, layout.seq_lens, layout.block_table, True, None)
+    assert rel_err(o, ref_o) <= 1e-5
