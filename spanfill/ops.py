@@ -31,6 +31,7 @@ from .reference import FP8_DTYPES
 from .backends import dense_problem, paged_problem, requested_backend, select_backend
 from .layout import PaddedLayout, SpanLayout, VarlenLayout
 from .layout.reuse import TensorMemo
+from .layout.validation import check_int_vector
 
 __all__ = ["padded_prefill", "varlen_prefill", "span_prefill", "append_kv", "resolve_backend"]
 
@@ -129,12 +130,7 @@ def _check_kv_scales(kv: torch.Tensor, k_scale: object, v_scale: object
 
 
 def _check_int_tensor(name: str, t: object, device: torch.device) -> torch.Tensor:
-    if not torch.is_tensor(t):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    check_int_vector(name, t)
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
     return t

@@ -17,6 +17,7 @@ from .validation import (
     Spans,
     check_int32_range,
     check_cu_seqlens,
+    check_int_vector,
     check_meta_types,
     check_spans,
     kv_bounds,
@@ -57,12 +58,7 @@ class PaddedLayout:
         seq_len : S
         padding_side : "right" (valid tokens first) or "left" (valid tokens last)
         """
-        if not torch.is_tensor(valid_lens):
-            raise TypeError(f"valid_lens must be a torch.Tensor, got {type(valid_lens).__name__}")
-        if valid_lens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"valid_lens must be int32 or int64, got {valid_lens.dtype}")
-        if valid_lens.dim() != 1:
-            raise ValueError(f"valid_lens must be 1-D, got shape {tuple(valid_lens.shape)}")
+        check_int_vector("valid_lens", valid_lens)
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if validate and valid_lens.numel():
@@ -113,12 +109,7 @@ class VarlenLayout:
         cu_seqlens : [B+1] int32|int64
         num_tokens : T
         """
-        if not torch.is_tensor(cu_seqlens):
-            raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        if cu_seqlens.dim() != 1:
-            raise ValueError(f"cu_seqlens must be 1-D, got shape {tuple(cu_seqlens.shape)}")
+        check_int_vector("cu_seqlens", cu_seqlens)
         if validate:
             check_cu_seqlens(cu_seqlens, num_tokens)
         elif cu_seqlens.shape[0] < 1:

@@ -267,3 +267,14 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
         )
     i = int(torch.nonzero(steps < 0)[0, 0])
     raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}] < cu_seqlens[{i}]")
+
+
+def check_int_vector(name: str, t: object) -> torch.Tensor:
+    """Raise unless ``t`` is a 1-D int32/int64 tensor (lengths, offsets)."""
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    return t
