@@ -220,6 +220,17 @@ def draw(path: str, n: int, chunk_len: int, spans: list[tuple[int, int]],
     plt.close(fig)
 
 
+def wall_order(timings: dict[str, Timing]) -> str:
+    """Paths from fastest to slowest by median wall time, ``<`` where their p20-p80
+    spreads are apart and ``~`` where they overlap: a tie, whose order may flip from
+    run to run."""
+    ranked = sorted(timings.items(), key=lambda item: item[1].median)
+    text = ranked[0][0]
+    for (_, prev), (name, cur) in zip(ranked, ranked[1:]):
+        text += f" {'~' if cur.spread()[0] <= prev.spread()[1] else '<'} {name}"
+    return text
+
+
 def _time_row(t: Timing, full: Timing) -> str:
     """``wall 12.3 ms [11.9-12.8]  GPU 4.4 ms  2.5x wall, 3.1x GPU`` for the table."""
     lo, hi = t.spread()
@@ -298,6 +309,8 @@ def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool 
         *[(f"  {name}", _time_row(t, t_full)) for name, t in
           (("spanfill (one launch/layer)", t_fill), ("full recompute", t_full),
            ("one prefill per span", t_span))],
+        ("  order (wall)", wall_order({"spanfill": t_fill, "full recompute": t_full,
+                                       "per span": t_span})),
         ("last-token logits == full prefill", f"{'MATCH' if ok else 'MISMATCH'}: {how}"),
     ]
     if path_name(device) != "kernel":

@@ -125,7 +125,7 @@ def test_demo_main_job_quick(tmp_path, monkeypatch: pytest.MonkeyPatch,
     assert "MATCH" in out and "MISMATCH" not in out and "tokens recomputed" in out
     # both clocks, with the spread of the wall times (no GPU here: its column says so)
     assert len(re.findall(r"wall +[0-9.]+ ms \[[0-9.]+-[0-9.]+\]", out)) == 3
-    assert "reps; speed-up = full recompute / path" in out
+    assert "reps; speed-up = full recompute / path" in out and "order (wall)" in out
     if not __import__("torch").cuda.is_available():
         assert out.count("GPU n/a") == 3
     assert png.stat().st_size > 10_000
@@ -134,7 +134,7 @@ def test_demo_main_job_quick(tmp_path, monkeypatch: pytest.MonkeyPatch,
 def test_demo_timing_rows_and_plot_with_gpu_times(tmp_path) -> None:
     """The GPU column and the two-bar plot, drawn from given timings (no GPU needed)."""
     pytest.importorskip("matplotlib")
-    from spanfill.demo import Timing, _time_row, draw
+    from spanfill.demo import Timing, _time_row, draw, wall_order
 
     fill = Timing([0.010, 0.012, 0.011, 0.013, 0.011], gpu=0.004)
     full = Timing([0.050, 0.052, 0.051], gpu=0.040)
@@ -142,6 +142,8 @@ def test_demo_timing_rows_and_plot_with_gpu_times(tmp_path) -> None:
     row = _time_row(fill, full)
     assert row.startswith("wall     11.0 ms [11.0-13.0]") and "GPU     4.0 ms" in row
     assert "4.6x wall, 10.0x GPU" in row
+    tie = Timing([0.012, 0.0125, 0.014], gpu=None)  # its spread overlaps fill's
+    assert wall_order({"full": full, "fill": fill, "tie": tie}) == "fill ~ tie < full"
     png = tmp_path / "two_clocks.png"
     draw(str(png), 100, 20, [(0, 5)], {"spanfill": fill, "full recompute": full}, "test")
     assert png.stat().st_size > 10_000
