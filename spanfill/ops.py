@@ -20,7 +20,6 @@ and an input requires grad (use ``torch.no_grad()``/``torch.inference_mode()``, 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 
 from . import reference
 from .reference import FP8_DTYPES
-from .backends import dense_problem, paged_problem, requested_backend, select_backend
+from .backends import dense_problem, paged_problem, select_backend
 from .layout import PaddedLayout, SpanLayout, VarlenLayout
 from .layout.reuse import TensorMemo
 from .layout.validation import check_int_vector
@@ -545,17 +544,11 @@ def append_kv(
     if v_new.dtype != k_new.dtype:
         raise TypeError(f"v_new has dtype {v_new.dtype} but k_new has {k_new.dtype}")
     k_scale, v_scale = _check_kv_scales(k_cache, k_scale, v_scale)
-    path = resolve_backend(k_new.device, backend)
-    if fp8 and path == "triton":
-        # The append kernel casts without scale or saturation: fp8 goes through the
-        # reference's quantize_kv until the kernels do it (refused if asked for).
-        if requested_backend(backend) == "triton":
-            raise ValueError(f"backend='triton' cannot run here: {k_cache.dtype} caches: the "
-                             "kernels do not quantize fp8 yet (backend='reference' does)")
-        if k_new.device.type == "cuda":
-            warnings.warn(f"spanfill runs append_kv on the reference path: {k_cache.dtype} "
-                          "caches are not in the kernels yet", stacklevel=2)
-        path = "reference"
+    # The same selection as attention: the registry knows which caches the kernels take
+    # (the append kernel casts without a scale, so fp8 goes to the reference's quantize_kv).
+    problem = paged_problem(k_new, k_cache, layout.num_requests, layout.block_table.shape[1],
+                            False, op="append")
+    path = select_backend(problem, backend)[0].name
     # The kernel writes the cache behind autograd's back: no gradient reaches k_new/v_new.
     _check_grad("append_kv", path, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
     if path == "reference":

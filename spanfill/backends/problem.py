@@ -20,7 +20,7 @@ class AttentionProblem:
 
     Attributes
     ----------
-    op : "padded" | "varlen" | "span"
+    op : "padded" | "varlen" | "span" | "append"
     device : where the tensors live
     dtype : q's dtype (fp16|bf16|fp32)
     head_dim : D
@@ -118,8 +118,9 @@ def dense_problem(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nu
 
 def paged_problem(q: torch.Tensor, k_cache: torch.Tensor, num_requests: int, table_width: int,
                   causal: bool, window_left: int = -1, logits_soft_cap: float = 0.0,
-                  has_kv_bounds: bool = False) -> AttentionProblem:
-    """The problem of a span-prefill call over a paged cache.
+                  has_kv_bounds: bool = False, op: str = "span") -> AttentionProblem:
+    """The problem of a call over a paged cache: span prefill, or (``op="append"``, with
+    the new K rows as ``q``) the append that writes into it.
 
     Parameters
     ----------
@@ -130,7 +131,7 @@ def paged_problem(q: torch.Tensor, k_cache: torch.Tensor, num_requests: int, tab
     """
     page_size = k_cache.shape[1]
     return AttentionProblem(
-        op="span", device=q.device, dtype=q.dtype, head_dim=q.shape[-1], num_q_heads=q.shape[-2],
+        op=op, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], num_q_heads=q.shape[-2],
         num_kv_heads=k_cache.shape[-2], num_tokens=q.shape[0], num_requests=num_requests,
         causal=causal, paged=True, page_size=page_size, max_kv_len=table_width * page_size,
         window_left=window_left, logits_soft_cap=logits_soft_cap, has_kv_bounds=has_kv_bounds,

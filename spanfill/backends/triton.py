@@ -46,7 +46,7 @@ class PortableTritonBackend:
 
     def supports(self, problem: AttentionProblem) -> tuple[bool, str]:
         if problem.kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return False, f"{problem.kv_dtype} K/V: the kernels do not dequantize fp8 yet"
+            return False, f"{problem.kv_dtype} K/V: the kernels do not handle fp8 yet"
         return self.supports_device(problem.device)
 
     def select_config(self, problem: AttentionProblem) -> LaunchConfig:
