@@ -118,13 +118,8 @@ def _check_kv_scales(kv: torch.Tensor, k_scale: object, v_scale: object
                 raise ValueError(f"{name} must have shape [], [1] or [Hk]=[{kv.shape[-2]}], got "
                                  f"{tuple(scale.shape)}")
             out.append(scale)
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{name} must be a real number or an fp32 tensor, got "
-                            f"{type(scale).__name__} {scale!r}")
-        elif not 0 < float(scale) < math.inf:
-            raise ValueError(f"{name} must be a finite number > 0, got {scale!r}")
         else:
-            out.append(float(scale))
+            out.append(_positive_real(name, scale, "a real number or an fp32 tensor"))
     return out[0], out[1]
 
 
@@ -142,20 +137,23 @@ def _check_variant(window_left: int, logits_soft_cap: float) -> None:
         raise ValueError(f"logits_soft_cap must be a finite number >= 0 (0: off), got {logits_soft_cap!r}")
 
 
+def _positive_real(name: str, value: object, kinds: str, default: str = "") -> float:
+    """``value`` as a float, if it is a finite real number > 0 (``kinds`` names what the
+    argument may be, for the TypeError; ``default`` what leaving it out means)."""
+    # bool is an int, and float('0.1') would parse a string: neither is a scale.
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__} {value!r}")
+    if not 0 < float(value) < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0{default}, got {value!r}")
+    return float(value)
+
+
 def _scale(head_dim: int, sm_scale: float | None) -> float:
     """The softmax scale: ``sm_scale`` checked, or ``1/sqrt(head_dim)`` for None."""
     if sm_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    # bool is an int, and float('0.1') would parse a string: neither is a scale.
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            f"sm_scale must be None or a real number (int, float or numpy scalar), got "
-            f"{type(sm_scale).__name__} {sm_scale!r}"
-        )
-    scale = float(sm_scale)
-    if not 0 < scale < math.inf:
-        raise ValueError(f"sm_scale must be a finite number > 0 (None: 1/sqrt(D)), got {sm_scale!r}")
-    return scale
+    return _positive_real("sm_scale", sm_scale, "None or a real number (int, float or numpy scalar)",
+                          " (None: 1/sqrt(D))")
 
 
 def _check_grad(op: str, path: str, **tensors: torch.Tensor) -> None:
@@ -217,6 +215,8 @@ def padded_prefill(
         ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
     logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` (Gemma-2)
     backend : "auto" | "triton" | "reference" (see module docstring)
+    k_scale, v_scale : fp8 K/V only: the scale a stored value is multiplied by (a number,
+        or an fp32 [], [1] or [Hk] tensor; default 1.0); see :mod:`spanfill.reference`
 
     Returns
     -------
@@ -316,6 +316,8 @@ def varlen_prefill(
         ``pos - window_left`` (sliding window, FlashInfer's convention); -1: off
     logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` (Gemma-2)
     backend : "auto" | "triton" | "reference"
+    k_scale, v_scale : fp8 K/V only: the scale a stored value is multiplied by (a number,
+        or an fp32 [], [1] or [Hk] tensor; default 1.0); see :mod:`spanfill.reference`
 
     Returns
     -------
@@ -466,6 +468,8 @@ def span_prefill(
     logits_soft_cap : if > 0, scores become ``cap * tanh(score / cap)`` (Gemma-2)
     backend : "auto" | "triton" | "reference"
     kv_layout : "NHD" (default) or "HND", the order of a page's dims (FlashInfer's name)
+    k_scale, v_scale : fp8 K/V only: the scale a stored value is multiplied by (a number,
+        or an fp32 [], [1] or [Hk] tensor; default 1.0); see :mod:`spanfill.reference`
 
     Returns
     -------
@@ -523,12 +527,15 @@ def append_kv(
 
     Parameters
     ----------
-    k_new, v_new : [T, Hk, D] with the cache's dtype, ``T == layout.num_tokens``
+    k_new, v_new : [T, Hk, D] with the cache's dtype (any float dtype for an fp8 cache,
+        which stores them quantized), ``T == layout.num_tokens``
     k_cache, v_cache : [num_pages, page_size, Hk, D], or HND / combined pools as in
         :func:`span_prefill`, written in place through the views
     layout : :class:`spanfill.SpanLayout`
     backend : "auto" | "triton" | "reference"
     kv_layout : "NHD" (default) or "HND"
+    k_scale, v_scale : fp8 K/V only: the scale a stored value is multiplied by (a number,
+        or an fp32 [], [1] or [Hk] tensor; default 1.0); see :mod:`spanfill.reference`
     """
     _check_tensor("k_new", k_new, 3)
     _check_tensor("v_new", v_new, 3)
