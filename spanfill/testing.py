@@ -13,8 +13,9 @@ infinity (the ``-inf`` lse of a row that sees no keys).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .layout import SpanLayout
 
 __all__ = ["ELEMENTWISE_TOLERANCE", "LSE_TOLERANCE", "TOLERANCE", "assert_close", "assert_lse_close",
+           "num_splits", "recorded_launches",
            "reference_span", "rel_err", "tolerance"]
 
 # Largest relative error of an output, per dtype of the op's inputs (STYLE.md).
@@ -187,3 +189,39 @@ def reference_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return reference.span_prefill(q, k_cache, v_cache, layout.positions, layout.query_start_loc,
                                   layout.seq_lens, layout.block_table, causal, sm_scale,
                                   kv_start=layout.kv_start, kv_end=layout.kv_end, **variants)
+
+
+def num_splits(args: tuple, kwargs: dict) -> int:
+    """The split-KV count of one ``attention_fwd`` call (for :func:`recorded_launches`)."""
+    return kwargs.get("num_splits", 1)
+
+
+@contextlib.contextmanager
+def recorded_launches(**launchers: Callable[[tuple, dict], Any] | None
+                      ) -> Iterator[dict[str, list[Any]]]:
+    """Record every call of the named :mod:`spanfill.kernels` launchers made in the block.
+
+    Each call still runs, so a test that finds its launch proves the kernel path ran (and
+    one that finds none, that another path did). ``recorded_launches(attention_fwd=num_splits,
+    append_kv_launch=None)`` yields ``{"attention_fwd": [splits, ...], "append_kv_launch":
+    [(args, kwargs), ...]}``: each launcher's record is what its function returns for
+    ``(args, kwargs)``, or the pair itself for None.
+    """
+    from . import kernels
+
+    records: dict[str, list[Any]] = {name: [] for name in launchers}
+    originals = {name: getattr(kernels, name) for name in launchers}
+
+    def spy(name: str, keep: Callable[[tuple, dict], Any] | None) -> Callable:
+        def launch(*args, **kwargs):
+            records[name].append((args, kwargs) if keep is None else keep(args, kwargs))
+            return originals[name](*args, **kwargs)
+        return launch
+
+    for name, keep in launchers.items():
+        setattr(kernels, name, spy(name, keep))
+    try:
+        yield records
+    finally:
+        for name, original in originals.items():
+            setattr(kernels, name, original)

@@ -38,9 +38,9 @@ import torch
 from hypothesis import strategies as st
 
 import spanfill as sf
-import spanfill.kernels as kernels
 from spanfill import reference
-from spanfill.testing import assert_close, assert_lse_close, reference_span
+from spanfill.testing import (assert_close, assert_lse_close, num_splits, recorded_launches,
+                              reference_span)
 
 
 @dataclass(frozen=True)
@@ -139,23 +139,6 @@ def forced_splits(splits: int | None) -> Iterator[None]:
             del os.environ["SPANFILL_SPLITS"]
         else:
             os.environ["SPANFILL_SPLITS"] = before
-
-
-@contextlib.contextmanager
-def recorded_splits() -> Iterator[list[int]]:
-    """Record the ``num_splits`` of every attention launch made in the block."""
-    calls: list[int] = []
-    real = kernels.attention_fwd
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("num_splits", 1))
-        return real(*args, **kwargs)
-
-    kernels.attention_fwd = spy
-    try:
-        yield calls
-    finally:
-        kernels.attention_fwd = real
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -386,9 +369,11 @@ def check_span_case(c: SpanCase, device: str) -> set[str]:
     for name, now, before in (("k_cache", k_cache, before_k), ("v_cache", v_cache, before_v)):
         assert torch.equal(bits(now)[~written], before[~written]), f"append_kv wrote outside its slots in {name}"
 
-    with poisoned_allocations(), forced_splits(c.splits), recorded_splits() as launches:
+    with poisoned_allocations(), forced_splits(c.splits), \
+            recorded_launches(attention_fwd=num_splits) as recorded:
         res = sf.span_prefill(q, k_cache, v_cache, layout, causal=c.causal, sm_scale=c.sm_scale,
                               return_lse=c.return_lse, backend="triton")
+    launches = recorded["attention_fwd"]
     # An empty batch takes the reference path; any other is one kernel launch.
     assert len(launches) == (1 if t else 0), f"{len(launches)} attention launches for T={t}"
     o, lse = res if c.return_lse else (res, None)

@@ -10,6 +10,7 @@ import spanfill.kernels as kernels
 from spanfill import backends
 from spanfill.backends import dense_problem, paged_problem, select_backend
 from spanfill.layout import plan_packed
+from spanfill.testing import recorded_launches
 
 from tests.helpers import paged_setup
 
@@ -106,15 +107,10 @@ def test_span_prefill_launches_with_the_selected_config(monkeypatch) -> None:
     monkeypatch.setenv("SPANFILL_SPLITS", "2")
     layout, k_cache, v_cache, q, _, _ = paged_setup([40], [[(3, 5)]], 16, 4, 2, 64,
                                                     torch.float32, device)
-    seen = []
-    real = kernels.attention_fwd
-
-    def spy(*args, **kwargs):
-        seen.append((args[6], kwargs["num_splits"], kwargs["use_tma"]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "attention_fwd", spy)
-    sf.span_prefill(q, k_cache, v_cache, layout, backend="triton")
+    with recorded_launches(attention_fwd=lambda args, kw: (args[6], kw["num_splits"],
+                                                         kw["use_tma"])) as recorded:
+        sf.span_prefill(q, k_cache, v_cache, layout, backend="triton")
+    seen = recorded["attention_fwd"]
     problem = paged_problem(q, k_cache, 1, layout.block_table.shape[1], True)
     cfg = backends.get_backend("triton").select_config(problem)
     assert seen == [(cfg.tile, 2, False)]
@@ -126,12 +122,10 @@ def test_planning_goes_through_the_registry(monkeypatch, interpret: str, kernel_
     if torch.cuda.is_available():
         pytest.skip("CPU tensors only")
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
-    calls = []
-    real = kernels.plan_packed_launch
-    monkeypatch.setattr(kernels, "plan_packed_launch",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
     qsl = torch.tensor([0, 3, 7], dtype=torch.int32)
-    plan = plan_packed(qsl, torch.tensor([9, 9], dtype=torch.int32), 7, 4, True)
+    with recorded_launches(plan_packed_launch=None) as recorded:
+        plan = plan_packed(qsl, torch.tensor([9, 9], dtype=torch.int32), 7, 4, True)
+    calls = recorded["plan_packed_launch"]
     assert bool(calls) == kernel_plan
     assert int((plan.tile_req >= 0).sum()) == 2  # 3 and 4 rows: one 4-row tile each
 

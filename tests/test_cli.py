@@ -13,6 +13,7 @@ import torch
 import spanfill
 from conftest import INTERPRETING
 from spanfill import cli
+from spanfill.testing import recorded_launches
 
 
 def test_info(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,19 +40,10 @@ def _rel_errs(results, dtype: str) -> list[float]:
 def test_check_runs_the_kernels(monkeypatch: pytest.MonkeyPatch,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     """In this process (conftest set TRITON_INTERPRET=1 on a CPU): every op launches a kernel."""
-    from spanfill import kernels
-
-    launches = {"attention_fwd": 0, "append_kv_launch": 0}
-    for name in launches:
-        real = getattr(kernels, name)
-
-        def counted(*args, _real=real, _name=name, **kw):
-            launches[_name] += 1
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(kernels, name, counted)
     monkeypatch.setenv("SPANFILL_BACKEND", "reference")  # check must not follow it
-    assert cli.main(["check"]) == 0
+    with recorded_launches(attention_fwd=None, append_kv_launch=None) as recorded:
+        assert cli.main(["check"]) == 0
+    launches = {name: len(calls) for name, calls in recorded.items()}
     out = capsys.readouterr().out
     assert "all ops match the reference" in out
     results = _results(out)

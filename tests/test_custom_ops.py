@@ -21,8 +21,8 @@ import torch
 
 import spanfill as sf
 from conftest import INTERPRETING
-from spanfill import custom_ops, kernels, reference
-from spanfill.testing import assert_close, assert_lse_close
+from spanfill import custom_ops, reference
+from spanfill.testing import assert_close, assert_lse_close, recorded_launches
 
 P, HQ, HK, D = 4, 4, 2, 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,21 +59,18 @@ def _shard(layout: sf.SpanLayout) -> tuple[torch.Tensor, torch.Tensor]:
 
 @contextlib.contextmanager
 def _kernels_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
-    """Count the kernel launches; any call into spanfill.reference raises."""
-    launches = {"attention_fwd": 0, "append_kv_launch": 0}
-    with monkeypatch.context() as m:
-        for name in launches:
-            def counted(*args, _real=getattr(kernels, name), _name=name, **kw):
-                launches[_name] += 1
-                return _real(*args, **kw)
-
-            m.setattr(kernels, name, counted)
+    """Count the kernel launches (the counts are there once the block ends); any call
+    into spanfill.reference raises."""
+    counts: dict[str, int] = {}
+    with monkeypatch.context() as m, \
+            recorded_launches(attention_fwd=None, append_kv_launch=None) as recorded:
         for name in ("attend", "padded_prefill", "varlen_prefill", "span_prefill", "append_kv"):
             def refuse(*args, _name=name, **kw):
                 raise AssertionError(f"spanfill.reference.{_name} ran instead of the kernel")
 
             m.setattr(reference, name, refuse)
-        yield launches
+        yield counts
+    counts.update({name: len(calls) for name, calls in recorded.items()})
 
 
 def _compiled(fn):

@@ -17,14 +17,15 @@ runs on a CPU (fp32 and fp16) with forced splits.
 from __future__ import annotations
 
 import random
+from typing import Iterator
 
 import pytest
 import torch
 
 import spanfill as sf
-import spanfill.kernels as kernels
 from spanfill import reference
-from spanfill.testing import assert_close, assert_lse_close, reference_span
+from spanfill.testing import (assert_close, assert_lse_close, num_splits, recorded_launches,
+                              reference_span)
 from tests.fuzzing import bits, poisoned_allocations
 from tests.helpers import paged_setup
 
@@ -34,20 +35,13 @@ HEADS = {"mqa8": (8, 1), "gqa32/8": (32, 8), "mqa4": (4, 1), "gqa4/2": (4, 2)}
 
 
 @pytest.fixture
-def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def launches() -> Iterator[list[int]]:
     """The ``num_splits`` of every attention launch the test makes.
 
     Also proves the kernel ran: a test that finds no launch took another path.
     """
-    calls: list[int] = []
-    real = kernels.attention_fwd
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("num_splits", 1))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(kernels, "attention_fwd", spy)
-    return calls
+    with recorded_launches(attention_fwd=num_splits) as recorded:
+        yield recorded["attention_fwd"]
 
 
 def hide_unreadable(layout: sf.SpanLayout, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
