@@ -9,6 +9,8 @@ kernels to meet.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -62,7 +64,7 @@ def test_append_and_span_prefill_on_fp8_cache(dtype: torch.dtype, per_head: bool
     layout, k32, v32, k_cache, v_cache, q, k_new, v_new = _fp8_span_case(dtype, scale)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     reference.append_kv(k_new, v_new, ref_k, ref_v, layout.slot_mapping, scale, scale)
-    with pytest.warns(UserWarning, match="reference path") if DEVICE == "cuda" else _nothing():
+    with pytest.warns(UserWarning, match="reference path") if DEVICE == "cuda" else nullcontext():
         sf.append_kv(k_new, v_new, k_cache, v_cache, layout, k_scale=scale, v_scale=scale)
     assert tensor_digest(k_cache, v_cache) == tensor_digest(ref_k, ref_v)
     written = layout.slot_mapping
@@ -70,7 +72,7 @@ def test_append_and_span_prefill_on_fp8_cache(dtype: torch.dtype, per_head: bool
     want = reference.quantize_kv(k_new, scale, dtype).float()
     assert torch.equal(flat[written], want)
 
-    with pytest.warns(UserWarning, match="reference path") if DEVICE == "cuda" else _nothing():
+    with pytest.warns(UserWarning, match="reference path") if DEVICE == "cuda" else nullcontext():
         o, lse = sf.span_prefill(q, k_cache, v_cache, layout, return_lse=True, k_scale=scale,
                                  v_scale=scale)
     ref_o, ref_lse = reference.span_prefill(
@@ -145,15 +147,6 @@ def test_scale_with_a_non_fp8_cache_is_refused() -> None:
         sf.append_kv(k_new, v_new, k_cache, v_cache, layout, k_scale=0.5)
     assert tensor_digest(k_cache, v_cache) == before
 
-
-class _nothing:
-    """A context manager that expects nothing (no warning off the GPU)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> bool:
-        return False
 
 
 def test_custom_ops_carry_the_scales_under_torch_compile() -> None:
