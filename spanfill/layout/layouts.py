@@ -28,8 +28,27 @@ from .validation import (
 __all__ = ["PaddedLayout", "SpanLayout", "VarlenLayout", "compute_slot_mapping"]
 
 
+class _PlannedOnce:
+    """A layout's tile plans, built on first use and kept for every later layer.
+
+    Each layout holds a ``_plans`` dict and builds a plan with ``_plan(block_q, causal)``.
+    """
+
+    _plans: dict
+
+    def _plan(self, block_q: int, causal: bool) -> TilePlan:
+        raise NotImplementedError
+
+    def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
+        """The (cached) tile plan for tiles of ``block_q`` tokens."""
+        key = (block_q, causal)
+        if key not in self._plans:
+            self._plans[key] = self._plan(block_q, causal)
+        return self._plans[key]
+
+
 @dataclass
-class PaddedLayout:
+class PaddedLayout(_PlannedOnce):
     """A padded batch's valid lengths, checked once and planned once for every layer.
 
     ``padded_prefill`` accepts either plain ``valid_lens`` (checked and planned on
@@ -72,17 +91,12 @@ class PaddedLayout:
     def device(self) -> torch.device:
         return self.valid_lens.device
 
-    def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
-        """The (cached) tile plan for tiles of ``block_q`` tokens."""
-        key = (block_q, causal)
-        if key not in self._plans:
-            self._plans[key] = plan_padded(self.valid_lens, self.seq_len, block_q,
-                                           self.padding_side, causal)
-        return self._plans[key]
+    def _plan(self, block_q: int, causal: bool) -> TilePlan:
+        return plan_padded(self.valid_lens, self.seq_len, block_q, self.padding_side, causal)
 
 
 @dataclass
-class VarlenLayout:
+class VarlenLayout(_PlannedOnce):
     """Sequences packed back to back (``cu_seqlens``), checked once and planned once.
 
     ``varlen_prefill`` accepts either plain ``cu_seqlens`` (checked and planned on the
@@ -124,18 +138,13 @@ class VarlenLayout:
     def num_requests(self) -> int:
         return self.cu_seqlens.shape[0] - 1
 
-    def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
-        """The (cached) tile plan for tiles of ``block_q`` tokens."""
-        key = (block_q, causal)
-        if key not in self._plans:
-            cu = self.cu_seqlens
-            self._plans[key] = plan_packed(cu, cu[1:] - cu[:-1], self.num_tokens, block_q, causal,
-                                           kv_row0=cu[:-1])
-        return self._plans[key]
+    def _plan(self, block_q: int, causal: bool) -> TilePlan:
+        cu = self.cu_seqlens
+        return plan_packed(cu, cu[1:] - cu[:-1], self.num_tokens, block_q, causal, kv_row0=cu[:-1])
 
 
 @dataclass
-class SpanLayout:
+class SpanLayout(_PlannedOnce):
     """Where the hole (span) tokens of a batch sit, and where their KV lives.
 
     Build it once per batch with :meth:`build` (Python spans) or
@@ -302,15 +311,10 @@ class SpanLayout:
                    slot_mapping.to(device=device, dtype=torch.int64).contiguous(),
                    validated=validate, kv_start=kv_start, kv_end=kv_end)
 
-    def tile_plan(self, block_q: int, causal: bool) -> TilePlan:
-        """The (cached) tile plan for tiles of ``block_q`` tokens."""
-        key = (block_q, causal)
-        if key not in self._plans:
-            self._plans[key] = plan_packed(
-                self.query_start_loc, self.seq_lens if self.kv_end is None else self.kv_end,
-                self.num_tokens, block_q, causal, positions=self.positions,
-            )
-        return self._plans[key]
+    def _plan(self, block_q: int, causal: bool) -> TilePlan:
+        return plan_packed(self.query_start_loc,
+                           self.seq_lens if self.kv_end is None else self.kv_end,
+                           self.num_tokens, block_q, causal, positions=self.positions)
 
     def check_pool(self, num_pages: int) -> None:
         """Raise if a page that covers a valid position is outside ``[0, num_pages)``.
