@@ -50,7 +50,7 @@ from spanfill.kernels import (  # noqa: E402
     pick_config,
     plan_packed_launch,
 )
-from spanfill.layout.planning import _plan_rows_torch  # noqa: E402
+from spanfill.layout import plan_packed  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -92,12 +92,10 @@ def _rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 
 def _packed_plan(q_lens: list[int], kv_lens: list[int], block_q: int, causal: bool,
                  positions: torch.Tensor | None = None, kv_row0: list[int] | None = None):
-    q_len = torch.tensor(q_lens, dtype=torch.int32)
-    q_start = torch.cumsum(q_len, 0) - q_len
-    max_tiles = max((sum(q_lens) + len(q_lens) * (block_q - 1)) // block_q, 1)
-    return _plan_rows_torch(q_start, q_len, torch.tensor(kv_lens, dtype=torch.int32), max_tiles,
-                            block_q, causal, positions,
-                            torch.tensor(kv_row0, dtype=torch.int32) if kv_row0 else None)
+    """The public planner on CPU tensors (its torch path: no kernel runs in this process)."""
+    qsl = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return plan_packed(qsl, torch.tensor(kv_lens, dtype=torch.int32), sum(q_lens), block_q, causal,
+                       positions, torch.tensor(kv_row0, dtype=torch.int32) if kv_row0 else None)
 
 
 def span_case(rows: int, splits: int, page_size: int, hq: int, hk: int, d: int,
