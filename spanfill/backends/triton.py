@@ -77,12 +77,7 @@ class PortableTritonBackend:
         sm_scale: float,
         causal: bool,
         return_lse: bool,
-        positions: torch.Tensor | None = None,
-        block_table: torch.Tensor | None = None,
-        zero_fill: bool = False,
-        kv_lo: torch.Tensor | None = None,
-        window_left: int = -1,
-        logits_soft_cap: float = 0.0,
+        **variants,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Allocate the outputs and launch: the run step every op shares.
 
@@ -93,9 +88,11 @@ class PortableTritonBackend:
         q : [T, Hq, D]; k, v : dense ``[rows, Hk, D]`` or paged
             ``[num_pages, page_size, Hk, D]`` (with ``block_table``)
         sm_scale : softmax scale
-        causal, positions, block_table, zero_fill, kv_lo, window_left, logits_soft_cap :
-            as :func:`spanfill.kernels.attention_fwd`
+        causal : a row at ``pos`` sees KV positions ``<= pos``
         return_lse : also allocate and write the [T, Hq] fp32 lse
+        **variants : ``positions``, ``block_table``, ``zero_fill``, ``kv_lo``,
+            ``window_left``, ``logits_soft_cap``, passed to
+            :func:`spanfill.kernels.attention_fwd` as they are
 
         Returns
         -------
@@ -107,9 +104,8 @@ class PortableTritonBackend:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \
             if return_lse else None
+        paged = variants.get("block_table") is not None
         attention_fwd(q, k, v, out, lse, plan, config.tile, sm_scale, causal,
-                      positions=positions, block_table=block_table, zero_fill=zero_fill,
-                      kv_lo=kv_lo, window_left=window_left, logits_soft_cap=logits_soft_cap,
-                      use_tma=False if block_table is not None else config.use_tma,
-                      num_splits=config.num_splits)
+                      use_tma=False if paged else config.use_tma, num_splits=config.num_splits,
+                      **variants)
         return out, lse
