@@ -16,6 +16,7 @@ import subprocess
 import sys
 from typing import Sequence
 
+from .backends import interpreting
 from .op_path import path_name, pick_device
 
 OPS = ("padded_prefill", "varlen_prefill", "span_prefill", "append_kv")
@@ -86,12 +87,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     if device.type not in ("cuda", "cpu"):
         print(f"spanfill check runs on cuda or cpu, not {device}", file=sys.stderr)
         return 2
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and not interpreting():
         return _rerun_interpreted(["check", "--device", "cpu"])
 
     from .selfcheck import kernel_dtypes, run_checks
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         where = f"on {torch.cuda.get_device_name(device)}"
     elif device.type == "cpu":
         where = "in Triton's interpreter (TRITON_INTERPRET=1), CPU"
