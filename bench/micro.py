@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import spanfill as sf
+from spanfill.testing import capture_cuda_graph
 
 from .providers_base import spanfill_backend
 from .providers_spanfill import block_q_for
@@ -76,19 +77,6 @@ def _host_syncs(fn: Callable[[], object]) -> bool:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def _graph_replay(fn: Callable[[], object]) -> Callable[[], object]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def plan_rows(device: torch.device, small: bool, timing: dict) -> Iterator[Row]:
     """Rows for planning a layout of 1,000 spans (4 requests x 250 spans x 4 tokens)."""
     seq_len = 2048 if small else 8192
@@ -106,7 +94,7 @@ def plan_rows(device: torch.device, small: bool, timing: dict) -> Iterator[Row]:
         yield {**base, "metric": "error",
                "note": "plan_graph_time skipped: planning syncs the host"}
         return
-    replay = _graph_replay(plan)
+    replay = capture_cuda_graph(plan)[0].replay
     yield _row("plan_graph_time", "ms", time_device(replay, device, flush_l2=False,
                                                           cover_launch=True, **timing),
                **{**base, "note": base["note"] + "; CUDA graph replay = GPU time"})

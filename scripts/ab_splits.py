@@ -25,6 +25,7 @@ from bench.providers_spanfill import spanfill_segmented  # noqa: E402
 from bench.timing import time_device  # noqa: E402
 from bench.workloads import SegmentedWorkload, core_workloads, sweep_workloads  # noqa: E402
 from spanfill.backends import get_backend, paged_problem  # noqa: E402
+from spanfill.testing import capture_cuda_graph  # noqa: E402
 
 
 def _set(value: str | None) -> None:
@@ -34,19 +35,6 @@ def _set(value: str | None) -> None:
         os.environ.pop("SPANFILL_SPLITS", None)
     else:
         os.environ["SPANFILL_SPLITS"] = value
-
-
-def _graph(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` captured once (its split count is read while capturing)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main(suite: str = "all", *names: str) -> None:
@@ -76,7 +64,8 @@ def main(suite: str = "all", *names: str) -> None:
                 _set(value)
                 errs[value] = check(prepared.output().clone())
                 if value not in graphs:
-                    graphs[value] = _graph(prepared.run)
+                    # captured once: its split count is read while capturing
+                    graphs[value] = capture_cuda_graph(prepared.run)[0]
                 p50 = time_device(graphs[value].replay, device, flush_l2=False,
                                   cover_launch=True).p50 * 1e3
                 gpu[value] = min(gpu.get(value, float("inf")), p50)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -25,10 +25,12 @@ if TYPE_CHECKING:
     from .layout import SpanLayout
 
 __all__ = ["ELEMENTWISE_TOLERANCE", "LSE_TOLERANCE", "TOLERANCE", "assert_close", "assert_lse_close",
-           "num_splits", "recorded_launches",
+           "capture_cuda_graph", "num_splits", "recorded_launches",
            "reference_span", "rel_err", "tolerance"]
 
 # Largest relative error of an output, per dtype of the op's inputs (STYLE.md).
+_T = TypeVar("_T")
+
 TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 # Largest elementwise absolute error of an output of magnitude ~1 (inputs drawn N(0, 1)).
 ELEMENTWISE_TOLERANCE: dict[torch.dtype, float] = {
@@ -225,3 +227,21 @@ def recorded_launches(**launchers: Callable[[tuple, dict], Any] | None
     finally:
         for name, original in originals.items():
             setattr(kernels, name, original)
+
+
+def capture_cuda_graph(step: Callable[[], _T]) -> tuple[torch.cuda.CUDAGraph, _T]:
+    """Capture ``step()`` in a CUDA graph; returns the graph and the captured outputs.
+
+    ``step`` runs twice on a side stream first, so Triton compiles its kernels and the
+    caching allocator holds its blocks before the capture (neither may happen inside).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs

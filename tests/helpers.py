@@ -6,13 +6,11 @@ Tolerances, relative error and reference wrappers live in :mod:`spanfill.testing
 from __future__ import annotations
 
 import random
-from typing import Callable, TypeVar
 
 import torch
 
 import spanfill as sf
 
-T = TypeVar("T")
 
 
 def random_spans(rng: random.Random, seq_len: int, max_spans: int, max_len: int) -> list[tuple[int, int]]:
@@ -53,20 +51,3 @@ def paged_setup(
     k_cache, v_cache = rnd(num_pages, page_size, hk, d), rnd(num_pages, page_size, hk, d)
     return layout, k_cache, v_cache, rnd(t, hq, d), rnd(t, hk, d), rnd(t, hk, d)
 
-
-def capture_cuda_graph(step: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
-    """Capture ``step()`` in a CUDA graph; returns the graph and the captured outputs.
-
-    ``step`` runs twice on a side stream first, so Triton compiles its kernels and the
-    caching allocator holds its blocks before the capture (neither may happen inside).
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
-    return graph, outputs

@@ -23,9 +23,8 @@ import torch
 import spanfill as sf
 from spanfill import reference
 from spanfill.layout import compute_slot_mapping
-from spanfill.testing import assert_close, assert_lse_close, reference_span
+from spanfill.testing import assert_close, assert_lse_close, capture_cuda_graph, reference_span
 from tests.fuzzing import bits, poisoned_allocations
-from tests.helpers import capture_cuda_graph
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

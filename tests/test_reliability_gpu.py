@@ -12,8 +12,7 @@ import torch
 
 import spanfill as sf
 from spanfill import custom_ops, reference
-from spanfill.testing import TOLERANCE, reference_span, rel_err
-from tests.helpers import capture_cuda_graph
+from spanfill.testing import TOLERANCE, capture_cuda_graph, reference_span, rel_err
 
 pytestmark = pytest.mark.gpu
 
