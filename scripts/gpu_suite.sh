@@ -17,10 +17,12 @@ export PYTHONUNBUFFERED=1
 commit="${SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 dirty="${SUITE_DIRTY:-}"
 workers=()
+# Several GPUs: each xdist worker takes one (tests/conftest.py reads SPANFILL_TEST_GPUS).
+export SPANFILL_TEST_GPUS="${SPANFILL_TEST_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)}"
 python3 -c "import xdist" 2>/dev/null && workers=(-n "${SUITE_WORKERS:-8}")
 {
     echo "# whole test suite at ${commit}${dirty:-}, $(date -u +%Y-%m-%dT%H:%MZ)"
-    python3 -c "import torch, triton; print('#', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)"
+    python3 -c "import torch, triton; print('#', torch.cuda.device_count(), 'x', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)"
     echo "# python3 -m pytest -q -rs ${workers[*]} $*"
 } | tee "$log"
 set -o pipefail

@@ -11,7 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 
-import torch
+# On a machine with several GPUs, scripts/gpu_suite.sh sets SPANFILL_TEST_GPUS and
+# pytest-xdist workers take one GPU each, round-robin. This must happen before torch
+# first touches CUDA, which reads CUDA_VISIBLE_DEVICES once.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+_gpus = int(os.environ.get("SPANFILL_TEST_GPUS", "1") or "1")
+if _gpus > 1 and _worker.startswith("gw"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(int(_worker[2:]) % _gpus)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
