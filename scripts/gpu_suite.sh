@@ -18,7 +18,9 @@ commit="${SUITE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown
 dirty="${SUITE_DIRTY:-}"
 workers=()
 # Several GPUs: each xdist worker takes one (tests/conftest.py reads SPANFILL_TEST_GPUS).
-export SPANFILL_TEST_GPUS="${SPANFILL_TEST_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)}"
+gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
+[ "${gpus:-0}" -ge 1 ] 2>/dev/null || gpus=1
+export SPANFILL_TEST_GPUS="${SPANFILL_TEST_GPUS:-$gpus}"
 python3 -c "import xdist" 2>/dev/null && workers=(-n "${SUITE_WORKERS:-8}")
 {
     echo "# whole test suite at ${commit}${dirty:-}, $(date -u +%Y-%m-%dT%H:%MZ)"
