@@ -12,12 +12,14 @@ import hashlib
 import os
 
 # On a machine with several GPUs, scripts/gpu_suite.sh sets SPANFILL_TEST_GPUS and
-# pytest-xdist workers take one GPU each, round-robin. This must happen before torch
-# first touches CUDA, which reads CUDA_VISIBLE_DEVICES once.
+# pytest-xdist workers spread over them round-robin: each worker's "cuda:0" is another
+# GPU, and the rest stay visible after it, so the multi-GPU tests still run. This must
+# happen before torch first touches CUDA, which reads CUDA_VISIBLE_DEVICES once.
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
 _gpus = int(os.environ.get("SPANFILL_TEST_GPUS", "1") or "1")
 if _gpus > 1 and _worker.startswith("gw"):
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(int(_worker[2:]) % _gpus)
+    _first = int(_worker[2:]) % _gpus
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str((_first + i) % _gpus) for i in range(_gpus))
 
 import torch  # noqa: E402
 
