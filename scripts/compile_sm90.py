@@ -16,6 +16,11 @@ Usage::
     python scripts/compile_sm90.py            # a table: case, compiled, specialised args
     python scripts/compile_sm90.py --json     # one JSON line per run (tests read it)
     python scripts/compile_sm90.py CASE ...   # only these cases
+    python scripts/compile_sm90.py --dump-ttgir DIR   # also write each launch's TTGIR
+
+``--dump-ttgir`` writes ``DIR/<case>.<n>.<kernel>.ttgir`` with source locations removed:
+run it at two revisions (a ``git worktree``) and ``diff -r`` the folders to show that a
+refactor leaves the compiled kernels unchanged, whatever it did to their signatures.
 
 Run it as its own process, never inside one that imported Triton under
 ``TRITON_INTERPRET=1`` (see ``scripts/compare_kernel_ir.py``).
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -196,8 +202,11 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
 }
 
 
-def run_case(name: str) -> dict:
-    """Compile one case; returns what compiled and whether the expected constants appeared."""
+def run_case(name: str, dump: Path | None = None) -> dict:
+    """Compile one case; returns what compiled and whether the expected constants appeared.
+
+    ``dump``: a folder to write each launch's TTGIR into (see the module docstring).
+    """
     launch, expect_const = CASES[name]
     sink: list[dict] = []
     start = time.perf_counter()
@@ -207,6 +216,10 @@ def run_case(name: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - reported per case, the run goes on
         return {"case": name, "ok": False, "error": f"{type(exc).__name__}: {exc}",
                 "trace": traceback.format_exc(limit=4)[-2000:]}
+    if dump is not None:
+        for n, entry in enumerate(sink):
+            (dump / f"{name}.{n}.{entry['kernel']}.ttgir").write_text(
+                _strip_locations(entry["ttgir"]))
     consts = {k: v for entry in sink for k, v in entry["constexpr_ints"].items()}
     missing = [arg for arg in expect_const if consts.get(arg) != 1]
     return {
@@ -218,10 +231,22 @@ def run_case(name: str) -> dict:
     }
 
 
+def _strip_locations(ttgir: str) -> str:
+    text = re.sub(r" loc\(#loc\d*\)", "", ttgir)
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#loc")) + "\n"
+
+
 def main(argv: list[str]) -> int:
+    argv = list(argv)
+    dump = None
+    if "--dump-ttgir" in argv:
+        i = argv.index("--dump-ttgir")
+        dump = Path(argv[i + 1])
+        del argv[i:i + 2]
+        dump.mkdir(parents=True, exist_ok=True)
     as_json = "--json" in argv
     names = [a for a in argv if not a.startswith("--")] or list(CASES)
-    results = [run_case(n) for n in names]
+    results = [run_case(n, dump) for n in names]
     if as_json:
         print(json.dumps(results))
     else:
