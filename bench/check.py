@@ -58,9 +58,17 @@ def row_subset(rng: np.random.Generator, n: int, heads: int, kv_len: int) -> np.
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
-def segmented_checker(w: SegmentedWorkload, t: SegmentedTensors, seed: int = 0) -> Checker:
+def segmented_checker(w: SegmentedWorkload, t: SegmentedTensors, seed: int = 0,
+                      caches: tuple[torch.Tensor, torch.Tensor] | None = None) -> Checker:
     """Reference at a random subset of span rows of every request (under the
-    workload's sliding window, if it has one)."""
+    workload's sliding window, if it has one).
+
+    Parameters
+    ----------
+    caches : K and V caches [num_pages, page_size, Hk, D] to attend over instead of
+        ``t``'s (e.g. an fp8 cache, dequantized: fp32), paged as ``t.block_table``
+        says; the rows are the same as without them (same ``seed``)
+    """
     rng = np.random.default_rng(seed)
     qsl = t.layout.query_start_loc.tolist()
     positions = t.layout.positions
@@ -72,7 +80,10 @@ def segmented_checker(w: SegmentedWorkload, t: SegmentedTensors, seed: int = 0) 
             continue
         local = torch.from_numpy(row_subset(rng, n, w.num_q_heads, w.seq_lens[b])).to(t.q.device)
         idx = local + qsl[b]
-        k, v = t.dense_kv(b)
+        if caches is None:
+            k, v = t.dense_kv(b)
+        else:
+            k, v = (reference.gather_kv(c, t.block_table, w.seq_lens[b], b) for c in caches)
         o, _ = reference.attend(t.q[idx], k, v, positions[idx], True, scale,
                                 window_left=getattr(w, "window_left", -1))
         rows.append(idx)

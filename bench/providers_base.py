@@ -28,6 +28,10 @@ class Prepared:
     note : goes into the CSV
     tile_work : spanfill only: the kernel's work on its plan against the counted
         work (:func:`bench.tile_work.tile_work`), written as a ``tile_work`` row
+    checker : checks ``output`` instead of the workload's checker, for a provider
+        whose inputs differ from the workload's on purpose (an fp8 cache: the
+        reference on the dequantized cache); the workload's checker then gives the
+        ``quant_relerr`` row, what the different inputs cost in accuracy
     """
 
     run: Callable[[], object]
@@ -38,6 +42,7 @@ class Prepared:
     expect_wrong: bool = False
     note: str = ""
     tile_work: Callable[[], object] | None = None
+    checker: Callable[[torch.Tensor], float] | None = None
 
 
 def spanfill_backend(device: torch.device) -> str | None:

@@ -12,7 +12,7 @@ import csv
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 __all__ = ["COLUMNS", "markdown", "targets", "write_plots", "read_csv", "main"]
 
@@ -24,6 +24,10 @@ CEILINGS = ("sdpa_cudnn_dense", "sdpa_flash_dense")
 TARGET_WORKLOADS = ("few_big", "many_small", "scatter15", "long_32k", "bert_base_512",
                     "enc_2k_d128")
 ATTENTION_KERNELS = ("span_prefill", "padded_prefill")
+# spanfill on other inputs (an fp8 cache: ``spanfill_fp8_e4m3`` ...): compared with the
+# ``spanfill`` row, never counted as a peer.
+SPANFILL_VARIANT = "spanfill_"
+FP8_VARIANT = "spanfill_fp8_"
 
 Row = dict[str, object]
 
@@ -102,6 +106,18 @@ def _tflops(index: dict, workload: str, provider: str) -> float | None:
     return None if row is None else _f(row.get("tflops"))
 
 
+def _fp8_rows(index: dict, workload: str, provider: str, bf16_ms: float | None,
+              add: Callable[..., None]) -> None:
+    """An fp8-cache provider against ``spanfill`` on the workload's own cache: time
+    ratio and the error the quantization adds (``quant_relerr``), both informational."""
+    fp8_ms = _p50(index, workload, provider)
+    ratio = None if fp8_ms is None or bf16_ms is None else fp8_ms / bf16_ms
+    add(f"  {provider} time / spanfill time (same layout, cache in fp8)", workload, ratio,
+        "(info)", None)
+    add(f"  {provider} error vs the workload cache's reference", workload,
+        _p50(index, workload, provider, "quant_relerr"), "(info)", None, "{:.2g}")
+
+
 def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
     """(target, workload, measured, goal, met) for BENCHMARKS.md's "What we aim for"."""
     index = _index(rows)
@@ -121,7 +137,7 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
         if kernel == "span_prefill":
             best, best_name = None, ""
             for p in provs:
-                if p == "spanfill" or p in CEILINGS:
+                if p == "spanfill" or p.startswith(SPANFILL_VARIANT) or p in CEILINGS:
                     continue
                 k = _p50(index, w, p)
                 if k is None:
@@ -146,6 +162,9 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
             need = w in ("few_big", "long_32k")
             add("% of dense causal cuDNN rate", w, frac, ">= 70%" if need else "(info)",
                 (frac >= 0.7) if need and frac is not None else None, "{:.0%}")
+            for p in provs:
+                if p.startswith(FP8_VARIANT):
+                    _fp8_rows(index, w, p, s, add)
         else:
             flex = _p50(index, w, "flex")
             r = None if s is None or flex is None else flex / s

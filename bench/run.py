@@ -133,7 +133,15 @@ def run_provider(name: str, fn: Callable, w: Workload, tensors: object, checker:
     if window >= 0 and f"window_left={window}" not in prep.note:
         prep.note = f"{prep.note}; window_left={window}" if prep.note else f"window_left={window}"
     t0 = time.perf_counter()
-    err = prep.own_check() if prep.own_check is not None else checker(prep.output())
+    quant_err = None
+    if prep.own_check is not None:
+        err = prep.own_check()
+    else:
+        out = prep.output()
+        err = (prep.checker or checker)(out)
+        if prep.checker is not None:
+            quant_err = checker(out)
+        del out
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first = time.perf_counter() - t0
@@ -144,6 +152,12 @@ def run_provider(name: str, fn: Callable, w: Workload, tensors: object, checker:
                 "p50": err if math.isfinite(err) else "inf",
                 "note": f"{verdict} (tol {tol:g}); check incl. first call {first:.2f} s; "
                         f"{prep.note}"})
+    if quant_err is not None:
+        sink.write({**base, "provider": name, "metric": "quant_relerr", "unit": "rel",
+                    "p50": quant_err if math.isfinite(quant_err) else "inf",
+                    "note": f"vs the reference on the workload's own "
+                            f"{str(dtype).removeprefix('torch.')} inputs, same rows: the accuracy "
+                            f"cost of the provider's inputs (informational, no tolerance)"})
     if not ok and not prep.expect_wrong:
         _say(f"[check FAIL] {base['workload']} / {name}: relerr {err:.3g} > {tol:g}; not timed")
         return
@@ -224,6 +238,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _at_home(provider: str, names_w: set[str], wanted_w: set[str], wanted_p: set[str]) -> bool:
+    """Whether ``provider`` runs on the workload called ``names_w``: anywhere, unless
+    it has :data:`bench.providers.HOME_WORKLOADS`; then there, or where ``--only``
+    names both it and the workload."""
+    home = prov.HOME_WORKLOADS.get(provider)
+    if home is None or names_w & home:
+        return True
+    return provider in wanted_p and bool(names_w & wanted_w)
+
+
 def _plan_tasks(args: argparse.Namespace, flashinfer_ok: bool) -> tuple[list, list[str]]:
     """Workloads with their provider lists, and whether the micro-benchmarks run."""
     small = args.smoke
@@ -254,6 +278,7 @@ def _plan_tasks(args: argparse.Namespace, flashinfer_ok: bool) -> tuple[list, li
         names = [n for n in registry
                  if (n in wanted_p if wanted_p else (not in_sweep or n in prov.SWEEP_PROVIDERS))
                  and (flashinfer_ok or n not in prov.FLASHINFER)
+                 and _at_home(n, names_w, wanted_w, wanted_p)
                  and not (args.smoke and n in prov.SMOKE_SKIP) and n not in skip]
         if names:
             tasks.append((w, names))
