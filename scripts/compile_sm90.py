@@ -3,12 +3,11 @@ arguments specialised exactly as a real launch would specialise them.
 
 Triton turns an integer argument equal to 1 into a compile-time constant and marks
 integers and pointers divisible by 16; code that calls a tensor method on such an
-argument (``split_rows.to(tl.int64)`` with one row) compiles at some values and not
+argument (``num_rows.to(tl.int64)`` with one row) compiles at some values and not
 at others. The interpreter never specialises, so only a compile shows it. Here each
 case calls the real host launcher (``attention_fwd``, ``append_kv_launch``, the merge
 and plan launchers) on small CPU tensors shaped so that the arguments take the values
-Triton specialises (1 and multiples of 16: row counts, strides, page sizes, split
-rows); the launch is intercepted, the arguments go through Triton's own binder and
+Triton specialises (1 and multiples of 16: row counts, strides, page sizes); the launch is intercepted, the arguments go through Triton's own binder and
 specialisation for an sm_90 target, and the kernel is compiled to a cubin.
 
 Usage::
@@ -18,7 +17,8 @@ Usage::
     python scripts/compile_sm90.py CASE ...   # only these cases
     python scripts/compile_sm90.py --dump-ttgir DIR   # also write each launch's TTGIR
 
-``--dump-ttgir`` writes ``DIR/<case>.<n>.<kernel>.ttgir`` with source locations removed:
+``--dump-ttgir`` writes ``DIR/<case>.<n>.<kernel>.ttgir`` in a canonical form (no source
+locations, values renumbered: :func:`canonical_ttgir`):
 run it at two revisions (a ``git worktree``) and ``diff -r`` the folders to show that a
 refactor leaves the compiled kernels unchanged, whatever it did to their signatures.
 
@@ -48,12 +48,12 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from spanfill.backends.triton_config import launch_config, pick_config  # noqa: E402
 from spanfill.kernels import (  # noqa: E402
     append_kv_launch,
     attention_fwd,
     merge_states_launch,
     merge_two_launch,
-    pick_config,
     plan_packed_launch,
 )
 from spanfill.layout import plan_packed  # noqa: E402
@@ -79,7 +79,9 @@ def compile_instead_of_launch(sink: list[dict]):
         kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET,
                                 options=options.__dict__)
         names = list(bound_args)
-        specialised = {names[path[0]]: value for path, value in constexprs.items()
+        # A tuple argument's elements are named "arg[i]".
+        specialised = {names[path[0]] + "".join(f"[{i}]" for i in path[1:]): value
+                       for path, value in constexprs.items()
                        if not self.params[path[0]].is_constexpr and isinstance(value, int)}
         sink.append({"kernel": self.__name__, "constexpr_ints": specialised,
                      "ttgir": kernel.asm["ttgir"]})
@@ -104,49 +106,73 @@ def _packed_plan(q_lens: list[int], kv_lens: list[int], block_q: int, causal: bo
                        positions, torch.tensor(kv_row0, dtype=torch.int32) if kv_row0 else None)
 
 
+def _fp8_scales(fp8: str | None, hk: int) -> dict:
+    """K/V scales for an fp8 case: "float" (two numbers) or "head" (fp32 [Hk] tensors)."""
+    if fp8 is None:
+        return {}
+    if fp8 == "float":
+        return dict(k_scale=0.5, v_scale=0.25)
+    return dict(k_scale=torch.full((hk,), 0.5), v_scale=torch.full((hk,), 0.25))
+
+
 def span_case(rows: int, splits: int, page_size: int, hq: int, hk: int, d: int,
               pages_per_req: int = 1, return_lse: bool = True,
-              variants: bool = False) -> Callable[[], None]:
+              variants: bool = False, fp8: str | None = None,
+              kv_dtype: torch.dtype = torch.float8_e4m3fn) -> Callable[[], None]:
     """Paged (span) attention: one request, ``rows`` query rows at the prompt's end.
 
     ``variants``: a sliding window of 1, a KV lower bound (a shard) and a soft cap.
+    ``fp8``: a ``kv_dtype`` cache with "float" or per-"head" scales.
     """
     def launch() -> None:
         seq_len = pages_per_req * page_size
         cfg = pick_config(d, torch.bfloat16, hq // hk, True, paged=True)
         num_pages = pages_per_req + 1
         k, v = _rand(num_pages, page_size, hk, d), _rand(num_pages, page_size, hk, d)
+        if fp8:
+            k, v = k.to(kv_dtype), v.to(kv_dtype)
         q = _rand(rows, hq, d)
         positions = torch.arange(seq_len - rows, seq_len, dtype=torch.int32)
         table = torch.arange(pages_per_req, dtype=torch.int32)[None, :]  # width 1: stride 1
         plan = _packed_plan([rows], [seq_len], cfg.block_q, True, positions)
         lse = torch.empty(rows, hq, dtype=torch.float32) if return_lse else None
-        extra = dict(kv_lo=torch.zeros(1, dtype=torch.int32), window_left=1,
+        extra = dict(kv_start=torch.zeros(1, dtype=torch.int32), window_left=1,
                      logits_soft_cap=30.0) if variants else {}
-        attention_fwd(q, k, v, torch.empty_like(q), lse, plan, cfg, d ** -0.5, True,
-                      positions=positions, block_table=table, num_splits=splits, **extra)
+        launch = launch_config(cfg, torch.bfloat16, d, num_splits=splits,
+                               window_left=extra.get("window_left", -1),
+                               has_kv_start="kv_start" in extra)
+        attention_fwd(q, k, v, torch.empty_like(q), lse, plan, launch, d ** -0.5, True,
+                      positions=positions, block_table=table, **extra, **_fp8_scales(fp8, hk))
     return launch
 
 
 def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool,
-               zero_fill: bool, splits: int = 1) -> Callable[[], None]:
-    """Dense attention: a padded batch (zero-fill) or packed varlen rows."""
+               zero_fill: bool, splits: int = 1, fp8: str | None = None) -> Callable[[], None]:
+    """Dense attention: a padded batch (zero-fill) or packed varlen rows (``fp8``: e5m2
+    K/V with "float" or per-"head" scales)."""
     def launch() -> None:
         cfg = pick_config(d, torch.bfloat16, hq // hk, True, paged=False, tma=tma)
         q, k, v = _rand(b * s, hq, d), _rand(b * s, hk, d), _rand(b * s, hk, d)
+        if fp8:
+            k, v = k.to(torch.float8_e5m2), v.to(torch.float8_e5m2)
         starts = [i * s for i in range(b)]
         plan = _packed_plan([s] * b, [s] * b, cfg.block_q, causal, kv_row0=starts)
         lse = torch.empty(b * s, hq, dtype=torch.float32)
-        attention_fwd(q, k, v, torch.empty_like(q), lse, plan, cfg, d ** -0.5, causal,
-                      zero_fill=zero_fill, use_tma=tma, num_splits=splits)
+        launch = launch_config(cfg, torch.bfloat16, d, num_splits=splits, use_tma=tma)
+        attention_fwd(q, k, v, torch.empty_like(q), lse, plan, launch, d ** -0.5, causal,
+                      zero_fill=zero_fill, **_fp8_scales(fp8, hk))
     return launch
 
 
-def append_case(rows: int, page_size: int, hk: int, d: int) -> Callable[[], None]:
+def append_case(rows: int, page_size: int, hk: int, d: int, fp8: str | None = None,
+                kv_dtype: torch.dtype = torch.float8_e4m3fn) -> Callable[[], None]:
     def launch() -> None:
         k_cache, v_cache = _rand(4, page_size, hk, d), _rand(4, page_size, hk, d)
+        if fp8:
+            k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
         slots = torch.arange(rows, dtype=torch.int64)
-        append_kv_launch(_rand(rows, hk, d), _rand(rows, hk, d), k_cache, v_cache, slots)
+        append_kv_launch(_rand(rows, hk, d), _rand(rows, hk, d), k_cache, v_cache, slots,
+                         **_fp8_scales(fp8, hk))
     return launch
 
 
@@ -175,14 +201,14 @@ def plan_case(num_req: int, rows_per_req: int, padded_seq_len: int) -> Callable[
 
 # name -> (launch, integer arguments that must come out as compile-time constants)
 CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
-    # split-KV with one row: split_rows == 1 (the crash of issue 14), MQA, table width 1
+    # split-KV with one row: num_rows == 1 (the crash of issue 14), MQA, table width 1
     "span_split_t1_mqa_d128": (span_case(1, 3, 16, 8, 1, 128, pages_per_req=1),
-                               ("split_rows", "stride_bt")),
+                               ("num_rows", "stride_bt")),
     "span_split_t1_gqa_d64_page1": (span_case(1, 7, 1, 32, 8, 64, pages_per_req=1),
-                                    ("split_rows", "stride_bt")),
+                                    ("num_rows", "stride_bt")),
     "span_split_t16_d256_page256": (span_case(16, 2, 256, 4, 4, 256, pages_per_req=1), ()),
     "span_split_t1_window1_shard_softcap": (span_case(1, 3, 16, 8, 8, 64, variants=True),
-                                            ("split_rows", "window_left")),
+                                            ("num_rows", "window_left")),
     "span_unsplit_t1_d128": (span_case(1, 1, 16, 32, 8, 128, pages_per_req=1),
                              ("stride_bt",)),
     "span_unsplit_t32_page16_nolse": (span_case(32, 1, 16, 8, 2, 128, pages_per_req=1,
@@ -193,6 +219,17 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
                                              zero_fill=True), ()),
     "varlen_dense_causal_split_d128": (dense_case(1, 16, 2, 1, 128, tma=False, causal=True,
                                                   zero_fill=False, splits=2), ()),
+    # fp8 caches (issue 18): widened after the load, scales as floats or [Hk] pointers
+    "span_fp8_e4m3_head_scales_split_t1": (span_case(1, 3, 16, 32, 8, 128, fp8="head"),
+                                           ("num_rows", "scale_stride")),
+    "span_fp8_e5m2_float_scales_t32": (span_case(32, 1, 16, 8, 2, 128, fp8="float",
+                                                 kv_dtype=torch.float8_e5m2), ()),
+    "padded_fp8_e5m2_head_scales_d64": (dense_case(2, 32, 4, 2, 64, tma=False, causal=False,
+                                                   zero_fill=True, fp8="head"), ()),
+    "append_fp8_e4m3_head_scales_t1": (append_case(1, 16, 2, 128, fp8="head"),
+                                       ("scale_stride",)),
+    "append_fp8_e5m2_float_scales": (append_case(16, 16, 8, 64, fp8="float",
+                                                 kv_dtype=torch.float8_e5m2), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),
@@ -219,7 +256,7 @@ def run_case(name: str, dump: Path | None = None) -> dict:
     if dump is not None:
         for n, entry in enumerate(sink):
             (dump / f"{name}.{n}.{entry['kernel']}.ttgir").write_text(
-                _strip_locations(entry["ttgir"]))
+                canonical_ttgir(entry["ttgir"]))
     consts = {k: v for entry in sink for k, v in entry["constexpr_ints"].items()}
     missing = [arg for arg in expect_const if consts.get(arg) != 1]
     return {
@@ -231,9 +268,36 @@ def run_case(name: str, dump: Path | None = None) -> dict:
     }
 
 
-def _strip_locations(ttgir: str) -> str:
-    text = re.sub(r" loc\(#loc\d*\)", "", ttgir)
-    return "\n".join(line for line in text.splitlines() if not line.startswith("#loc")) + "\n"
+def canonical_ttgir(ttgir: str) -> str:
+    """TTGIR with source locations removed, constants inlined and SSA values renumbered.
+
+    Triton names values after the Python variables and arguments they come from, and
+    materialises constants in the order the source first uses them, so a rename or an
+    unpacked tuple changes the text but not the program; this form changes only when
+    the program does.
+    """
+    text = re.sub(r' loc\((?:[^()]|\([^()]*\))*\)', "", ttgir)
+    names: dict[str, str] = {}
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#loc"):
+            continue
+        const = re.match(r"\s*(%[\w.]+) = arith\.constant (.+)$", line)
+        if const:  # referred to by value below, wherever it was defined
+            names[const.group(1)] = f"%const<{const.group(2)}>"
+            continue
+        lines.append(line)
+
+    renamed = iter(range(1 << 30))
+
+    def rename(m: re.Match) -> str:
+        if m.group(0) not in names:
+            names[m.group(0)] = f"%v{next(renamed)}"
+        return names[m.group(0)]
+
+    # (%const<...> is this form's own constant: left alone, so the form is idempotent.)
+    return "\n".join(re.sub(r"%(?!const<)[A-Za-z_][\w.]*|%\d+(?:_\d+)?", rename, line)
+                     for line in lines) + "\n"
 
 
 def main(argv: list[str]) -> int:

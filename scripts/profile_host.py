@@ -41,10 +41,10 @@ def main() -> None:
     problem = dense_problem("padded", qr, kr, vr, b, s, False)
     chosen, _ = select_backend(problem)
     launch = chosen.select_config(problem)
-    cfg, tma = launch.tile, launch.use_tma
+    cfg = launch.tile
     plan = layout.tile_plan(cfg.block_q, False)
     out = torch.empty_like(qr)
-    print(f"attention_fwd alone: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)):.1f} us")
+    print(f"attention_fwd alone: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, launch, d ** -0.5, False, zero_fill=True)):.1f} us")
     print(f"torch.empty_like: {host_us(lambda: torch.empty_like(qr)):.1f} us")
     from spanfill import ops
     pieces = {
@@ -72,7 +72,7 @@ def main() -> None:
             return launch
 
     attn._attn_fwd_kernel = Capture()
-    attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)
+    attention_fwd(qr, kr, vr, out, None, plan, launch, d ** -0.5, False, zero_fill=True)
     attn._attn_fwd_kernel = real
     pieces["bare Triton launch (args prebuilt)"] = lambda: real[captured["grid"]](
         *captured["args"], **captured["kwargs"])
@@ -85,7 +85,7 @@ def main() -> None:
 
     attn._attn_fwd_kernel = NoLaunch()
     print(f"padded_prefill, launch stubbed out: {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
-    print(f"attention_fwd, launch stubbed out: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, d ** -0.5, False, zero_fill=True, use_tma=tma)):.1f} us")
+    print(f"attention_fwd, launch stubbed out: {host_us(lambda: attention_fwd(qr, kr, vr, out, None, plan, launch, d ** -0.5, False, zero_fill=True)):.1f} us")
     attn._attn_fwd_kernel = real
     print(f"padded_prefill again: {host_us(lambda: sf.padded_prefill(q, k, v, layout)):.1f} us")
     prof = cProfile.Profile()

@@ -77,7 +77,8 @@ def dense_case(dtype: torch.dtype, d: int, hq: int, hk: int, causal: bool, side:
 
 def planted() -> None:
     """Out-of-bounds launches that the public API would reject."""
-    from spanfill.kernels import append_kv_launch, attention_fwd, pick_config
+    from spanfill.backends.triton_config import launch_config, pick_config
+    from spanfill.kernels import append_kv_launch, attention_fwd
 
     page_size, hk, d, num_pages = 16, 2, 64, 4
     k_cache = torch.zeros(num_pages, page_size, hk, d, dtype=torch.float16, device="cuda")
@@ -97,8 +98,8 @@ def planted() -> None:
     q = torch.ones(1, hk, d, dtype=torch.float16, device="cuda")
     cfg = pick_config(d, q.dtype, 1, True)
     out = torch.empty_like(q)
-    attention_fwd(q, k_cache, v_cache, out, None, layout.tile_plan(cfg.block_q, False), cfg,
-                  1 / math.sqrt(d), False, positions=layout.positions, block_table=layout.block_table)
+    attention_fwd(q, k_cache, v_cache, out, None, layout.tile_plan(cfg.block_q, False),
+                  launch_config(cfg, q.dtype, d), 1 / math.sqrt(d), False, positions=layout.positions, block_table=layout.block_table)
     torch.cuda.synchronize()
     print("planted attention: read page", num_pages + 3, "of a pool of", num_pages)
 
@@ -108,7 +109,7 @@ def split_t1_case(dtype: torch.dtype, d: int, hq: int, hk: int, seq_len: int, po
     """One span token at ``pos`` of a ``seq_len`` prompt (T=1: Triton makes the row count
     a compile-time 1), with ``splits`` forced through SPANFILL_SPLITS or, for None, the
     count the policy picks. Returns the relative error against the reference."""
-    from spanfill.kernels import pick_config, pick_num_splits
+    from spanfill.backends.triton_config import pick_config, pick_num_splits
 
     page_size = 16
     gen = torch.Generator().manual_seed(seq_len + pos)

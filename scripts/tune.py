@@ -1,7 +1,7 @@
 """Time the attention kernel over a grid of tile configs on the BENCHMARKS.md shapes.
 
 Kernel time only (layouts and plans built outside the timed region). Used to fill
-the table in spanfill/kernels/configs.py; the benchmark suite (bench/) is what
+the table in spanfill/backends/triton_config.py; the benchmark suite (bench/) is what
 the README quotes.
 """
 import os
@@ -14,8 +14,8 @@ import triton
 
 sys.path.insert(0, ".")
 import spanfill as sf
-from spanfill.kernels import AttentionConfig, attention_fwd
-from spanfill.kernels.configs import _stacked_heads
+from spanfill.backends.triton_config import AttentionConfig, _stacked_heads, launch_config
+from spanfill.kernels import attention_fwd
 from spanfill.testing import rel_err
 from tests.helpers import paged_setup
 
@@ -72,11 +72,11 @@ for name, n, B, nspan, slen in (("few_big", 8192, 2, 4, 512), ("many_small", 819
         cfg = AttentionConfig(bm, bn, _stacked_heads(4, bm, 16), w, st)
         plan = lay.tile_plan(cfg.block_q, True)
         try:
-            handle = attention_fwd(q, kc, vc, out, None, plan, cfg, 128 ** -0.5, True,
+            handle = attention_fwd(q, kc, vc, out, None, plan, launch_config(cfg, dtype, 128), 128 ** -0.5, True,
                                    positions=lay.positions, block_table=lay.block_table)
             print(cfg, "regs", getattr(handle, "n_regs", "?"), "spills", getattr(handle, "n_spills", "?"),
                   "smem", getattr(getattr(handle, "metadata", None), "shared", "?"))
-            t = bench(lambda: attention_fwd(q, kc, vc, out, None, plan, cfg, 128 ** -0.5, True,
+            t = bench(lambda: attention_fwd(q, kc, vc, out, None, plan, launch_config(cfg, dtype, 128), 128 ** -0.5, True,
                                             positions=lay.positions, block_table=lay.block_table))
         except Exception as e:  # a config that does not fit (shared memory) is skipped
             print(name, cfg, "failed:", type(e).__name__, str(e)[:80]); continue
@@ -101,7 +101,7 @@ for name, B, S, H, D in (("bert_base_512", 64, 512, 12, 64), ("enc_2k_d128", 16,
         cfg = AttentionConfig(bm, bn, 1, w, st)
         plan = layout.tile_plan(cfg.block_q, False)
         try:
-            t = bench(lambda: attention_fwd(qr, kr, vr, out, None, plan, cfg, D ** -0.5, False, zero_fill=True))
+            t = bench(lambda: attention_fwd(qr, kr, vr, out, None, plan, launch_config(cfg, dtype, D), D ** -0.5, False, zero_fill=True))
         except Exception as e:
             print(name, cfg, "failed:", type(e).__name__, str(e)[:80]); continue
         checked(out, expect, (name, cfg))

@@ -273,7 +273,7 @@ def padded_prefill(
     plan = layout.tile_plan(cfg.block_q, causal)
     out, lse = chosen.attend(cfg, plan, q_rows, k_rows, v_rows, scale, causal, return_lse,
                              zero_fill=True, window_left=window_left,
-                             logits_soft_cap=logits_soft_cap)
+                             logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
     out = out.view(q.shape)
     if return_lse:
         return out, lse.view(b_sz, seq_len, num_q_heads)
@@ -359,7 +359,8 @@ def varlen_prefill(
     cfg = chosen.select_config(problem)
     plan = layout.tile_plan(cfg.block_q, causal)
     out, lse = chosen.attend(cfg, plan, q, k, v, scale, causal, return_lse,
-                             window_left=window_left, logits_soft_cap=logits_soft_cap)
+                             window_left=window_left, logits_soft_cap=logits_soft_cap,
+                             k_scale=k_scale, v_scale=v_scale)
     return _result(out, lse, return_lse)
 
 
@@ -504,8 +505,8 @@ def span_prefill(
     plan = layout.tile_plan(cfg.block_q, causal)
     out, lse = chosen.attend(cfg, plan, q, k_cache, v_cache, scale, causal, return_lse,
                              positions=layout.positions, block_table=layout.block_table,
-                             kv_lo=layout.kv_start, window_left=window_left,
-                             logits_soft_cap=logits_soft_cap)
+                             kv_start=layout.kv_start, window_left=window_left,
+                             logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
     return _result(out, lse, return_lse)
 
 
@@ -551,8 +552,7 @@ def append_kv(
     if v_new.dtype != k_new.dtype:
         raise TypeError(f"v_new has dtype {v_new.dtype} but k_new has {k_new.dtype}")
     k_scale, v_scale = _check_kv_scales(k_cache, k_scale, v_scale)
-    # The same selection as attention: the registry knows which caches the kernels take
-    # (the append kernel casts without a scale, so fp8 goes to the reference's quantize_kv).
+    # The same selection as attention: the registry knows which caches the kernels take.
     problem = paged_problem(k_new, k_cache, layout.num_requests, layout.block_table.shape[1],
                             False, op="append")
     path = select_backend(problem, backend)[0].name
@@ -564,4 +564,4 @@ def append_kv(
 
     from .kernels import append_kv_launch
 
-    append_kv_launch(k_new, v_new, k_cache, v_cache, layout.slot_mapping)
+    append_kv_launch(k_new, v_new, k_cache, v_cache, layout.slot_mapping, k_scale, v_scale)

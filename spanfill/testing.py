@@ -195,7 +195,8 @@ def reference_span(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 def num_splits(args: tuple, kwargs: dict) -> int:
     """The split-KV count of one ``attention_fwd`` call (for :func:`recorded_launches`)."""
-    return kwargs.get("num_splits", 1)
+    launch = kwargs["launch"] if "launch" in kwargs else args[6]
+    return launch.num_splits
 
 
 @contextlib.contextmanager

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import spanfill as sf
-import spanfill.kernels as kernels
 from spanfill import backends
+from spanfill.backends import triton_config
 from spanfill.backends import dense_problem, paged_problem, select_backend
 from spanfill.layout import plan_packed
 from spanfill.testing import recorded_launches
@@ -17,10 +17,11 @@ from tests.helpers import paged_setup
 CPU = torch.device("cpu")
 
 
-def _span_problem(t: int = 1, table_width: int = 64, page_size: int = 16) -> backends.AttentionProblem:
+def _span_problem(t: int = 1, table_width: int = 64, page_size: int = 16,
+                  window_left: int = -1) -> backends.AttentionProblem:
     q = torch.zeros(t, 8, 64)
     k_cache = torch.zeros(4, page_size, 2, 64)
-    return paged_problem(q, k_cache, 1, table_width, causal=True)
+    return paged_problem(q, k_cache, 1, table_width, causal=True, window_left=window_left)
 
 
 def test_order_is_kernels_then_reference() -> None:
@@ -69,7 +70,7 @@ def test_span_config_is_the_tuned_tile_and_the_forced_split(monkeypatch) -> None
     monkeypatch.setenv("SPANFILL_SPLITS", "3")
     triton = backends.get_backend("triton")
     cfg = triton.select_config(_span_problem())
-    assert cfg.tile == kernels.pick_config(64, torch.float32, 4, False, paged=True)
+    assert cfg.tile == triton_config.pick_config(64, torch.float32, 4, False, paged=True)
     assert cfg.num_splits == 3 and not cfg.use_tma
     assert "splits=3" in cfg.describe()
     monkeypatch.delenv("SPANFILL_SPLITS")
@@ -82,7 +83,28 @@ def test_dense_config_has_no_descriptors_in_fp32() -> None:
     cfg = backends.get_backend("triton").select_config(
         dense_problem("padded", q, kv, kv, 2, 20, causal=False))
     assert cfg.num_splits == 1 and not cfg.use_tma
-    assert cfg.tile == kernels.pick_config(64, torch.float32, 2, False, paged=False, tma=False)
+    assert cfg.tile == triton_config.pick_config(64, torch.float32, 2, False, paged=False,
+                                                 tma=False)
+
+
+def test_launch_config_decides_boundary_stages_and_exact_dots(monkeypatch) -> None:
+    """The two launch settings attention_fwd used to decide itself now come from the config."""
+    tile = triton_config.AttentionConfig(128, 128, 4, 8, 3)
+    plain = triton_config.launch_config(tile, torch.bfloat16, 128)
+    assert plain.boundary_stages == 3  # pipelined like the main loop
+    for variant in (dict(window_left=0), dict(has_kv_start=True)):
+        assert triton_config.launch_config(tile, torch.bfloat16, 128, **variant).boundary_stages == 1
+    assert triton_config.launch_config(tile, torch.bfloat16, 256).boundary_stages == 1
+    assert triton_config.launch_config(tile, torch.float32, 64).ieee_dot
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_config.launch_config(tile, torch.bfloat16, 64).ieee_dot  # the interpreter's bf16 dot
+    assert not triton_config.launch_config(tile, torch.float16, 64).ieee_dot
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_config.launch_config(tile, torch.bfloat16, 64).ieee_dot
+    # select_config passes the call's variants through.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = backends.get_backend("triton").select_config(_span_problem(window_left=5))
+    assert cfg.boundary_stages == 1 and cfg.ieee_dot  # fp32 q
 
 
 def test_reference_has_no_tiles() -> None:
@@ -107,13 +129,12 @@ def test_span_prefill_launches_with_the_selected_config(monkeypatch) -> None:
     monkeypatch.setenv("SPANFILL_SPLITS", "2")
     layout, k_cache, v_cache, q, _, _ = paged_setup([40], [[(3, 5)]], 16, 4, 2, 64,
                                                     torch.float32, device)
-    with recorded_launches(attention_fwd=lambda args, kw: (args[6], kw["num_splits"],
-                                                         kw["use_tma"])) as recorded:
+    with recorded_launches(attention_fwd=lambda args, kw: args[6]) as recorded:
         sf.span_prefill(q, k_cache, v_cache, layout, backend="triton")
     seen = recorded["attention_fwd"]
     problem = paged_problem(q, k_cache, 1, layout.block_table.shape[1], True)
     cfg = backends.get_backend("triton").select_config(problem)
-    assert seen == [(cfg.tile, 2, False)]
+    assert seen == [cfg] and cfg.num_splits == 2 and not cfg.use_tma
 
 
 @pytest.mark.parametrize("interpret,kernel_plan", [("1", True), ("0", False)],

@@ -4,7 +4,7 @@ The Triton interpreter runs the kernels' Python; it does not type-check them the
 way the compiler does (loop-carried values, constexpr branches, descriptor
 loads). Compiling for sm_90 here catches those errors before a GPU run, and
 ``scripts/compare_kernel_ir.py`` uses the same path to show a refactor leaves
-the GPU code unchanged.
+the GPU code unchanged (tested here against HEAD).
 
 The compile runs in a subprocess without ``TRITON_INTERPRET`` and with an empty
 Triton cache: in this process Triton was imported in interpreter mode, where
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-SCRIPT = SCRIPTS / "compare_kernel_ir.py"
+ROOT = SCRIPTS.parent
 
 # Cases of scripts/compile_sm90.py: every kernel family (split and unsplit, paged and
 # dense, padded zero-fill, merge, append, plan) at the integer values Triton
@@ -33,6 +33,9 @@ SPECIALISED_CASES = [
     "span_unsplit_t32_page16_nolse", "padded_zero_fill_b1_d64", "padded_zero_fill_tma_d128",
     "varlen_dense_causal_split_d128", "append_t1_page1_hk1", "append_t16_page16",
     "merge_one_state_one_head", "merge_16_rows", "plan_one_request", "plan_padded_16",
+    "span_fp8_e4m3_head_scales_split_t1", "span_fp8_e5m2_float_scales_t32",
+    "padded_fp8_e5m2_head_scales_d64", "append_fp8_e4m3_head_scales_t1",
+    "append_fp8_e5m2_float_scales",
 ]
 
 
@@ -46,23 +49,6 @@ def _compile_env(tmp_path_factory) -> dict[str, str]:
 # tests are for CI, which has no GPU (and the GPU machine's Triton is another version).
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU-only: on a GPU the suite's launches compile the kernels")
-
-
-@pytest.fixture(scope="module")
-def features(tmp_path_factory) -> dict[str, dict[str, bool]]:
-    pytest.importorskip("triton.backends.nvidia")
-    done = subprocess.run([sys.executable, str(SCRIPT), "--features"],
-                          env=_compile_env(tmp_path_factory),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("case", ["paged_causal_d128_gqa4", "padded_d64", "padded_d128_tma"])
-def test_kernel_compiles_for_sm90(features, case):
-    got = features[case]
-    assert got["wgmma"]  # Hopper's wgmma, not the mma.sync fallback
-    assert got["tma"] == case.endswith("_tma")  # descriptor loads only where asked for
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +76,55 @@ def test_kernel_compiles_at_specialised_ints(specialised, case):
     if case.startswith(("span", "padded", "varlen")):
         assert got["wgmma"]
         assert got["tma"] == ("tma" in case)
+
+
+def _canonical():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from compile_sm90 import canonical_ttgir
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return canonical_ttgir
+
+
+IR = """#loc = loc("a.py":1:0)
+  tt.func public @k(%Q: !tt.ptr<bf16> loc("Q"(#loc)), %n: i32 loc("n"(#loc))) {
+    %c1 = arith.constant 1 : i32 loc(#loc1)
+    %c0 = arith.constant 0.5 : f32 loc(#loc1)
+    %x = arith.addi %n, %c1 : i32 loc(#loc2)
+    %y = arith.muli %x, %x : i32 loc(#loc3)
+"""
+
+
+def test_canonical_ttgir_ignores_names_locations_and_constant_order() -> None:
+    canonical = _canonical()
+    renamed = (IR.replace("%Q", "%plan.0").replace("%x", "%row").replace("%n", "%num_rows")
+               .replace("#loc2", "#loc9"))
+    lines = renamed.splitlines()
+    lines[2], lines[3] = lines[3], lines[2]  # constants materialised in another order
+    assert canonical("\n".join(lines)) == canonical(IR)
+    assert "loc" not in canonical(IR)
+    assert canonical(canonical(IR)) == canonical(IR)  # idempotent
+
+
+def test_canonical_ttgir_sees_a_changed_program() -> None:
+    canonical = _canonical()
+    assert canonical(IR.replace("constant 1 : i32", "constant 2 : i32")) != canonical(IR)
+    assert canonical(IR.replace("arith.muli %x, %x", "arith.muli %x, %n")) != canonical(IR)
+    assert canonical(IR.replace("arith.addi", "arith.subi")) != canonical(IR)
+
+
+def test_compare_kernel_ir_against_head(tmp_path_factory) -> None:
+    """The comparison tool itself: the working tree against HEAD (the same kernels on a
+    clean checkout, as in CI), every launch compiled on both sides."""
+    pytest.importorskip("triton.backends.nvidia")
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "spanfill/kernels", "scripts"],
+                      cwd=ROOT).returncode:
+        pytest.skip("kernels or scripts changed since HEAD: run the script by hand")
+    done = subprocess.run([sys.executable, str(SCRIPTS / "compare_kernel_ir.py"), "HEAD"],
+                          env=_compile_env(tmp_path_factory), capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{len(SPECIALISED_CASES) + 2} launches, 0 differ" in done.stdout

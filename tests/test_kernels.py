@@ -201,7 +201,7 @@ def test_append_kv_skips_slot_minus_one():
 
 def test_descriptor_choice_is_made_once(monkeypatch):
     """dense_kv_uses_tma decides both the KV step (pick_config) and the loads."""
-    from spanfill.kernels import dense_kv_uses_tma, pick_config
+    from spanfill.backends.triton_config import dense_kv_uses_tma, pick_config
 
     q = torch.zeros(64, 4, 128, dtype=torch.float16)
     kv = torch.zeros(64, 2, 128, dtype=torch.float16)

@@ -1,7 +1,7 @@
 """Single query rows and few rows over long prompts: the split-KV path, T=1 included.
 
 A launch of few tiles over long KV splits each tile's KV range
-(:func:`spanfill.kernels.pick_num_splits`). With ONE query row the kernel's
+(:func:`spanfill.backends.triton_config.pick_num_splits`). With ONE query row the kernel's
 row-count argument is 1, which Triton turns into a compile-time constant on the
 GPU (never in the interpreter): that crashed the split path at compile time, and
 nothing caught it. These tests run T=1 at 1k-32k KV positions for the policy's
@@ -209,7 +209,7 @@ def test_policy_splits_single_row_8k(heads: str, head_dim: int, monkeypatch: pyt
                                      ) -> None:
     """The policy itself (no SPANFILL_SPLITS): T=1 over 8k positions must split, so
     the tests above that rely on the policy really run the split path."""
-    from spanfill.kernels import pick_config, pick_num_splits
+    from spanfill.backends.triton_config import pick_config, pick_num_splits
 
     monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
     hq, hk = HEADS[heads]

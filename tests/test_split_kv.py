@@ -16,8 +16,13 @@ import torch
 import spanfill as sf
 from spanfill.backends import get_backend, paged_problem
 from spanfill import reference as ref
-from spanfill.kernels import AttentionConfig, pick_num_splits
-from spanfill.kernels.configs import MAX_SPLITS, SPLIT_MIN_STEPS
+from spanfill.backends.triton_config import (
+    MAX_SPLITS,
+    SPLIT_MIN_STEPS,
+    AttentionConfig,
+    launch_config,
+    pick_num_splits,
+)
 from spanfill.testing import TOLERANCE, reference_span, rel_err
 from tests.fuzzing import poisoned_allocations
 from tests.helpers import paged_setup, random_spans
@@ -114,8 +119,9 @@ def test_split_on_a_padded_plan(causal):
         out = torch.empty(b * s, h, d, dtype=DTYPE, device=DEVICE)
         lse = torch.empty(b * s, h, dtype=torch.float32, device=DEVICE)
         attention_fwd(q.reshape(-1, h, d), k.reshape(-1, h, d), v.reshape(-1, h, d), out, lse,
-                      layout.tile_plan(cfg.block_q, causal), cfg, d ** -0.5, causal,
-                      zero_fill=True, num_splits=3)
+                      layout.tile_plan(cfg.block_q, causal),
+                      launch_config(cfg, DTYPE, d, num_splits=3), d ** -0.5, causal,
+                      zero_fill=True)
     ro, rlse = ref.padded_prefill(q, k, v, valid_lens, causal)
     _check(out.view(b, s, h, d), lse.view(b, s, h), ro, rlse)
     assert (out.view(b, s, h, d)[torch.isinf(rlse)] == 0).all()
@@ -132,7 +138,7 @@ def test_pick_num_splits_policy(monkeypatch):
         with pytest.raises(ValueError, match="SPANFILL_SPLITS"):
             pick_num_splits(16, 8192, cfg, torch.device("cpu"))
     monkeypatch.delenv("SPANFILL_SPLITS")
-    import spanfill.kernels.configs as configs
+    import spanfill.backends.triton_config as configs
 
     monkeypatch.setattr(configs, "_num_sms", lambda index: 132)
     gpu = torch.device("cuda", 0)

@@ -71,15 +71,20 @@ class LaunchConfig:
 
     Attributes
     ----------
-    tile : the kernel's tile sizes (``spanfill.kernels.AttentionConfig``), None for
-        a backend without tiles (the reference)
+    tile : the kernel's tile sizes (``spanfill.backends.triton_config.AttentionConfig``),
+        None for a backend without tiles (the reference)
     num_splits : programs sharing each tile's KV range (split-KV); 1: no split
     use_tma : dense K/V loaded through tensor descriptors
+    boundary_stages : software-pipelining stages of the masked boundary KV loops
+    ieee_dot : the dots run on fp32 operands in IEEE precision (fp32 inputs; bf16
+        in Triton's interpreter)
     """
 
     tile: object | None
     num_splits: int = 1
     use_tma: bool = False
+    boundary_stages: int = 1
+    ieee_dot: bool = False
 
     @property
     def block_q(self) -> int:
@@ -92,7 +97,8 @@ class LaunchConfig:
             return "no tiles"
         t = self.tile
         return (f"BLOCK_M={t.block_m} (block_q={t.block_q} x heads={t.heads}) BLOCK_N={t.block_n} "
-                f"warps={t.num_warps} stages={t.num_stages} splits={self.num_splits} "
+                f"warps={t.num_warps} stages={t.num_stages} "
+                f"boundary_stages={self.boundary_stages} splits={self.num_splits} "
                 f"tma={'yes' if self.use_tma else 'no'}")
 
 

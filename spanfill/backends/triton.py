@@ -7,18 +7,12 @@ the one place a launch's tiles, split count and descriptor use are decided.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .problem import AttentionProblem, LaunchConfig
+from .triton_config import interpreting
 
 __all__ = ["PortableTritonBackend", "interpreting", "packed_tile_bound"]
-
-
-def interpreting() -> bool:
-    """Whether Triton's interpreter was asked for (the kernels then run on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def packed_tile_bound(num_tokens: int, num_requests: int, block_q: int) -> int:
@@ -45,27 +39,27 @@ class PortableTritonBackend:
                        "before importing spanfill")
 
     def supports(self, problem: AttentionProblem) -> tuple[bool, str]:
-        if problem.kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return False, f"{problem.kv_dtype} K/V: the kernels do not handle fp8 yet"
         return self.supports_device(problem.device)
 
     def select_config(self, problem: AttentionProblem) -> LaunchConfig:
         """Tiles from the tuned table, then split-KV for span launches of few tiles over
         long KV, and tensor descriptors for dense K/V where they pay."""
-        from ..kernels import dense_kv_uses_tma, pick_config, pick_num_splits
+        from .triton_config import dense_kv_uses_tma, launch_config, pick_config, pick_num_splits
 
         on_gpu = problem.device.type == "cuda"
+        variants = dict(window_left=problem.window_left, has_kv_start=problem.has_kv_bounds)
         if problem.paged:
             tile = pick_config(problem.head_dim, problem.dtype, problem.group, on_gpu, paged=True)
             tiles = packed_tile_bound(problem.num_tokens, problem.num_requests, tile.block_q)
             splits = pick_num_splits(tiles * (problem.num_q_heads // tile.heads),
                                      problem.max_kv_len, tile, problem.device)
-            return LaunchConfig(tile, num_splits=splits)
+            return launch_config(tile, problem.dtype, problem.head_dim, num_splits=splits,
+                                 **variants)
         q, k, v = problem.dense_kv
         tma = dense_kv_uses_tma(q, k, v, problem.num_requests)
         tile = pick_config(problem.head_dim, problem.dtype, problem.group, on_gpu, paged=False,
                            tma=tma)
-        return LaunchConfig(tile, use_tma=tma)
+        return launch_config(tile, problem.dtype, problem.head_dim, use_tma=tma, **variants)
 
     def attend(
         self,
@@ -90,7 +84,7 @@ class PortableTritonBackend:
         sm_scale : softmax scale
         causal : a row at ``pos`` sees KV positions ``<= pos``
         return_lse : also allocate and write the [T, Hq] fp32 lse
-        **variants : ``positions``, ``block_table``, ``zero_fill``, ``kv_lo``,
+        **variants : ``positions``, ``block_table``, ``zero_fill``, ``kv_start``,
             ``window_left``, ``logits_soft_cap``, passed to
             :func:`spanfill.kernels.attention_fwd` as they are
 
@@ -104,8 +98,5 @@ class PortableTritonBackend:
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \
             if return_lse else None
-        paged = variants.get("block_table") is not None
-        attention_fwd(q, k, v, out, lse, plan, config.tile, sm_scale, causal,
-                      use_tma=False if paged else config.use_tma, num_splits=config.num_splits,
-                      **variants)
+        attention_fwd(q, k, v, out, lse, plan, config, sm_scale, causal, **variants)
         return out, lse

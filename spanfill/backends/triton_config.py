@@ -1,4 +1,9 @@
-"""Launch settings of the attention kernel, chosen from a fixed table.
+"""Every launch decision of the portable Triton kernels, in one module.
+
+Tiles (a fixed table), split-KV, tensor descriptors for dense K/V, the pipelining
+of the masked boundary loops and the interpreter's exact dots are decided here and
+only here, from host-known metadata, and handed to the kernel as one
+:class:`~spanfill.backends.LaunchConfig` (:func:`launch_config`).
 
 The table is keyed on what changes the best tile shape (head dim, dtype, GQA
 group, device) and was tuned on an H100 with ``scripts/tune.py`` (2026-11-23:
@@ -19,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .problem import LaunchConfig
+
 
 @dataclass(frozen=True)
 class AttentionConfig:
@@ -28,7 +35,9 @@ class AttentionConfig:
     ----------
     block_m : rows of the query block: ``block_q`` tokens times ``heads`` q heads
     block_n : KV positions per inner-loop step
-    heads : q heads of one GQA group stacked into the query block
+    heads : the q heads of one GQA group stacked into the query block (the kernel's
+        ``STACKED_HEADS``; a GQA group of ``Hq // Hk`` heads is covered by
+        ``group // heads`` programs)
     num_warps, num_stages : Triton launch settings
     """
 
@@ -79,8 +88,7 @@ def pick_config(
     group : ``Hq // Hk``
     on_gpu : False under the Triton interpreter, where small blocks run faster
     paged : KV in pages (span prefill) rather than dense rows (padded, varlen)
-    tma : dense KV goes through tensor descriptors (see
-        :func:`spanfill.kernels.attention.dense_kv_uses_tma`)
+    tma : dense KV goes through tensor descriptors (see :func:`dense_kv_uses_tma`)
     """
     if not on_gpu:
         block_m, block_n, warps, stages = 32, 16, 4, 1
@@ -151,3 +159,106 @@ def pick_num_splits(num_programs: int, max_kv_len: int, cfg: AttentionConfig,
     # floor, not ceil: the split launch stays within one wave.
     splits = min(slots // num_programs, steps // SPLIT_MIN_STEPS, MAX_SPLITS)
     return max(1, splits)
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter was asked for (the kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Below this many multiply-adds (rows x mean KV length x Hq x D, an upper bound
+# known without a sync) a launch takes dense KV through plain loads: the two
+# descriptors cost ~20-40 us of host time per launch on the H100 machines, more
+# than the ~6-8% of kernel time they save on launches that small (bert_base_512:
+# 1.3e10, host-bound with descriptors; enc_2k_d128: 1.4e11, 8% faster with them).
+TMA_MIN_WORK = 1 << 36
+
+
+def dense_kv_uses_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      num_requests: int) -> bool:
+    """Whether a launch over dense K/V should load them through tensor descriptors.
+
+    The KV step length depends on it too (:func:`pick_config`'s ``tma``). Paged KV
+    never does: a tile gathers rows of different pages, which one descriptor load
+    cannot do.
+
+    Needs: a Hopper-or-newer GPU, fp16/bf16, a power-of-two head dim (a descriptor
+    tile of ``D`` columns must not reach into the next head), 16-byte aligned rows,
+    a launch big enough to pay for the descriptors' host time, and no opt-out
+    (``SPANFILL_TMA=0``; ``force`` skips the device and size checks).
+
+    Parameters
+    ----------
+    q : [T, Hq, D] packed query rows
+    k, v : [N, Hk, D] dense KV rows
+    num_requests : B (a host int: the plan's request count)
+    """
+    mode = os.environ.get("SPANFILL_TMA", "1")
+    head_dim = q.shape[-1]
+    if mode == "0" or q.dtype == torch.float32 or k.dtype != q.dtype:  # fp32, or fp8 K/V
+        return False
+    work = q.shape[0] * (k.shape[0] // max(num_requests, 1)) * q.shape[1] * head_dim
+    if mode != "force" and work < TMA_MIN_WORK:
+        return False
+    # "force" lets the interpreter tests run the descriptor path on the CPU.
+    if mode != "force" and not has_tma(q.device):
+        return False
+    if head_dim & (head_dim - 1):  # not a power of two
+        return False
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.stride(-2) != head_dim or (t.stride(0) * t.element_size()) % 16 \
+                or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def ieee_dot(dtype: torch.dtype) -> bool:
+    """Whether the kernel's dots run on fp32 operands in IEEE precision.
+
+    fp32 inputs always do (no TF32 rounding). bf16 does under Triton's interpreter:
+    its bf16 ``tl.dot`` returns garbage (relative error ~1e9 seen on Triton 3.9), so
+    there the bf16 tiles are widened to fp32 and only the softmax weights are rounded
+    to bf16 first, as on the GPU. Compiled kernels keep bf16 tensor-core dots.
+    """
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def boundary_stages(tile: AttentionConfig, head_dim: int, window_left: int,
+                    has_kv_start: bool) -> int:
+    """Software-pipelining stages of the masked boundary loops (the main loop's: ``tile``).
+
+    The masked boundary loops hold a tile or two each. Software-pipelined like the
+    main loop, a third loop (window or shard lower bound) pushed the kernel to 255
+    registers and cost the main loop: H100, few_big with window_left=4095 683 us
+    pipelined vs 556 us not; D=256 2164 vs 2014 us. Without a lower bound the
+    pipelined diagonal loop is 1-4% faster (bench/results/logs/kernel_ab_*).
+    """
+    if window_left >= 0 or has_kv_start or head_dim > 128:
+        return 1
+    return tile.num_stages
+
+
+def launch_config(tile: AttentionConfig, dtype: torch.dtype, head_dim: int, *,
+                  num_splits: int = 1, use_tma: bool = False, window_left: int = -1,
+                  has_kv_start: bool = False) -> LaunchConfig:
+    """A whole :class:`LaunchConfig` from the tiles and the call's variants.
+
+    :meth:`PortableTritonBackend.select_config` builds its answer here; tests and
+    scripts that pick tiles or splits by hand do too, so the rest (boundary stages,
+    exact dots) is decided the same way for them.
+
+    Parameters
+    ----------
+    tile : tile sizes
+    dtype : q's dtype
+    head_dim : D
+    num_splits : programs sharing each tile's KV range (1: no split-KV)
+    use_tma : dense K/V through tensor descriptors (never with paged KV)
+    window_left : the call's sliding window (-1: none)
+    has_kv_start : the call has a per-request KV lower bound (a shard)
+    """
+    return LaunchConfig(tile, num_splits=num_splits, use_tma=use_tma,
+                        boundary_stages=boundary_stages(tile, head_dim, window_left, has_kv_start),
+                        ieee_dot=ieee_dot(dtype))
