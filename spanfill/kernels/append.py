@@ -28,8 +28,11 @@ def _round_to_fp8_grid(x, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexp
     """
     bits = x.to(tl.int32, bitcast=True)
     exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, MIN_EXPONENT)
+    # The step and its inverse built from their bits: powers of two, so scaling by them
+    # is exact (a division would be approximate on the GPU).
     step = ((exponent - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
-    y = x / step  # exact: a power of two, and |y| < 2^(MANTISSA_BITS + 1)
+    inv_step = ((127 - exponent + MANTISSA_BITS) << 23).to(tl.float32, bitcast=True)
+    y = x * inv_step  # |y| < 2^(MANTISSA_BITS + 1)
     # Adding and removing 1.5 * 2^23 rounds |y| < 2^22 to an integer, ties to even.
     rounded = (y + 12582912.0) - 12582912.0
     # A negative value that rounds to zero is -0 in torch; the sum above gave +0.
