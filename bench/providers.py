@@ -36,7 +36,7 @@ from .providers_spanfill import (
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
 __all__ = ["Prepared", "Unsupported", "spanfill_backend", "spanfill_segmented", "spanfill_padded", "SEGMENTED",
-           "PADDED", "CEILINGS", "FLASHINFER", "SWEEP_PROVIDERS", "SMOKE_SKIP", "FP8",
+           "PADDED", "CEILINGS", "FLASHINFER", "FA4", "SWEEP_PROVIDERS", "SMOKE_SKIP", "FP8",
            "HOME_WORKLOADS"]
 
 
@@ -369,6 +369,16 @@ def _flashinfer(name: str) -> Callable:
     return provider
 
 
+def _fa4(name: str) -> Callable:
+    def provider(w: SegmentedWorkload | PaddedWorkload,
+                 t: SegmentedTensors | PaddedTensors) -> Prepared:
+        from . import providers_fa4
+
+        return getattr(providers_fa4, name)(w, t)
+
+    return provider
+
+
 # Most important first: a run cut short by a time limit keeps the rows written so far.
 SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] = {
     "spanfill": spanfill_segmented,
@@ -381,6 +391,7 @@ SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] 
     **{f"spanfill_fp8_{suffix}": spanfill_fp8(dtype) for suffix, dtype in FP8_FORMATS.items()},
     "flashinfer_span_entries": _flashinfer("span_entries"),
     "flashinfer_custom_mask": _flashinfer("custom_mask"),
+    "fa4_span_entries": _fa4("span_entries"),
 }
 
 PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {
@@ -392,10 +403,13 @@ PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {
     "sdpa_nomask": sdpa_nomask_padded,
     "sdpa_nested_jagged": sdpa_nested_jagged,
     "flex": flex_padded,
+    "fa4_padded": _fa4("padded"),
 }
 
 CEILINGS = frozenset({"sdpa_cudnn_dense", "sdpa_flash_dense"})
 FLASHINFER = frozenset({"flashinfer_span_entries", "flashinfer_custom_mask"})
+# FlashAttention-4 (flash_attn.cute): on by default, left out when it does not import.
+FA4 = frozenset({"fa4_span_entries", "fa4_padded"})
 FP8 = frozenset(f"spanfill_fp8_{suffix}" for suffix in FP8_FORMATS)
 
 # Providers that run only on these workloads unless --only names both the provider and
@@ -411,5 +425,6 @@ SWEEP_PROVIDERS = frozenset({
     "sdpa_nested_jagged",
 })
 
-# On a CPU the dense ceilings cannot run (cuDNN/flash backends); they are skipped there.
-SMOKE_SKIP = CEILINGS | FLASHINFER
+# On a CPU the dense ceilings cannot run (cuDNN/flash backends), nor can the CUDA-only
+# peers (FlashInfer, FA4); they are skipped there.
+SMOKE_SKIP = CEILINGS | FLASHINFER | FA4

@@ -248,7 +248,8 @@ def _at_home(provider: str, names_w: set[str], wanted_w: set[str], wanted_p: set
     return provider in wanted_p and bool(names_w & wanted_w)
 
 
-def _plan_tasks(args: argparse.Namespace, flashinfer_ok: bool) -> tuple[list, list[str]]:
+def _plan_tasks(args: argparse.Namespace, flashinfer_ok: bool,
+                fa4_ok: bool = False) -> tuple[list, list[str]]:
     """Workloads with their provider lists, and whether the micro-benchmarks run."""
     small = args.smoke
     workloads = []
@@ -278,6 +279,7 @@ def _plan_tasks(args: argparse.Namespace, flashinfer_ok: bool) -> tuple[list, li
         names = [n for n in registry
                  if (n in wanted_p if wanted_p else (not in_sweep or n in prov.SWEEP_PROVIDERS))
                  and (flashinfer_ok or n not in prov.FLASHINFER)
+                 and (fa4_ok or n not in prov.FA4)
                  and _at_home(n, names_w, wanted_w, wanted_p)
                  and not (args.smoke and n in prov.SMOKE_SKIP) and n not in skip]
         if names:
@@ -315,7 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.smoke:
         print("FlashInfer providers off (pass --flashinfer to add them)", file=sys.stderr)
 
-    tasks, micro = _plan_tasks(args, flashinfer_ok)
+    # FA4 needs no flag: its providers run whenever flash_attn.cute imports.
+    fa4_ok = False
+    if not args.smoke:
+        from .providers_fa4 import available as fa4_available
+
+        fa4_ok, why = fa4_available()
+        print(f"FA4: {why}" if fa4_ok else
+              f"FA4 providers skipped: import flash_attn.cute failed ({why})", file=sys.stderr)
+
+    tasks, micro = _plan_tasks(args, flashinfer_ok, fa4_ok)
     env = environment(device)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     prefix = out / f"{'smoke' if args.smoke else args.suite}_{_slug(env['gpu'])}_{stamp}"
