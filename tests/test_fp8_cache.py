@@ -192,8 +192,8 @@ def test_padded_and_varlen_with_fp8_kv(dtype: torch.dtype, q_dtype: torch.dtype)
 
 
 def test_registry_sends_fp8_to_the_kernels_without_descriptors(monkeypatch) -> None:
-    q = torch.zeros(1, 4, 64)
-    cache = torch.zeros(4, 16, 2, 64, dtype=torch.float8_e4m3fn)
+    q = torch.zeros(1, 4, 64, device=DEVICE)  # CUDA, or the CPU with the interpreter
+    cache = torch.zeros(4, 16, 2, 64, dtype=torch.float8_e4m3fn, device=DEVICE)
     problem = backends.paged_problem(q, cache, 1, 4, True)
     ok, reason = backends.get_backend("triton").supports(problem)
     assert ok, reason
