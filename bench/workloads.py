@@ -316,9 +316,11 @@ def with_window(w: SegmentedWorkload, name: str, window_left: int) -> SegmentedW
 
 
 def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload | PaddedWorkload]:
-    """The six workloads of BENCHMARKS.md plus ``few_big_swa`` (few_big under a sliding
-    window, informational); ``small`` gives tiny CPU-sized versions with the same names
-    and the same placement rules."""
+    """The six workloads of BENCHMARKS.md plus two informational ones: ``few_big_swa``
+    (few_big under a sliding window) and ``tail_32k`` (8 requests x 32768 tokens with one
+    16-token hole each: 128 rows over long KV, memory-bound, where an fp8 cache's halved
+    bytes can show); ``small`` gives tiny CPU-sized versions with the same names and the
+    same placement rules."""
     if small:
         seg = dict(num_q_heads=4, num_kv_heads=2, head_dim=32, page_size=4)
         few_big = segmented_uniform("few_big", 2, 256, 4, 16, seed, **seg)
@@ -328,6 +330,7 @@ def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload
             segmented_scatter("scatter15", 2, 512, seed=seed, **seg),
             segmented_uniform("long_32k", 1, 1024, 8, 16, seed, **seg),
             with_window(few_big, "few_big_swa", SWA_WINDOW_LEFT_SMALL),
+            segmented_uniform("tail_32k", 2, 1024, 1, 4, seed, **seg),
             padded_uniform("bert_base_512", 4, 32, 2, 32, seed=seed),
             padded_uniform("enc_2k_d128", 2, 64, 2, 32, seed=seed),
         ]
@@ -338,6 +341,7 @@ def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload
         segmented_scatter("scatter15", 2, 8192, seed=seed),
         segmented_uniform("long_32k", 1, 32768, 32, 64, seed),
         with_window(few_big, "few_big_swa", SWA_WINDOW_LEFT),
+        segmented_uniform("tail_32k", 8, 32768, 1, 16, seed),
         padded_uniform("bert_base_512", 64, 512, 12, 64, seed=seed),
         padded_uniform("enc_2k_d128", 16, 2048, 16, 128, seed=seed),
     ]

@@ -65,11 +65,12 @@ def _tasks(*argv: str) -> dict[str, list[str]]:
 
 
 def test_fp8_providers_run_on_long_32k_and_few_big_unless_asked() -> None:
+    home = {"long_32k", "few_big", "tail_32k"}  # tail_32k: the memory-bound case
     by_default = {name for name, names in _tasks().items() if prov.FP8 & set(names)}
-    assert by_default == {"long_32k", "few_big"}
+    assert by_default == home
     for name, names in _tasks().items():
-        assert ("spanfill_fp8_e4m3" in names) == (name in ("long_32k", "few_big")), name
-    assert set(_tasks("--only", "spanfill_fp8_e4m3")) == {"long_32k", "few_big"}
+        assert ("spanfill_fp8_e4m3" in names) == (name in home), name
+    assert set(_tasks("--only", "spanfill_fp8_e4m3")) == home
     assert "spanfill_fp8_e4m3" not in _tasks("--only", "many_small")["many_small"]
     assert _tasks("--only", "many_small,spanfill_fp8_e4m3") == {
         "many_small": ["spanfill_fp8_e4m3"]}
