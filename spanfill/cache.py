@@ -125,6 +125,12 @@ class PagedKVCache:
     def seq_len(self, request: Hashable) -> int:
         return self._lens[request]
 
+    def pages(self, request: Hashable) -> list[int]:
+        """The page ids of a request, in position order (a copy)."""
+        if request not in self._pages:
+            raise KeyError(f"unknown request {request!r}")
+        return list(self._pages[request])
+
     def block_table(self, requests: Sequence[Hashable]) -> torch.Tensor:
         """[B, max_pages] int32 on the cache's device; entries past a request's pages are -1."""
         rows = [self._pages[r] for r in requests]
