@@ -97,7 +97,7 @@ def main() -> None:
             got = fill_holes(model, ids, cache, spans)
             rel = rel_err(got, want)
             runner = HoleGraphRunner(model, cache, max_seq_len=n, max_requests=1,
-                                     buckets=(1 << (recomputed - 1).bit_length(),))
+                                     buckets=(-(-recomputed // 64) * 64,))
             poison()
             rel_graph = rel_err(runner.fill_holes(ids, spans), want)
             with torch.no_grad():

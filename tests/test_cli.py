@@ -115,8 +115,11 @@ def test_demo_main_job_quick(tmp_path, monkeypatch: pytest.MonkeyPatch,
     assert cli.main(["demo", "--quick", "--out", str(png)]) == 0
     out = capsys.readouterr().out
     assert "MATCH" in out and "MISMATCH" not in out and "tokens recomputed" in out
-    # both clocks, with the spread of the wall times (no GPU here: its column says so)
-    assert len(re.findall(r"wall +[0-9.]+ ms \[[0-9.]+-[0-9.]+\]", out)) == 3
+    # both clocks, with the spread of the wall times (no GPU here: its column says so);
+    # on a GPU a fourth path, the step replayed as a CUDA graph, checked against eager
+    cuda = __import__("torch").cuda.is_available()
+    assert len(re.findall(r"wall +[0-9.]+ ms \[[0-9.]+-[0-9.]+\]", out)) == (4 if cuda else 3)
+    assert ("CUDA graph logits vs eager" in out) == cuda
     assert "reps; speed-up = full recompute / path" in out and "order (wall)" in out
     if not __import__("torch").cuda.is_available():
         assert out.count("GPU n/a") == 3
