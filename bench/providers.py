@@ -26,6 +26,7 @@ from spanfill.testing import rel_err
 from .check import packed_valid_index, row_subset
 from .providers_base import Prepared, Unsupported, spanfill_backend, window_of
 from .providers_fp8 import FP8_FORMATS, spanfill_fp8
+from .providers_fused import spanfill_append_attend, spanfill_fused_append
 from .providers_spanfill import (
     spanfill_nopad,
     spanfill_padded_kernel,
@@ -389,6 +390,8 @@ SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] 
     "full_recompute": full_recompute,
     "flex": flex_segmented,
     **{f"spanfill_fp8_{suffix}": spanfill_fp8(dtype) for suffix, dtype in FP8_FORMATS.items()},
+    "spanfill_fused_append": spanfill_fused_append,
+    "spanfill_append_attend": spanfill_append_attend,
     "flashinfer_span_entries": _flashinfer("span_entries"),
     "flashinfer_custom_mask": _flashinfer("custom_mask"),
     "fa4_span_entries": _fa4("span_entries"),

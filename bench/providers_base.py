@@ -28,6 +28,8 @@ class Prepared:
     note : goes into the CSV
     tile_work : spanfill only: the kernel's work on its plan against the counted
         work (:func:`bench.tile_work.tile_work`), written as a ``tile_work`` row
+    host : a call whose host time per call, with no device sync, becomes a
+        ``host_time`` row (what a loop pays per call when the GPU keeps up)
     checker : checks ``output`` instead of the workload's checker, for a provider
         whose inputs differ from the workload's on purpose (an fp8 cache: the
         reference on the dequantized cache); the workload's checker then gives the
@@ -42,6 +44,7 @@ class Prepared:
     expect_wrong: bool = False
     note: str = ""
     tile_work: Callable[[], object] | None = None
+    host: Callable[[], object] | None = None
     checker: Callable[[torch.Tensor], float] | None = None
 
 

@@ -165,6 +165,15 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
             for p in provs:
                 if p.startswith(FP8_VARIANT):
                     _fp8_rows(index, w, p, s, add)
+            one, two = _p50(index, w, "spanfill_fused_append"), _p50(index, w, "spanfill_append_attend")
+            if one is not None and two is not None:
+                add("  append + attention: one launch / two (GPU time)", w, one / two, "(info)",
+                    None)
+                h1 = _p50(index, w, "spanfill_fused_append", "host_time")
+                h2 = _p50(index, w, "spanfill_append_attend", "host_time")
+                if h1 is not None and h2 is not None:
+                    add("  append + attention: one launch / two (host time)", w, h1 / h2,
+                        "(info)", None)
         else:
             flex = _p50(index, w, "flex")
             r = None if s is None or flex is None else flex / s

@@ -175,12 +175,36 @@ def run_provider(name: str, fn: Callable, w: Workload, tensors: object, checker:
                     "note": f"KV positions the kernel's tiles compute (all block_q token slots, "
                             f"whole BLOCK_N steps) / positions the valid rows see; row fill "
                             f"{work.row_fill:.3f} over {work.tiles} tiles per head"})
+    if prep.host is not None:
+        per_call = _host_time(prep.host, device)
+        sink.write({**base, "provider": name, "metric": "host_time", "unit": "ms",
+                    "p50": per_call, "p20": per_call, "p80": per_call,
+                    "note": f"{prep.note}; host wall clock per call over {HOST_CALLS} calls in a "
+                            f"row, no sync inside (the device may run behind)"})
     if prep.plan is not None:
         plan_timing = {k: v for k, v in timing.items() if k != "flush_l2"}
         stats = time_wall(prep.plan, device, **plan_timing)
         sink.write({**base, "provider": name, "metric": "plan_time", "unit": "ms",
                     "p50": stats.p50, "p20": stats.p20, "p80": stats.p80,
                     "note": f"{prep.note}; host wall clock incl. device sync; {stats.reps} reps"})
+
+
+HOST_CALLS = 50
+
+
+def _host_time(fn: Callable[[], object], device: torch.device) -> float:
+    """Host milliseconds per call of ``fn`` issued back to back (one sync, after)."""
+    for _ in range(3):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        fn()
+    elapsed = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return elapsed * 1e3 / HOST_CALLS
 
 
 def run_workload(w: Workload, names: list[str], sink: Sink, device: torch.device,

@@ -118,11 +118,13 @@ def _fp8_scales(fp8: str | None, hk: int) -> dict:
 def span_case(rows: int, splits: int, page_size: int, hq: int, hk: int, d: int,
               pages_per_req: int = 1, return_lse: bool = True,
               variants: bool = False, fp8: str | None = None,
-              kv_dtype: torch.dtype = torch.float8_e4m3fn) -> Callable[[], None]:
+              kv_dtype: torch.dtype = torch.float8_e4m3fn,
+              fused: bool = False) -> Callable[[], None]:
     """Paged (span) attention: one request, ``rows`` query rows at the prompt's end.
 
     ``variants``: a sliding window of 1, a KV lower bound (a shard) and a soft cap.
-    ``fp8``: a ``kv_dtype`` cache with "float" or per-"head" scales.
+    ``fp8``: a ``kv_dtype`` cache with "float" or per-"head" scales. ``fused``: the
+    rows' new K/V written and attended in the same launch (``k_new``/``v_new``).
     """
     def launch() -> None:
         seq_len = pages_per_req * page_size
@@ -141,6 +143,9 @@ def span_case(rows: int, splits: int, page_size: int, hq: int, hk: int, d: int,
         launch = launch_config(cfg, torch.bfloat16, d, num_splits=splits,
                                window_left=extra.get("window_left", -1),
                                has_kv_start="kv_start" in extra)
+        if fused:
+            extra.update(k_new=_rand(rows, hk, d), v_new=_rand(rows, hk, d),
+                         slot_mapping=torch.arange(rows, dtype=torch.int64))
         attention_fwd(q, k, v, torch.empty_like(q), lse, plan, launch, d ** -0.5, True,
                       positions=positions, block_table=table, **extra, **_fp8_scales(fp8, hk))
     return launch
@@ -230,6 +235,13 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
                                        ("scale_stride",)),
     "append_fp8_e5m2_float_scales": (append_case(16, 16, 8, 64, fp8="float",
                                                  kv_dtype=torch.float8_e5m2), ()),
+    # append inside attention (issue 17): one launch writes and attends
+    "span_fused_append_t1_split": (span_case(1, 3, 16, 32, 8, 128, fused=True),
+                                   ("num_rows",)),
+    "span_fused_append_t32_window_shard_softcap": (span_case(32, 1, 16, 8, 2, 64, variants=True,
+                                                             fused=True), ()),
+    "span_fused_append_fp8_e4m3_head_scales": (span_case(16, 2, 16, 8, 2, 128, fp8="head",
+                                                         fused=True), ("scale_stride",)),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

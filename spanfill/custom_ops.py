@@ -15,6 +15,7 @@ same defaults. Importing this module registers::
 
     torch.ops.spanfill.append_kv       mutates k_cache, v_cache
     torch.ops.spanfill.span_prefill    -> (o [T, Hq, D], lse [T, Hq] fp32)
+    torch.ops.spanfill.span_prefill_append  (k_new, v_new written in the same launch)
     torch.ops.spanfill.padded_prefill  -> (o [B, S, Hq, D], lse [B, S, Hq] fp32)
     torch.ops.spanfill.varlen_prefill  -> (o [T, Hq, D], lse [T, Hq] fp32)
 
@@ -152,6 +153,38 @@ def _span_prefill_fake(q, k_cache, v_cache, positions, query_start_loc, seq_lens
     return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
+@torch.library.custom_op("spanfill::span_prefill_append", mutates_args=("k_cache", "v_cache"))
+def _span_prefill_append_op(
+    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, positions: torch.Tensor, query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor, block_table: torch.Tensor, page_size: int, causal: bool = True,
+    sm_scale: float | None = None, return_lse: bool = False, window_left: int = -1,
+    logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None, backend: str | None = None, kv_layout: str = "NHD",
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # A separate op: writing the cache is declared (mutates_args), which the pure
+    # span_prefill op must not be.
+    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None,
+                     kv_start, kv_end)
+    res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
+                           return_lse=return_lse, window_left=window_left,
+                           logits_soft_cap=logits_soft_cap, backend=backend,
+                           kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale,
+                           k_new=k_new, v_new=v_new)
+    return _with_lse(res, q.device)
+
+
+@_span_prefill_append_op.register_fake
+def _span_prefill_append_fake(q, k_new, v_new, k_cache, v_cache, positions, query_start_loc,
+                              seq_lens, block_table, page_size, causal=True, sm_scale=None,
+                              return_lse=False, window_left=-1, logits_soft_cap=0.0,
+                              kv_start=None, kv_end=None, backend=None, kv_layout="NHD",
+                              k_scale=None, v_scale=None):
+    lse_shape = q.shape[:2] if return_lse else (0,)
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
 def span_prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
@@ -159,6 +192,7 @@ def span_prefill(
     window_left: int = -1, logits_soft_cap: float = 0.0, kv_start: torch.Tensor | None = None,
     kv_end: torch.Tensor | None = None, backend: str | None = None, kv_layout: str = "NHD",
     k_scale: float | torch.Tensor | None = None, v_scale: float | torch.Tensor | None = None,
+    k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`spanfill.span_prefill` from plain metadata, as a custom op.
 
@@ -179,12 +213,21 @@ def span_prefill(
     backend : "auto" | "triton" | "reference", as :func:`spanfill.span_prefill`
     kv_layout : "NHD" (default) or "HND"
     k_scale, v_scale : fp8 caches' scales, as :func:`spanfill.span_prefill`
+    k_new, v_new : [T, Hk, D] or None: written into the cache and attended in one launch
+        (``torch.ops.spanfill.span_prefill_append``, which declares the caches mutated)
 
     Returns
     -------
     o : [T, Hq, D] q.dtype
     lse : [T, Hq] fp32, natural log (only if ``return_lse``)
     """
+    if k_new is not None or v_new is not None:
+        o, lse = torch.ops.spanfill.span_prefill_append(
+            q, k_new, v_new, k_cache, v_cache, positions, query_start_loc, seq_lens, block_table,
+            page_size, causal, sm_scale, return_lse, window_left, logits_soft_cap, kv_start,
+            kv_end, backend, kv_layout, _scale_tensor(k_scale, q.device),
+            _scale_tensor(v_scale, q.device))
+        return (o, lse) if return_lse else o
     o, lse = torch.ops.spanfill.span_prefill(q, k_cache, v_cache, positions, query_start_loc,
                                              seq_lens, block_table, page_size, causal, sm_scale,
                                              return_lse, window_left, logits_soft_cap, kv_start,

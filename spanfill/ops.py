@@ -160,7 +160,7 @@ def _check_grad(op: str, path: str, **tensors: torch.Tensor) -> None:
     """Refuse to drop gradients: the kernel path has no backward pass."""
     if path != "triton" or not torch.is_grad_enabled():
         return
-    needing = [name for name, t in tensors.items() if t.requires_grad]
+    needing = [name for name, t in tensors.items() if t is not None and t.requires_grad]
     if needing:
         raise NotImplementedError(
             f"{op} has no backward pass on the Triton kernel path, but {', '.join(needing)} "
@@ -445,12 +445,16 @@ def span_prefill(
     kv_layout: str = "NHD",
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the hole (span) tokens over each request's paged KV, one launch.
 
     Row ``i`` of request ``b`` at ``pos = layout.positions[i]`` sees KV positions
     ``[0, pos]`` (causal) or ``[0, seq_lens[b])`` of its request: cached tokens and
-    the new tokens of every span, so call :func:`append_kv` first.
+    the new tokens of every span, so call :func:`append_kv` first, or pass the new
+    K/V here (``k_new``/``v_new``): they are written into the cache and attended in
+    the same launch, every argument checked before anything is written.
 
     Parameters
     ----------
@@ -471,6 +475,9 @@ def span_prefill(
     kv_layout : "NHD" (default) or "HND", the order of a page's dims (FlashInfer's name)
     k_scale, v_scale : fp8 K/V only: the scale a stored value is multiplied by (a number,
         or an fp32 [], [1] or [Hk] tensor; default 1.0); see :mod:`spanfill.reference`
+    k_new, v_new : [T, Hk, D], both or neither: the span tokens' new K/V, as
+        :func:`append_kv` takes them, written into slot ``layout.slot_mapping[t]``
+        (-1: not written) in the attention's own launch
 
     Returns
     -------
@@ -478,6 +485,10 @@ def span_prefill(
     lse : [T, Hq] fp32, natural log (only if ``return_lse``)
     """
     _check_tensor("q", q, 3)
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new go together: pass both or neither")
+    if k_new is not None:
+        _check_new_kv(layout, k_new, v_new, k_cache, v_cache, kv_layout)
     k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
     _check_cache(layout, k_cache, v_cache, kv_layout, q=q)
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
@@ -489,8 +500,12 @@ def span_prefill(
     problem = paged_problem(q, k_cache, layout.num_requests, layout.block_table.shape[1], causal,
                             window_left, logits_soft_cap, has_kv_bounds=layout.kv_start is not None)
     chosen, _ = select_backend(problem, backend)
-    _check_grad("span_prefill", chosen.name, q=q, k_cache=k_cache, v_cache=v_cache)
+    _check_grad("span_prefill", chosen.name, q=q, k_cache=k_cache, v_cache=v_cache,
+                k_new=k_new, v_new=v_new)
     if chosen.name == "reference" or q.shape[0] == 0:
+        if k_new is not None:  # the semantics: append, then attend
+            reference.append_kv(k_new, v_new, k_cache, v_cache, layout.slot_mapping, k_scale,
+                                v_scale)
         o, lse = reference.span_prefill(
             q, k_cache, v_cache, layout.positions, layout.query_start_loc, layout.seq_lens,
             layout.block_table, causal, scale, kv_start=layout.kv_start, kv_end=layout.kv_end,
@@ -506,8 +521,30 @@ def span_prefill(
     out, lse = chosen.attend(cfg, plan, q, k_cache, v_cache, scale, causal, return_lse,
                              positions=layout.positions, block_table=layout.block_table,
                              kv_start=layout.kv_start, window_left=window_left,
-                             logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale)
+                             logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale,
+                             **({} if k_new is None else dict(
+                                 k_new=k_new, v_new=v_new, slot_mapping=layout.slot_mapping)))
     return _result(out, lse, return_lse)
+
+
+def _check_new_kv(layout: SpanLayout, k_new: object, v_new: object, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor | None, kv_layout: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the span tokens' new K/V against the layout and cache; the NHD cache views."""
+    _check_tensor("k_new", k_new, 3)
+    _check_tensor("v_new", v_new, 3)
+    k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
+    _check_cache(layout, k_cache, v_cache, kv_layout, k_new=k_new, v_new=v_new)
+    fp8 = k_cache.dtype in FP8_DTYPES
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.dtype != k_cache.dtype and not fp8:  # an fp8 cache quantizes any float
+            raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}")
+        expected = (layout.num_tokens, k_cache.shape[2], k_cache.shape[3])
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [T, Hk, D] = {expected}")
+    if v_new.dtype != k_new.dtype:
+        raise TypeError(f"v_new has dtype {v_new.dtype} but k_new has {k_new.dtype}")
+    return k_cache, v_cache
 
 
 def append_kv(
@@ -538,19 +575,7 @@ def append_kv(
     k_scale, v_scale : fp8 K/V only: the scale a stored value is multiplied by (a number,
         or an fp32 [], [1] or [Hk] tensor; default 1.0); see :mod:`spanfill.reference`
     """
-    _check_tensor("k_new", k_new, 3)
-    _check_tensor("v_new", v_new, 3)
-    k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
-    _check_cache(layout, k_cache, v_cache, kv_layout, k_new=k_new, v_new=v_new)
-    fp8 = k_cache.dtype in FP8_DTYPES
-    for name, t in (("k_new", k_new), ("v_new", v_new)):
-        if t.dtype != k_cache.dtype and not fp8:  # an fp8 cache quantizes any float
-            raise TypeError(f"{name} has dtype {t.dtype} but k_cache has {k_cache.dtype}")
-        expected = (layout.num_tokens, k_cache.shape[2], k_cache.shape[3])
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [T, Hk, D] = {expected}")
-    if v_new.dtype != k_new.dtype:
-        raise TypeError(f"v_new has dtype {v_new.dtype} but k_new has {k_new.dtype}")
+    k_cache, v_cache = _check_new_kv(layout, k_new, v_new, k_cache, v_cache, kv_layout)
     k_scale, v_scale = _check_kv_scales(k_cache, k_scale, v_scale)
     # The same selection as attention: the registry knows which caches the kernels take.
     problem = paged_problem(k_new, k_cache, layout.num_requests, layout.block_table.shape[1],

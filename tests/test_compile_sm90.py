@@ -35,7 +35,8 @@ SPECIALISED_CASES = [
     "merge_one_state_one_head", "merge_16_rows", "plan_one_request", "plan_padded_16",
     "span_fp8_e4m3_head_scales_split_t1", "span_fp8_e5m2_float_scales_t32",
     "padded_fp8_e5m2_head_scales_d64", "append_fp8_e4m3_head_scales_t1",
-    "append_fp8_e5m2_float_scales",
+    "append_fp8_e5m2_float_scales", "span_fused_append_t1_split",
+    "span_fused_append_t32_window_shard_softcap", "span_fused_append_fp8_e4m3_head_scales",
 ]
 
 

@@ -7,8 +7,9 @@ embeddings, norms, q/k/v projections, RoPE, o_proj and MLP, and its attention
 calls are routed to spanfill through an attention function registered as
 ``"spanfill_holes"`` that, per layer,
 
-1. writes the new K/V of the hole tokens into that layer's pages (``append_kv``),
-2. attends over cached plus new KV in one launch for all spans (``span_prefill``).
+writes the new K/V of the hole tokens into that layer's pages and attends over cached
+plus new KV, for all spans, in one launch (``span_prefill`` with ``k_new``/``v_new``;
+``fused_append=False``: ``append_kv`` then ``span_prefill``, two launches).
 
 All requests' hole tokens are packed into one ``[1, T]`` row; only attention
 mixes tokens, and it reads the request boundaries from the :class:`SpanLayout`.
@@ -41,6 +42,7 @@ Spans = Sequence[tuple[int, int]]
 class _Step:
     cache: PagedKVCache
     layout: SpanLayout
+    fused_append: bool = True
 
 
 _STEP: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("spanfill_step", default=None)
@@ -65,8 +67,13 @@ def _holes_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
     k_new = key[0].transpose(0, 1).to(k_cache.dtype).contiguous()  # [T, Hk, D]
     v_new = value[0].transpose(0, 1).to(v_cache.dtype).contiguous()
-    append_kv(k_new, v_new, k_cache, v_cache, step.layout)
-    out = span_prefill(q.to(k_cache.dtype), k_cache, v_cache, step.layout, causal=True, sm_scale=scaling)
+    if step.fused_append:
+        out = span_prefill(q.to(k_cache.dtype), k_cache, v_cache, step.layout, causal=True,
+                           sm_scale=scaling, k_new=k_new, v_new=v_new)
+    else:
+        append_kv(k_new, v_new, k_cache, v_cache, step.layout)
+        out = span_prefill(q.to(k_cache.dtype), k_cache, v_cache, step.layout, causal=True,
+                           sm_scale=scaling)
     return out.to(query.dtype)[None], None
 
 
@@ -99,11 +106,11 @@ def _as_list(input_ids: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Ten
 
 @torch.no_grad()
 def _run(model: torch.nn.Module, cache: PagedKVCache, requests: Sequence[Hashable],
-         token_ids: torch.Tensor, layout: SpanLayout) -> torch.Tensor:
+         token_ids: torch.Tensor, layout: SpanLayout, fused_append: bool = True) -> torch.Tensor:
     """Run the packed tokens; return the logits of each request's last packed token, [B, V]."""
     device = cache.device
     positions = layout.positions.to(device=device, dtype=torch.long)
-    with _routed(model, _Step(cache, layout)):
+    with _routed(model, _Step(cache, layout, fused_append)):
         hidden = model.model(input_ids=token_ids.to(device)[None], position_ids=positions[None],
                              use_cache=False).last_hidden_state[0]  # [T, hidden]
     last = layout.query_start_loc[1:].long() - 1
@@ -116,6 +123,7 @@ def fill_holes(
     cache: PagedKVCache,
     spans: Spans | Sequence[Spans],
     requests: Sequence[Hashable] = (0,),
+    fused_append: bool = True,
 ) -> torch.Tensor:
     """Recompute the holes of prompts whose KV is otherwise cached; last-token logits.
 
@@ -134,6 +142,8 @@ def fill_holes(
         allocated for its full prompt length ``n``
     spans : half-open ``(start, stop)`` holes of one request, or one list per request
     requests : the cache's request ids, in the order of ``input_ids``
+    fused_append : write each layer's new K/V inside the attention launch (one launch
+        per layer); False: ``append_kv`` then ``span_prefill``
 
     Returns
     -------
@@ -159,7 +169,7 @@ def fill_holes(
     tokens = torch.cat([ids.to(cache.device)[layout.positions[s:e].long()]
                         for ids, s, e in zip(prompts, layout.query_start_loc[:-1].tolist(),
                                              layout.query_start_loc[1:].tolist())])
-    return _run(model, cache, requests, tokens, layout)
+    return _run(model, cache, requests, tokens, layout, fused_append)
 
 
 def _is_flat(spans: Any) -> bool:
@@ -187,13 +197,14 @@ def fill_holes_per_span(model: torch.nn.Module, input_ids: torch.Tensor, cache: 
 
 
 def decode_step(model: torch.nn.Module, token_ids: torch.Tensor, cache: PagedKVCache,
-                requests: Sequence[Hashable] = (0,)) -> torch.Tensor:
+                requests: Sequence[Hashable] = (0,), fused_append: bool = True) -> torch.Tensor:
     """Append one token per request at the end of its sequence and run it.
 
     Parameters
     ----------
     token_ids : [B] int64, the next token of each request
     requests : the cache's request ids
+    fused_append : as for :func:`fill_holes`
 
     Returns
     -------
@@ -207,7 +218,8 @@ def decode_step(model: torch.nn.Module, token_ids: torch.Tensor, cache: PagedKVC
     spans = [[(n - 1, n)] for n in seq_lens]
     layout = SpanLayout.build(spans, seq_lens, cache.block_table(list(requests)), cache.page_size,
                               device=cache.device)
-    return _run(model, cache, requests, token_ids.reshape(-1).to(cache.device), layout)
+    return _run(model, cache, requests, token_ids.reshape(-1).to(cache.device), layout,
+                fused_append)
 
 
 # ----------------------------------------------------------------------------- cache helpers

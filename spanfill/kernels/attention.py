@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .append import FP8_FORMATS
+from .fused_append import first_new_row, new_kv_tile, write_new_rows
 from .merge import merge_states_tile
 from .scales import kv_scale_args
 
@@ -89,6 +91,7 @@ def _attend_kv_tile(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
     IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_CAST: tl.constexpr, page_in=None, PAGES_GIVEN: tl.constexpr = False,
+    new_kv=None, FUSED_APPEND: tl.constexpr = False,
 ):
     """One online-softmax step over the KV positions ``start_n + offs_n``.
 
@@ -101,7 +104,10 @@ def _attend_kv_tile(
     ahead by the caller) instead of this step reading it. ``KV_CAST``: K/V are
     stored in another dtype than q (fp8) and are widened to q's after the load (exact:
     every fp8 value is an fp16/bf16 value); their scales are folded in by the caller.
-    Scores are kept in the log2 domain (``qk_scale`` holds log2 e).
+    ``FUSED_APPEND``: ``new_kv`` is ``(is_new, k, v)`` from
+    :func:`~spanfill.kernels.fused_append.new_kv_tile`, the new tokens' K/V, which
+    replace what the cache holds at those positions (other programs of the launch may
+    be writing them). Scores are kept in the log2 domain (``qk_scale`` holds log2 e).
     """
     acc, m_i, l_i = state
     pos, valid = rows
@@ -128,6 +134,11 @@ def _attend_kv_tile(
                           MASK_N=MASKED, EVEN_D=EVEN_D)
         v = _load_kv_tile(V, page, slot, kv_in, hk, offs_d, d_in, v_strides, PAGED=PAGED,
                           MASK_N=MASKED, EVEN_D=EVEN_D)
+    if FUSED_APPEND:
+        is_new, k_new, v_new = new_kv
+        take = is_new & kv_in
+        k = tl.where(take[:, None], k_new, k)
+        v = tl.where(take[:, None], v_new, v)
     if KV_CAST:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
@@ -211,7 +222,7 @@ def _attn_fwd_kernel(
     num_rows,
     k_strides, v_strides,
     stride_bt,
-    k_scale, v_scale, scale_stride,
+    k_scale, v_scale, scale_stride, new,
     GQA_GROUP: tl.constexpr, STACKED_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr,
@@ -219,7 +230,8 @@ def _attn_fwd_kernel(
     SOFT_CAP: tl.constexpr, RETURN_LSE: tl.constexpr, ZERO_FILL: tl.constexpr,
     IEEE_DOT: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
     NUM_HEAD_STACKS: tl.constexpr, BOUNDARY_STAGES: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KV_CAST: tl.constexpr, KV_SCALES: tl.constexpr,
+    KV_CAST: tl.constexpr, KV_SCALES: tl.constexpr, FUSED_APPEND: tl.constexpr,
+    FP8_LIMIT: tl.constexpr, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_EXPONENT: tl.constexpr,
 ):
     """Attention over one (tile, head stack[, KV split]) of a tile plan.
 
@@ -234,6 +246,10 @@ def _attn_fwd_kernel(
     - ``k_scale``, ``v_scale``: what stored K/V values are multiplied by (fp8 caches):
       ``KV_SCALES`` 0: none (both None); 1: two floats; 2: fp32 pointers, KV head
       ``hk``'s scale at ``hk * scale_stride`` (stride 0: one scale for all heads).
+    - ``new`` (``FUSED_APPEND``): ``(K_NEW, V_NEW, SLOTS, stride_knt, stride_knh,
+      stride_vnt, stride_vnh)``, the rows' new K/V and cache slots, written in this
+      launch (:mod:`spanfill.kernels.fused_append`); ``FP8_*`` describe an fp8 cache's
+      format for quantizing them. None otherwise.
     - ``GQA_GROUP``: q heads per KV head; ``STACKED_HEADS`` of them share a program's
       query block, and ``NUM_HEAD_STACKS = Hq // STACKED_HEADS`` programs cover all
       q heads of a tile.
@@ -309,6 +325,15 @@ def _attn_fwd_kernel(
     d_in = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     row64 = row.to(tl.int64)
+    if FUSED_APPEND:
+        # One writer per (tile, KV head): each token once (its first stacked head's
+        # lane), by the KV head's first head stack, in split 0.
+        lane = valid & (offs_m % STACKED_HEADS == 0) & (h0 % GQA_GROUP == 0)
+        if NUM_SPLITS > 1:
+            lane = lane & (split == 0)
+        write_new_rows(K, V, new, k_strides, v_strides, row, lane, hk, offs_d, d_in, k_scale,
+                       v_scale, scale_stride, PAGE_SIZE, KV_SCALES, FP8_LIMIT,
+                       FP8_MANTISSA_BITS, FP8_MIN_EXPONENT)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -360,14 +385,29 @@ def _attn_fwd_kernel(
         loop_end = tl.minimum(tl.maximum(loop_end, chunk_lo), chunk_hi)
 
     rows = (pos, valid)
+    if FUSED_APPEND:
+        # The request's first new row at or past the loop's first position.
+        if HAS_WINDOW or HAS_KV_START or NUM_SPLITS > 1:
+            r_ptr = first_new_row(POSITIONS, q_start, q_stop, loop_begin, BLOCK_N)
+        else:
+            r_ptr = q_start  # the loop starts at position 0
+        cache_dtype: tl.constexpr = K.dtype.element_ty
     if HAS_WINDOW or HAS_KV_START:  # a lower bound: masked tiles below the full ones
         for start_n in tl.range(loop_begin, full_lo, BLOCK_N, num_stages=BOUNDARY_STAGES):
+            if FUSED_APPEND:
+                new_lo, r_ptr = new_kv_tile(
+                    POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk, k_scale,
+                    v_scale, scale_stride, cache_dtype, KV_SCALES, FP8_LIMIT,
+                    FP8_MANTISSA_BITS, FP8_MIN_EXPONENT, BLOCK_N)
+            else:
+                new_lo = None
             acc, m_i, l_i = _attend_kv_tile(
                 (acc, m_i, l_i), q, K, V, start_n, kv_start, loop_end, rows, req, hk, offs_n,
                 offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, k_strides, v_strides, qk_scale,
                 cap_scale, window_left, PAGE_SIZE=PAGE_SIZE, PAGED=PAGED, EVEN_D=EVEN_D,
                 MASKED=True, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW, SOFT_CAP=SOFT_CAP,
-                IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST)
+                IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST,
+                new_kv=new_lo, FUSED_APPEND=FUSED_APPEND)
     # Paged KV: the block-table entries of tile j + 1 are read during tile j and
     # carried, so the K/V addresses of a step depend on no load of the same step,
     # and Triton's software pipeliner keeps two tiles of K/V in flight (3 buffers,
@@ -385,21 +425,36 @@ def _attn_fwd_kernel(
         if PAGED:
             ahead = start_n + BLOCK_N + offs_n
             page_next = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < full_hi, other=0)
+        if FUSED_APPEND:
+            new_full, r_ptr = new_kv_tile(
+                POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk, k_scale,
+                v_scale, scale_stride, cache_dtype, KV_SCALES, FP8_LIMIT, FP8_MANTISSA_BITS,
+                FP8_MIN_EXPONENT, BLOCK_N)
+        else:
+            new_full = None
         acc, m_i, l_i = _attend_kv_tile(
             (acc, m_i, l_i), q, K, V, start_n, kv_start, loop_end, rows, req, hk, offs_n,
             offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, k_strides, v_strides, qk_scale,
             cap_scale, window_left, PAGE_SIZE=PAGE_SIZE, PAGED=PAGED, EVEN_D=EVEN_D,
             MASKED=False, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW, SOFT_CAP=SOFT_CAP,
             IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST, page_in=page,
-            PAGES_GIVEN=PAGED)
+            PAGES_GIVEN=PAGED, new_kv=new_full, FUSED_APPEND=FUSED_APPEND)
     # causal diagonal and kv_len edge
     for start_n in tl.range(full_hi, loop_end, BLOCK_N, num_stages=BOUNDARY_STAGES):
+        if FUSED_APPEND:
+            new_diag, r_ptr = new_kv_tile(
+                POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk, k_scale,
+                v_scale, scale_stride, cache_dtype, KV_SCALES, FP8_LIMIT, FP8_MANTISSA_BITS,
+                FP8_MIN_EXPONENT, BLOCK_N)
+        else:
+            new_diag = None
         acc, m_i, l_i = _attend_kv_tile(
             (acc, m_i, l_i), q, K, V, start_n, kv_start, loop_end, rows, req, hk, offs_n,
             offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, k_strides, v_strides, qk_scale,
             cap_scale, window_left, PAGE_SIZE=PAGE_SIZE, PAGED=PAGED, EVEN_D=EVEN_D,
             MASKED=True, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW, SOFT_CAP=SOFT_CAP,
-            IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST)
+            IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST,
+            new_kv=new_diag, FUSED_APPEND=FUSED_APPEND)
 
     if KV_SCALES != 0:
         acc = acc * v_s
@@ -489,6 +544,9 @@ def attention_fwd(
     logits_soft_cap: float = 0.0,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ):
     """Launch the attention kernel over a tile plan, exactly as ``launch`` decided.
 
@@ -519,6 +577,9 @@ def attention_fwd(
     k_scale, v_scale : fp8 K/V (any other dtype than q's is widened to q's after each
         load): the numbers stored values are multiplied by, both floats or both fp32
         tensors of shape [], [1] or [Hk]; None for K/V in q's dtype
+    k_new, v_new : [T, Hk, D] (paged KV with ``positions`` only): the rows' new K/V,
+        written into the cache at ``slot_mapping`` ([T] int64, -1: not written) and
+        attended in this same launch (:mod:`spanfill.kernels.fused_append`)
 
     Returns
     -------
@@ -563,6 +624,17 @@ def attention_fwd(
     k_arg, v_arg = (_kv_descriptor(k, cfg.block_n), _kv_descriptor(v, cfg.block_n)) \
         if launch.use_tma else (k, v)
     kv_scales, k_scale, v_scale, scale_stride = kv_scale_args(k_scale, v_scale)
+    fused = k_new is not None
+    fp8 = None
+    if fused:
+        if not paged or positions is None or v_new is None or slot_mapping is None:
+            raise ValueError("k_new/v_new need paged KV, positions, v_new and slot_mapping")
+        new = (k_new, v_new, slot_mapping, k_new.stride(0), k_new.stride(1), v_new.stride(0),
+               v_new.stride(1))
+        if kv_scales:
+            fp8 = FP8_FORMATS[k.dtype]
+    else:
+        new = None  # a None argument is a constant: the kernel without append is unchanged
     plan_arrays = (plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
                    plan.kv_row0, plan.kv_len, kv_start if kv_start is not None else plan.kv_len)
     grid = (plan.num_tiles * head_stacks * num_splits,)
@@ -575,7 +647,7 @@ def attention_fwd(
         num_rows,
         k_strides, v_strides,
         stride_bt,
-        k_scale, v_scale, scale_stride,
+        k_scale, v_scale, scale_stride, new,
         GQA_GROUP=num_q_heads // num_kv_heads, STACKED_HEADS=cfg.heads, HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         PAGE_SIZE=page_size, CAUSAL=causal, PAGED=paged,
@@ -585,5 +657,7 @@ def attention_fwd(
         EVEN_D=triton.next_power_of_2(head_dim) == head_dim, USE_TMA=launch.use_tma,
         NUM_HEAD_STACKS=head_stacks, BOUNDARY_STAGES=launch.boundary_stages,
         NUM_SPLITS=num_splits, KV_CAST=k.dtype != q.dtype, KV_SCALES=kv_scales,
+        FUSED_APPEND=fused, FP8_LIMIT=fp8 and fp8[0], FP8_MANTISSA_BITS=fp8 and fp8[1],
+        FP8_MIN_EXPONENT=fp8 and fp8[2],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
