@@ -1,7 +1,9 @@
 """Sentences per second embedding padded batches with all-MiniLM-L6-v2: spanfill vs sdpa.
 
 The same model weights (fp16 or bf16) run with ``attn_implementation="spanfill"``
-and with transformers' ``"sdpa"`` (and ``"eager"``) on the same unsorted batches
+(eager, and ``spanfill_graph``: the forward replayed as a CUDA graph per padded shape,
+:class:`spanfill.integrations.encoder_graphs.EncoderGraphRunner`) and with
+transformers' ``"sdpa"`` (and ``"eager"``) on the same unsorted batches
 of sentences of very different lengths, where padding wastes most work. Tokenizing
 is done once beforehand and not timed. Writes bench/results/minilm_throughput.csv.
 
@@ -40,6 +42,21 @@ def batches(tokenizer, sentences: list[str], batch: int, device: str) -> list[di
     return out
 
 
+class GraphModel:
+    """``model(**enc).last_hidden_state`` through an EncoderGraphRunner."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None):
+        class Out:
+            pass
+
+        out = Out()
+        out.last_hidden_state = self.runner(input_ids, attention_mask, token_type_ids)
+        return out
+
+
 @torch.no_grad()
 def run_all(model, encoded: list[dict]) -> None:
     for enc in encoded:
@@ -53,7 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--max-words", type=int, default=300)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--providers", default="spanfill,sdpa,eager")
+    parser.add_argument("--providers", default="spanfill,spanfill_graph,sdpa,eager")
     parser.add_argument("--out", default=str(RESULTS / "minilm_throughput.csv"))
     args = parser.parse_args()
     path = minilm_dir()
@@ -71,9 +88,19 @@ def main() -> None:
     print(f"{workload}: {real} real tokens in {padded} padded slots")
     rows = []
     for provider in args.providers.split(","):
-        model = transformers.AutoModel.from_pretrained(path, attn_implementation=provider,
-                                                       dtype=dtype).to(device).eval()
-        run_all(model, encoded)  # warm-up: Triton compiles, cuBLAS picks algorithms
+        graph = provider == "spanfill_graph"
+        if graph and device != "cuda":
+            print("  spanfill_graph skipped: CUDA graphs need a GPU")
+            continue
+        model = transformers.AutoModel.from_pretrained(
+            path, attn_implementation="spanfill" if graph else provider,
+            dtype=dtype).to(device).eval()
+        if graph:
+            from spanfill.integrations.encoder_graphs import EncoderGraphRunner
+
+            model = GraphModel(EncoderGraphRunner(model, batch_buckets=(args.batch,)))
+        run_all(model, encoded)  # warm-up: Triton compiles, cuBLAS picks algorithms (graphs
+        #                          are captured here, one per padded shape)
         rates = []
         for _ in range(args.reps):
             if device == "cuda":

@@ -29,6 +29,7 @@ training nothing; use ``model.eval()`` with ``torch.no_grad()``, or ``"sdpa"`` /
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable
 
 import torch
@@ -41,6 +42,12 @@ __all__ = ["NAME", "register", "spanfill_attention_forward", "spanfill_mask",
            "padding_from_mask"]
 
 NAME = "spanfill"
+
+# Set by spanfill.integrations.encoder_graphs while it runs (and captures) a forward:
+# the padded batch's layout, built from static valid lengths inside the CUDA graph.
+# The model then gets no mask, and every layer uses this layout instead.
+CAPTURED_LAYOUT: contextvars.ContextVar[PaddedLayout | None] = contextvars.ContextVar(
+    "spanfill_captured_layout", default=None)
 
 
 def _padding_side(keep: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -190,7 +197,14 @@ def spanfill_attention_forward(
             "transformers KV cache is not supported (use spanfill.integrations.holes for decoding)"
         )
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    layout = _layout_for(attention_mask, b_sz, seq_len, causal, query.device)
+    layout = CAPTURED_LAYOUT.get()
+    if layout is None:
+        layout = _layout_for(attention_mask, b_sz, seq_len, causal, query.device)
+    elif attention_mask is not None or layout.seq_len != seq_len \
+            or layout.valid_lens.shape[0] != b_sz:
+        raise ValueError(f"a captured encoder step runs with its own layout (B="
+                         f"{layout.valid_lens.shape[0]}, S={layout.seq_len}) and no mask; got "
+                         f"B={b_sz}, S={seq_len} and a mask: {attention_mask is not None}")
     # [B, H, S, D] views of [B, S, H, D] projections: transposing back costs no copy.
     out = padded_prefill(
         query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
