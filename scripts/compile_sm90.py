@@ -76,7 +76,10 @@ def compile_instead_of_launch(sink: list[dict]):
         bound_args, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(
             backend, kwargs, bound_args, specialization, options)
-        kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=TARGET,
+        source = ASTSource
+        if getattr(self, "is_gluon", lambda: False)():  # Gluon: its own front end
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+        kernel = triton.compile(source(self, signature, constexprs, attrs), target=TARGET,
                                 options=options.__dict__)
         names = list(bound_args)
         # A tuple argument's elements are named "arg[i]".
@@ -169,6 +172,22 @@ def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool
     return launch
 
 
+def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
+                     zero_fill: bool) -> Callable[[], None]:
+    """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
+    def launch() -> None:
+        from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+        q, k, v = _rand(b * s, hq, d), _rand(b * s, hk, d), _rand(b * s, hk, d)
+        starts = [i * s for i in range(b)]
+        plan = _packed_plan([s - i for i in range(b)], [s - i for i in range(b)], 64, causal,
+                            kv_row0=starts)
+        lse = torch.empty(b * s, hq, dtype=torch.float32)
+        attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
+                            zero_fill=zero_fill)
+    return launch
+
+
 def append_case(rows: int, page_size: int, hk: int, d: int, fp8: str | None = None,
                 kv_dtype: torch.dtype = torch.float8_e4m3fn) -> Callable[[], None]:
     def launch() -> None:
@@ -242,6 +261,11 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
                                                              fused=True), ()),
     "span_fused_append_fp8_e4m3_head_scales": (span_case(16, 2, 16, 8, 2, 128, fp8="head",
                                                          fused=True), ("scale_stride",)),
+    # the Gluon family (issue 16): dense TMA + wgmma, first kernel
+    "gluon_dense_padded_d128": (gluon_dense_case(2, 64, 4, 4, 128, causal=False,
+                                                 zero_fill=True), ()),
+    "gluon_dense_causal_gqa_d64": (gluon_dense_case(2, 64, 8, 2, 64, causal=True,
+                                                    zero_fill=False), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

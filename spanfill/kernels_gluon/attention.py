@@ -1,0 +1,282 @@
+"""Hopper (sm_90) attention in Triton's Gluon dialect: the first step of issue 16.
+
+Status: compiles for sm_90 (Triton 3.6 and 3.9; ``scripts/compile_sm90.py``); not yet
+run on a GPU, so no backend selects it (``spanfill.backends`` has no ``gluon`` entry).
+Scope of this first kernel: dense K/V (padded and varlen prefill), fp16/bf16,
+``D`` in {64, 128}, one q head per program (GQA through ``h // group``), causal or
+not, zero-filled padding rows, lse. It serves the same tile plans as the portable
+kernel (:class:`spanfill.layout.TilePlan`).
+
+Structure (one warp group of 4 warps per program; no warp specialization yet):
+
+- Q tile ``[BLOCK_M, D]`` and K/V tiles ``[BLOCK_N, D]`` come by TMA from 2-D views
+  ``[rows, H * D]`` of the packed tensors, into NVMMA-swizzled shared memory; rows past
+  a request's end are loaded and masked (TMA zero-fills past the tensor's end).
+- K/V go through a ring of ``STAGES`` buffers, each with an mbarrier: the copy of
+  tile ``j + STAGES - 1`` is issued before tile ``j`` is computed.
+- ``S = Q K^T`` and ``O += P V`` are ``warpgroup_mma`` (wgmma), accumulating in
+  registers; P goes to the second one from registers (no shared-memory trip).
+- Online softmax in the log2 domain, as the portable kernel.
+
+What FA3/FA4 add on top, for the next steps: a producer warp for the copies
+(``gl.warp_specialize``), two consumer warp groups ping-ponging softmax under each
+other's wgmma, register reallocation, and paged K/V (TMA per page, cp.async gathers
+for small pages).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+__all__ = ["attention_fwd_dense", "supports"]
+
+LOG2E = 1.4426950408889634
+LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+
+# Gluon is experimental and renames things between releases: the GPU machine has
+# Triton 3.6 (tma.async_copy_global_to_shared), CI 3.9 (tma.async_load).
+if hasattr(gl, "barrier"):
+    @gluon.jit
+    def _barrier():
+        gl.barrier()
+else:
+    @gluon.jit
+    def _barrier():
+        gl.thread_barrier()
+
+if hasattr(tma, "async_load"):
+    @gluon.jit
+    def _tma_load(desc, coord, bar, smem):
+        tma.async_load(desc, coord, bar, smem)
+else:
+    @gluon.jit
+    def _tma_load(desc, coord, bar, smem):
+        tma.async_copy_global_to_shared(desc, coord, bar, smem)
+
+
+@gluon.jit
+def _attn_fwd_dense_kernel(
+    q_desc, k_desc, v_desc, O, LSE,
+    TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
+    qk_scale, stride_ot, stride_oh, stride_lt, stride_lh,
+    NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    dtype: gl.constexpr = q_desc.dtype
+    # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
+    # over the 4 warps of the warp group.
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    # Registers for a [BLOCK_N, HEAD_DIM] K/V tile: 16-byte vectors along D.
+    kv_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+    pid = gl.program_id(0)
+    tile = pid // NUM_Q_HEADS
+    head = pid % NUM_Q_HEADS
+    hk = head // GQA_GROUP
+    req = gl.load(TILE_REQ + tile)
+    if req < 0:
+        return
+    row0 = gl.load(TILE_ROW0 + tile)
+    row_end = gl.load(TILE_ROW_END + tile)
+    q_start = gl.load(Q_START + req)
+    q_stop = q_start + gl.load(Q_LEN + req)
+
+    rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+    cols_o = gl.arange(0, HEAD_DIM, layout=col_o)
+    if ZERO_FILL:
+        if (row_end <= q_start) | (row0 >= q_stop):
+            # A run of padding rows (possibly many tiles long): zeros and -inf.
+            zeros = gl.zeros([BLOCK_M, HEAD_DIM], dtype, layout=o_layout)
+            for r0 in range(row0, row_end, BLOCK_M):
+                r = r0 + gl.arange(0, BLOCK_M, layout=row_o)
+                keep = r < row_end
+                ptrs = O + r.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
+                gl.store(ptrs, zeros, mask=keep[:, None])
+                if RETURN_LSE:
+                    gl.store(LSE + r.to(gl.int64) * stride_lt + head * stride_lh,
+                             gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_o),
+                             mask=keep)
+            return
+    kv_len = gl.load(KV_LEN + req)
+    kv_row0 = gl.load(KV_ROW0 + req)
+
+    # Shared memory: Q, the K/V ring, one mbarrier for Q and one per ring stage.
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(kv_bar.index(s), count=1)
+    fence_async_shared()
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
+
+    # The KV range of this tile: up to the last valid row's position (causal).
+    rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
+    pos_s = gl.where(valid_s, rows_s - q_start, -1)
+    if CAUSAL:
+        last_row = gl.minimum(row_end, q_stop) - 1
+        kv_end = gl.minimum(last_row - q_start + 1, kv_len)
+    else:
+        kv_end = kv_len
+    num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
+    kv_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+
+    # Prologue: fill STAGES - 1 stages of the ring.
+    for j in gl.static_range(STAGES - 1):
+        if j < num_tiles:
+            bar = kv_bar.index(j)
+            mbarrier.expect(bar, kv_bytes)
+            _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar,
+                                            k_smem.index(j))
+            _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar,
+                                            v_smem.index(j))
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    mbarrier.wait(q_bar, phase=0)
+
+    for j in range(num_tiles):
+        # Issue the copy STAGES - 1 tiles ahead, into the stage freed at step j - 1
+        # (its wgmmas were waited for there).
+        ahead = j + STAGES - 1
+        if ahead < num_tiles:
+            stage_a = ahead % STAGES
+            bar_a = kv_bar.index(stage_a)
+            mbarrier.expect(bar_a, kv_bytes)
+            _tma_load(k_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM],
+                                            bar_a, k_smem.index(stage_a))
+            _tma_load(v_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM],
+                                            bar_a, v_smem.index(stage_a))
+        stage = j % STAGES
+        mbarrier.wait(kv_bar.index(stage), phase=(j // STAGES) & 1)
+        k_tile = k_smem.index(stage)
+        v_tile = v_smem.index(stage)
+        if (j + 1) * BLOCK_N > kv_len:
+            # The tile reaches past the request's keys: padding (or the next request's
+            # rows), which may hold NaN. p is 0 there, but 0 * NaN is NaN, so those V
+            # rows are zeroed in shared memory before the PV wgmma reads them (scores
+            # need nothing: masked to -inf below).
+            v_rows = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+            v_reg = v_tile.load(kv_layout)
+            v_tile.store(gl.where((v_rows < kv_len)[:, None], v_reg, 0.0))
+            fence_async_shared()
+            _barrier()  # every warp's stores before the warp group's wgmma reads them
+
+        s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        s_acc = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_acc, use_acc=False,
+                              is_async=True)
+        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+
+        kv_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_s)
+        visible = (kv_pos[None, :] < kv_len) & valid_s[:, None]
+        if CAUSAL:
+            visible = visible & (kv_pos[None, :] <= pos_s[:, None])
+        s_acc = gl.where(visible, s_acc, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
+        alpha = gl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bar.index(s))
+
+    valid_o = (rows_o < row_end) & (rows_o >= q_start) & (rows_o < q_stop)
+    l_o = gl.convert_layout(l_i, row_o)
+    seen = valid_o & (l_o != 0.0)
+    out = acc / gl.where(seen, l_o, 1.0)[:, None]
+    out = gl.where(seen[:, None], out, 0.0)
+    in_tile = rows_o < row_end
+    store_rows = in_tile if ZERO_FILL else valid_o
+    ptrs = O + rows_o.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
+    gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
+    if RETURN_LSE:
+        m_o = gl.convert_layout(m_i, row_o)
+        lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * LN2, float("-inf"))
+        gl.store(LSE + rows_o.to(gl.int64) * stride_lt + head * stride_lh, lse, mask=store_rows)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor) -> tuple[bool, str]:
+    """Whether this first Gluon kernel covers a dense call (host metadata only)."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype:
+        return False, f"{q.dtype} / {k.dtype}: fp16 or bf16 only"
+    if q.shape[-1] not in (64, 128):
+        return False, f"D={q.shape[-1]}: 64 or 128 only"
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+            return False, f"{name} rows are not [H * D] contiguous"
+    return True, "dense fp16/bf16, D 64/128"
+
+
+def _desc(x: torch.Tensor, block_rows: int):
+    """A TMA descriptor over ``[rows, H, D]`` viewed as ``[rows, H * D]``, tiles of
+    ``[block_rows, D]``."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    rows, heads, d = x.shape
+    gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, d], gl_dtype)
+    return TensorDescriptor(x, [rows, heads * d], [x.stride(0), 1], [block_rows, d], layout)
+
+
+def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor | None, plan, sm_scale: float, causal: bool,
+                        zero_fill: bool = False, block_m: int = 64, block_n: int = 128,
+                        stages: int = 2):
+    """Launch the Gluon kernel over a tile plan built with ``block_q = block_m``.
+
+    Parameters
+    ----------
+    q : [T, Hq, D] fp16|bf16 packed rows; k, v : [N, Hk, D] dense rows at
+        ``plan.kv_row0[b] + pos``
+    out : [T, Hq, D] q.dtype; lse : [T, Hq] fp32 or None
+    plan : :class:`spanfill.layout.TilePlan` with ``block_q == block_m``
+    sm_scale : softmax scale; causal : a row at ``pos`` sees positions ``<= pos``
+    zero_fill : write 0 / -inf on tile rows that are not valid rows (padding)
+    """
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    lse_arg = lse if lse is not None else out
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    grid = (plan.num_tiles * num_q_heads,)
+    return _attn_fwd_dense_kernel[grid](
+        _desc(q, block_m), _desc(k, block_n), _desc(v, block_n), out, lse_arg,
+        plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
+        plan.kv_row0, plan.kv_len,
+        sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
+        NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // k.shape[1], HEAD_DIM=head_dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
+        RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, num_warps=4,
+    )
+
+

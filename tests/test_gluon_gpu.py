@@ -1,0 +1,99 @@
+"""The Gluon (Hopper) kernel family against the reference, on an sm_90 GPU.
+
+The first kernel (:mod:`spanfill.kernels_gluon.attention`: dense K/V, fp16/bf16,
+D 64/128) over the same tile plans as the portable kernel: padded batches (zero-fill,
+right and left padding), varlen causal, GQA, odd lengths, single-token samples, lse.
+Outputs are poisoned (NaN) first. CI compiles the kernel for sm_90 on the CPU
+(``tests/test_compile_sm90.py``); these tests are its first runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spanfill as sf
+from spanfill import reference
+from spanfill.testing import TOLERANCE, assert_lse_close, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.fixture(autouse=True)
+def _needs_hopper():
+    if not _hopper():
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+
+
+BLOCK_M = 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool) -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(d + causal)
+    b, s, hq, hk = 5, 203, 4, 2
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
+    valid_lens = torch.tensor([203, 1, 0, 77, 130], device="cuda")
+    layout = sf.PaddedLayout.build(valid_lens, s, side)
+    plan = layout.tile_plan(BLOCK_M, causal)
+    out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
+    lse = torch.full((b * s, hq), float("nan"), device="cuda")
+    attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
+                        lse, plan, d ** -0.5, causal, zero_fill=True, block_m=BLOCK_M)
+    ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
+    out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
+    assert_lse_close(lse, ref_lse, dtype)
+    assert (out[torch.isinf(ref_lse)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_varlen_causal(dtype: torch.dtype) -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(3)
+    lens = [1, 64, 65, 300, 17]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda")
+    t, hq, hk, d = sum(lens), 8, 8, 128
+    q, k, v = (torch.randn(t, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
+    layout = sf.VarlenLayout.build(cu, t)
+    plan = layout.tile_plan(BLOCK_M, True)
+    out = torch.full_like(q, float("nan"))
+    attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, True, block_m=BLOCK_M)
+    ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
+    assert not out.isnan().any()
+    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
+
+
+def test_padding_keys_holding_nan_are_ignored() -> None:
+    """Padded K/V rows may hold anything: NaN there must not reach a valid row
+    (the kernel zeroes V past a request's keys before the PV product)."""
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(5)
+    b, s, h, d = 3, 150, 2, 128
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", torch.bfloat16)
+               for _ in range(3))
+    valid_lens = torch.tensor([150, 61, 3], device="cuda")
+    for t in (k, v):
+        for i, n in enumerate(valid_lens.tolist()):
+            t[i, n:] = float("nan")
+    layout = sf.PaddedLayout.build(valid_lens, s)
+    out = torch.full((b * s, h, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    attention_fwd_dense(q.reshape(-1, h, d), k.reshape(-1, h, d), v.reshape(-1, h, d), out,
+                        None, layout.tile_plan(BLOCK_M, False), d ** -0.5, False,
+                        zero_fill=True, block_m=BLOCK_M)
+    ref_o, _ = reference.padded_prefill(q, k.nan_to_num(0.0), v.nan_to_num(0.0), valid_lens)
+    out = out.view(b, s, h, d)
+    assert not out.isnan().any()
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
