@@ -12,7 +12,8 @@ Each ``check_*`` function runs a public op with ``backend="triton"`` against
 * outputs are allocated poisoned (NaN), so a row the kernel forgot is caught;
 * every output row is compared (max abs error) and the whole tensor (relative error);
 * lse: same -inf rows, close finite values;
-* the KV cache after ``append_kv`` equals the reference's bit for bit, and every
+* the KV cache after ``append_kv`` equals the reference's bit for bit (also when
+  ``span_prefill`` appends in its own launch, ``k_new``/``v_new``), and every
   slot outside the written ones keeps its old bits;
 * KV slots no request may see (spare pages, page tails, padding) hold NaN/inf,
   so any read outside a request's range poisons its output.
@@ -357,6 +358,7 @@ def check_span_case(c: SpanCase, device: str) -> set[str]:
     q, k_new, v_new = rnd(t, c.hq, c.head_dim), rnd(t, c.hk, c.head_dim), rnd(t, c.hk, c.head_dim)
     before_k, before_v = bits(k_cache).clone(), bits(v_cache).clone()
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    fused_k, fused_v = k_cache.clone(), v_cache.clone()  # for the one-launch path below
 
     sf.append_kv(k_new, v_new, k_cache, v_cache, layout, backend="triton")
     reference.append_kv(k_new, v_new, ref_k, ref_v, layout.slot_mapping)
@@ -384,6 +386,21 @@ def check_span_case(c: SpanCase, device: str) -> set[str]:
     if lse is not None:
         assert_lse_close(lse, lse_ref, c.dtype)
     assert torch.equal(bits(k_cache), bits(ref_k)), "span_prefill changed k_cache"
+
+    # Append inside attention (span_prefill with k_new/v_new), from the cache before
+    # the append, its slots to be written poisoned: no program may read them back.
+    stored = layout.slot_mapping[layout.slot_mapping >= 0]
+    fused_k.view(-1, c.hk, c.head_dim)[stored] = float("nan")
+    fused_v.view(-1, c.hk, c.head_dim)[stored] = float("nan")
+    with poisoned_allocations(), forced_splits(c.splits):
+        res = sf.span_prefill(q, fused_k, fused_v, layout, causal=c.causal, sm_scale=c.sm_scale,
+                              return_lse=c.return_lse, backend="triton", k_new=k_new, v_new=v_new)
+    o, lse = res if c.return_lse else (res, None)
+    assert torch.equal(bits(fused_k), bits(ref_k)), "fused append: k_cache differs"
+    assert torch.equal(bits(fused_v), bits(ref_v)), "fused append: v_cache differs"
+    assert_close(o, o_ref, c.dtype, "span_prefill with k_new o", elementwise=True)
+    if lse is not None:
+        assert_lse_close(lse, lse_ref, c.dtype)
     return span_case_tags(c) | ({"split"} if launches and launches[0] > 1 else set())
 
 

@@ -47,6 +47,9 @@ def new_kv_tile(POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk
                 BLOCK_N: tl.constexpr):
     """The new tokens among KV positions ``start_n + offs_n``: ``((is_new, k, v), r_next)``.
 
+    ``is_new`` is False for a row whose slot is -1 (not stored: attention reads the
+    cache there, as after a separate :func:`append_kv`).
+
     ``r_ptr`` is the request's first row with position ``>= start_n``; ``k``/``v`` are
     ``[BLOCK_N, BLOCK_D]`` in the cache's dtype (zero where not new), ``r_next`` the
     first row with position ``>= start_n + BLOCK_N``. ``new`` is ``(K_NEW, V_NEW,
@@ -60,9 +63,12 @@ def new_kv_tile(POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk
     # small next to the tile's two dots.
     match = p[None, :] == kv_pos[:, None]
     idx = tl.max(tl.where(match, cand[None, :], -1), axis=1)
-    is_new = idx >= 0
     r_next = r_ptr + tl.sum((p < start_n + BLOCK_N).to(tl.int32), axis=0)
     idx64 = tl.maximum(idx, 0).to(tl.int64)
+    # A row with slot -1 is not stored (append_kv skips it), so the cache keeps what it
+    # holds there and attention reads that, as after a separate append; nobody writes it.
+    slot = tl.load(SLOTS + idx64, mask=idx >= 0, other=-1)
+    is_new = (idx >= 0) & (slot >= 0)
     mask = is_new[:, None] & d_in[None, :]
     k = tl.load(K_NEW + idx64[:, None] * stride_knt + hk * stride_knh + offs_d[None, :],
                 mask=mask, other=0.0)
