@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ def _span_problem(t: int = 1, table_width: int = 64, page_size: int = 16,
 
 def test_order_is_kernels_then_reference() -> None:
     assert [b.name for b in backends.ORDER] == ["triton", "reference"]
-    assert backends.CHOICES == ("auto", "triton", "reference")
+    assert backends.CHOICES == ("auto", "triton", "reference", "gluon")  # gluon: by name only
 
 
 def test_cpu_without_interpreter_takes_reference_and_says_why(monkeypatch) -> None:
@@ -54,7 +56,7 @@ def test_environment_and_argument_override(monkeypatch) -> None:
 
 
 def test_unknown_backend_names_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'reference'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'reference', 'gluon'\)"):
         select_backend(CPU, "cuda-graphs")
 
 
@@ -183,3 +185,29 @@ def test_info_explains_every_example(monkeypatch) -> None:
         assert text.startswith("triton") and "BLOCK_M=" in text and "why: " in text
     assert explain(examples[0][1], "reference").startswith("reference no tiles")
     assert explain(examples[0][1], "nope").startswith("error: backend must be one of")
+
+
+def test_gluon_is_registered_but_only_by_name(monkeypatch) -> None:
+    """The Hopper family is not in the selection order until validated on a GPU; named,
+    it refuses what it does not cover, saying why."""
+    assert "gluon" not in [b.name for b in backends.ORDER]
+    gluon = backends.get_backend("gluon")
+    ok, reason = gluon.supports_device(CPU)
+    assert not ok and "Hopper" in reason
+    with pytest.raises(ValueError, match="backend='gluon' cannot run here: .*Hopper"):
+        select_backend(_span_problem(), "gluon")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda", 0)
+    q = torch.empty(1, 12, 64, dtype=torch.bfloat16).expand(4096, 12, 64)
+    kv = torch.empty(4096, 12, 64, dtype=torch.bfloat16)
+    dense = dense_problem("padded", q, kv, kv, 8, 512, False)
+    as_cuda = lambda p, **kw: dataclasses.replace(p, device=cuda, **kw)  # noqa: E731
+    assert gluon.supports(as_cuda(dense))[0]
+    assert gluon.select_config(as_cuda(dense)).block_q == 64
+    for change, why in ((dict(head_dim=80), "D=80"), (dict(window_left=7), "sliding window"),
+                        (dict(dtype=torch.float32), "fp16 or bf16"),
+                        (dict(kv_dtype=torch.float8_e4m3fn), "fp16 or bf16")):
+        ok, reason = gluon.supports(as_cuda(dense, **change))
+        assert not ok and why in reason
+    ok, reason = gluon.supports(as_cuda(_span_problem()))
+    assert not ok and "paged" in reason

@@ -97,3 +97,25 @@ def test_padding_keys_holding_nan_are_ignored() -> None:
     out = out.view(b, s, h, d)
     assert not out.isnan().any()
     assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("op", ["padded", "varlen"])
+def test_ops_run_it_when_asked(op: str) -> None:
+    """backend="gluon" through the public ops: the registry's config, plan and launch."""
+    from spanfill.testing import recorded_launches
+
+    gen = torch.Generator().manual_seed(9)
+    b, s, h, d = 4, 130, 8, 64
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", torch.float16) for _ in range(3))
+    valid_lens = torch.tensor([130, 64, 1, 0], device="cuda")
+    with recorded_launches(attention_fwd=None) as portable:
+        if op == "padded":
+            out = sf.padded_prefill(q, k, v, valid_lens, backend="gluon")
+            ref_o, _ = reference.padded_prefill(q, k, v, valid_lens)
+        else:
+            cu = torch.tensor([0, 130, 260, 390, 520], device="cuda")
+            flat = [x.reshape(b * s, h, d) for x in (q, k, v)]
+            out = sf.varlen_prefill(*flat, cu, causal=True, backend="gluon")
+            ref_o, _ = reference.varlen_prefill(*flat, cu, causal=True)
+    assert portable["attention_fwd"] == []  # the Gluon kernel ran, not the portable one
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]

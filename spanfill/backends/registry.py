@@ -14,11 +14,12 @@ from typing import Protocol
 
 import torch
 
+from .gluon import GluonHopperBackend
 from .problem import AttentionProblem, LaunchConfig
 from .reference import ReferenceBackend
 from .triton import PortableTritonBackend
 
-__all__ = ["AUTO", "Backend", "ORDER", "CHOICES", "get_backend", "select_backend",
+__all__ = ["AUTO", "Backend", "ORDER", "OPT_IN", "CHOICES", "get_backend", "select_backend",
            "requested_backend"]
 
 
@@ -39,13 +40,16 @@ class Backend(Protocol):
 
 # The selection order: the kernels where they run, the reference everywhere else.
 ORDER: tuple[Backend, ...] = (PortableTritonBackend(), ReferenceBackend())
+# Registered but chosen only by name until validated on a GPU: the Hopper (Gluon)
+# family, which joins ORDER ahead of the portable kernels once its GPU tests pass.
+OPT_IN: tuple[Backend, ...] = (GluonHopperBackend(),)
 AUTO = "auto"
-CHOICES = (AUTO,) + tuple(b.name for b in ORDER)
+CHOICES = (AUTO,) + tuple(b.name for b in ORDER + OPT_IN)
 
 
 def get_backend(name: str) -> Backend:
     """The registered backend called ``name``."""
-    for backend in ORDER:
+    for backend in ORDER + OPT_IN:
         if backend.name == name:
             return backend
     raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
