@@ -30,6 +30,7 @@ from .providers_fused import spanfill_append_attend, spanfill_fused_append
 from .providers_spanfill import (
     spanfill_nopad,
     spanfill_padded_kernel,
+    spanfill_gluon,
     spanfill_padded,
     spanfill_segmented,
     spanfill_varlen,
@@ -407,6 +408,9 @@ PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {
     "sdpa_nested_jagged": sdpa_nested_jagged,
     "flex": flex_padded,
     "fa4_padded": _fa4("padded"),
+    # Last: a first run of a new kernel family that could fault would end the process,
+    # so every other row of the workload is written first.
+    "spanfill_gluon": spanfill_gluon,
 }
 
 CEILINGS = frozenset({"sdpa_cudnn_dense", "sdpa_flash_dense"})
@@ -430,4 +434,5 @@ SWEEP_PROVIDERS = frozenset({
 
 # On a CPU the dense ceilings cannot run (cuDNN/flash backends), nor can the CUDA-only
 # peers (FlashInfer, FA4); they are skipped there.
-SMOKE_SKIP = CEILINGS | FLASHINFER | FA4
+GLUON = frozenset({"spanfill_gluon"})
+SMOKE_SKIP = CEILINGS | FLASHINFER | FA4 | GLUON

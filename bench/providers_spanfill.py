@@ -189,3 +189,17 @@ def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
         return prepared
     return Prepared(run, run, note="varlen attention kernel on the valid tokens, plan prebuilt "
                                    "(spanfill internals, as varlen_prefill calls them)")
+
+
+def spanfill_gluon(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """sf.padded_prefill with ``backend="gluon"``: the Hopper (Gluon) family, opt-in while
+    it is new (an error row where it does not run: not Hopper, or a shape it refuses)."""
+    idx = packed_valid_index(t.valid_lens, w.seq_len)
+    layout = sf.PaddedLayout.build(t.valid_lens, w.seq_len)
+
+    def run() -> torch.Tensor:
+        return sf.padded_prefill(t.q, t.k, t.v, layout, causal=w.causal, backend="gluon")
+
+    run()
+    return Prepared(run, lambda: run().reshape(-1, w.num_heads, w.head_dim)[idx],
+                    note="prebuilt PaddedLayout; backend=gluon (TMA + wgmma, first kernel)")
