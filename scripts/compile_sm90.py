@@ -173,7 +173,7 @@ def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool
 
 
 def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
-                     zero_fill: bool) -> Callable[[], None]:
+                     zero_fill: bool, warp_specialize: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -184,7 +184,7 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                             kv_row0=starts)
         lse = torch.empty(b * s, hq, dtype=torch.float32)
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
-                            zero_fill=zero_fill)
+                            zero_fill=zero_fill, warp_specialize=warp_specialize)
     return launch
 
 
@@ -266,6 +266,9 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
                                                  zero_fill=True), ()),
     "gluon_dense_causal_gqa_d64": (gluon_dense_case(2, 64, 8, 2, 64, causal=True,
                                                     zero_fill=False), ()),
+    "gluon_dense_warp_specialized_d128": (gluon_dense_case(2, 64, 4, 4, 128, causal=True,
+                                                           zero_fill=True, warp_specialize=True),
+                                          ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

@@ -36,7 +36,9 @@ BLOCK_M = 64
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool) -> None:
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["pipelined", "producer-warp"])
+def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
+                        warp_specialize: bool) -> None:
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(d + causal)
@@ -48,7 +50,8 @@ def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool) -> 
     out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
     lse = torch.full((b * s, hq), float("nan"), device="cuda")
     attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
-                        lse, plan, d ** -0.5, causal, zero_fill=True, block_m=BLOCK_M)
+                        lse, plan, d ** -0.5, causal, zero_fill=True, block_m=BLOCK_M,
+                        warp_specialize=warp_specialize)
     ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
     out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
     assert not out.isnan().any(), "rows left unwritten"
@@ -58,7 +61,8 @@ def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_varlen_causal(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["pipelined", "producer-warp"])
+def test_varlen_causal(dtype: torch.dtype, warp_specialize: bool) -> None:
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(3)
@@ -69,7 +73,8 @@ def test_varlen_causal(dtype: torch.dtype) -> None:
     layout = sf.VarlenLayout.build(cu, t)
     plan = layout.tile_plan(BLOCK_M, True)
     out = torch.full_like(q, float("nan"))
-    attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, True, block_m=BLOCK_M)
+    attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, True, block_m=BLOCK_M,
+                        warp_specialize=warp_specialize)
     ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
     assert not out.isnan().any()
     assert rel_err(out, ref_o) <= TOLERANCE[dtype]

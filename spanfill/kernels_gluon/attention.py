@@ -7,7 +7,8 @@ Scope of this first kernel: dense K/V (padded and varlen prefill), fp16/bf16,
 not, zero-filled padding rows, lse. It serves the same tile plans as the portable
 kernel (:class:`spanfill.layout.TilePlan`).
 
-Structure (one warp group of 4 warps per program; no warp specialization yet):
+Structure (one warp group of 4 warps per program; ``warp_specialize=True`` adds one
+producer warp that issues the K/V copies, ``gl.warp_specialize``):
 
 - Q tile ``[BLOCK_M, D]`` and K/V tiles ``[BLOCK_N, D]`` come by TMA from 2-D views
   ``[rows, H * D]`` of the packed tensors, into NVMMA-swizzled shared memory; rows past
@@ -18,10 +19,9 @@ Structure (one warp group of 4 warps per program; no warp specialization yet):
   registers; P goes to the second one from registers (no shared-memory trip).
 - Online softmax in the log2 domain, as the portable kernel.
 
-What FA3/FA4 add on top, for the next steps: a producer warp for the copies
-(``gl.warp_specialize``), two consumer warp groups ping-ponging softmax under each
-other's wgmma, register reallocation, and paged K/V (TMA per page, cp.async gathers
-for small pages).
+What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
+softmax under each other's wgmma, the next QK^T issued before the current softmax,
+register reallocation, and paged K/V (TMA per page, cp.async gathers for small pages).
 """
 
 from __future__ import annotations
@@ -64,6 +64,109 @@ else:
 
 
 @gluon.jit
+def _fill_padding(O, LSE, row0, row_end, head, stride_ot, stride_oh, stride_lt, stride_lh,
+                  o_layout: gl.constexpr, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr):
+    """Zeros (and lse -inf) on rows ``[row0, row_end)`` of one head: a run of padding."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    zeros = gl.zeros([BLOCK_M, HEAD_DIM], dtype, layout=o_layout)
+    for r0 in range(row0, row_end, BLOCK_M):
+        r = r0 + gl.arange(0, BLOCK_M, layout=row_o)
+        keep = r < row_end
+        gl.store(O + r.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols[None, :],
+                 zeros, mask=keep[:, None])
+        if RETURN_LSE:
+            gl.store(LSE + r.to(gl.int64) * stride_lt + head * stride_lh,
+                     gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_o), mask=keep)
+
+
+@gluon.jit
+def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """One online-softmax step over KV tile ``j`` (positions ``j * BLOCK_N + [0, BLOCK_N)``)
+    held in shared memory; returns ``(acc, m_i, l_i)``."""
+    if (j + 1) * BLOCK_N > kv_len:
+        # The tile reaches past the request's keys: padding (or the next request's
+        # rows), which may hold NaN. p is 0 there, but 0 * NaN is NaN, so those V rows
+        # are zeroed in shared memory before the PV wgmma reads them (scores need
+        # nothing: masked to -inf below).
+        kv_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        v_rows = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+        v_reg = v_tile.load(kv_layout)
+        v_tile.store(gl.where((v_rows < kv_len)[:, None], v_reg, 0.0))
+        fence_async_shared()
+        _barrier()  # every warp's stores before the warp group's wgmma reads them
+    s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    s_acc = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_acc, use_acc=False, is_async=True)
+    s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+    kv_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    visible = (kv_pos[None, :] < kv_len) & valid_s[:, None]
+    if CAUSAL:
+        visible = visible & (kv_pos[None, :] <= pos_s[:, None])
+    s_acc = gl.where(visible, s_acc, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
+    alpha = gl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p_op = gl.convert_layout(p.to(dtype),
+                             gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
+    acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    return acc, m_new, l_i
+
+
+@gluon.jit
+def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """Producer partition (one warp): TMA copies of K/V tiles into the ring, each stage
+    refilled once the consumer has released it."""
+    kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
+    for j in range(num_tiles):
+        stage = j % STAGES
+        # A fresh mbarrier counts as having completed phase 1: the first round of
+        # stages is free without any release.
+        mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1)
+        bar = ready.index(stage)
+        mbarrier.expect(bar, kv_bytes)
+        _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(stage))
+        _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(stage))
+
+
+@gluon.jit
+def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start, q_stop,
+                 kv_len, num_tiles, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                 dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """Consumer partition (the warp group): the online softmax over the ring's tiles,
+    releasing each stage after its wgmmas; returns ``(acc, m_i, l_i)``."""
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
+    pos_s = gl.where(valid_s, rows_s - q_start, -1)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    mbarrier.wait(q_bar, phase=0)
+    for j in range(num_tiles):
+        stage = j % STAGES
+        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc, m_i,
+                                     l_i, j, kv_len, valid_s, pos_s, qk_scale, s_layout,
+                                     o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL, num_warps)
+        # The wgmmas reading this stage are done (waited in _attend_tile); order the
+        # generic-proxy reads and writes before the producer's next TMA into it.
+        fence_async_shared()
+        mbarrier.arrive(empty.index(stage), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _attn_fwd_dense_kernel(
     q_desc, k_desc, v_desc, O, LSE,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
@@ -71,7 +174,7 @@ def _attn_fwd_dense_kernel(
     NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
-    num_warps: gl.constexpr,
+    WARP_SPECIALIZE: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -80,12 +183,7 @@ def _attn_fwd_dense_kernel(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    # Registers for a [BLOCK_N, HEAD_DIM] K/V tile: 16-byte vectors along D.
-    kv_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
     pid = gl.program_id(0)
@@ -99,126 +197,93 @@ def _attn_fwd_dense_kernel(
     row_end = gl.load(TILE_ROW_END + tile)
     q_start = gl.load(Q_START + req)
     q_stop = q_start + gl.load(Q_LEN + req)
-
-    rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o)
-    cols_o = gl.arange(0, HEAD_DIM, layout=col_o)
     if ZERO_FILL:
         if (row_end <= q_start) | (row0 >= q_stop):
-            # A run of padding rows (possibly many tiles long): zeros and -inf.
-            zeros = gl.zeros([BLOCK_M, HEAD_DIM], dtype, layout=o_layout)
-            for r0 in range(row0, row_end, BLOCK_M):
-                r = r0 + gl.arange(0, BLOCK_M, layout=row_o)
-                keep = r < row_end
-                ptrs = O + r.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
-                gl.store(ptrs, zeros, mask=keep[:, None])
-                if RETURN_LSE:
-                    gl.store(LSE + r.to(gl.int64) * stride_lt + head * stride_lh,
-                             gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_o),
-                             mask=keep)
+            _fill_padding(O, LSE, row0, row_end, head, stride_ot, stride_oh, stride_lt,
+                          stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM, RETURN_LSE)
             return
     kv_len = gl.load(KV_LEN + req)
     kv_row0 = gl.load(KV_ROW0 + req)
+    # The KV range of this tile: up to the last valid row's position (causal).
+    if CAUSAL:
+        kv_end = gl.minimum(gl.minimum(row_end, q_stop) - q_start, kv_len)
+    else:
+        kv_end = kv_len
+    num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
 
-    # Shared memory: Q, the K/V ring, one mbarrier for Q and one per ring stage.
+    # Shared memory: Q, the K/V ring, an mbarrier for Q and a pair per ring stage
+    # (ready: the copy landed; empty: the consumer released the stage).
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     for s in gl.static_range(STAGES):
-        mbarrier.init(kv_bar.index(s), count=1)
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
-
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
 
-    # The KV range of this tile: up to the last valid row's position (causal).
-    rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
-    valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
-    pos_s = gl.where(valid_s, rows_s - q_start, -1)
-    if CAUSAL:
-        last_row = gl.minimum(row_end, q_stop) - 1
-        kv_end = gl.minimum(last_row - q_start + 1, kv_len)
+    if WARP_SPECIALIZE:
+        # One producer warp issues the copies; the warp group only computes.
+        acc, m_i, l_i = gl.warp_specialize([
+            (_kv_consumer, (q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start,
+                            q_stop, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps)),
+            (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
+                          BLOCK_N, HEAD_DIM, STAGES)),
+        ], [1], [24])
     else:
-        kv_end = kv_len
-    num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
-    kv_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-
-    # Prologue: fill STAGES - 1 stages of the ring.
-    for j in gl.static_range(STAGES - 1):
-        if j < num_tiles:
-            bar = kv_bar.index(j)
-            mbarrier.expect(bar, kv_bytes)
-            _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar,
-                                            k_smem.index(j))
-            _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar,
-                                            v_smem.index(j))
-
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
-    mbarrier.wait(q_bar, phase=0)
-
-    for j in range(num_tiles):
-        # Issue the copy STAGES - 1 tiles ahead, into the stage freed at step j - 1
-        # (its wgmmas were waited for there).
-        ahead = j + STAGES - 1
-        if ahead < num_tiles:
-            stage_a = ahead % STAGES
-            bar_a = kv_bar.index(stage_a)
-            mbarrier.expect(bar_a, kv_bytes)
-            _tma_load(k_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM],
-                                            bar_a, k_smem.index(stage_a))
-            _tma_load(v_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM],
-                                            bar_a, v_smem.index(stage_a))
-        stage = j % STAGES
-        mbarrier.wait(kv_bar.index(stage), phase=(j // STAGES) & 1)
-        k_tile = k_smem.index(stage)
-        v_tile = v_smem.index(stage)
-        if (j + 1) * BLOCK_N > kv_len:
-            # The tile reaches past the request's keys: padding (or the next request's
-            # rows), which may hold NaN. p is 0 there, but 0 * NaN is NaN, so those V
-            # rows are zeroed in shared memory before the PV wgmma reads them (scores
-            # need nothing: masked to -inf below).
-            v_rows = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
-            v_reg = v_tile.load(kv_layout)
-            v_tile.store(gl.where((v_rows < kv_len)[:, None], v_reg, 0.0))
-            fence_async_shared()
-            _barrier()  # every warp's stores before the warp group's wgmma reads them
-
-        s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s_acc = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_acc, use_acc=False,
-                              is_async=True)
-        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-
-        kv_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_s)
-        visible = (kv_pos[None, :] < kv_len) & valid_s[:, None]
-        if CAUSAL:
-            visible = visible & (kv_pos[None, :] <= pos_s[:, None])
-        s_acc = gl.where(visible, s_acc, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
-        alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        m_i = m_new
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma(p_op, v_tile, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        # One partition, software-pipelined by hand: the copy of tile j + STAGES - 1 is
+        # issued before tile j is computed, into the stage freed at step j - 1.
+        kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
+        for j in gl.static_range(STAGES - 1):
+            if j < num_tiles:
+                bar = ready.index(j)
+                mbarrier.expect(bar, kv_bytes)
+                _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(j))
+                _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(j))
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+        valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
+        pos_s = gl.where(valid_s, rows_s - q_start, -1)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+        mbarrier.wait(q_bar, phase=0)
+        for j in range(num_tiles):
+            ahead = j + STAGES - 1
+            if ahead < num_tiles:
+                stage_a = ahead % STAGES
+                bar_a = ready.index(stage_a)
+                mbarrier.expect(bar_a, kv_bytes)
+                _tma_load(k_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM], bar_a,
+                          k_smem.index(stage_a))
+                _tma_load(v_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM], bar_a,
+                          v_smem.index(stage_a))
+            stage = j % STAGES
+            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc,
+                                         m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
+                                         s_layout, o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL,
+                                         num_warps)
 
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
-        mbarrier.invalidate(kv_bar.index(s))
+        mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(empty.index(s))
 
+    rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+    cols_o = gl.arange(0, HEAD_DIM, layout=col_o)
     valid_o = (rows_o < row_end) & (rows_o >= q_start) & (rows_o < q_stop)
     l_o = gl.convert_layout(l_i, row_o)
     seen = valid_o & (l_o != 0.0)
     out = acc / gl.where(seen, l_o, 1.0)[:, None]
     out = gl.where(seen[:, None], out, 0.0)
-    in_tile = rows_o < row_end
-    store_rows = in_tile if ZERO_FILL else valid_o
+    store_rows = (rows_o < row_end) if ZERO_FILL else valid_o
     ptrs = O + rows_o.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
     gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
     if RETURN_LSE:
@@ -253,7 +318,7 @@ def _desc(x: torch.Tensor, block_rows: int):
 def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor | None, plan, sm_scale: float, causal: bool,
                         zero_fill: bool = False, block_m: int = 64, block_n: int = 128,
-                        stages: int = 2):
+                        stages: int = 2, warp_specialize: bool = False):
     """Launch the Gluon kernel over a tile plan built with ``block_q = block_m``.
 
     Parameters
@@ -264,6 +329,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     plan : :class:`spanfill.layout.TilePlan` with ``block_q == block_m``
     sm_scale : softmax scale; causal : a row at ``pos`` sees positions ``<= pos``
     zero_fill : write 0 / -inf on tile rows that are not valid rows (padding)
+    warp_specialize : one producer warp issues the K/V copies (``gl.warp_specialize``)
+        instead of the warp group pipelining them itself
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     lse_arg = lse if lse is not None else out
@@ -276,7 +343,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
         NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // k.shape[1], HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
-        RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, num_warps=4,
+        RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
+        num_warps=4,
     )
 
 
