@@ -1,6 +1,7 @@
 """Fuzz every public op on CUDA against spanfill.reference, at larger sizes.
 
     PYTHONPATH=. python3 scripts/fuzz_gpu.py --examples 5000
+    PYTHONPATH=. python3 scripts/fuzz_gpu.py --examples 5000 --ops padded_gluon,varlen_gluon
 
 The same properties as tests/test_fuzz.py (cases and checks from tests/fuzzing.py):
 output rows poisoned with NaN, lse, the KV cache bit-for-bit against the
@@ -67,10 +68,20 @@ COVERAGE = {
 }
 
 # Share of the examples per op: span cases exercise append_kv and span_prefill.
+def _gluon_covers(case) -> bool:
+    """The dense cases the Gluon (Hopper) backend takes: fp16/bf16, D 64 or 128."""
+    return case.dtype in (torch.float16, torch.bfloat16) and case.head_dim in (64, 128)
+
+
 OPS: dict[str, tuple[float, Callable[[], st.SearchStrategy], Callable]] = {
     "span": (0.5, lambda: span_cases(GPU_SIZES), check_span_case),
     "padded": (0.25, lambda: padded_cases(GPU_SIZES), check_padded_case),
     "varlen": (0.25, lambda: varlen_cases(GPU_SIZES), check_varlen_case),
+    # The Hopper family through the registry (backend="gluon"), on the cases it covers.
+    "padded_gluon": (0.0, lambda: padded_cases(GPU_SIZES).filter(_gluon_covers),
+                     lambda c, device: check_padded_case(c, device, backend="gluon")),
+    "varlen_gluon": (0.0, lambda: varlen_cases(GPU_SIZES).filter(_gluon_covers),
+                     lambda c, device: check_varlen_case(c, device, backend="gluon")),
 }
 
 
@@ -106,8 +117,10 @@ def fuzz_op(name: str, examples: int, strategy: st.SearchStrategy, check: Callab
 
 def examples_per_op(total: int, names: list[str]) -> dict[str, int]:
     """``total`` examples shared out by the ops' weights, at least one each."""
-    weight = sum(OPS[n][0] for n in names)
-    return {n: max(1, round(total * OPS[n][0] / weight)) for n in names}
+    # Ops of weight 0 (the Gluon ones, asked for by name) share as equals.
+    weights = {n: OPS[n][0] or 0.25 for n in names}
+    weight = sum(weights.values())
+    return {n: max(1, round(total * weights[n] / weight)) for n in names}
 
 
 def run_worker(index: int, workers: int, per_op: dict[str, int], seed: int | None,
@@ -138,8 +151,9 @@ def run_worker(index: int, workers: int, per_op: dict[str, int], seed: int | Non
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=5000, help="total examples over all ops")
-    parser.add_argument("--ops", default=",".join(OPS),
-                        help="comma-separated subset of " + ",".join(OPS))
+    parser.add_argument("--ops", default="span,padded,varlen",
+                        help="comma-separated subset of " + ",".join(OPS) +
+                             " (the *_gluon ones: the Hopper family, by name only)")
     parser.add_argument("--seed", type=int, default=None,
                         help="draw a different stream of cases (default: derandomized)")
     parser.add_argument("--workers", type=int, default=None,

@@ -429,7 +429,7 @@ def padded_cases(draw: st.DrawFn, sizes: Sizes) -> PaddedCase:
                       draw(st.integers(0, 2**31 - 1)))
 
 
-def check_padded_case(c: PaddedCase, device: str) -> None:
+def check_padded_case(c: PaddedCase, device: str, backend: str = "triton") -> None:
     """padded_prefill through the kernel vs the reference, with NaN/inf in the padding."""
     gen = torch.Generator().manual_seed(c.seed)
     b = len(c.valid_lens)
@@ -447,7 +447,7 @@ def check_padded_case(c: PaddedCase, device: str) -> None:
     with poisoned_allocations():
         o, lse = sf.padded_prefill(q, k, v, lens.to(torch.int32), causal=c.causal,
                                    padding_side=c.padding_side, sm_scale=c.sm_scale,
-                                   return_lse=True, backend="triton")
+                                   return_lse=True, backend=backend)
     scale = 1.0 / math.sqrt(c.head_dim) if c.sm_scale is None else c.sm_scale
     o_ref, lse_ref = reference.padded_prefill(q, k, v, lens, c.causal, c.padding_side, scale)
     assert bool((o[pad] == 0).all()), "padded rows are not exactly 0"
@@ -477,7 +477,7 @@ def varlen_cases(draw: st.DrawFn, sizes: Sizes) -> VarlenCase:
     return VarlenCase(lens, hq, hk, d, dtype, draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
 
 
-def check_varlen_case(c: VarlenCase, device: str) -> None:
+def check_varlen_case(c: VarlenCase, device: str, backend: str = "triton") -> None:
     gen = torch.Generator().manual_seed(c.seed)
     t = sum(c.lens)
 
@@ -487,7 +487,7 @@ def check_varlen_case(c: VarlenCase, device: str) -> None:
     q, k, v = rnd(c.hq), rnd(c.hk), rnd(c.hk)
     cu = torch.tensor([0] + c.lens, device=device).cumsum(0).to(torch.int32)
     with poisoned_allocations():
-        o, lse = sf.varlen_prefill(q, k, v, cu, causal=c.causal, return_lse=True, backend="triton")
+        o, lse = sf.varlen_prefill(q, k, v, cu, causal=c.causal, return_lse=True, backend=backend)
     o_ref, lse_ref = reference.varlen_prefill(q, k, v, cu, c.causal)
     assert_close(o, o_ref, c.dtype, "varlen_prefill o", elementwise=True)
     assert_lse_close(lse, lse_ref, c.dtype)
