@@ -1,9 +1,11 @@
 """HoleGraphRunner: fill_holes and decode_step replayed as CUDA graphs equal the eager steps.
 
-Tiny random Llama/Qwen2 models in fp32 on the GPU: two caches prefilled alike, one
-filled by the eager step and one by the runner; logits, greedy tokens and the written
-K/V must agree, over several batches replayed through the same captured bucket (new
-metadata each time) and a second bucket.
+Tiny random Llama/Qwen2 models in fp32: two caches prefilled alike, one filled by the
+eager step and one by the runner; logits, greedy tokens and the written K/V must
+agree, over several batches replayed through the same captured bucket (new metadata
+each time) and a second bucket. On a GPU the step is captured and replayed; on a CPU
+it runs eagerly in place of the replay (the bucketing, padding, static buffers and
+host checks are the same code).
 """
 
 from __future__ import annotations
@@ -25,10 +27,36 @@ from tests.conftest import tensor_digest  # noqa: E402
 from tests.test_integrations_holes import _kv_rows, random_spans, tiny_model  # noqa: E402
 
 LENS = (160, 97, 130)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: only the refusal test
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _EagerReplay(HoleGraphRunner):
+    """The runner with its graph replaced by running the captured step eagerly (CPU)."""
+
+    def __init__(self, model, cache, max_seq_len, max_requests=8, buckets=(16, 64)):
+        self.model, self.cache = model, cache
+        self.max_requests, self.max_seq_len = max_requests, max_seq_len
+        self.width = -(-max_seq_len // cache.page_size)
+        self._caps, self._buckets = list(buckets), {}
+
+    def _capture(self, bucket):
+        runner = self
+
+        class Replay:
+            def replay(self):
+                bucket.logits = runner._step(bucket)
+
+        bucket.graph = Replay()
+
+
+def _runner(model, cache, **kw) -> HoleGraphRunner:
+    return HoleGraphRunner(model, cache, **kw) if DEVICE == "cuda" else \
+        _EagerReplay(model, cache, **kw)
 
 
 def test_runner_refuses_a_cpu_cache() -> None:
+    if DEVICE == "cuda":
+        pytest.skip("the CPU refusal")
     model = tiny_model("llama")
     cache = make_cache(model, 64, page_size=16)
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA cache"):
@@ -36,9 +64,9 @@ def test_runner_refuses_a_cpu_cache() -> None:
 
 
 def _setup(arch: str):
-    model = tiny_model(arch).cuda()
+    model = tiny_model(arch).to(DEVICE)
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 256, (n,), generator=gen).cuda() for n in LENS]
+    prompts = [torch.randint(0, 256, (n,), generator=gen).to(DEVICE) for n in LENS]
     caches = []
     for _ in range(2):  # one for the eager step, one for the runner
         cache = make_cache(model, sum(LENS) + 64, page_size=16)
@@ -66,12 +94,10 @@ def _assert_same_fill(model, prompts, eager_cache, graph_cache, runner, spans, r
                 assert (g - w).abs().max().item() <= 1e-4
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fill_holes_graph_equals_eager(arch: str) -> None:
     model, prompts, (eager_cache, graph_cache) = _setup(arch)
-    runner = HoleGraphRunner(model, graph_cache, max_seq_len=256, max_requests=3,
-                             buckets=(32, 128))
+    runner = _runner(model, graph_cache, max_seq_len=256, max_requests=3, buckets=(32, 128))
     rng = random.Random(1)
     # Batches of different sizes and request sets through the same two buckets.
     batches = [
@@ -86,10 +112,9 @@ def test_fill_holes_graph_equals_eager(arch: str) -> None:
     assert sorted(runner._buckets) == [32, 128]  # captured once each, then replayed
 
 
-@pytest.mark.gpu
 def test_decode_step_graph_equals_eager() -> None:
     model, prompts, (eager_cache, graph_cache) = _setup("llama")
-    runner = HoleGraphRunner(model, graph_cache, max_seq_len=256, max_requests=3, buckets=(4,))
+    runner = _runner(model, graph_cache, max_seq_len=256, max_requests=3, buckets=(4,))
     requests = [0, 2]
     tokens_e = torch.tensor([prompts[r][-1] for r in requests], device=DEVICE)
     tokens_g = tokens_e.clone()
@@ -106,12 +131,11 @@ def test_decode_step_graph_equals_eager() -> None:
     assert (logits_g - logits_e).abs().max().item() <= 1e-4
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["too-many-requests", "too-many-rows", "span-outside",
                                   "unsorted-spans", "past-max-seq-len", "duplicate-request"])
 def test_bad_batches_are_refused_before_anything_changes(case: str) -> None:
     model, prompts, (_, cache) = _setup("llama")
-    runner = HoleGraphRunner(model, cache, max_seq_len=160, max_requests=2, buckets=(16,))
+    runner = _runner(model, cache, max_seq_len=160, max_requests=2, buckets=(16,))
     before = tensor_digest(cache.k_cache, cache.v_cache)
     lens = [cache.seq_len(r) for r in range(3)]
     with pytest.raises(ValueError):

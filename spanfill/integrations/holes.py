@@ -149,6 +149,30 @@ def fill_holes(
     -------
     [B, V] fp32 logits of each request's last prompt token
     """
+    prompts, per_request, seq_lens = hole_batch(input_ids, cache, spans, requests)
+    layout = SpanLayout.build(per_request, seq_lens, cache.block_table(list(requests)),
+                              cache.page_size, device=cache.device)
+    tokens = torch.cat([ids.to(cache.device)[layout.positions[s:e].long()]
+                        for ids, s, e in zip(prompts, layout.query_start_loc[:-1].tolist(),
+                                             layout.query_start_loc[1:].tolist())])
+    return _run(model, cache, requests, tokens, layout, fused_append)
+
+
+def hole_batch(input_ids: torch.Tensor | Sequence[torch.Tensor], cache: PagedKVCache,
+               spans: Spans | Sequence[Spans], requests: Sequence[Hashable]
+               ) -> tuple[list[torch.Tensor], list[list[tuple[int, int]]], list[int]]:
+    """The prompts, spans per request and prompt lengths of a :func:`fill_holes` call.
+
+    Each request gets a one-token span for its last token if no hole covers it (its
+    logits are wanted). Shared with the CUDA-graph runner
+    (:mod:`spanfill.integrations.holes_graphs`).
+
+    Raises
+    ------
+    ValueError
+        if the counts of prompts, span lists and requests differ, or a request's
+        cached length is not its prompt's.
+    """
     prompts = _as_list(input_ids)
     per_request = [list(spans)] if prompts and len(prompts) == 1 and _is_flat(spans) else \
         [list(s) for s in spans]
@@ -162,14 +186,9 @@ def fill_holes(
             raise ValueError(f"request {req!r} holds {cache.seq_len(req)} positions but prompt {b} "
                              f"has {n} tokens")
         if not per_request[b] or per_request[b][-1][1] < n:
-            per_request[b] = per_request[b] + [(n - 1, n)]
+            per_request[b] = per_request[b] + [(n - 1, n)]  # its logits are wanted
         seq_lens.append(n)
-    layout = SpanLayout.build(per_request, seq_lens, cache.block_table(list(requests)),
-                              cache.page_size, device=cache.device)
-    tokens = torch.cat([ids.to(cache.device)[layout.positions[s:e].long()]
-                        for ids, s, e in zip(prompts, layout.query_start_loc[:-1].tolist(),
-                                             layout.query_start_loc[1:].tolist())])
-    return _run(model, cache, requests, tokens, layout, fused_append)
+    return prompts, per_request, seq_lens
 
 
 def _is_flat(spans: Any) -> bool:

@@ -27,7 +27,7 @@ import torch
 from ..cache import PagedKVCache
 from ..layout import SpanLayout
 from ..layout.validation import check_spans
-from .holes import Spans, _as_list, _is_flat, _run
+from .holes import Spans, _run, hole_batch
 
 __all__ = ["DEFAULT_BUCKETS", "HoleGraphRunner"]
 
@@ -97,21 +97,7 @@ class HoleGraphRunner:
                    spans: Spans | Sequence[Spans], requests: Sequence[Hashable] = (0,)
                    ) -> torch.Tensor:
         """:func:`spanfill.integrations.holes.fill_holes`, replayed; [B, V] fp32 logits."""
-        prompts = _as_list(input_ids)
-        per_request = [list(spans)] if len(prompts) == 1 and _is_flat(spans) else \
-            [list(s) for s in spans]
-        if len(per_request) != len(prompts) or len(requests) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts, {len(per_request)} span lists and "
-                             f"{len(requests)} requests; they must match")
-        seq_lens = []
-        for b, (ids, req) in enumerate(zip(prompts, requests)):
-            n = ids.shape[0]
-            if self.cache.seq_len(req) != n:
-                raise ValueError(f"request {req!r} holds {self.cache.seq_len(req)} positions but "
-                                 f"prompt {b} has {n} tokens")
-            if not per_request[b] or per_request[b][-1][1] < n:
-                per_request[b] = per_request[b] + [(n - 1, n)]  # its logits are wanted
-            seq_lens.append(n)
+        prompts, per_request, seq_lens = hole_batch(input_ids, self.cache, spans, requests)
         starts, stops = self._check(per_request, seq_lens, requests)
         self._bucket(sum(e - s for b in range(len(starts)) for s, e in zip(starts[b], stops[b])))
         # The hole tokens, gathered on the prompts' device in one indexing op.
