@@ -51,3 +51,15 @@ def paged_setup(
     k_cache, v_cache = rnd(num_pages, page_size, hk, d), rnd(num_pages, page_size, hk, d)
     return layout, k_cache, v_cache, rnd(t, hq, d), rnd(t, hk, d), rnd(t, hk, d)
 
+
+
+class EagerReplay:
+    """Stands in for a captured ``torch.cuda.CUDAGraph`` where there is no GPU:
+    ``replay()`` runs the step again, eagerly, and stores its output where the graph's
+    static output would be (``setattr(bucket, attr, step(bucket))``)."""
+
+    def __init__(self, step, bucket, attr: str):
+        self._step, self._bucket, self._attr = step, bucket, attr
+
+    def replay(self) -> None:
+        setattr(self._bucket, self._attr, self._step(self._bucket))

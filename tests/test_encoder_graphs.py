@@ -18,6 +18,8 @@ import spanfill.integrations.transformers  # noqa: E402,F401  (registers "spanfi
 from spanfill.integrations import encoder_graphs  # noqa: E402
 from spanfill.integrations.encoder_graphs import EncoderGraphRunner  # noqa: E402
 
+from tests.helpers import EagerReplay  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -42,13 +44,7 @@ class _EagerReplay(EncoderGraphRunner):
         self._buckets = {}
 
     def _capture(self, bucket):
-        runner = self
-
-        class Replay:
-            def replay(self):
-                bucket.hidden = runner._step(bucket)
-
-        bucket.graph = Replay()
+        bucket.graph = EagerReplay(self._step, bucket, "hidden")
 
 
 def _batch(lens: list[int], s: int, seed: int):

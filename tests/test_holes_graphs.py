@@ -24,6 +24,7 @@ from spanfill.integrations.holes import (  # noqa: E402
 from spanfill.integrations.holes_graphs import HoleGraphRunner  # noqa: E402
 
 from tests.conftest import tensor_digest  # noqa: E402
+from tests.helpers import EagerReplay  # noqa: E402
 from tests.test_integrations_holes import _kv_rows, random_spans, tiny_model  # noqa: E402
 
 LENS = (160, 97, 130)
@@ -40,13 +41,7 @@ class _EagerReplay(HoleGraphRunner):
         self._caps, self._buckets = list(buckets), {}
 
     def _capture(self, bucket):
-        runner = self
-
-        class Replay:
-            def replay(self):
-                bucket.logits = runner._step(bucket)
-
-        bucket.graph = Replay()
+        bucket.graph = EagerReplay(self._step, bucket, "logits")
 
 
 def _runner(model, cache, **kw) -> HoleGraphRunner:
