@@ -126,6 +126,27 @@ def append_kv(
 
 # ----------------------------------------------------------------------------- span_prefill
 
+def _run_span(q, k_new, v_new, k_cache, v_cache, positions, query_start_loc, seq_lens,
+              block_table, page_size, causal, sm_scale, return_lse, window_left,
+              logits_soft_cap, kv_start, kv_end, backend, kv_layout, k_scale, v_scale):
+    """The body of both span ops: :func:`spanfill.span_prefill` on a layout of the metadata
+    (with ``k_new``/``v_new``: appended in the same launch)."""
+    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None,
+                     kv_start, kv_end)
+    res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
+                           return_lse=return_lse, window_left=window_left,
+                           logits_soft_cap=logits_soft_cap, backend=backend,
+                           kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale,
+                           k_new=k_new, v_new=v_new)
+    return _with_lse(res, q.device)
+
+
+def _span_outputs(q: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake kernels' outputs: o like q, and lse [T, Hq] fp32 (empty without it)."""
+    lse_shape = q.shape[:2] if return_lse else (0,)
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
 @torch.library.custom_op("spanfill::span_prefill", mutates_args=())
 def _span_prefill_op(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
@@ -135,13 +156,9 @@ def _span_prefill_op(
     kv_end: torch.Tensor | None = None, backend: str | None = None, kv_layout: str = "NHD",
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None,
-                     kv_start, kv_end)
-    res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
-                           return_lse=return_lse, window_left=window_left,
-                           logits_soft_cap=logits_soft_cap, backend=backend,
-                           kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale)
-    return _with_lse(res, q.device)
+    return _run_span(q, None, None, k_cache, v_cache, positions, query_start_loc, seq_lens,
+                     block_table, page_size, causal, sm_scale, return_lse, window_left,
+                     logits_soft_cap, kv_start, kv_end, backend, kv_layout, k_scale, v_scale)
 
 
 @_span_prefill_op.register_fake
@@ -149,8 +166,7 @@ def _span_prefill_fake(q, k_cache, v_cache, positions, query_start_loc, seq_lens
                        page_size, causal=True, sm_scale=None, return_lse=False, window_left=-1,
                        logits_soft_cap=0.0, kv_start=None, kv_end=None, backend=None,
                        kv_layout="NHD", k_scale=None, v_scale=None):
-    lse_shape = q.shape[:2] if return_lse else (0,)
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return _span_outputs(q, return_lse)
 
 
 @torch.library.custom_op("spanfill::span_prefill_append", mutates_args=("k_cache", "v_cache"))
@@ -165,14 +181,9 @@ def _span_prefill_append_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # A separate op: writing the cache is declared (mutates_args), which the pure
     # span_prefill op must not be.
-    layout = _layout(positions, query_start_loc, seq_lens, block_table, page_size, None,
-                     kv_start, kv_end)
-    res = ops.span_prefill(q, k_cache, v_cache, layout, causal=causal, sm_scale=sm_scale,
-                           return_lse=return_lse, window_left=window_left,
-                           logits_soft_cap=logits_soft_cap, backend=backend,
-                           kv_layout=kv_layout, k_scale=k_scale, v_scale=v_scale,
-                           k_new=k_new, v_new=v_new)
-    return _with_lse(res, q.device)
+    return _run_span(q, k_new, v_new, k_cache, v_cache, positions, query_start_loc, seq_lens,
+                     block_table, page_size, causal, sm_scale, return_lse, window_left,
+                     logits_soft_cap, kv_start, kv_end, backend, kv_layout, k_scale, v_scale)
 
 
 @_span_prefill_append_op.register_fake
@@ -181,8 +192,7 @@ def _span_prefill_append_fake(q, k_new, v_new, k_cache, v_cache, positions, quer
                               return_lse=False, window_left=-1, logits_soft_cap=0.0,
                               kv_start=None, kv_end=None, backend=None, kv_layout="NHD",
                               k_scale=None, v_scale=None):
-    lse_shape = q.shape[:2] if return_lse else (0,)
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return _span_outputs(q, return_lse)
 
 
 def span_prefill(

@@ -91,10 +91,12 @@ SPAN_OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two-launches", "one-launch"])
 @pytest.mark.parametrize("options", SPAN_OPTIONS.values(), ids=SPAN_OPTIONS.keys())
-def test_span_prefill_and_append_kv_every_option(options: dict,
+def test_span_prefill_and_append_kv_every_option(options: dict, fused: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """append_kv then span_prefill, compiled, against the reference, on the kernels."""
+    """append_kv then span_prefill (or span_prefill with k_new/v_new: one launch, no
+    append launch), compiled, against the reference, on the kernels."""
     options = dict(options)
     layout = _metadata()
     k_cache, v_cache, q, k_new, v_new = _inputs(layout)
@@ -115,49 +117,16 @@ def test_span_prefill_and_append_kv_every_option(options: dict,
                                               sm_scale, kv_start=lo, kv_end=hi, **variants)
 
     def step(q, k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table, lo, hi):
-        custom_ops.append_kv(k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table, P,
-                             kv_start=lo, kv_end=hi, backend=options.get("backend"))
+        new = dict(k_new=k_new, v_new=v_new) if fused else {}
+        if not fused:
+            custom_ops.append_kv(k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table,
+                                 P, kv_start=lo, kv_end=hi, backend=options.get("backend"))
         return custom_ops.span_prefill(q, k_cache, v_cache, positions, qsl, seq_lens, table, P,
-                                       return_lse=True, kv_start=lo, kv_end=hi, **options)
+                                       return_lse=True, kv_start=lo, kv_end=hi, **new, **options)
 
     with _kernels_only(monkeypatch) as launches, torch.no_grad():
         o, lse = _compiled(step)(q, k_new, v_new, k_cache, v_cache, *_meta(layout)[:4], lo, hi)
-    assert launches == {"attention_fwd": 1, "append_kv_launch": 1}
-    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
-    assert_close(o, o_want, torch.float32, what="span_prefill o")
-    assert_lse_close(lse, lse_want, torch.float32, what="span_prefill lse")
-
-
-@pytest.mark.parametrize("options", SPAN_OPTIONS.values(), ids=SPAN_OPTIONS.keys())
-def test_span_prefill_with_append_in_one_launch(options: dict,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """custom_ops.span_prefill(..., k_new=, v_new=) compiled: the same cache and outputs as
-    append_kv then span_prefill, in one kernel launch and no append launch."""
-    options = dict(options)
-    layout = _metadata()
-    k_cache, v_cache, q, k_new, v_new = _inputs(layout)
-    lo, hi = _shard(layout) if options.pop("shard", False) else (None, None)
-    causal, sm_scale = options.get("causal", True), options.get("sm_scale")
-    variants = {k: options[k] for k in ("window_left", "logits_soft_cap") if k in options}
-    slots = layout.slot_mapping.clone()
-    if lo is not None:
-        req = torch.repeat_interleave(torch.arange(len(SEQ_LENS), device=DEVICE),
-                                      layout.query_start_loc.diff().long())
-        pos = layout.positions.long()
-        slots[(pos < lo.long()[req]) | (pos >= hi.long()[req])] = -1
-    k_want, v_want = k_cache.clone(), v_cache.clone()
-    reference.append_kv(k_new, v_new, k_want, v_want, slots)
-    o_want, lse_want = reference.span_prefill(q, k_want, v_want, *_meta(layout)[:4], causal,
-                                              sm_scale, kv_start=lo, kv_end=hi, **variants)
-
-    def step(q, k_new, v_new, k_cache, v_cache, positions, qsl, seq_lens, table, lo, hi):
-        return custom_ops.span_prefill(q, k_cache, v_cache, positions, qsl, seq_lens, table, P,
-                                       return_lse=True, kv_start=lo, kv_end=hi, k_new=k_new,
-                                       v_new=v_new, **options)
-
-    with _kernels_only(monkeypatch) as launches, torch.no_grad():
-        o, lse = _compiled(step)(q, k_new, v_new, k_cache, v_cache, *_meta(layout)[:4], lo, hi)
-    assert launches == {"attention_fwd": 1, "append_kv_launch": 0}
+    assert launches == {"attention_fwd": 1, "append_kv_launch": 0 if fused else 1}
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
     assert_close(o, o_want, torch.float32, what="span_prefill o")
     assert_lse_close(lse, lse_want, torch.float32, what="span_prefill lse")
