@@ -121,20 +121,43 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
 
 
 @gluon.jit
+def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """Issue the TMA copies of K/V tile ``j`` into its ring stage; its ready barrier
+    completes when both land."""
+    stage = j % STAGES
+    bar = ready.index(stage)
+    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+    _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(stage))
+    _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(stage))
+
+
+@gluon.jit
+def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
+                   o_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """The tile's rows (which are real, their positions) and the empty softmax state:
+    ``(valid_s, pos_s, m_i, l_i, acc)``."""
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
+    pos_s = gl.where(valid_s, rows_s - q_start, -1)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    return valid_s, pos_s, m_i, l_i, acc
+
+
+@gluon.jit
 def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
     """Producer partition (one warp): TMA copies of K/V tiles into the ring, each stage
     refilled once the consumer has released it."""
-    kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
     for j in range(num_tiles):
-        stage = j % STAGES
         # A fresh mbarrier counts as having completed phase 1: the first round of
         # stages is free without any release.
-        mbarrier.wait(empty.index(stage), ((j // STAGES) & 1) ^ 1)
-        bar = ready.index(stage)
-        mbarrier.expect(bar, kv_bytes)
-        _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(stage))
-        _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(stage))
+        mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
+        _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N, HEAD_DIM,
+                      STAGES)
 
 
 @gluon.jit
@@ -145,13 +168,8 @@ def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_s
                  num_warps: gl.constexpr):
     """Consumer partition (the warp group): the online softmax over the ring's tiles,
     releasing each stage after its wgmmas; returns ``(acc, m_i, l_i)``."""
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
-    valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
-    pos_s = gl.where(valid_s, rows_s - q_start, -1)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
+                                                   o_layout, BLOCK_M, HEAD_DIM)
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
         stage = j % STAGES
@@ -239,31 +257,17 @@ def _attn_fwd_dense_kernel(
     else:
         # One partition, software-pipelined by hand: the copy of tile j + STAGES - 1 is
         # issued before tile j is computed, into the stage freed at step j - 1.
-        kv_bytes: gl.constexpr = 2 * k_desc.block_type.nbytes
         for j in gl.static_range(STAGES - 1):
             if j < num_tiles:
-                bar = ready.index(j)
-                mbarrier.expect(bar, kv_bytes)
-                _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(j))
-                _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(j))
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
-        valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
-        pos_s = gl.where(valid_s, rows_s - q_start, -1)
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N,
+                              HEAD_DIM, STAGES)
+        valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop,
+                                                       s_layout, o_layout, BLOCK_M, HEAD_DIM)
         mbarrier.wait(q_bar, phase=0)
         for j in range(num_tiles):
-            ahead = j + STAGES - 1
-            if ahead < num_tiles:
-                stage_a = ahead % STAGES
-                bar_a = ready.index(stage_a)
-                mbarrier.expect(bar_a, kv_bytes)
-                _tma_load(k_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM], bar_a,
-                          k_smem.index(stage_a))
-                _tma_load(v_desc, [kv_row0 + ahead * BLOCK_N, hk * HEAD_DIM], bar_a,
-                          v_smem.index(stage_a))
+            if j + STAGES - 1 < num_tiles:
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j + STAGES - 1, kv_row0, hk,
+                              BLOCK_N, HEAD_DIM, STAGES)
             stage = j % STAGES
             mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
             acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc,
