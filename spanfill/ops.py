@@ -487,10 +487,13 @@ def span_prefill(
     _check_tensor("q", q, 3)
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new go together: pass both or neither")
-    if k_new is not None:
-        _check_new_kv(layout, k_new, v_new, k_cache, v_cache, kv_layout)
+    new = {} if k_new is None else dict(k_new=k_new, v_new=v_new)
+    for name, t in new.items():
+        _check_tensor(name, t, 3)
     k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
-    _check_cache(layout, k_cache, v_cache, kv_layout, q=q)
+    _check_cache(layout, k_cache, v_cache, kv_layout, q=q, **new)
+    if new:
+        _check_new_kv(layout, k_new, v_new, k_cache)
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
     k_scale, v_scale = _check_kv_scales(k_cache, k_scale, v_scale)
     if q.shape[0] != layout.num_tokens:
@@ -527,14 +530,10 @@ def span_prefill(
     return _result(out, lse, return_lse)
 
 
-def _check_new_kv(layout: SpanLayout, k_new: object, v_new: object, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor | None, kv_layout: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the span tokens' new K/V against the layout and cache; the NHD cache views."""
-    _check_tensor("k_new", k_new, 3)
-    _check_tensor("v_new", v_new, 3)
-    k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
-    _check_cache(layout, k_cache, v_cache, kv_layout, k_new=k_new, v_new=v_new)
+def _check_new_kv(layout: SpanLayout, k_new: torch.Tensor, v_new: torch.Tensor,
+                  k_cache: torch.Tensor) -> None:
+    """The span tokens' new K/V (tensors, already checked with the cache by
+    :func:`_check_cache`) against the layout and the NHD cache: dtypes and shapes."""
     fp8 = k_cache.dtype in FP8_DTYPES
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if t.dtype != k_cache.dtype and not fp8:  # an fp8 cache quantizes any float
@@ -544,7 +543,6 @@ def _check_new_kv(layout: SpanLayout, k_new: object, v_new: object, k_cache: tor
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [T, Hk, D] = {expected}")
     if v_new.dtype != k_new.dtype:
         raise TypeError(f"v_new has dtype {v_new.dtype} but k_new has {k_new.dtype}")
-    return k_cache, v_cache
 
 
 def append_kv(
@@ -575,7 +573,11 @@ def append_kv(
     k_scale, v_scale : fp8 K/V only: the scale a stored value is multiplied by (a number,
         or an fp32 [], [1] or [Hk] tensor; default 1.0); see :mod:`spanfill.reference`
     """
-    k_cache, v_cache = _check_new_kv(layout, k_new, v_new, k_cache, v_cache, kv_layout)
+    _check_tensor("k_new", k_new, 3)
+    _check_tensor("v_new", v_new, 3)
+    k_cache, v_cache = _nhd_pages(k_cache, v_cache, kv_layout)
+    _check_cache(layout, k_cache, v_cache, kv_layout, k_new=k_new, v_new=v_new)
+    _check_new_kv(layout, k_new, v_new, k_cache)
     k_scale, v_scale = _check_kv_scales(k_cache, k_scale, v_scale)
     # The same selection as attention: the registry knows which caches the kernels take.
     problem = paged_problem(k_new, k_cache, layout.num_requests, layout.block_table.shape[1],
