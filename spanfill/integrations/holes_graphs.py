@@ -22,6 +22,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
+import numpy as np
 import torch
 
 from ..cache import PagedKVCache
@@ -98,21 +99,19 @@ class HoleGraphRunner:
                    ) -> torch.Tensor:
         """:func:`spanfill.integrations.holes.fill_holes`, replayed; [B, V] fp32 logits."""
         prompts, per_request, seq_lens = hole_batch(input_ids, self.cache, spans, requests)
-        starts, stops = self._check(per_request, seq_lens, requests)
-        self._bucket(sum(e - s for b in range(len(starts)) for s, e in zip(starts[b], stops[b])))
+        starts, stops, span_req = self._check(per_request, seq_lens, requests)
+        lens = stops - starts
+        self._bucket(int(lens.sum()))
+        # Every hole token's position, span by span in numpy (no Python loop over tokens).
+        first_row = np.repeat(np.cumsum(lens) - lens, lens)
+        positions = np.arange(int(lens.sum())) - first_row + np.repeat(starts, lens)
+        counts = np.bincount(span_req, weights=lens, minlength=len(prompts)).astype(np.int64)
         # The hole tokens, gathered on the prompts' device in one indexing op.
-        offsets, flat = [0], []
-        for ids in prompts:
-            offsets.append(offsets[-1] + ids.shape[0])
-            flat.append(ids.reshape(-1))
-        index = [offsets[b] + p for b in range(len(prompts))
-                 for s, e in zip(starts[b], stops[b]) for p in range(s, e)]
+        offsets = np.cumsum([0] + [ids.shape[0] for ids in prompts[:-1]])
+        flat = [ids.reshape(-1) for ids in prompts]
         prompt_tokens = flat[0] if len(flat) == 1 else torch.cat(flat)
-        tokens = prompt_tokens[torch.tensor(index, dtype=torch.long).to(prompt_tokens.device,
-                                                                         non_blocking=True)]
-        positions = [p for b in range(len(prompts)) for s, e in zip(starts[b], stops[b])
-                     for p in range(s, e)]
-        counts = [sum(e - s for s, e in zip(starts[b], stops[b])) for b in range(len(prompts))]
+        index = torch.from_numpy(positions + np.repeat(offsets[span_req], lens))
+        tokens = prompt_tokens[index.to(prompt_tokens.device, non_blocking=True)]
         return self._replay(tokens, positions, counts, seq_lens, requests)
 
     def decode_step(self, token_ids: torch.Tensor, requests: Sequence[Hashable] = (0,)
@@ -129,8 +128,8 @@ class HoleGraphRunner:
         self._bucket(len(requests))  # a batch no bucket holds fails before the cache grows
         for req, n in zip(requests, seq_lens):
             self.cache.grow(req, n)
-        return self._replay(tokens, [n - 1 for n in seq_lens], [1] * len(requests), seq_lens,
-                            requests)
+        return self._replay(tokens, np.asarray(seq_lens, dtype=np.int64) - 1,
+                            np.ones(len(requests), dtype=np.int64), seq_lens, requests)
 
     # ------------------------------------------------------------------ internals
 
@@ -142,8 +141,9 @@ class HoleGraphRunner:
             raise ValueError(f"requests must be distinct, got {list(requests)}")
 
     def _check(self, per_request: list[list[tuple[int, int]]], seq_lens: list[int],
-               requests: Sequence[Hashable]) -> tuple[list[list[int]], list[list[int]]]:
-        """Host checks of the batch (as SpanLayout.build's); per-request span bounds."""
+               requests: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host checks of the batch (as SpanLayout.build's); every span's bounds and request,
+        as ``[num_spans]`` int64 arrays."""
         self._check_requests(requests)
         if max(seq_lens) > self.max_seq_len:
             raise ValueError(f"a prompt has {max(seq_lens)} tokens, past "
@@ -151,12 +151,8 @@ class HoleGraphRunner:
         # (the block table is the cache's own, checked by it: only its type is looked at)
         _, starts, stops, counts = check_spans(per_request, seq_lens,
                                                torch.empty(0, dtype=torch.int32))
-        by_req_s, by_req_e, i = [], [], 0
-        for c in counts:
-            by_req_s.append(starts[i:i + c])
-            by_req_e.append(stops[i:i + c])
-            i += c
-        return by_req_s, by_req_e
+        span_req = np.repeat(np.arange(len(counts)), counts)
+        return (np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64), span_req)
 
     def _bucket(self, rows: int) -> _Bucket:
         i = bisect.bisect_left(self._caps, rows)
@@ -173,22 +169,25 @@ class HoleGraphRunner:
                 torch.full((slots, self.width), -1, dtype=torch.int32, device=dev))
         return self._buckets[cap]
 
-    def _fill(self, bucket: _Bucket, tokens: torch.Tensor, positions: list[int],
-              counts: list[int], seq_lens: list[int], requests: Sequence[Hashable]) -> None:
-        """Copy one batch into the bucket's static buffers, padding as the convention says."""
+    def _fill(self, bucket: _Bucket, tokens: torch.Tensor, positions: np.ndarray,
+              counts: np.ndarray, seq_lens: list[int], requests: Sequence[Hashable]) -> None:
+        """Copy one batch into the bucket's static buffers, padding as the convention says.
+
+        ``positions``: [rows] int64, the rows' positions; ``counts``: [B] rows per request.
+        """
         rows, slots = len(positions), self.max_requests + 1
         num = len(requests)
-        qsl = [0]
-        for c in counts:
-            qsl.append(qsl[-1] + c)
-        qsl += [bucket.capacity] * (slots + 1 - len(qsl))  # the spare request takes the rest
+        qsl = np.full(slots + 1, bucket.capacity, dtype=np.int32)  # the spare request: the rest
+        qsl[0] = 0
+        qsl[1:num + 1] = np.cumsum(counts)
         table = torch.full((slots, self.width), -1, dtype=torch.int32)
         for b, req in enumerate(requests):
             pages = self.cache.pages(req)[:self.width]  # pages past max_seq_len: never read
             table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        host = torch.tensor(positions + [0] * (bucket.capacity - rows), dtype=torch.long)
-        bucket.positions.copy_(host, non_blocking=True)
-        bucket.query_start_loc.copy_(torch.tensor(qsl, dtype=torch.int32), non_blocking=True)
+        host = np.zeros(bucket.capacity, dtype=np.int64)
+        host[:rows] = positions
+        bucket.positions.copy_(torch.from_numpy(host), non_blocking=True)
+        bucket.query_start_loc.copy_(torch.from_numpy(qsl), non_blocking=True)
         bucket.seq_lens.copy_(torch.tensor(seq_lens + [0] * (slots - num), dtype=torch.int32),
                               non_blocking=True)
         bucket.block_table.copy_(table, non_blocking=True)
@@ -201,7 +200,7 @@ class HoleGraphRunner:
                                          self.cache.page_size, validate=False)
         return _run(self.model, self.cache, (), bucket.token_ids, layout)
 
-    def _replay(self, tokens: torch.Tensor, positions: list[int], counts: list[int],
+    def _replay(self, tokens: torch.Tensor, positions: np.ndarray, counts: np.ndarray,
                 seq_lens: list[int], requests: Sequence[Hashable]) -> torch.Tensor:
         bucket = self._bucket(len(positions))
         self._fill(bucket, tokens, positions, counts, seq_lens, requests)
