@@ -28,7 +28,7 @@ import torch
 from ..cache import PagedKVCache
 from ..layout import SpanLayout
 from ..layout.validation import check_spans
-from .holes import Spans, _run, hole_batch
+from .holes import Spans, _run, hole_batch, hole_tokens
 
 __all__ = ["DEFAULT_BUCKETS", "HoleGraphRunner"]
 
@@ -100,18 +100,8 @@ class HoleGraphRunner:
         """:func:`spanfill.integrations.holes.fill_holes`, replayed; [B, V] fp32 logits."""
         prompts, per_request, seq_lens = hole_batch(input_ids, self.cache, spans, requests)
         starts, stops, span_req = self._check(per_request, seq_lens, requests)
-        lens = stops - starts
-        self._bucket(int(lens.sum()))
-        # Every hole token's position, span by span in numpy (no Python loop over tokens).
-        first_row = np.repeat(np.cumsum(lens) - lens, lens)
-        positions = np.arange(int(lens.sum())) - first_row + np.repeat(starts, lens)
-        counts = np.bincount(span_req, weights=lens, minlength=len(prompts)).astype(np.int64)
-        # The hole tokens, gathered on the prompts' device in one indexing op.
-        offsets = np.cumsum([0] + [ids.shape[0] for ids in prompts[:-1]])
-        flat = [ids.reshape(-1) for ids in prompts]
-        prompt_tokens = flat[0] if len(flat) == 1 else torch.cat(flat)
-        index = torch.from_numpy(positions + np.repeat(offsets[span_req], lens))
-        tokens = prompt_tokens[index.to(prompt_tokens.device, non_blocking=True)]
+        self._bucket(int((stops - starts).sum()))
+        tokens, positions, counts = hole_tokens(prompts, starts, stops, span_req)
         return self._replay(tokens, positions, counts, seq_lens, requests)
 
     def decode_step(self, token_ids: torch.Tensor, requests: Sequence[Hashable] = (0,)
