@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .append import FP8_FORMATS
-from .fused_append import first_new_row, new_kv_tile, write_new_rows
+from .fused_append import write_new_rows
 from .merge import merge_states_tile
 from .scales import kv_scale_args
 
@@ -91,7 +91,6 @@ def _attend_kv_tile(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
     IEEE_DOT: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_CAST: tl.constexpr, page_in=None, PAGES_GIVEN: tl.constexpr = False,
-    new_kv=None, FUSED_APPEND: tl.constexpr = False,
 ):
     """One online-softmax step over the KV positions ``start_n + offs_n``.
 
@@ -104,10 +103,7 @@ def _attend_kv_tile(
     ahead by the caller) instead of this step reading it. ``KV_CAST``: K/V are
     stored in another dtype than q (fp8) and are widened to q's after the load (exact:
     every fp8 value is an fp16/bf16 value); their scales are folded in by the caller.
-    ``FUSED_APPEND``: ``new_kv`` is ``(is_new, k, v)`` from
-    :func:`~spanfill.kernels.fused_append.new_kv_tile`, the new tokens' K/V, which
-    replace what the cache holds at those positions (other programs of the launch may
-    be writing them). Scores are kept in the log2 domain (``qk_scale`` holds log2 e).
+    Scores are kept in the log2 domain (``qk_scale`` holds log2 e).
     """
     acc, m_i, l_i = state
     pos, valid = rows
@@ -134,11 +130,6 @@ def _attend_kv_tile(
                           MASK_N=MASKED, EVEN_D=EVEN_D)
         v = _load_kv_tile(V, page, slot, kv_in, hk, offs_d, d_in, v_strides, PAGED=PAGED,
                           MASK_N=MASKED, EVEN_D=EVEN_D)
-    if FUSED_APPEND:
-        is_new, k_new, v_new = new_kv
-        take = is_new & kv_in
-        k = tl.where(take[:, None], k_new, k)
-        v = tl.where(take[:, None], v_new, v)
     if KV_CAST:
         k = k.to(q.dtype)
         v = v.to(q.dtype)
@@ -325,15 +316,6 @@ def _attn_fwd_kernel(
     d_in = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     row64 = row.to(tl.int64)
-    if FUSED_APPEND:
-        # One writer per (tile, KV head): each token once (its first stacked head's
-        # lane), by the KV head's first head stack, in split 0.
-        lane = valid & (offs_m % STACKED_HEADS == 0) & (h0 % GQA_GROUP == 0)
-        if NUM_SPLITS > 1:
-            lane = lane & (split == 0)
-        write_new_rows(K, V, new, k_strides, v_strides, row, lane, hk, offs_d, d_in, k_scale,
-                       v_scale, scale_stride, PAGE_SIZE, KV_SCALES, FP8_LIMIT,
-                       FP8_MANTISSA_BITS, FP8_MIN_EXPONENT)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -369,6 +351,13 @@ def _attn_fwd_kernel(
     full_lo = tl.where(no_full, loop_begin, full_lo)
     full_hi = tl.where(no_full, loop_begin, full_hi)
     loop_end = tl.where(n_valid > 0, loop_end, 0)
+    if FUSED_APPEND:
+        # The new rows this program's loop can read, written by the program itself
+        # before the loop (a barrier after): see kernels/fused_append.py.
+        write_new_rows(K, V, POSITIONS, new, k_strides, v_strides, q_start, q_stop,
+                       loop_begin, loop_end, hk, offs_d, d_in, k_scale, v_scale, scale_stride,
+                       PAGE_SIZE, KV_SCALES, FP8_LIMIT, FP8_MANTISSA_BITS, FP8_MIN_EXPONENT,
+                       BLOCK_N)
     if NUM_SPLITS > 1:
         # Split-KV (few tiles, long KV): this program takes the split-th of
         # NUM_SPLITS equal runs of the tile's BLOCK_N steps, and every loop bound is
@@ -385,29 +374,14 @@ def _attn_fwd_kernel(
         loop_end = tl.minimum(tl.maximum(loop_end, chunk_lo), chunk_hi)
 
     rows = (pos, valid)
-    if FUSED_APPEND:
-        # The request's first new row at or past the loop's first position.
-        if HAS_WINDOW or HAS_KV_START or NUM_SPLITS > 1:
-            r_ptr = first_new_row(POSITIONS, q_start, q_stop, loop_begin, BLOCK_N)
-        else:
-            r_ptr = q_start  # the loop starts at position 0
-        cache_dtype: tl.constexpr = K.dtype.element_ty
     if HAS_WINDOW or HAS_KV_START:  # a lower bound: masked tiles below the full ones
         for start_n in tl.range(loop_begin, full_lo, BLOCK_N, num_stages=BOUNDARY_STAGES):
-            if FUSED_APPEND:
-                new_lo, r_ptr = new_kv_tile(
-                    POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk, k_scale,
-                    v_scale, scale_stride, cache_dtype, KV_SCALES, FP8_LIMIT,
-                    FP8_MANTISSA_BITS, FP8_MIN_EXPONENT, BLOCK_N)
-            else:
-                new_lo = None
             acc, m_i, l_i = _attend_kv_tile(
                 (acc, m_i, l_i), q, K, V, start_n, kv_start, loop_end, rows, req, hk, offs_n,
                 offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, k_strides, v_strides, qk_scale,
                 cap_scale, window_left, PAGE_SIZE=PAGE_SIZE, PAGED=PAGED, EVEN_D=EVEN_D,
                 MASKED=True, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW, SOFT_CAP=SOFT_CAP,
-                IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST,
-                new_kv=new_lo, FUSED_APPEND=FUSED_APPEND)
+                IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST)
     # Paged KV: the block-table entries of tile j + 1 are read during tile j and
     # carried, so the K/V addresses of a step depend on no load of the same step,
     # and Triton's software pipeliner keeps two tiles of K/V in flight (3 buffers,
@@ -425,36 +399,21 @@ def _attn_fwd_kernel(
         if PAGED:
             ahead = start_n + BLOCK_N + offs_n
             page_next = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < full_hi, other=0)
-        if FUSED_APPEND:
-            new_full, r_ptr = new_kv_tile(
-                POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk, k_scale,
-                v_scale, scale_stride, cache_dtype, KV_SCALES, FP8_LIMIT, FP8_MANTISSA_BITS,
-                FP8_MIN_EXPONENT, BLOCK_N)
-        else:
-            new_full = None
         acc, m_i, l_i = _attend_kv_tile(
             (acc, m_i, l_i), q, K, V, start_n, kv_start, loop_end, rows, req, hk, offs_n,
             offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, k_strides, v_strides, qk_scale,
             cap_scale, window_left, PAGE_SIZE=PAGE_SIZE, PAGED=PAGED, EVEN_D=EVEN_D,
             MASKED=False, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW, SOFT_CAP=SOFT_CAP,
             IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST, page_in=page,
-            PAGES_GIVEN=PAGED, new_kv=new_full, FUSED_APPEND=FUSED_APPEND)
+            PAGES_GIVEN=PAGED)
     # causal diagonal and kv_len edge
     for start_n in tl.range(full_hi, loop_end, BLOCK_N, num_stages=BOUNDARY_STAGES):
-        if FUSED_APPEND:
-            new_diag, r_ptr = new_kv_tile(
-                POSITIONS, new, r_ptr, q_stop, start_n, offs_n, offs_d, d_in, hk, k_scale,
-                v_scale, scale_stride, cache_dtype, KV_SCALES, FP8_LIMIT, FP8_MANTISSA_BITS,
-                FP8_MIN_EXPONENT, BLOCK_N)
-        else:
-            new_diag = None
         acc, m_i, l_i = _attend_kv_tile(
             (acc, m_i, l_i), q, K, V, start_n, kv_start, loop_end, rows, req, hk, offs_n,
             offs_d, d_in, kv_row0, BLOCK_TABLE, stride_bt, k_strides, v_strides, qk_scale,
             cap_scale, window_left, PAGE_SIZE=PAGE_SIZE, PAGED=PAGED, EVEN_D=EVEN_D,
             MASKED=True, CAUSAL=CAUSAL, HAS_WINDOW=HAS_WINDOW, SOFT_CAP=SOFT_CAP,
-            IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST,
-            new_kv=new_diag, FUSED_APPEND=FUSED_APPEND)
+            IEEE_DOT=IEEE_DOT, USE_TMA=USE_TMA, BLOCK_D=BLOCK_D, KV_CAST=KV_CAST)
 
     if KV_SCALES != 0:
         acc = acc * v_s
