@@ -1,8 +1,10 @@
 """Sentences per second embedding padded batches with all-MiniLM-L6-v2: spanfill vs sdpa.
 
 The same model weights (fp16 or bf16) run with ``attn_implementation="spanfill"``
-(eager, and ``spanfill_graph``: the forward replayed as a CUDA graph per padded shape,
-:class:`spanfill.integrations.encoder_graphs.EncoderGraphRunner`) and with
+(eager; ``spanfill_graph``: the forward replayed as a CUDA graph per padded shape,
+:class:`spanfill.integrations.encoder_graphs.EncoderGraphRunner`; ``spanfill_packed_graph``:
+the real tokens only, back to back, replayed per token bucket,
+:class:`spanfill.integrations.encoder_packed.PackedEncoderGraphRunner`) and with
 transformers' ``"sdpa"`` (and ``"eager"``) on the same unsorted batches
 of sentences of very different lengths, where padding wastes most work. Tokenizing
 is done once beforehand and not timed. Writes bench/results/minilm_throughput.csv.
@@ -70,7 +72,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--max-words", type=int, default=300)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--providers", default="spanfill,spanfill_graph,sdpa,eager")
+    parser.add_argument("--providers",
+                        default="spanfill,spanfill_graph,spanfill_packed_graph,sdpa,eager")
     parser.add_argument("--out", default=str(RESULTS / "minilm_throughput.csv"))
     args = parser.parse_args()
     path = minilm_dir()
@@ -88,7 +91,7 @@ def main() -> None:
     print(f"{workload}: {real} real tokens in {padded} padded slots")
     rows = []
     for provider in args.providers.split(","):
-        graph = provider == "spanfill_graph"
+        graph = provider in ("spanfill_graph", "spanfill_packed_graph")
         if graph and device != "cuda":
             print("  spanfill_graph skipped: CUDA graphs need a GPU")
             continue
@@ -97,8 +100,11 @@ def main() -> None:
             dtype=dtype).to(device).eval()
         if graph:
             from spanfill.integrations.encoder_graphs import EncoderGraphRunner
+            from spanfill.integrations.encoder_packed import PackedEncoderGraphRunner
 
-            model = GraphModel(EncoderGraphRunner(model, batch_buckets=(args.batch,)))
+            runner = PackedEncoderGraphRunner if provider == "spanfill_packed_graph" \
+                else EncoderGraphRunner
+            model = GraphModel(runner(model, batch_buckets=(args.batch,)))
         run_all(model, encoded)  # warm-up: Triton compiles, cuBLAS picks algorithms (graphs
         #                          are captured here, one per padded shape)
         rates = []

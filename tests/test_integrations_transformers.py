@@ -177,3 +177,24 @@ def test_padded_batch_equals_one_by_one_gpu(dtype: torch.dtype, padding_side: st
     want = _alone(model_ref, tokenizer, sentences, "cuda")
     cos = _cosine(got, want)
     assert cos.min().item() >= 0.999, f"worst cosine {cos.min().item():.6f} at {int(cos.argmin())}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_model
+def test_packed_graph_runner_embeds_like_one_by_one_gpu() -> None:
+    """all-MiniLM-L6-v2 through PackedEncoderGraphRunner (real tokens only, CUDA graphs)."""
+    from spanfill.integrations.encoder_packed import PackedEncoderGraphRunner
+    from tests.sentences import mean_pool
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer.padding_side = "right"
+    runner = PackedEncoderGraphRunner(_load("spanfill", torch.float16, "cuda"))
+    model_ref = _load("sdpa", torch.float16, "cuda")
+    for seed, n in [(1, 64), (2, 7), (3, 64)]:  # the third replays the first's buckets
+        sentences = sample_sentences(n, max_words=300, seed=seed)
+        enc = tokenizer(sentences, padding=True, truncation=True, max_length=512,
+                        return_tensors="pt").to("cuda")
+        got = mean_pool(runner(**enc), enc["attention_mask"])
+        cos = _cosine(got, _alone(model_ref, tokenizer, sentences, "cuda"))
+        assert cos.min().item() >= 0.999, f"worst cosine {cos.min().item():.6f} at {int(cos.argmin())}"

@@ -26,7 +26,16 @@ import torch
 from ..layout import PaddedLayout
 from . import transformers as _spanfill_attention
 
-__all__ = ["EncoderGraphRunner"]
+__all__ = ["EncoderGraphRunner", "check_buckets"]
+
+
+def check_buckets(name: str, caps: Sequence[int]) -> list[int]:
+    """``caps`` as a list, if they are ascending positive ints (else ValueError)."""
+    caps = list(caps)
+    if not caps or any(not isinstance(c, int) or c < 1 for c in caps) \
+            or caps != sorted(set(caps)):
+        raise ValueError(f"{name} must be ascending positive ints, got {caps!r}")
+    return caps
 
 
 @dataclass
@@ -68,13 +77,9 @@ class EncoderGraphRunner:
             raise ValueError(f'the model must be loaded with attn_implementation='
                              f'"{_spanfill_attention.NAME}", got '
                              f'{getattr(model.config, "_attn_implementation", None)!r}')
-        for name, caps in (("batch_buckets", batch_buckets), ("seq_buckets", seq_buckets)):
-            caps = list(caps)
-            if not caps or any(not isinstance(c, int) or c < 1 for c in caps) \
-                    or caps != sorted(set(caps)):
-                raise ValueError(f"{name} must be ascending positive ints, got {caps!r}")
         self.model, self.device = model, device
-        self._batch_caps, self._seq_caps = list(batch_buckets), list(seq_buckets)
+        self._batch_caps = check_buckets("batch_buckets", batch_buckets)
+        self._seq_caps = check_buckets("seq_buckets", seq_buckets)
         self.pad_token_id = pad_token_id
         # BERT-style models take segment ids (zeros for one segment); others have none.
         self._segments = "token_type_ids" in inspect.signature(model.forward).parameters

@@ -34,9 +34,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..layout import PaddedLayout
+from ..layout import PaddedLayout, VarlenLayout
 from ..layout.reuse import TensorMemo
-from ..ops import padded_prefill, resolve_backend
+from ..ops import padded_prefill, resolve_backend, varlen_prefill
 
 __all__ = ["NAME", "register", "spanfill_attention_forward", "spanfill_mask",
            "padding_from_mask"]
@@ -44,10 +44,12 @@ __all__ = ["NAME", "register", "spanfill_attention_forward", "spanfill_mask",
 NAME = "spanfill"
 
 # Set by spanfill.integrations.encoder_graphs while it runs (and captures) a forward:
-# the padded batch's layout, built from static valid lengths inside the CUDA graph.
-# The model then gets no mask, and every layer uses this layout instead.
-CAPTURED_LAYOUT: contextvars.ContextVar[PaddedLayout | None] = contextvars.ContextVar(
-    "spanfill_captured_layout", default=None)
+# the padded batch's layout, built from static valid lengths inside the CUDA graph, or
+# (encoder_packed) the packed sentences' VarlenLayout, the model's input then being one
+# row [1, T] of every sentence's real tokens back to back. The model gets no mask, and
+# every layer uses this layout instead.
+CAPTURED_LAYOUT: contextvars.ContextVar[PaddedLayout | VarlenLayout | None] = \
+    contextvars.ContextVar("spanfill_captured_layout", default=None)
 
 
 def _padding_side(keep: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -198,6 +200,15 @@ def spanfill_attention_forward(
         )
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
     layout = CAPTURED_LAYOUT.get()
+    if isinstance(layout, VarlenLayout):
+        # Packed sentences: query [1, H, T, D] is a view of [T, H, D] rows.
+        if attention_mask is not None or b_sz != 1 or seq_len != layout.num_tokens:
+            raise ValueError(f"a packed encoder step runs one row of T={layout.num_tokens} "
+                             f"tokens and no mask; got B={b_sz}, S={seq_len} and a mask: "
+                             f"{attention_mask is not None}")
+        out = varlen_prefill(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                             value[0].transpose(0, 1), layout, causal=causal, sm_scale=scaling)
+        return out[None], None
     if layout is None:
         layout = _layout_for(attention_mask, b_sz, seq_len, causal, query.device)
     elif attention_mask is not None or layout.seq_len != seq_len \
