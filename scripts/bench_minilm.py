@@ -122,7 +122,31 @@ def main() -> None:
                      "note": f"{args.dtype}; {len(encoded)} batches; tokenization not timed"})
         print(f"  {provider:<9} {q['p50']:10.1f} sentences/s (p20 {q['p20']:.1f}, p80 {q['p80']:.1f})")
         del model
-    print("wrote", write_rows(Path(args.out), rows))
+    path = write_rows(Path(args.out), rows)
+    print("wrote", path, plot(rows, path.with_suffix(".png")))
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Sentences per second of each provider (p50, with the p20-p80 spread)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["provider"] for r in rows]
+    p50 = [float(r["p50"]) for r in rows]
+    spread = [[p - float(r["p20"]) for p, r in zip(p50, rows)],
+              [float(r["p80"]) - p for p, r in zip(p50, rows)]]
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 3.5))
+    ax.bar(names, p50, yerr=spread, capsize=3)
+    for i, v in enumerate(p50):
+        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("sentences / s")
+    ax.set_title(rows[0]["workload"] if rows else "", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7, rotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":
