@@ -32,6 +32,7 @@ from .providers_spanfill import (
     spanfill_padded_kernel,
     spanfill_gluon,
     spanfill_padded,
+    spanfill_raw_lens,
     spanfill_segmented,
     spanfill_varlen,
 )
@@ -401,6 +402,7 @@ SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] 
 PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {
     "spanfill": spanfill_padded,
     "spanfill_kernel": spanfill_padded_kernel,
+    "spanfill_raw_lens": spanfill_raw_lens,
     "spanfill_nopad": spanfill_nopad,
     "spanfill_varlen": spanfill_varlen,
     "sdpa_dense_mask": sdpa_dense_mask_padded,

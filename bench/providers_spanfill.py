@@ -24,7 +24,7 @@ from .tile_work import TileWork, tile_work
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
 __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_padded_kernel",
-           "spanfill_nopad", "spanfill_varlen"]
+           "spanfill_nopad", "spanfill_raw_lens", "spanfill_varlen"]
 
 
 def _kernel_config(problem: AttentionProblem) -> LaunchConfig:
@@ -110,6 +110,21 @@ def spanfill_padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
 
         note = f"prebuilt PaddedLayout; plan block_q={key[0]}"
     return Prepared(run, lambda: run().reshape(-1, w.num_heads, w.head_dim)[idx], plan, note=note)
+
+
+def spanfill_raw_lens(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
+    """sf.padded_prefill with the raw ``valid_lens`` tensor, the same one every call, as a
+    model passing it to every layer does: checked and planned on the first call, reused
+    on the next ones (issue 17, item 2; ``spanfill`` is the prebuilt-layout partner)."""
+    idx = packed_valid_index(t.valid_lens, w.seq_len)
+    backend = spanfill_backend(t.q.device)
+
+    def run() -> torch.Tensor:
+        return sf.padded_prefill(t.q, t.k, t.v, t.valid_lens, causal=w.causal, backend=backend)
+
+    run()
+    return Prepared(run, lambda: run().reshape(-1, w.num_heads, w.head_dim)[idx],
+                    note="raw valid_lens, the same tensor every call (memoised layout)")
 
 
 def spanfill_padded_kernel(w: PaddedWorkload, t: PaddedTensors) -> Prepared:

@@ -321,7 +321,8 @@ def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload
     two informational ones: ``few_big_swa``
     (few_big under a sliding window) and ``tail_32k`` (8 requests x 32768 tokens with one
     16-token hole each: 128 rows over long KV, memory-bound, where an fp8 cache's halved
-    bytes can show); ``small`` gives tiny CPU-sized versions with the same names and the
+    bytes can show); and ``minilm_b256_s128`` (B=256, S=128, 12 heads of D=32: issue 17's
+    MiniLM-sized batch, where per-call host time shows); ``small`` gives tiny CPU-sized versions with the same names and the
     same placement rules."""
     if small:
         seg = dict(num_q_heads=4, num_kv_heads=2, head_dim=32, page_size=4)
@@ -338,6 +339,7 @@ def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload
             padded_uniform("bert_base_512", 4, 32, 2, 32, seed=seed),
             padded_uniform("enc_2k_d128", 2, 64, 2, 32, seed=seed),
             padded_fill("docs_8k_d64", 2, 64, 0.54, 2, 32, seed=seed),
+            padded_uniform("minilm_b256_s128", 8, 16, 2, 32, seed=seed),
         ]
     few_big = segmented_uniform("few_big", 2, 8192, 4, 512, seed)
     return [
@@ -353,6 +355,8 @@ def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload
         padded_uniform("bert_base_512", 64, 512, 12, 64, seed=seed),
         padded_uniform("enc_2k_d128", 16, 2048, 16, 128, seed=seed),
         padded_fill("docs_8k_d64", 4, 8192, 0.54, 12, 64, seed=seed),
+        # Issue 17's MiniLM-sized batch: many short sentences, where host time shows.
+        padded_uniform("minilm_b256_s128", 256, 128, 12, 32, seed=seed),
     ]
 
 

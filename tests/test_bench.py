@@ -170,9 +170,9 @@ def test_smoke_run_writes_csv_plots_and_table(tmp_path: Path, monkeypatch: pytes
     for w in ("few_big", "many_small", "scatter15", "long_32k"):
         for p in ("spanfill", "flex", "sdpa_per_span", "sdpa_dense_mask", "full_recompute"):
             assert (w, p) in timed, (w, p)
-    for w in ("bert_base_512", "enc_2k_d128"):
-        for p in ("spanfill", "spanfill_kernel", "spanfill_nopad", "sdpa_dense_mask",
-                  "sdpa_nomask", "flex"):
+    for w in ("bert_base_512", "enc_2k_d128", "minilm_b256_s128"):
+        for p in ("spanfill", "spanfill_kernel", "spanfill_nopad", "spanfill_raw_lens",
+                  "sdpa_dense_mask", "sdpa_nomask", "flex"):
             assert (w, p) in timed, (w, p)
     for p in ("spanfill", "flex", "sdpa_per_span", "sdpa_dense_mask"):
         assert ("few_big_swa", p) in timed, p
@@ -200,6 +200,7 @@ def test_smoke_run_writes_csv_plots_and_table(tmp_path: Path, monkeypatch: pytes
     goals = {(g[0].split(" (")[0], g[1]) for g in targets(rows)}
     assert ("vs FlexAttention kernel alone", "scatter15") in goals
     assert ("padded kernel / same batch without padding", "bert_base_512") in goals
+    assert ("raw valid_lens", "minilm_b256_s128") in goals
     assert "sweep:span_len" in markdown(rows)
     work = {r["workload"]: float(r["p50"]) for r in rows
             if r["metric"] == "tile_work" and r["provider"] == "spanfill"}
