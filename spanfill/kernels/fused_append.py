@@ -13,6 +13,11 @@ same arithmetic, fp8 rounding included) to the same slot. A program that reads a
 while another is writing it reads those bytes either way. Every new row is written by
 at least the programs of its own tile, whose loops reach its position.
 
+The cost: a request's new rows are written once per tile that reads them, about
+``rows * tiles / 2`` row writes per KV head. On the H200 (``docs/performance.md``) that
+is parity with two launches at the demo's 320 new rows and 1.4-1.9x their GPU time at
+1-2k new rows per request.
+
 Why not take the new rows from ``k_new``/``v_new`` inside the loop instead (the first
 version): merging them into each loaded tile puts a select between the load and the
 dot, so K/V cannot go straight from the async copy to the dot's shared memory, and
