@@ -1,10 +1,10 @@
 """The Gluon (Hopper) kernel family against the reference, on an sm_90 GPU.
 
 The first kernel (:mod:`spanfill.kernels_gluon.attention`: dense K/V, fp16/bf16,
-D 64/128) over the same tile plans as the portable kernel: padded batches (zero-fill,
-right and left padding), varlen causal, GQA, odd lengths, single-token samples, lse.
-Outputs are poisoned (NaN) first. CI compiles the kernel for sm_90 on the CPU
-(``tests/test_compile_sm90.py``); these tests are its first runs.
+D 64/128/256, 64 or 128 rows per program) over the same tile plans as the portable
+kernel: padded batches (zero-fill, right and left padding), varlen causal, GQA, odd
+lengths, single-token samples, lse. Outputs are poisoned (NaN) first. CI compiles the
+kernel for sm_90 on the CPU (``tests/test_compile_sm90.py``).
 """
 
 from __future__ import annotations
@@ -32,12 +32,17 @@ def _needs_hopper():
 BLOCK_M = 64
 
 
+# (head dim, rows per program): one warp group of 64 rows, two of 128 (8 warps), and
+# D=256 (64 KV positions per step).
+SHAPES = [(64, 64), (128, 64), (64, 128), (128, 128), (256, 64)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d,block_m", SHAPES, ids=[f"d{d}-m{m}" for d, m in SHAPES])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("warp_specialize", [False, True], ids=["pipelined", "producer-warp"])
-def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
+def test_padded_batches(dtype: torch.dtype, d: int, block_m: int, side: str, causal: bool,
                         warp_specialize: bool) -> None:
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
@@ -46,11 +51,11 @@ def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
     q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
     valid_lens = torch.tensor([203, 1, 0, 77, 130], device="cuda")
     layout = sf.PaddedLayout.build(valid_lens, s, side)
-    plan = layout.tile_plan(BLOCK_M, causal)
+    plan = layout.tile_plan(block_m, causal)
     out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
     lse = torch.full((b * s, hq), float("nan"), device="cuda")
     attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
-                        lse, plan, d ** -0.5, causal, zero_fill=True, block_m=BLOCK_M,
+                        lse, plan, d ** -0.5, causal, zero_fill=True, block_m=block_m,
                         warp_specialize=warp_specialize)
     ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
     out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
@@ -61,19 +66,20 @@ def test_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d,block_m", SHAPES, ids=[f"d{d}-m{m}" for d, m in SHAPES])
 @pytest.mark.parametrize("warp_specialize", [False, True], ids=["pipelined", "producer-warp"])
-def test_varlen_causal(dtype: torch.dtype, warp_specialize: bool) -> None:
+def test_varlen_causal(dtype: torch.dtype, d: int, block_m: int, warp_specialize: bool) -> None:
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(3)
-    lens = [1, 64, 65, 300, 17]
+    lens = [1, 64, 65, 300, 17, 128, 129]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda")
-    t, hq, hk, d = sum(lens), 8, 8, 128
+    t, hq, hk = sum(lens), 8, 8
     q, k, v = (torch.randn(t, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
     layout = sf.VarlenLayout.build(cu, t)
-    plan = layout.tile_plan(BLOCK_M, True)
+    plan = layout.tile_plan(block_m, True)
     out = torch.full_like(q, float("nan"))
-    attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, True, block_m=BLOCK_M,
+    attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, True, block_m=block_m,
                         warp_specialize=warp_specialize)
     ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
     assert not out.isnan().any()

@@ -1,10 +1,12 @@
-"""The Hopper (Gluon) backend: :mod:`spanfill.kernels_gluon`, opt-in while it is new.
+"""The Hopper (Gluon) backend: :mod:`spanfill.kernels_gluon`, opt-in while it is slower.
 
 It is registered, so ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) runs it where
-it supports the call, but it is not in the selection order yet: its kernels compile
-for sm_90 and wait for their first GPU validation (``tests/test_gluon_gpu.py``).
-Today it covers dense K/V (``padded_prefill``, ``varlen_prefill``) in fp16/bf16 with
-D 64 or 128, causal or not, without sliding windows or soft caps.
+it supports the call, but it is not in the selection order: its kernel is correct on
+the H200 (``tests/test_gluon_gpu.py``) and still slower than the portable one
+(``docs/performance.md``). Today it covers dense K/V (``padded_prefill``,
+``varlen_prefill``) in fp16/bf16 with D 64 or 128, causal or not, without sliding
+windows or soft caps, in 64-row programs (the kernel's 128-row and D=256 forms wait for
+their first GPU run).
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Hopper (sm_90) attention in Triton's Gluon dialect: the first step of issue 16.
 
-Status: compiles for sm_90 (Triton 3.6 and 3.9; ``scripts/compile_sm90.py``); not yet
-run on a GPU, so no backend selects it (``spanfill.backends`` has no ``gluon`` entry).
-Scope of this first kernel: dense K/V (padded and varlen prefill), fp16/bf16,
-``D`` in {64, 128}, one q head per program (GQA through ``h // group``), causal or
-not, zero-filled padding rows, lse. It serves the same tile plans as the portable
-kernel (:class:`spanfill.layout.TilePlan`).
+Status: correct on the H200 for D 64/128 with 64-row programs (the whole GPU suite's
+``tests/test_gluon_gpu.py`` at b68ef4e), slower than the portable kernel so far
+(``docs/performance.md``), so it is opt-in (``backend="gluon"``). 128-row programs
+(two warp groups) and D=256 compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
+that have not run yet; the backend does not use them until they have.
+Scope: dense K/V (padded and varlen prefill), fp16/bf16, one q head per program (GQA
+through ``h // group``), causal or not, zero-filled padding rows, lse. It serves the
+same tile plans as the portable kernel (:class:`spanfill.layout.TilePlan`).
 
-Structure (one warp group of 4 warps per program; ``warp_specialize=True`` adds one
-producer warp that issues the K/V copies, ``gl.warp_specialize``):
+Structure (one warp group of 4 warps per 64 rows of a program; ``warp_specialize=True``
+adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
 
 - Q tile ``[BLOCK_M, D]`` and K/V tiles ``[BLOCK_N, D]`` come by TMA from 2-D views
   ``[rows, H * D]`` of the packed tensors, into NVMMA-swizzled shared memory; rows past
@@ -321,7 +323,7 @@ def _desc(x: torch.Tensor, block_rows: int):
 
 def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor | None, plan, sm_scale: float, causal: bool,
-                        zero_fill: bool = False, block_m: int = 64, block_n: int = 128,
+                        zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int = 2, warp_specialize: bool = False):
     """Launch the Gluon kernel over a tile plan built with ``block_q = block_m``.
 
@@ -333,10 +335,18 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     plan : :class:`spanfill.layout.TilePlan` with ``block_q == block_m``
     sm_scale : softmax scale; causal : a row at ``pos`` sees positions ``<= pos``
     zero_fill : write 0 / -inf on tile rows that are not valid rows (padding)
+    block_m : 64 (one warp group) or 128 (two warp groups of 64 rows, 8 warps: each K/V
+        tile copied into shared memory serves twice the rows)
+    block_n : KV positions per step; default 128, 64 at D=256 (the fp32 accumulator
+        and the K/V ring then still fit the registers and shared memory)
     warp_specialize : one producer warp issues the K/V copies (``gl.warp_specialize``)
         instead of the warp group pipelining them itself
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
+    if block_m not in (64, 128):
+        raise ValueError(f"block_m must be 64 or 128 (one or two warp groups), got {block_m}")
+    if block_n is None:
+        block_n = 64 if head_dim > 128 else 128
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (plan.num_tiles * num_q_heads,)
@@ -348,7 +358,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // k.shape[1], HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
-        num_warps=4,
+        num_warps=block_m // 16,  # 16 rows per warp: 4 warps (one warp group) per 64 rows
     )
 
 
