@@ -174,7 +174,7 @@ def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool
 
 def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                      zero_fill: bool, warp_specialize: bool = False,
-                     block_m: int = 64) -> Callable[[], None]:
+                     block_m: int = 64, overlap: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -186,7 +186,7 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
         lse = torch.empty(b * s, hq, dtype=torch.float32)
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
                             zero_fill=zero_fill, warp_specialize=warp_specialize,
-                            block_m=block_m)
+                            block_m=block_m, overlap=overlap)
     return launch
 
 
@@ -276,6 +276,14 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_dense_two_warpgroups_producer_d64": (gluon_dense_case(
         2, 128, 4, 4, 64, causal=False, zero_fill=False, warp_specialize=True, block_m=128), ()),
     "gluon_dense_d256": (gluon_dense_case(2, 64, 4, 2, 256, causal=True, zero_fill=True), ()),
+    # softmax under the previous tile's PV (FA3's intra-warpgroup overlap)
+    "gluon_dense_overlap_d128": (gluon_dense_case(2, 64, 4, 2, 128, causal=True, zero_fill=True,
+                                                  overlap=True), ()),
+    "gluon_dense_overlap_producer_m128_d64": (gluon_dense_case(
+        2, 128, 4, 4, 64, causal=False, zero_fill=False, warp_specialize=True, block_m=128,
+        overlap=True), ()),
+    "gluon_dense_overlap_d256": (gluon_dense_case(2, 64, 4, 2, 256, causal=True, zero_fill=True,
+                                                  overlap=True), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

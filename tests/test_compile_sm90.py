@@ -39,7 +39,8 @@ SPECIALISED_CASES = [
     "span_fused_append_t32_window_shard_softcap", "span_fused_append_fp8_e4m3_head_scales",
     "gluon_dense_padded_d128", "gluon_dense_causal_gqa_d64", "gluon_dense_warp_specialized_d128",
     "gluon_dense_two_warpgroups_d128", "gluon_dense_two_warpgroups_producer_d64",
-    "gluon_dense_d256",
+    "gluon_dense_d256", "gluon_dense_overlap_d128", "gluon_dense_overlap_producer_m128_d64",
+    "gluon_dense_overlap_d256",
 ]
 
 

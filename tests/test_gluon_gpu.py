@@ -1,8 +1,8 @@
 """The Gluon (Hopper) kernel family against the reference, on an sm_90 GPU.
 
 The first kernel (:mod:`spanfill.kernels_gluon.attention`: dense K/V, fp16/bf16,
-D 64/128/256, 64 or 128 rows per program) over the same tile plans as the portable
-kernel: padded batches (zero-fill, right and left padding), varlen causal, GQA, odd
+D 64/128/256, 64 or 128 rows per program, the softmax in sequence or under the previous
+tile's PV) over the same tile plans as the portable kernel: padded batches (zero-fill, right and left padding), varlen causal, GQA, odd
 lengths, single-token samples, lse. Outputs are poisoned (NaN) first. CI compiles the
 kernel for sm_90 on the CPU (``tests/test_compile_sm90.py``).
 """
@@ -42,8 +42,9 @@ SHAPES = [(64, 64), (128, 64), (64, 128), (128, 128), (256, 64)]
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("warp_specialize", [False, True], ids=["pipelined", "producer-warp"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-sequence", "overlap"])
 def test_padded_batches(dtype: torch.dtype, d: int, block_m: int, side: str, causal: bool,
-                        warp_specialize: bool) -> None:
+                        warp_specialize: bool, overlap: bool) -> None:
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(d + causal)
@@ -56,7 +57,7 @@ def test_padded_batches(dtype: torch.dtype, d: int, block_m: int, side: str, cau
     lse = torch.full((b * s, hq), float("nan"), device="cuda")
     attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
                         lse, plan, d ** -0.5, causal, zero_fill=True, block_m=block_m,
-                        warp_specialize=warp_specialize)
+                        warp_specialize=warp_specialize, overlap=overlap)
     ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
     out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
     assert not out.isnan().any(), "rows left unwritten"
@@ -68,7 +69,9 @@ def test_padded_batches(dtype: torch.dtype, d: int, block_m: int, side: str, cau
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d,block_m", SHAPES, ids=[f"d{d}-m{m}" for d, m in SHAPES])
 @pytest.mark.parametrize("warp_specialize", [False, True], ids=["pipelined", "producer-warp"])
-def test_varlen_causal(dtype: torch.dtype, d: int, block_m: int, warp_specialize: bool) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-sequence", "overlap"])
+def test_varlen_causal(dtype: torch.dtype, d: int, block_m: int, warp_specialize: bool,
+                       overlap: bool) -> None:
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(3)
@@ -80,13 +83,14 @@ def test_varlen_causal(dtype: torch.dtype, d: int, block_m: int, warp_specialize
     plan = layout.tile_plan(block_m, True)
     out = torch.full_like(q, float("nan"))
     attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, True, block_m=block_m,
-                        warp_specialize=warp_specialize)
+                        warp_specialize=warp_specialize, overlap=overlap)
     ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
     assert not out.isnan().any()
     assert rel_err(out, ref_o) <= TOLERANCE[dtype]
 
 
-def test_padding_keys_holding_nan_are_ignored() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-sequence", "overlap"])
+def test_padding_keys_holding_nan_are_ignored(overlap: bool) -> None:
     """Padded K/V rows may hold anything: NaN there must not reach a valid row
     (the kernel zeroes V past a request's keys before the PV product)."""
     from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -103,7 +107,7 @@ def test_padding_keys_holding_nan_are_ignored() -> None:
     out = torch.full((b * s, h, d), float("nan"), dtype=torch.bfloat16, device="cuda")
     attention_fwd_dense(q.reshape(-1, h, d), k.reshape(-1, h, d), v.reshape(-1, h, d), out,
                         None, layout.tile_plan(BLOCK_M, False), d ** -0.5, False,
-                        zero_fill=True, block_m=BLOCK_M)
+                        zero_fill=True, block_m=BLOCK_M, overlap=overlap)
     ref_o, _ = reference.padded_prefill(q, k.nan_to_num(0.0), v.nan_to_num(0.0), valid_lens)
     out = out.view(b, s, h, d)
     assert not out.isnan().any()

@@ -3,8 +3,10 @@
 Status: correct on the H200 for D 64/128 with 64-row programs (the whole GPU suite's
 ``tests/test_gluon_gpu.py`` at b68ef4e), slower than the portable kernel so far
 (``docs/performance.md``), so it is opt-in (``backend="gluon"``). 128-row programs
-(two warp groups) and D=256 compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
-that have not run yet; the backend does not use them until they have.
+(two warp groups), D=256 and the overlapped KV loop (``overlap=True``) compile for sm_90
+on Triton 3.6 and 3.9 and have GPU tests that have not run yet; the backend does not
+use them until they have (``scripts/ab_gluon.py`` times every form against the
+portable kernel).
 Scope: dense K/V (padded and varlen prefill), fp16/bf16, one q head per program (GQA
 through ``h // group``), causal or not, zero-filled padding rows, lse. It serves the
 same tile plans as the portable kernel (:class:`spanfill.layout.TilePlan`).
@@ -21,9 +23,15 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   registers; P goes to the second one from registers (no shared-memory trip).
 - Online softmax in the log2 domain, as the portable kernel.
 
+- ``overlap=True``: the next tile's QK^T and this tile's PV are issued together and
+  the softmax runs while PV does (:func:`_kv_loop_overlapped`).
+
 What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
-softmax under each other's wgmma, the next QK^T issued before the current softmax,
-register reallocation, and paged K/V (TMA per page, cp.async gathers for small pages).
+softmax under each other's wgmma, register reallocation, and paged K/V (TMA per page,
+cp.async gathers for small pages). Register use on sm_90 (``cuobjdump -res-usage`` of
+the compile cases): 219 per thread for the 64-row D=128 kernel, 255 with the overlap
+(no spills), 198 for 128 rows; at 147 KiB of shared memory the 64-row kernel runs one
+warp group per SM, which is likely why it trails the portable kernel.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 __all__ = ["attention_fwd_dense", "supports"]
 
 LOG2E = 1.4426950408889634
+# Shared memory a program may take for Q and the K/V ring (the H100/H200 allow 227 KiB
+# per block; the rest is left to barriers and the compiler's scratch).
+SHARED_MEMORY_BUDGET = 220 * 1024
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 
 # Gluon is experimental and renames things between releases: the GPU machine has
@@ -84,26 +95,27 @@ def _fill_padding(O, LSE, row0, row_end, head, stride_ot, stride_oh, stride_lt, 
 
 
 @gluon.jit
-def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
-                 s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """One online-softmax step over KV tile ``j`` (positions ``j * BLOCK_N + [0, BLOCK_N)``)
-    held in shared memory; returns ``(acc, m_i, l_i)``."""
+def _zero_v_tail(v_tile, j, kv_len, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
+    """Zero the rows of V tile ``j`` (positions ``j * BLOCK_N + [0, BLOCK_N)``) at or
+    past ``kv_len``, before a wgmma reads the tile."""
     if (j + 1) * BLOCK_N > kv_len:
         # The tile reaches past the request's keys: padding (or the next request's
         # rows), which may hold NaN. p is 0 there, but 0 * NaN is NaN, so those V rows
         # are zeroed in shared memory before the PV wgmma reads them (scores need
-        # nothing: masked to -inf below).
+        # nothing: masked to -inf).
         kv_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         v_rows = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
         v_reg = v_tile.load(kv_layout)
         v_tile.store(gl.where((v_rows < kv_len)[:, None], v_reg, 0.0))
         fence_async_shared()
         _barrier()  # every warp's stores before the warp group's wgmma reads them
-    s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    s_acc = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_acc, use_acc=False, is_async=True)
-    s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+
+
+@gluon.jit
+def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
+                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Masked online-softmax update for the scores ``s_acc`` of KV tile ``j``:
+    ``(p, alpha, m_new, l_new)``, ``alpha`` rescaling what was accumulated before."""
     kv_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     visible = (kv_pos[None, :] < kv_len) & valid_s[:, None]
     if CAUSAL:
@@ -114,6 +126,22 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
     p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
     alpha = gl.exp2(m_i - m_safe)
     l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
+                 s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """One online-softmax step over KV tile ``j`` held in shared memory, its two wgmmas
+    in sequence; returns ``(acc, m_i, l_i)``."""
+    _zero_v_tail(v_tile, j, kv_len, BLOCK_N, num_warps)
+    s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    s_acc = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_acc, use_acc=False, is_async=True)
+    s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+    p, alpha, m_new, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
+                                         s_layout, BLOCK_N, CAUSAL)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p.to(dtype),
                              gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
@@ -187,6 +215,75 @@ def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_s
 
 
 @gluon.jit
+def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0,
+                        row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale,
+                        s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
+                        num_warps: gl.constexpr):
+    """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
+    ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
+    waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
+    rescales ``O`` (FA3's intra-warpgroup overlap). Returns ``(acc, m_i, l_i)``.
+
+    ``PRODUCER``: a producer warp copies the tiles and this loop releases each stage
+    (``empty``) once PV has read it; otherwise this loop issues the copies itself, the
+    copy of tile ``j - 1 + STAGES`` into the stage PV of tile ``j - 1`` has just left.
+    """
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if not PRODUCER:
+        for t in gl.static_range(STAGES - 1):
+            if t < num_tiles:
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, kv_row0, hk, BLOCK_N,
+                              HEAD_DIM, STAGES)
+    valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
+                                                   o_layout, BLOCK_M, HEAD_DIM)
+    mbarrier.wait(q_bar, phase=0)
+    if num_tiles > 0:
+        # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
+        mbarrier.wait(ready.index(0), 0)
+        _zero_v_tail(v_smem.index(0), 0, kv_len, BLOCK_N, num_warps)
+        s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        s_acc = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_acc, use_acc=False,
+                              is_async=True)
+        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, qk_scale,
+                                           s_layout, BLOCK_N, CAUSAL)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, num_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, num_warps)
+            s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+            s_acc = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_acc,
+                                  use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            # wgmma groups retire in order: one left in flight is the PV just issued.
+            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
+            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+                                               qk_scale, s_layout, BLOCK_N, CAUSAL)
+            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            if PRODUCER:
+                fence_async_shared()
+                mbarrier.arrive(empty.index(prev), count=1)
+            elif j - 1 + STAGES < num_tiles:
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES, kv_row0,
+                              hk, BLOCK_N, HEAD_DIM, STAGES)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        last = (num_tiles - 1) % STAGES
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        if PRODUCER:
+            fence_async_shared()
+            mbarrier.arrive(empty.index(last), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _attn_fwd_dense_kernel(
     q_desc, k_desc, v_desc, O, LSE,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
@@ -194,7 +291,7 @@ def _attn_fwd_dense_kernel(
     NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
-    WARP_SPECIALIZE: gl.constexpr, num_warps: gl.constexpr,
+    WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -247,7 +344,23 @@ def _attn_fwd_dense_kernel(
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
 
-    if WARP_SPECIALIZE:
+    if OVERLAP:
+        if WARP_SPECIALIZE:
+            acc, m_i, l_i = gl.warp_specialize([
+                (_kv_loop_overlapped, (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready,
+                                       empty, row0, row_end, q_start, q_stop, kv_row0, hk,
+                                       kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
+                                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
+                                       num_warps)),
+                (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
+                              num_tiles, BLOCK_N, HEAD_DIM, STAGES)),
+            ], [1], [24])
+        else:
+            acc, m_i, l_i = _kv_loop_overlapped(
+                q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
+                q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
+                dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps)
+    elif WARP_SPECIALIZE:
         # One producer warp issues the copies; the warp group only computes.
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_consumer, (q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start,
@@ -324,7 +437,8 @@ def _desc(x: torch.Tensor, block_rows: int):
 def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         lse: torch.Tensor | None, plan, sm_scale: float, causal: bool,
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
-                        stages: int = 2, warp_specialize: bool = False):
+                        stages: int | None = None, warp_specialize: bool = False,
+                        overlap: bool = False):
     """Launch the Gluon kernel over a tile plan built with ``block_q = block_m``.
 
     Parameters
@@ -339,14 +453,21 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         tile copied into shared memory serves twice the rows)
     block_n : KV positions per step; default 128, 64 at D=256 (the fp32 accumulator
         and the K/V ring then still fit the registers and shared memory)
+    stages : K/V ring depth; default 2, or 3 with ``overlap`` where shared memory holds it
     warp_specialize : one producer warp issues the K/V copies (``gl.warp_specialize``)
         instead of the warp group pipelining them itself
+    overlap : the softmax of each KV tile runs under the previous tile's PV wgmma
+        (:func:`_kv_loop_overlapped`); a stage is then busy one step longer, hence the
+        third stage
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
         raise ValueError(f"block_m must be 64 or 128 (one or two warp groups), got {block_m}")
     if block_n is None:
         block_n = 64 if head_dim > 128 else 128
+    if stages is None:
+        q_bytes, stage_bytes = block_m * head_dim * 2, 2 * block_n * head_dim * 2
+        stages = 3 if overlap and q_bytes + 3 * stage_bytes <= SHARED_MEMORY_BUDGET else 2
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (plan.num_tiles * num_q_heads,)
@@ -358,7 +479,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // k.shape[1], HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
-        num_warps=block_m // 16,  # 16 rows per warp: 4 warps (one warp group) per 64 rows
+        OVERLAP=overlap, num_warps=block_m // 16,  # 16 rows per warp: 4 warps (one warp group) per 64 rows
     )
 
 

@@ -1,0 +1,141 @@
+"""Time the Gluon (Hopper) kernel's variants against the portable kernel (sm_90 GPU).
+
+    PYTHONPATH=. python3 scripts/ab_gluon.py [--out DIR] [WORKLOAD ...]
+
+For each dense padded workload of the core bench (built as ``bench/`` builds it, bf16):
+the portable attention kernel on the padded batch (plan prebuilt, as ``padded_prefill``
+launches it) and every form of :func:`spanfill.kernels_gluon.attention.attention_fwd_dense`:
+64- or 128-row programs, the softmax in sequence or under the previous tile's PV
+(``overlap``), the warp group issuing its own copies or a producer warp. Each is checked
+against the bench's reference rows first (a failed check gets no time), then timed with
+``bench.timing.time_device`` (L2 flushed). Writes ``DIR/ab_gluon.csv`` (the bench's
+columns) and ``DIR/ab_gluon.png``, and prints a table: the data for choosing the Gluon
+backend's launch form in ``spanfill/backends/gluon.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import spanfill as sf  # noqa: E402
+from _results import write_rows  # noqa: E402
+from bench.check import padded_checker, tolerance  # noqa: E402
+from bench.providers_spanfill import spanfill_padded_kernel  # noqa: E402
+from bench.timing import time_device  # noqa: E402
+from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
+
+# (rows per program, overlap, producer warp)
+VARIANTS = list(itertools.product((64, 128), (False, True), (False, True)))
+
+
+def _name(block_m: int, overlap: bool, producer: bool) -> str:
+    return (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
+            + ("_producer" if producer else ""))
+
+
+def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool):
+    """The Gluon kernel on the padded batch (zero-filled padding), and its valid rows."""
+    from bench.check import packed_valid_index
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    b, s, h, d = t.q.shape
+    q, k, v = (x.reshape(b * s, x.shape[2], d) for x in (t.q, t.k, t.v))
+    plan = sf.PaddedLayout.build(t.valid_lens, s).tile_plan(block_m, w.causal)
+    out = torch.full_like(q, float("nan"))
+    idx = packed_valid_index(t.valid_lens, s)
+
+    def run() -> None:
+        attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
+                            block_m=block_m, warp_specialize=producer, overlap=overlap)
+
+    return run, lambda: (run(), out[idx])[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("workloads", nargs="*")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        raise SystemExit("needs a Hopper (sm_90) GPU")
+    device = torch.device("cuda")
+    rows, table = [], []
+    for w in core_workloads():
+        if not isinstance(w, PaddedWorkload) or w.head_dim not in (64, 128, 256):
+            continue
+        if args.workloads and w.name not in args.workloads:
+            continue
+        t = w.make(device, torch.bfloat16)
+        check = padded_checker(w, t)
+        tol = tolerance(torch.bfloat16)
+        portable = spanfill_padded_kernel(w, t)
+        cases = [("portable", portable.run, portable.output)]
+        cases += [(_name(*v), *_gluon_run(w, t, *v)) for v in VARIANTS]
+        base = None
+        for name, run, output in cases:
+            try:
+                err = check(output())
+            except Exception as exc:  # a compile or launch error: a row, not a crash
+                table.append((w.name, name, f"error: {type(exc).__name__}: {exc}"[:90]))
+                rows.append({"kernel": "padded_prefill", "provider": name, "workload": w.name,
+                             "metric": "error", "unit": "", "note": str(exc)[:300]})
+                continue
+            rows.append({"kernel": "padded_prefill", "provider": name, "workload": w.name,
+                         "metric": "check_relerr", "unit": "rel", "p50": err, "p20": err,
+                         "p80": err})
+            if not err <= tol:
+                table.append((w.name, name, f"FAILED check: rel err {err:.2e} > {tol:.0e}"))
+                continue
+            st = time_device(run, device)
+            ms = {"p50": st.p50, "p20": st.p20, "p80": st.p80}
+            rows.append({"kernel": "padded_prefill", "provider": name, "workload": w.name,
+                         "metric": "kernel_time", "unit": "ms", **ms})
+            base = ms["p50"] if name == "portable" else base
+            ratio = f"{ms['p50'] / base:.2f}x portable" if base else ""
+            table.append((w.name, name, f"{ms['p50']:.3f} ms  {ratio}  (rel err {err:.1e})"))
+            print(f"{w.name:16s} {name:28s} {table[-1][2]}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_rows(out / "ab_gluon.csv", rows)
+    print("wrote", path, plot(rows, out / "ab_gluon.png"))
+    print("\n| workload | kernel | result |\n|---|---|---|")
+    for line in table:
+        print("| " + " | ".join(line) + " |")
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Kernel time of each variant, relative to the portable kernel, per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["metric"] == "kernel_time"]
+    workloads = list(dict.fromkeys(r["workload"] for r in timed))
+    fig, axes = plt.subplots(1, max(1, len(workloads)), figsize=(4.5 * max(1, len(workloads)), 4),
+                             squeeze=False)
+    for ax, w in zip(axes[0], workloads):
+        mine = [r for r in timed if r["workload"] == w]
+        base = next((r["p50"] for r in mine if r["provider"] == "portable"), None)
+        vals = [r["p50"] / base if base else r["p50"] for r in mine]
+        ax.bar(range(len(mine)), vals)
+        ax.set_xticks(range(len(mine)), [r["provider"] for r in mine], rotation=60, ha="right",
+                      fontsize=6)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_ylabel("kernel time / portable" if base else "ms")
+        ax.set_title(w, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+if __name__ == "__main__":
+    main()
