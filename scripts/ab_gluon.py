@@ -2,9 +2,11 @@
 
     PYTHONPATH=. python3 scripts/ab_gluon.py [--out DIR] [WORKLOAD ...]
 
-For each dense padded workload of the core bench (built as ``bench/`` builds it, bf16):
-the portable attention kernel on the padded batch (plan prebuilt, as ``padded_prefill``
-launches it) and every form of :func:`spanfill.kernels_gluon.attention.attention_fwd_dense`:
+For each workload of the core bench the Gluon kernel covers (built as ``bench/`` builds
+it, bf16; padded batches, and span layouts over pages of 8 to 256 rows without a
+window): the portable kernel (plan prebuilt, as ``padded_prefill``/``span_prefill``
+launch it) and every form of the Gluon kernel
+(:func:`~spanfill.kernels_gluon.attention.attention_fwd_dense` / ``_paged``):
 64- or 128-row programs, the softmax in sequence or under the previous tile's PV
 (``overlap``), the warp group issuing its own copies or a producer warp. Each is checked
 against the bench's reference rows first (a failed check gets no time), then timed with
@@ -27,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import spanfill as sf  # noqa: E402
 from _results import write_rows  # noqa: E402
-from bench.check import padded_checker, tolerance  # noqa: E402
-from bench.providers_spanfill import spanfill_padded_kernel  # noqa: E402
+from bench.check import padded_checker, segmented_checker, tolerance  # noqa: E402
+from bench.providers_base import window_of  # noqa: E402
+from bench.providers_spanfill import spanfill_padded_kernel, spanfill_segmented  # noqa: E402
 from bench.timing import time_device  # noqa: E402
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
@@ -59,6 +62,31 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
     return run, lambda: (run(), out[idx])[1]
 
 
+def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool):
+    """The Gluon kernel over the workload's page pool, and its output rows."""
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+
+    layout = t.layout
+    plan = layout.tile_plan(block_m, True)
+    out = torch.full_like(t.q, float("nan"))
+
+    def run() -> None:
+        attention_fwd_paged(t.q, t.k_cache, t.v_cache, out, None, plan, layout.positions,
+                            layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
+                            warp_specialize=producer, overlap=overlap)
+
+    return run, lambda: (run(), out)[1]
+
+
+def _covered(w) -> bool:
+    """Whether the Gluon kernel has a form for this workload."""
+    if w.head_dim not in (64, 128, 256):
+        return False
+    if isinstance(w, PaddedWorkload):
+        return True
+    return 8 <= w.page_size <= 256 and window_of(w) < 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
@@ -69,26 +97,27 @@ def main() -> None:
     device = torch.device("cuda")
     rows, table = [], []
     for w in core_workloads():
-        if not isinstance(w, PaddedWorkload) or w.head_dim not in (64, 128, 256):
-            continue
-        if args.workloads and w.name not in args.workloads:
+        if not _covered(w) or (args.workloads and w.name not in args.workloads):
             continue
         t = w.make(device, torch.bfloat16)
-        check = padded_checker(w, t)
+        padded = isinstance(w, PaddedWorkload)
+        check = (padded_checker if padded else segmented_checker)(w, t)
         tol = tolerance(torch.bfloat16)
-        portable = spanfill_padded_kernel(w, t)
+        portable = (spanfill_padded_kernel if padded else spanfill_segmented)(w, t)
+        gluon = _gluon_run if padded else _gluon_paged_run
         cases = [("portable", portable.run, portable.output)]
-        cases += [(_name(*v), *_gluon_run(w, t, *v)) for v in VARIANTS]
+        cases += [(_name(*v), *gluon(w, t, *v)) for v in VARIANTS]
         base = None
+        kernel = "padded_prefill" if padded else "span_prefill"
         for name, run, output in cases:
             try:
                 err = check(output())
             except Exception as exc:  # a compile or launch error: a row, not a crash
                 table.append((w.name, name, f"error: {type(exc).__name__}: {exc}"[:90]))
-                rows.append({"kernel": "padded_prefill", "provider": name, "workload": w.name,
+                rows.append({"kernel": kernel, "provider": name, "workload": w.name,
                              "metric": "error", "unit": "", "note": str(exc)[:300]})
                 continue
-            rows.append({"kernel": "padded_prefill", "provider": name, "workload": w.name,
+            rows.append({"kernel": kernel, "provider": name, "workload": w.name,
                          "metric": "check_relerr", "unit": "rel", "p50": err, "p20": err,
                          "p80": err})
             if not err <= tol:
@@ -96,7 +125,7 @@ def main() -> None:
                 continue
             st = time_device(run, device)
             ms = {"p50": st.p50, "p20": st.p20, "p80": st.p80}
-            rows.append({"kernel": "padded_prefill", "provider": name, "workload": w.name,
+            rows.append({"kernel": kernel, "provider": name, "workload": w.name,
                          "metric": "kernel_time", "unit": "ms", **ms})
             base = ms["p50"] if name == "portable" else base
             ratio = f"{ms['p50'] / base:.2f}x portable" if base else ""

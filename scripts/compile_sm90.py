@@ -190,6 +190,27 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
     return launch
 
 
+def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk: int, d: int,
+                     warp_specialize: bool = False, block_m: int = 64,
+                     overlap: bool = False) -> Callable[[], None]:
+    """The Gluon (Hopper) kernel over a paged cache: one request, ``rows`` span rows at
+    the prompt's end, TMA copies per page (or per tile of a larger page)."""
+    def launch() -> None:
+        from spanfill.kernels_gluon.attention import attention_fwd_paged
+
+        seq_len = pages_per_req * page_size
+        k, v = (_rand(pages_per_req + 1, page_size, hk, d) for _ in range(2))
+        q = _rand(rows, hq, d)
+        positions = torch.arange(seq_len - rows, seq_len, dtype=torch.int32)
+        table = torch.arange(pages_per_req, dtype=torch.int32)[None, :]
+        plan = _packed_plan([rows], [seq_len], block_m, True, positions)
+        lse = torch.empty(rows, hq, dtype=torch.float32)
+        attention_fwd_paged(q, k, v, torch.empty_like(q), lse, plan, positions, table,
+                            d ** -0.5, True, block_m=block_m, warp_specialize=warp_specialize,
+                            overlap=overlap)
+    return launch
+
+
 def append_case(rows: int, page_size: int, hk: int, d: int, fp8: str | None = None,
                 kv_dtype: torch.dtype = torch.float8_e4m3fn) -> Callable[[], None]:
     def launch() -> None:
@@ -284,6 +305,12 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         overlap=True), ()),
     "gluon_dense_overlap_d256": (gluon_dense_case(2, 64, 4, 2, 256, causal=True, zero_fill=True,
                                                   overlap=True), ()),
+    # paged K/V: a TMA copy per page (page 16: 8 per tile) or per tile of a page of 256
+    "gluon_paged_page16_d128": (gluon_paged_case(100, 16, 24, 8, 2, 128), ()),
+    "gluon_paged_page256_overlap_producer_d64": (gluon_paged_case(
+        64, 256, 2, 4, 4, 64, warp_specialize=True, overlap=True), ()),
+    "gluon_paged_page64_m128_overlap_d128": (gluon_paged_case(
+        200, 64, 8, 8, 2, 128, block_m=128, overlap=True), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

@@ -40,7 +40,8 @@ SPECIALISED_CASES = [
     "gluon_dense_padded_d128", "gluon_dense_causal_gqa_d64", "gluon_dense_warp_specialized_d128",
     "gluon_dense_two_warpgroups_d128", "gluon_dense_two_warpgroups_producer_d64",
     "gluon_dense_d256", "gluon_dense_overlap_d128", "gluon_dense_overlap_producer_m128_d64",
-    "gluon_dense_overlap_d256",
+    "gluon_dense_overlap_d256", "gluon_paged_page16_d128",
+    "gluon_paged_page256_overlap_producer_d64", "gluon_paged_page64_m128_overlap_d128",
 ]
 
 

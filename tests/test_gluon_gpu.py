@@ -134,3 +134,51 @@ def test_ops_run_it_when_asked(op: str) -> None:
             ref_o, _ = reference.varlen_prefill(*flat, cu, causal=True)
     assert portable["attention_fwd"] == []  # the Gluon kernel ran, not the portable one
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
+
+
+PAGED = [(64, 64), (128, 64), (128, 128), (256, 64)]
+
+
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("d,block_m", PAGED, ids=[f"d{d}-m{m}" for d, m in PAGED])
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["pipelined", "producer-warp"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-sequence", "overlap"])
+def test_paged_spans(page_size: int, d: int, block_m: int, warp_specialize: bool,
+                     overlap: bool) -> None:
+    """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse), with a
+    single-token span, a whole-prompt span and a one-token prompt."""
+    import random
+
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+    from spanfill.testing import reference_span
+    from tests.helpers import paged_setup, random_spans
+
+    rng = random.Random(page_size + d + block_m)
+    seq_lens = [700, 1, 333, 1290]
+    spans = [random_spans(rng, 700, 6, 90), [(0, 1)], [(0, 333)],
+             [(5, 6)] + [(a, b) for a, b in random_spans(rng, 1290, 5, 200) if a > 6]]
+    layout, k_cache, v_cache, q, _, _ = paged_setup(seq_lens, spans, page_size, 8, 2, d,
+                                                    torch.bfloat16, "cuda", seed=page_size)
+    plan = layout.tile_plan(block_m, True)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+    attention_fwd_paged(q, k_cache, v_cache, out, lse, plan, layout.positions,
+                        layout.block_table, d ** -0.5, True, block_m=block_m,
+                        warp_specialize=warp_specialize, overlap=overlap)
+    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+
+def test_paged_refuses_what_it_cannot_copy() -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+
+    q = torch.zeros(4, 2, 64, device="cuda", dtype=torch.bfloat16)
+    for page_size in (4, 24):
+        k = torch.zeros(3, page_size, 2, 64, device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="page_size must be a power of two from 8 to 256"):
+            attention_fwd_paged(q, k, k, q, None, None, None, None, 0.125, True)
+    k = torch.zeros(2, 3, 16, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # HND
+    with pytest.raises(ValueError, match="k_cache pages are not contiguous"):
+        attention_fwd_paged(q, k, k, q, None, None, None, None, 0.125, True)

@@ -3,11 +3,13 @@
 Status: correct on the H200 for D 64/128 with 64-row programs (the whole GPU suite's
 ``tests/test_gluon_gpu.py`` at b68ef4e), slower than the portable kernel so far
 (``docs/performance.md``), so it is opt-in (``backend="gluon"``). 128-row programs
-(two warp groups), D=256 and the overlapped KV loop (``overlap=True``) compile for sm_90
-on Triton 3.6 and 3.9 and have GPU tests that have not run yet; the backend does not
-use them until they have (``scripts/ab_gluon.py`` times every form against the
-portable kernel).
-Scope: dense K/V (padded and varlen prefill), fp16/bf16, one q head per program (GQA
+(two warp groups), D=256, the overlapped KV loop (``overlap=True``) and paged K/V
+(:func:`attention_fwd_paged`) compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
+that have not run yet; the backend does not use them until they have
+(``scripts/ab_gluon.py`` times every form against the portable kernel).
+Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
+prefill; pages of 8 to 256 rows, one TMA copy per page or per tile of a larger page;
+smaller pages would need cp.async gathers), fp16/bf16, one q head per program (GQA
 through ``h // group``), causal or not, zero-filled padding rows, lse. It serves the
 same tile plans as the portable kernel (:class:`spanfill.layout.TilePlan`).
 
@@ -27,8 +29,8 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   the softmax runs while PV does (:func:`_kv_loop_overlapped`).
 
 What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
-softmax under each other's wgmma, register reallocation, and paged K/V (TMA per page,
-cp.async gathers for small pages). Register use on sm_90 (``cuobjdump -res-usage`` of
+softmax under each other's wgmma, register reallocation, GQA head stacking (one K/V
+tile for a group's q heads), and cp.async gathers for pages under 8 rows. Register use on sm_90 (``cuobjdump -res-usage`` of
 the compile cases): 219 per thread for the 64-row D=128 kernel, 255 with the overlap
 (no spills), 198 for 128 rows; at 147 KiB of shared memory the 64-row kernel runs one
 warp group per SM, which is likely why it trails the portable kernel.
@@ -47,7 +49,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-__all__ = ["attention_fwd_dense", "supports"]
+__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
 
 LOG2E = 1.4426950408889634
 # Shared memory a program may take for Q and the K/V ring (the H100/H200 allow 227 KiB
@@ -152,25 +154,48 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
 
 @gluon.jit
 def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, bt_row, kv_len,
+                  PAGE_SIZE: gl.constexpr):
     """Issue the TMA copies of K/V tile ``j`` into its ring stage; its ready barrier
-    completes when both land."""
+    completes when all land.
+
+    Dense K/V (``PAGE_SIZE`` 0): one copy each of rows ``kv_row0 + j * BLOCK_N + [0,
+    BLOCK_N)`` (``bt_row`` and ``kv_len`` unused). Paged K/V: ``bt_row`` points at the
+    request's block-table row, and the descriptors view the pools as
+    ``[num_pages * PAGE_SIZE, Hk * D]``; one copy per page
+    (or per ``BLOCK_N`` rows of a larger page), each into its rows of the stage.
+    Positions at or past ``kv_len`` read page 0 (masked later, V zeroed).
+    """
     stage = j % STAGES
     bar = ready.index(stage)
-    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-    _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(stage))
-    _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(stage))
+    if PAGE_SIZE == 0:
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+        _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(stage))
+        _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(stage))
+    else:
+        ROWS: gl.constexpr = PAGE_SIZE if PAGE_SIZE < BLOCK_N else BLOCK_N
+        mbarrier.expect(bar, 2 * (BLOCK_N // ROWS) * k_desc.block_type.nbytes)
+        for i in gl.static_range(BLOCK_N // ROWS):
+            pos0 = j * BLOCK_N + i * ROWS
+            page = gl.load(bt_row + pos0 // PAGE_SIZE, mask=pos0 < kv_len, other=0)
+            row = page * PAGE_SIZE + pos0 % PAGE_SIZE
+            _tma_load(k_desc, [row, hk * HEAD_DIM], bar, k_smem.index(stage).slice(i * ROWS, ROWS))
+            _tma_load(v_desc, [row, hk * HEAD_DIM], bar, v_smem.index(stage).slice(i * ROWS, ROWS))
 
 
 @gluon.jit
 def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
-                   o_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """The tile's rows (which are real, their positions) and the empty softmax state:
-    ``(valid_s, pos_s, m_i, l_i, acc)``."""
+                   o_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   POSITIONS, HAS_POSITIONS: gl.constexpr):
+    """The tile's rows (which are real, their positions: ``POSITIONS[row]``, or the row's
+    index in its request) and the empty softmax state: ``(valid_s, pos_s, m_i, l_i, acc)``."""
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
     valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
-    pos_s = gl.where(valid_s, rows_s - q_start, -1)
+    if not HAS_POSITIONS:
+        pos_s = gl.where(valid_s, rows_s - q_start, -1)
+    else:
+        pos_s = gl.load(POSITIONS + rows_s, mask=valid_s, other=-1)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
@@ -179,7 +204,8 @@ def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
 
 @gluon.jit
 def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
-               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+               bt_row, kv_len, PAGE_SIZE: gl.constexpr):
     """Producer partition (one warp): TMA copies of K/V tiles into the ring, each stage
     refilled once the consumer has released it."""
     for j in range(num_tiles):
@@ -187,7 +213,7 @@ def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_ti
         # stages is free without any release.
         mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
         _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N, HEAD_DIM,
-                      STAGES)
+                      STAGES, bt_row, kv_len, PAGE_SIZE)
 
 
 @gluon.jit
@@ -195,11 +221,12 @@ def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_s
                  kv_len, num_tiles, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
                  dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr):
     """Consumer partition (the warp group): the online softmax over the ring's tiles,
     releasing each stage after its wgmmas; returns ``(acc, m_i, l_i)``."""
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
-                                                   o_layout, BLOCK_M, HEAD_DIM)
+                                                   o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
+                                                   HAS_POSITIONS)
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
         stage = j % STAGES
@@ -220,7 +247,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
+                        bt_row, PAGE_SIZE: gl.constexpr):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -236,9 +264,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         for t in gl.static_range(STAGES - 1):
             if t < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, kv_row0, hk, BLOCK_N,
-                              HEAD_DIM, STAGES)
+                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
-                                                   o_layout, BLOCK_M, HEAD_DIM)
+                                                   o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
+                                                   HAS_POSITIONS)
     mbarrier.wait(q_bar, phase=0)
     if num_tiles > 0:
         # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
@@ -271,7 +300,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                 mbarrier.arrive(empty.index(prev), count=1)
             elif j - 1 + STAGES < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES, kv_row0,
-                              hk, BLOCK_N, HEAD_DIM, STAGES)
+                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         last = (num_tiles - 1) % STAGES
@@ -287,11 +316,12 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
 def _attn_fwd_dense_kernel(
     q_desc, k_desc, v_desc, O, LSE,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
-    qk_scale, stride_ot, stride_oh, stride_lt, stride_lh,
+    qk_scale, stride_ot, stride_oh, stride_lt, stride_lh, POSITIONS, BLOCK_TABLE, stride_bt,
     NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
-    WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+    WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, PAGE_SIZE: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -321,9 +351,26 @@ def _attn_fwd_dense_kernel(
             return
     kv_len = gl.load(KV_LEN + req)
     kv_row0 = gl.load(KV_ROW0 + req)
+    # Dense launches pass no positions and no block table (None: compile-time constants);
+    # the partitions of gl.warp_specialize take pointers only, so these stand in, unread.
+    HAS_POSITIONS: gl.constexpr = POSITIONS is not None
+    if HAS_POSITIONS:
+        pos_ptr = POSITIONS
+    else:
+        pos_ptr = Q_START
+    if PAGE_SIZE == 0:
+        bt_row = KV_LEN
+    else:
+        bt_row = BLOCK_TABLE + req.to(gl.int64) * stride_bt
     # The KV range of this tile: up to the last valid row's position (causal).
     if CAUSAL:
-        kv_end = gl.minimum(gl.minimum(row_end, q_stop) - q_start, kv_len)
+        if not HAS_POSITIONS:
+            kv_end = gl.minimum(gl.minimum(row_end, q_stop) - q_start, kv_len)
+        else:
+            rows_v = row0 + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
+            pos_v = gl.load(POSITIONS + rows_v, mask=(rows_v < row_end) & (rows_v >= q_start)
+                            & (rows_v < q_stop), other=-1)
+            kv_end = gl.minimum(gl.max(pos_v, axis=0) + 1, kv_len)
     else:
         kv_end = kv_len
     num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
@@ -351,23 +398,25 @@ def _attn_fwd_dense_kernel(
                                        empty, row0, row_end, q_start, q_stop, kv_row0, hk,
                                        kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
                                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
-                                       num_warps)),
+                                       num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE)),
                 (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
-                              num_tiles, BLOCK_N, HEAD_DIM, STAGES)),
+                              num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
             ], [1], [24])
         else:
             acc, m_i, l_i = _kv_loop_overlapped(
                 q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
                 q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
-                dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps)
+                dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr,
+                HAS_POSITIONS, bt_row, PAGE_SIZE)
     elif WARP_SPECIALIZE:
         # One producer warp issues the copies; the warp group only computes.
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_consumer, (q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start,
                             q_stop, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps)),
+                            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps, pos_ptr,
+                            HAS_POSITIONS)),
             (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
-                          BLOCK_N, HEAD_DIM, STAGES)),
+                          BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
         ], [1], [24])
     else:
         # One partition, software-pipelined by hand: the copy of tile j + STAGES - 1 is
@@ -375,14 +424,15 @@ def _attn_fwd_dense_kernel(
         for j in gl.static_range(STAGES - 1):
             if j < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N,
-                              HEAD_DIM, STAGES)
+                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
         valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop,
-                                                       s_layout, o_layout, BLOCK_M, HEAD_DIM)
+                                                       s_layout, o_layout, BLOCK_M, HEAD_DIM,
+                                                       pos_ptr, HAS_POSITIONS)
         mbarrier.wait(q_bar, phase=0)
         for j in range(num_tiles):
             if j + STAGES - 1 < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j + STAGES - 1, kv_row0, hk,
-                              BLOCK_N, HEAD_DIM, STAGES)
+                              BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
             stage = j % STAGES
             mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
             acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc,
@@ -411,26 +461,15 @@ def _attn_fwd_dense_kernel(
         gl.store(LSE + rows_o.to(gl.int64) * stride_lt + head * stride_lh, lse, mask=store_rows)
 
 
-def supports(q: torch.Tensor, k: torch.Tensor) -> tuple[bool, str]:
-    """Whether this first Gluon kernel covers a dense call (host metadata only)."""
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype:
-        return False, f"{q.dtype} / {k.dtype}: fp16 or bf16 only"
-    if q.shape[-1] not in (64, 128):
-        return False, f"D={q.shape[-1]}: 64 or 128 only"
-    for name, t in (("q", q), ("k", k)):
-        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
-            return False, f"{name} rows are not [H * D] contiguous"
-    return True, "dense fp16/bf16, D 64/128"
-
-
-def _desc(x: torch.Tensor, block_rows: int):
-    """A TMA descriptor over ``[rows, H, D]`` viewed as ``[rows, H * D]``, tiles of
-    ``[block_rows, D]``."""
+def _desc(x: torch.Tensor, block_rows: int, layout_rows: int | None = None):
+    """A TMA descriptor over ``[rows, H, D]`` viewed as ``[rows, H * D]`` (rows 16-byte
+    aligned), boxes of ``[block_rows, D]``, laid out in shared memory as tiles of
+    ``[layout_rows, D]`` (default ``block_rows``)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     rows, heads, d = x.shape
     gl_dtype = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, d], gl_dtype)
+    layout = gl.NVMMASharedLayout.get_default_for([layout_rows or block_rows, d], gl_dtype)
     return TensorDescriptor(x, [rows, heads * d], [x.stride(0), 1], [block_rows, d], layout)
 
 
@@ -439,7 +478,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False):
-    """Launch the Gluon kernel over a tile plan built with ``block_q = block_m``.
+    """Launch the Gluon kernel over dense K/V and a tile plan built with ``block_q = block_m``.
 
     Parameters
     ----------
@@ -460,11 +499,58 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         (:func:`_kv_loop_overlapped`); a stage is then busy one step longer, hence the
         third stage
     """
+    block_n = _block_n(q.shape[2], block_n)
+    return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
+                   causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap)
+
+
+def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor | None, plan,
+                        positions: torch.Tensor, block_table: torch.Tensor, sm_scale: float,
+                        causal: bool, block_m: int = 64, block_n: int | None = None,
+                        stages: int | None = None, warp_specialize: bool = False,
+                        overlap: bool = False):
+    """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
+
+    Parameters
+    ----------
+    q : [T, Hq, D] fp16|bf16 span rows, request by request
+    k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype, pages contiguous (a page's
+        rows follow each other, pages follow each other: one ``[rows, Hk * D]`` view);
+        page_size a power of two from 8 to 256
+    out : [T, Hq, D] q.dtype; lse : [T, Hq] fp32 or None
+    plan : :class:`spanfill.layout.TilePlan` of the span layout, ``block_q == block_m``;
+        ``plan.kv_len[b]`` is request ``b``'s sequence length
+    positions : [T] int32, each row's position (causal by position)
+    block_table : [B, max_pages] int32
+    block_m, block_n, stages, warp_specialize, overlap : as :func:`attention_fwd_dense`
+    """
+    num_pages, page_size, heads, d = k_cache.shape
+    if page_size < 8 or page_size > 256 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two from 8 to 256, got {page_size}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.stride() != (page_size * heads * d, heads * d, d, 1):
+            raise ValueError(f"{name} pages are not contiguous [page_size, Hk, D] blocks one "
+                             f"after the other (strides {c.stride()})")
+    block_n = _block_n(d, block_n)
+    rows = min(page_size, block_n)  # rows per copy: a page, or a tile of a larger page
+    descs = [_desc(c.view(num_pages * page_size, heads, d), rows, block_n)
+             for c in (k_cache, v_cache)]
+    return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
+                   stages, warp_specialize, overlap, positions, block_table, page_size)
+
+
+def _block_n(head_dim: int, block_n: int | None) -> int:
+    return block_n if block_n is not None else (64 if head_dim > 128 else 128)
+
+
+def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
+            block_m, block_n, stages, warp_specialize, overlap, positions=None,
+            block_table=None, page_size=0):
+    """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
         raise ValueError(f"block_m must be 64 or 128 (one or two warp groups), got {block_m}")
-    if block_n is None:
-        block_n = 64 if head_dim > 128 else 128
     if stages is None:
         q_bytes, stage_bytes = block_m * head_dim * 2, 2 * block_n * head_dim * 2
         stages = 3 if overlap and q_bytes + 3 * stage_bytes <= SHARED_MEMORY_BUDGET else 2
@@ -472,14 +558,14 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     grid = (plan.num_tiles * num_q_heads,)
     return _attn_fwd_dense_kernel[grid](
-        _desc(q, block_m), _desc(k, block_n), _desc(v, block_n), out, lse_arg,
+        _desc(q, block_m), k_desc, v_desc, out, lse_arg,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len,
         sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
-        NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // k.shape[1], HEAD_DIM=head_dim,
+        positions, block_table, block_table.stride(0) if block_table is not None else None,
+        NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
-        OVERLAP=overlap, num_warps=block_m // 16,  # 16 rows per warp: 4 warps (one warp group) per 64 rows
+        OVERLAP=overlap, PAGE_SIZE=page_size,
+        num_warps=block_m // 16,  # 16 rows per warp: one warp group of 4 per 64 rows
     )
-
-
