@@ -261,7 +261,9 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     if not PRODUCER:
-        for t in gl.static_range(STAGES - 1):
+        # Every stage is free at the start; each later copy goes into the stage the PV
+        # of tile j - 1 has just left (tile j - 1 + STAGES, at step j).
+        for t in gl.static_range(STAGES):
             if t < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, kv_row0, hk, BLOCK_N,
                               HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
