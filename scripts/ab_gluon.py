@@ -8,7 +8,8 @@ window): the portable kernel (plan prebuilt, as ``padded_prefill``/``span_prefil
 launch it) and every form of the Gluon kernel
 (:func:`~spanfill.kernels_gluon.attention.attention_fwd_dense` / ``_paged``):
 64- or 128-row programs, the softmax in sequence or under the previous tile's PV
-(``overlap``), the warp group issuing its own copies or a producer warp. Each is checked
+(``overlap``), the warp group issuing its own copies or a producer warp, and with GQA
+one q head per program or the KV head's whole group stacked in it. Each is checked
 against the bench's reference rows first (a failed check gets no time), then timed with
 ``bench.timing.time_device`` (L2 flushed). Writes ``DIR/ab_gluon.csv`` (the bench's
 columns) and ``DIR/ab_gluon.png``, and prints a table: the data for choosing the Gluon
@@ -36,44 +37,51 @@ from bench.timing import time_device  # noqa: E402
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
 # (rows per program, overlap, producer warp)
-VARIANTS = list(itertools.product((64, 128), (False, True), (False, True)))
+FORMS = list(itertools.product((64, 128), (False, True), (False, True)))
 
 
-def _name(block_m: int, overlap: bool, producer: bool) -> str:
+def _variants(group: int) -> list[tuple[int, bool, bool, int]]:
+    """Every form, with one q head per program and (GQA) the whole group stacked."""
+    return [(m, o, p, st) for m, o, p in FORMS for st in sorted({1, group})
+            if m // st >= 16]
+
+
+def _name(block_m: int, overlap: bool, producer: bool, stack: int) -> str:
     return (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
-            + ("_producer" if producer else ""))
+            + ("_producer" if producer else "") + (f"_stack{stack}" if stack > 1 else ""))
 
 
-def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool):
+def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool, stack: int):
     """The Gluon kernel on the padded batch (zero-filled padding), and its valid rows."""
     from bench.check import packed_valid_index
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     b, s, h, d = t.q.shape
     q, k, v = (x.reshape(b * s, x.shape[2], d) for x in (t.q, t.k, t.v))
-    plan = sf.PaddedLayout.build(t.valid_lens, s).tile_plan(block_m, w.causal)
+    plan = sf.PaddedLayout.build(t.valid_lens, s).tile_plan(block_m // stack, w.causal)
     out = torch.full_like(q, float("nan"))
     idx = packed_valid_index(t.valid_lens, s)
 
     def run() -> None:
         attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
-                            block_m=block_m, warp_specialize=producer, overlap=overlap)
+                            block_m=block_m, warp_specialize=producer, overlap=overlap,
+                            stack=stack)
 
     return run, lambda: (run(), out[idx])[1]
 
 
-def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool):
+def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: int):
     """The Gluon kernel over the workload's page pool, and its output rows."""
     from spanfill.kernels_gluon.attention import attention_fwd_paged
 
     layout = t.layout
-    plan = layout.tile_plan(block_m, True)
+    plan = layout.tile_plan(block_m // stack, True)
     out = torch.full_like(t.q, float("nan"))
 
     def run() -> None:
         attention_fwd_paged(t.q, t.k_cache, t.v_cache, out, None, plan, layout.positions,
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
-                            warp_specialize=producer, overlap=overlap)
+                            warp_specialize=producer, overlap=overlap, stack=stack)
 
     return run, lambda: (run(), out)[1]
 
@@ -106,7 +114,8 @@ def main() -> None:
         portable = (spanfill_padded_kernel if padded else spanfill_segmented)(w, t)
         gluon = _gluon_run if padded else _gluon_paged_run
         cases = [("portable", portable.run, portable.output)]
-        cases += [(_name(*v), *gluon(w, t, *v)) for v in VARIANTS]
+        group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
+        cases += [(_name(*v), *gluon(w, t, *v)) for v in _variants(group)]
         base = None
         kernel = "padded_prefill" if padded else "span_prefill"
         for name, run, output in cases:

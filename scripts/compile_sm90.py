@@ -174,25 +174,26 @@ def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool
 
 def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                      zero_fill: bool, warp_specialize: bool = False,
-                     block_m: int = 64, overlap: bool = False) -> Callable[[], None]:
+                     block_m: int = 64, overlap: bool = False,
+                     stack: int = 1) -> Callable[[], None]:
     """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
 
         q, k, v = _rand(b * s, hq, d), _rand(b * s, hk, d), _rand(b * s, hk, d)
         starts = [i * s for i in range(b)]
-        plan = _packed_plan([s - i for i in range(b)], [s - i for i in range(b)], block_m,
-                            causal, kv_row0=starts)
+        plan = _packed_plan([s - i for i in range(b)], [s - i for i in range(b)],
+                            block_m // stack, causal, kv_row0=starts)
         lse = torch.empty(b * s, hq, dtype=torch.float32)
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
                             zero_fill=zero_fill, warp_specialize=warp_specialize,
-                            block_m=block_m, overlap=overlap)
+                            block_m=block_m, overlap=overlap, stack=stack)
     return launch
 
 
 def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk: int, d: int,
                      warp_specialize: bool = False, block_m: int = 64,
-                     overlap: bool = False) -> Callable[[], None]:
+                     overlap: bool = False, stack: int = 1) -> Callable[[], None]:
     """The Gluon (Hopper) kernel over a paged cache: one request, ``rows`` span rows at
     the prompt's end, TMA copies per page (or per tile of a larger page)."""
     def launch() -> None:
@@ -203,11 +204,11 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
         q = _rand(rows, hq, d)
         positions = torch.arange(seq_len - rows, seq_len, dtype=torch.int32)
         table = torch.arange(pages_per_req, dtype=torch.int32)[None, :]
-        plan = _packed_plan([rows], [seq_len], block_m, True, positions)
+        plan = _packed_plan([rows], [seq_len], block_m // stack, True, positions)
         lse = torch.empty(rows, hq, dtype=torch.float32)
         attention_fwd_paged(q, k, v, torch.empty_like(q), lse, plan, positions, table,
                             d ** -0.5, True, block_m=block_m, warp_specialize=warp_specialize,
-                            overlap=overlap)
+                            overlap=overlap, stack=stack)
     return launch
 
 
@@ -311,6 +312,11 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         64, 256, 2, 4, 4, 64, warp_specialize=True, overlap=True), ()),
     "gluon_paged_page64_m128_overlap_d128": (gluon_paged_case(
         200, 64, 8, 8, 2, 128, block_m=128, overlap=True), ()),
+    # GQA head stacking: 4 q heads of a KV head in one block (32 tokens each at 128 rows)
+    "gluon_paged_stack4_m128_overlap_producer_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, warp_specialize=True, block_m=128, overlap=True, stack=4), ()),
+    "gluon_dense_stack2_padded_d64": (gluon_dense_case(2, 64, 8, 2, 64, causal=False,
+                                                       zero_fill=True, stack=2), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

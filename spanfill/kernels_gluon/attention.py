@@ -3,14 +3,14 @@
 Status: correct on the H200 for D 64/128 with 64-row programs (the whole GPU suite's
 ``tests/test_gluon_gpu.py`` at b68ef4e), slower than the portable kernel so far
 (``docs/performance.md``), so it is opt-in (``backend="gluon"``). 128-row programs
-(two warp groups), D=256, the overlapped KV loop (``overlap=True``) and paged K/V
-(:func:`attention_fwd_paged`) compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
+(two warp groups), D=256, the overlapped KV loop (``overlap=True``), GQA head stacking
+(``stack``) and paged K/V (:func:`attention_fwd_paged`) compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
 that have not run yet; the backend does not use them until they have
 (``scripts/ab_gluon.py`` times every form against the portable kernel).
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
 prefill; pages of 8 to 256 rows, one TMA copy per page or per tile of a larger page;
-smaller pages would need cp.async gathers), fp16/bf16, one q head per program (GQA
-through ``h // group``), causal or not, zero-filled padding rows, lse. It serves the
+smaller pages would need cp.async gathers), fp16/bf16, one q head per program or
+``stack`` q heads of one KV head, causal or not, zero-filled padding rows, lse. It serves the
 same tile plans as the portable kernel (:class:`spanfill.layout.TilePlan`).
 
 Structure (one warp group of 4 warps per 64 rows of a program; ``warp_specialize=True``
@@ -29,8 +29,8 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   the softmax runs while PV does (:func:`_kv_loop_overlapped`).
 
 What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
-softmax under each other's wgmma, register reallocation, GQA head stacking (one K/V
-tile for a group's q heads), and cp.async gathers for pages under 8 rows. Register use on sm_90 (``cuobjdump -res-usage`` of
+softmax under each other's wgmma, register reallocation, cp.async gathers for pages
+under 8 rows, and split-KV for launches of few tiles over long KV. Register use on sm_90 (``cuobjdump -res-usage`` of
 the compile cases): 219 per thread for the 64-row D=128 kernel, 255 with the overlap
 (no spills), 198 for 128 rows; at 147 KiB of shared memory the 64-row kernel runs one
 warp group per SM, which is likely why it trails the portable kernel.
@@ -186,11 +186,16 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
 @gluon.jit
 def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
                    o_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   POSITIONS, HAS_POSITIONS: gl.constexpr):
+                   POSITIONS, HAS_POSITIONS: gl.constexpr, BLOCK_Q: gl.constexpr):
     """The tile's rows (which are real, their positions: ``POSITIONS[row]``, or the row's
-    index in its request) and the empty softmax state: ``(valid_s, pos_s, m_i, l_i, acc)``."""
+    index in its request) and the empty softmax state: ``(valid_s, pos_s, m_i, l_i, acc)``.
+    With ``BLOCK_Q < BLOCK_M`` the block stacks q heads: block row ``r`` is token
+    ``r % BLOCK_Q`` of head ``r // BLOCK_Q``."""
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    if BLOCK_Q == BLOCK_M:
+        rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    else:
+        rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s) % BLOCK_Q
     valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
     if not HAS_POSITIONS:
         pos_s = gl.where(valid_s, rows_s - q_start, -1)
@@ -221,12 +226,13 @@ def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_s
                  kv_len, num_tiles, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
                  dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr):
+                 num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
+                 BLOCK_Q: gl.constexpr):
     """Consumer partition (the warp group): the online softmax over the ring's tiles,
     releasing each stage after its wgmmas; returns ``(acc, m_i, l_i)``."""
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS)
+                                                   HAS_POSITIONS, BLOCK_Q)
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
         stage = j % STAGES
@@ -248,7 +254,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
-                        bt_row, PAGE_SIZE: gl.constexpr):
+                        bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -269,7 +275,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS)
+                                                   HAS_POSITIONS, BLOCK_Q)
     mbarrier.wait(q_bar, phase=0)
     if num_tiles > 0:
         # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
@@ -323,7 +329,7 @@ def _attn_fwd_dense_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, PAGE_SIZE: gl.constexpr,
-    num_warps: gl.constexpr,
+    STACK: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -335,9 +341,17 @@ def _attn_fwd_dense_kernel(
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
+    # STACK q heads of one KV head per program, head-major in the block's rows (block
+    # row r: token r % BLOCK_Q of head head + r // BLOCK_Q), so each K/V tile in shared
+    # memory serves all of them.
+    BLOCK_Q: gl.constexpr = BLOCK_M // STACK
     pid = gl.program_id(0)
-    tile = pid // NUM_Q_HEADS
-    head = pid % NUM_Q_HEADS
+    if STACK == 1:
+        tile = pid // NUM_Q_HEADS
+        head = pid % NUM_Q_HEADS
+    else:
+        tile = pid // (NUM_Q_HEADS // STACK)
+        head = (pid % (NUM_Q_HEADS // STACK)) * STACK
     hk = head // GQA_GROUP
     req = gl.load(TILE_REQ + tile)
     if req < 0:
@@ -348,8 +362,9 @@ def _attn_fwd_dense_kernel(
     q_stop = q_start + gl.load(Q_LEN + req)
     if ZERO_FILL:
         if (row_end <= q_start) | (row0 >= q_stop):
-            _fill_padding(O, LSE, row0, row_end, head, stride_ot, stride_oh, stride_lt,
-                          stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM, RETURN_LSE)
+            for g in gl.static_range(STACK):
+                _fill_padding(O, LSE, row0, row_end, head + g, stride_ot, stride_oh, stride_lt,
+                              stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM, RETURN_LSE)
             return
     kv_len = gl.load(KV_LEN + req)
     kv_row0 = gl.load(KV_ROW0 + req)
@@ -369,7 +384,8 @@ def _attn_fwd_dense_kernel(
         if not HAS_POSITIONS:
             kv_end = gl.minimum(gl.minimum(row_end, q_stop) - q_start, kv_len)
         else:
-            rows_v = row0 + gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
+            rows_v = row0 + gl.arange(0, BLOCK_Q,
+                                      layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
             pos_v = gl.load(POSITIONS + rows_v, mask=(rows_v < row_end) & (rows_v >= q_start)
                             & (rows_v < q_stop), other=-1)
             kv_end = gl.minimum(gl.max(pos_v, axis=0) + 1, kv_len)
@@ -390,8 +406,14 @@ def _attn_fwd_dense_kernel(
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
+    if STACK == 1:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
+    else:  # one [BLOCK_Q, D] copy per head, each into its rows of the block
+        mbarrier.expect(q_bar, STACK * q_desc.block_type.nbytes)
+        for g in gl.static_range(STACK):
+            _tma_load(q_desc, [row0, (head + g) * HEAD_DIM], q_bar,
+                      q_smem.slice(g * BLOCK_Q, BLOCK_Q))
 
     if OVERLAP:
         if WARP_SPECIALIZE:
@@ -400,7 +422,8 @@ def _attn_fwd_dense_kernel(
                                        empty, row0, row_end, q_start, q_stop, kv_row0, hk,
                                        kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
                                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
-                                       num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE)),
+                                       num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE,
+                                       BLOCK_Q)),
                 (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
                               num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
             ], [1], [24])
@@ -409,14 +432,14 @@ def _attn_fwd_dense_kernel(
                 q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
                 q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
                 dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr,
-                HAS_POSITIONS, bt_row, PAGE_SIZE)
+                HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q)
     elif WARP_SPECIALIZE:
         # One producer warp issues the copies; the warp group only computes.
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_consumer, (q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start,
                             q_stop, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
                             BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps, pos_ptr,
-                            HAS_POSITIONS)),
+                            HAS_POSITIONS, BLOCK_Q)),
             (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
                           BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
         ], [1], [24])
@@ -429,7 +452,7 @@ def _attn_fwd_dense_kernel(
                               HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
         valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop,
                                                        s_layout, o_layout, BLOCK_M, HEAD_DIM,
-                                                       pos_ptr, HAS_POSITIONS)
+                                                       pos_ptr, HAS_POSITIONS, BLOCK_Q)
         mbarrier.wait(q_bar, phase=0)
         for j in range(num_tiles):
             if j + STAGES - 1 < num_tiles:
@@ -447,7 +470,12 @@ def _attn_fwd_dense_kernel(
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
-    rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+    if STACK == 1:
+        rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+        heads_o = head
+    else:
+        rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o) % BLOCK_Q
+        heads_o = head + gl.arange(0, BLOCK_M, layout=row_o) // BLOCK_Q
     cols_o = gl.arange(0, HEAD_DIM, layout=col_o)
     valid_o = (rows_o < row_end) & (rows_o >= q_start) & (rows_o < q_stop)
     l_o = gl.convert_layout(l_i, row_o)
@@ -455,12 +483,17 @@ def _attn_fwd_dense_kernel(
     out = acc / gl.where(seen, l_o, 1.0)[:, None]
     out = gl.where(seen[:, None], out, 0.0)
     store_rows = (rows_o < row_end) if ZERO_FILL else valid_o
-    ptrs = O + rows_o.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
+    if STACK == 1:
+        ptrs = O + rows_o.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
+    else:
+        ptrs = (O + rows_o.to(gl.int64)[:, None] * stride_ot + heads_o[:, None] * stride_oh
+                + cols_o[None, :])
     gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
     if RETURN_LSE:
         m_o = gl.convert_layout(m_i, row_o)
         lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * LN2, float("-inf"))
-        gl.store(LSE + rows_o.to(gl.int64) * stride_lt + head * stride_lh, lse, mask=store_rows)
+        gl.store(LSE + rows_o.to(gl.int64) * stride_lt + heads_o * stride_lh, lse,
+                 mask=store_rows)
 
 
 def _desc(x: torch.Tensor, block_rows: int, layout_rows: int | None = None):
@@ -479,15 +512,16 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         lse: torch.Tensor | None, plan, sm_scale: float, causal: bool,
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
-                        overlap: bool = False):
-    """Launch the Gluon kernel over dense K/V and a tile plan built with ``block_q = block_m``.
+                        overlap: bool = False, stack: int = 1):
+    """Launch the Gluon kernel over dense K/V and a tile plan built with
+    ``block_q = block_m // stack``.
 
     Parameters
     ----------
     q : [T, Hq, D] fp16|bf16 packed rows; k, v : [N, Hk, D] dense rows at
         ``plan.kv_row0[b] + pos``
     out : [T, Hq, D] q.dtype; lse : [T, Hq] fp32 or None
-    plan : :class:`spanfill.layout.TilePlan` with ``block_q == block_m``
+    plan : :class:`spanfill.layout.TilePlan` with ``block_q == block_m // stack``
     sm_scale : softmax scale; causal : a row at ``pos`` sees positions ``<= pos``
     zero_fill : write 0 / -inf on tile rows that are not valid rows (padding)
     block_m : 64 (one warp group) or 128 (two warp groups of 64 rows, 8 warps: each K/V
@@ -500,10 +534,12 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     overlap : the softmax of each KV tile runs under the previous tile's PV wgmma
         (:func:`_kv_loop_overlapped`); a stage is then busy one step longer, hence the
         third stage
+    stack : q heads of one KV head per program (GQA head stacking): the block's rows are
+        ``block_m // stack`` tokens of each, and every K/V tile serves them all
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
-                   causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap)
+                   causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -511,7 +547,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         positions: torch.Tensor, block_table: torch.Tensor, sm_scale: float,
                         causal: bool, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
-                        overlap: bool = False):
+                        overlap: bool = False, stack: int = 1):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -521,11 +557,13 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         rows follow each other, pages follow each other: one ``[rows, Hk * D]`` view);
         page_size a power of two from 8 to 256
     out : [T, Hq, D] q.dtype; lse : [T, Hq] fp32 or None
-    plan : :class:`spanfill.layout.TilePlan` of the span layout, ``block_q == block_m``;
+    plan : :class:`spanfill.layout.TilePlan` of the span layout,
+        ``block_q == block_m // stack``;
         ``plan.kv_len[b]`` is request ``b``'s sequence length
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
-    block_m, block_n, stages, warp_specialize, overlap : as :func:`attention_fwd_dense`
+    block_m, block_n, stages, warp_specialize, overlap, stack : as
+        :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
     if page_size < 8 or page_size > 256 or page_size & (page_size - 1):
@@ -539,7 +577,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     descs = [_desc(c.view(num_pages * page_size, heads, d), rows, block_n)
              for c in (k_cache, v_cache)]
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
-                   stages, warp_specialize, overlap, positions, block_table, page_size)
+                   stages, warp_specialize, overlap, stack, positions, block_table, page_size)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -547,20 +585,24 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 
 
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
-            block_m, block_n, stages, warp_specialize, overlap, positions=None,
+            block_m, block_n, stages, warp_specialize, overlap, stack, positions=None,
             block_table=None, page_size=0):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
         raise ValueError(f"block_m must be 64 or 128 (one or two warp groups), got {block_m}")
+    group = num_q_heads // num_kv_heads
+    if stack < 1 or group % stack or block_m // stack < 16:
+        raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
+                         f"rows per head in a block of {block_m}, got {stack}")
     if stages is None:
         q_bytes, stage_bytes = block_m * head_dim * 2, 2 * block_n * head_dim * 2
         stages = 3 if overlap and q_bytes + 3 * stage_bytes <= SHARED_MEMORY_BUDGET else 2
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    grid = (plan.num_tiles * num_q_heads,)
+    grid = (plan.num_tiles * (num_q_heads // stack),)
     return _attn_fwd_dense_kernel[grid](
-        _desc(q, block_m), k_desc, v_desc, out, lse_arg,
+        _desc(q, block_m // stack, block_m), k_desc, v_desc, out, lse_arg,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len,
         sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
@@ -568,6 +610,6 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
-        OVERLAP=overlap, PAGE_SIZE=page_size,
+        OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack,
         num_warps=block_m // 16,  # 16 rows per warp: one warp group of 4 per 64 rows
     )
