@@ -1,7 +1,7 @@
 """Fuzz every public op on CUDA against spanfill.reference, at larger sizes.
 
     PYTHONPATH=. python3 scripts/fuzz_gpu.py --examples 5000
-    PYTHONPATH=. python3 scripts/fuzz_gpu.py --examples 5000 --ops padded_gluon,varlen_gluon
+    PYTHONPATH=. python3 scripts/fuzz_gpu.py --examples 5000 --ops padded_gluon,varlen_gluon,span_gluon
 
 The same properties as tests/test_fuzz.py (cases and checks from tests/fuzzing.py):
 output rows poisoned with NaN, lse, the KV cache bit-for-bit against the
@@ -69,8 +69,11 @@ COVERAGE = {
 
 # Share of the examples per op: span cases exercise append_kv and span_prefill.
 def _gluon_covers(case) -> bool:
-    """The dense cases the Gluon (Hopper) backend takes: fp16/bf16, D 64 or 128."""
-    return case.dtype in (torch.float16, torch.bfloat16) and case.head_dim in (64, 128)
+    """The cases the Gluon (Hopper) backend takes: fp16/bf16, D 64, 128 or 256 (and for
+    span cases, pages of 8 to 256 rows)."""
+    pages = getattr(case, "page_size", 16)
+    return (case.dtype in (torch.float16, torch.bfloat16) and case.head_dim in (64, 128, 256)
+            and 8 <= pages <= 256 and pages & (pages - 1) == 0)
 
 
 OPS: dict[str, tuple[float, Callable[[], st.SearchStrategy], Callable]] = {
@@ -82,6 +85,8 @@ OPS: dict[str, tuple[float, Callable[[], st.SearchStrategy], Callable]] = {
                      lambda c, device: check_padded_case(c, device, backend="gluon")),
     "varlen_gluon": (0.0, lambda: varlen_cases(GPU_SIZES).filter(_gluon_covers),
                      lambda c, device: check_varlen_case(c, device, backend="gluon")),
+    "span_gluon": (0.0, lambda: span_cases(GPU_SIZES).filter(_gluon_covers),
+                   lambda c, device: check_span_case(c, device, backend="gluon")),
 }
 
 

@@ -504,7 +504,8 @@ def span_prefill(
     _check_variant(window_left, logits_soft_cap)
     scale = _scale(q.shape[-1], sm_scale)
     problem = paged_problem(q, k_cache, layout.num_requests, layout.block_table.shape[1], causal,
-                            window_left, logits_soft_cap, has_kv_bounds=layout.kv_start is not None)
+                            window_left, logits_soft_cap, has_kv_bounds=layout.kv_start is not None,
+                            v_cache=v_cache, appends=k_new is not None)
     chosen, _ = select_backend(problem, backend)
     _check_grad("span_prefill", chosen.name, q=q, k_cache=k_cache, v_cache=v_cache,
                 k_new=k_new, v_new=v_new)

@@ -312,11 +312,12 @@ def span_case_tags(c: SpanCase) -> set[str]:
     return tags
 
 
-def check_span_case(c: SpanCase, device: str) -> set[str]:
+def check_span_case(c: SpanCase, device: str, backend: str = "triton") -> set[str]:
     """append_kv + span_prefill through the kernels vs the reference.
 
-    Returns the case's :func:`span_case_tags`, plus ``split`` when the attention
-    launch ran split-KV.
+    ``backend`` runs the plain ``span_prefill`` (another family: ``"gluon"``); the append
+    and the append inside attention always take the portable kernels. Returns the case's
+    :func:`span_case_tags`, plus ``split`` when the attention launch ran split-KV.
     """
     gen = torch.Generator().manual_seed(c.seed)
     pages_per_req = [math.ceil(n / c.page_size) for n in c.seq_lens]
@@ -374,10 +375,12 @@ def check_span_case(c: SpanCase, device: str) -> set[str]:
     with poisoned_allocations(), forced_splits(c.splits), \
             recorded_launches(attention_fwd=num_splits) as recorded:
         res = sf.span_prefill(q, k_cache, v_cache, layout, causal=c.causal, sm_scale=c.sm_scale,
-                              return_lse=c.return_lse, backend="triton")
+                              return_lse=c.return_lse, backend=backend)
     launches = recorded["attention_fwd"]
-    # An empty batch takes the reference path; any other is one kernel launch.
-    assert len(launches) == (1 if t else 0), f"{len(launches)} attention launches for T={t}"
+    # An empty batch takes the reference path; any other is one kernel launch (of the
+    # portable kernel, which another family never calls).
+    want = 1 if t and backend == "triton" else 0
+    assert len(launches) == want, f"{len(launches)} portable attention launches for T={t}"
     o, lse = res if c.return_lse else (res, None)
     scale = 1.0 / math.sqrt(c.head_dim) if c.sm_scale is None else c.sm_scale
     o_ref, lse_ref = reference_span(q, ref_k, ref_v, layout, c.causal, scale)

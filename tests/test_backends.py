@@ -209,5 +209,20 @@ def test_gluon_is_registered_but_only_by_name(monkeypatch) -> None:
                         (dict(kv_dtype=torch.float8_e4m3fn), "fp16 or bf16")):
         ok, reason = gluon.supports(as_cuda(dense, **change))
         assert not ok and why in reason
-    ok, reason = gluon.supports(as_cuda(_span_problem()))
-    assert not ok and "paged" in reason
+    d256 = as_cuda(dense, head_dim=256)
+    assert gluon.supports(d256)[0] and gluon.select_config(d256).tile.block_n == 64
+
+    def paged(page_size: int = 16, hnd: bool = False, **kw) -> backends.AttentionProblem:
+        q = torch.empty(100, 8, 64, dtype=torch.bfloat16)
+        cache = torch.empty(4, page_size, 2, 64, dtype=torch.bfloat16)
+        if hnd:  # FlashInfer's HND pages, seen through an NHD view: not whole-page rows
+            cache = torch.empty(4, 2, page_size, 64, dtype=torch.bfloat16).transpose(1, 2)
+        return as_cuda(paged_problem(q, cache, 2, 8, True, v_cache=cache, **kw))
+
+    assert gluon.supports(paged())[0] and gluon.supports(paged(256))[0]
+    for problem, why in ((paged(4), "page_size 4"), (paged(48), "page_size 48"),
+                         (paged(hnd=True), "whole NHD pages"), (paged(appends=True), "append"),
+                         (paged(has_kv_bounds=True), "KV shards")):
+        ok, reason = gluon.supports(problem)
+        assert not ok and why in reason, reason
+    assert gluon.select_config(paged()).tile == backends.gluon.VALIDATED

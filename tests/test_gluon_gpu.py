@@ -117,7 +117,7 @@ def test_padding_keys_holding_nan_are_ignored(overlap: bool) -> None:
     assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("op", ["padded", "varlen"])
+@pytest.mark.parametrize("op", ["padded", "varlen", "span"])
 def test_ops_run_it_when_asked(op: str) -> None:
     """backend="gluon" through the public ops: the registry's config, plan and launch."""
     from spanfill.testing import recorded_launches
@@ -130,12 +130,22 @@ def test_ops_run_it_when_asked(op: str) -> None:
         if op == "padded":
             out = sf.padded_prefill(q, k, v, valid_lens, backend="gluon")
             ref_o, _ = reference.padded_prefill(q, k, v, valid_lens)
+        elif op == "span":
+            from spanfill.testing import reference_span
+            from tests.helpers import paged_setup
+
+            layout, k_cache, v_cache, q, _, _ = paged_setup(
+                [300, 5, 1000], [[(0, 17), (200, 300)], [(4, 5)], [(0, 1), (500, 640)]], 16,
+                8, 2, 128, torch.float16, "cuda")
+            out = sf.span_prefill(q, k_cache, v_cache, layout, backend="gluon")
+            ref_o, _ = reference_span(q, k_cache, v_cache, layout)
         else:
             cu = torch.tensor([0, 130, 260, 390, 520], device="cuda")
             flat = [x.reshape(b * s, h, d) for x in (q, k, v)]
             out = sf.varlen_prefill(*flat, cu, causal=True, backend="gluon")
             ref_o, _ = reference.varlen_prefill(*flat, cu, causal=True)
     assert portable["attention_fwd"] == []  # the Gluon kernel ran, not the portable one
+    assert not out.isnan().any()
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
 
 

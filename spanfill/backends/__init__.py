@@ -6,7 +6,7 @@ take the first backend of :data:`ORDER` that supports a call (or the one that
 ``backend=``/``SPANFILL_BACKEND`` names) and launch with its config. Today: the
 portable Triton kernels (:mod:`spanfill.kernels`) and the reference; the Hopper
 family (:mod:`spanfill.kernels_gluon`, ``"gluon"``) is registered in :data:`OPT_IN`,
-run only when named, until its GPU validation.
+run only when named, until it is validated and faster (``backends/gluon.py``).
 """
 
 from .problem import AttentionProblem, LaunchConfig, dense_problem, paged_problem

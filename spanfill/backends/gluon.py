@@ -2,24 +2,52 @@
 
 It is registered, so ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) runs it where
 it supports the call, but it is not in the selection order: its kernel is correct on
-the H200 (``tests/test_gluon_gpu.py``) and still slower than the portable one
-(``docs/performance.md``). Today it covers dense K/V (``padded_prefill``,
-``varlen_prefill``) in fp16/bf16 with D 64 or 128, causal or not, without sliding
-windows or soft caps, in 64-row programs (the kernel's 128-row and D=256 forms wait for
-their first GPU run).
+the H200 in the form :data:`VALIDATED` (``tests/test_gluon_gpu.py``, dense K/V, D 64
+and 128) and still slower there than the portable one (``docs/performance.md``).
+
+It takes fp16/bf16 calls with D 64, 128 or 256, causal or not, without sliding windows,
+soft caps, KV shards, fp8 caches or append-inside-attention: dense K/V
+(``padded_prefill``, ``varlen_prefill``) and span prefill over caches of whole pages
+of 8 to 256 rows. The paged path, D=256 and the other loop forms have compiled for
+sm_90 (Triton 3.6 and 3.9) but not yet run on a GPU.
+
+Which form of the kernel runs is decided here alone (:func:`choose_form`), from
+``scripts/ab_gluon.py`` runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .problem import AttentionProblem, LaunchConfig
+from .triton_config import AttentionConfig
 
-__all__ = ["GluonHopperBackend"]
+__all__ = ["GluonHopperBackend", "GluonTile", "VALIDATED", "choose_form"]
 
-# Tiles of the first kernel: 64 query rows (one warp group), 128 KV positions per
-# step, a two-stage K/V ring.
-BLOCK_M, BLOCK_N, STAGES = 64, 128, 2
+
+@dataclass(frozen=True)
+class GluonTile(AttentionConfig):
+    """A Gluon launch form: the tiles (``heads`` q heads of one KV head stacked in the
+    block), and the KV loop: ``overlap`` runs each tile's softmax under the previous
+    tile's PV; ``producer`` has a producer warp issue the K/V copies."""
+
+    overlap: bool = False
+    producer: bool = False
+
+
+# The form the H200 has run correctly (the whole GPU suite at b68ef4e): 64-row programs
+# of one q head, 128 KV positions per step, a two-stage ring, the two wgmmas in sequence.
+VALIDATED = GluonTile(block_m=64, block_n=128, heads=1, num_warps=4, num_stages=2)
+
+
+def choose_form(problem: AttentionProblem) -> GluonTile:
+    """The launch form for ``problem``: :data:`VALIDATED`, with 64 KV positions per step
+    at D=256 (the fp32 accumulator and the ring then fit)."""
+    block_n = 64 if problem.head_dim > 128 else VALIDATED.block_n
+    return GluonTile(VALIDATED.block_m, block_n, VALIDATED.heads, VALIDATED.num_warps,
+                     VALIDATED.num_stages, VALIDATED.overlap, VALIDATED.producer)
 
 
 class GluonHopperBackend:
@@ -39,45 +67,60 @@ class GluonHopperBackend:
         ok, reason = self.supports_device(problem.device)
         if not ok:
             return ok, reason
-        if problem.paged:
-            return False, "paged KV: not in the Gluon family yet (the portable kernel has it)"
         if problem.dtype not in (torch.float16, torch.bfloat16) or problem.kv_dtype != problem.dtype:
             return False, f"{problem.dtype} / {problem.kv_dtype}: fp16 or bf16 only"
-        if problem.head_dim not in (64, 128):
-            return False, f"D={problem.head_dim}: 64 or 128 only"
+        if problem.head_dim not in (64, 128, 256):
+            return False, f"D={problem.head_dim}: 64, 128 or 256 only"
         if problem.window_left >= 0 or problem.logits_soft_cap > 0:
             return False, "sliding window / soft cap: not in the Gluon family yet"
+        if problem.has_kv_bounds or problem.appends:
+            return False, "KV shards / append inside attention: not in the Gluon family yet"
+        if problem.paged:
+            p = problem.page_size
+            if p < 8 or p > 256 or p & (p - 1):
+                return False, f"page_size {p}: the Gluon kernel copies whole pages of 8-256 rows"
+            if not problem.pages_contiguous:
+                return False, "K/V pools that are not whole NHD pages one after the other"
+            return True, "paged fp16/bf16 K/V: the Gluon kernel (a TMA copy per page, wgmma)"
         q, k, _ = problem.dense_kv
         for name, t in (("q", q), ("k", k)):
             if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or (t.stride(0) * t.element_size()) % 16:
                 return False, f"{name} rows are not [H * D] contiguous with 16-byte row strides"
-        return True, "dense fp16/bf16 K/V, D 64/128: the Gluon kernel (TMA, wgmma)"
+        return True, "dense fp16/bf16 K/V: the Gluon kernel (TMA, wgmma)"
 
     def select_config(self, problem: AttentionProblem) -> LaunchConfig:
-        from .triton_config import AttentionConfig
-
-        # The tile object says block_q (the plan's tile height) and the launch shape.
-        return LaunchConfig(AttentionConfig(BLOCK_M, BLOCK_N, 1, 4, STAGES), use_tma=True)
+        # The tile says block_q (the plan's tile height) and the loop form.
+        return LaunchConfig(choose_form(problem), use_tma=True)
 
     def attend(self, config: LaunchConfig, plan, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, sm_scale: float, causal: bool, return_lse: bool,
-               zero_fill: bool = False, window_left: int = -1, logits_soft_cap: float = 0.0,
-               k_scale=None, v_scale=None, **unsupported) -> tuple[torch.Tensor, torch.Tensor | None]:
+               zero_fill: bool = False, positions: torch.Tensor | None = None,
+               block_table: torch.Tensor | None = None, kv_start: torch.Tensor | None = None,
+               window_left: int = -1, logits_soft_cap: float = 0.0, k_scale=None, v_scale=None,
+               **unsupported) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Allocate the outputs and launch (the same run step as the portable backend's).
 
         Parameters
         ----------
-        q : [T, Hq, D]; k, v : [rows, Hk, D] dense
+        q : [T, Hq, D]; k, v : [rows, Hk, D] dense, or [num_pages, page_size, Hk, D]
+            with ``block_table`` (and ``positions``)
         plan : :class:`spanfill.layout.TilePlan` built with ``config.block_q``
         """
-        from ..kernels_gluon.attention import attention_fwd_dense
+        from ..kernels_gluon.attention import attention_fwd_dense, attention_fwd_paged
 
-        if window_left >= 0 or logits_soft_cap > 0 or k_scale is not None or unsupported:
+        if window_left >= 0 or logits_soft_cap > 0 or k_scale is not None \
+                or kv_start is not None or unsupported:
             raise ValueError("the Gluon backend got a variant its supports() refuses")
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) \
             if return_lse else None
-        tile = config.tile
-        attention_fwd_dense(q, k, v, out, lse, plan, sm_scale, causal, zero_fill=zero_fill,
-                            block_m=tile.block_m, block_n=tile.block_n, stages=tile.num_stages)
+        t = config.tile
+        form = dict(block_m=t.block_m, block_n=t.block_n, stages=t.num_stages,
+                    warp_specialize=t.producer, overlap=t.overlap, stack=t.heads)
+        if block_table is not None:
+            attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
+                                causal, **form)
+        else:
+            attention_fwd_dense(q, k, v, out, lse, plan, sm_scale, causal, zero_fill=zero_fill,
+                                **form)
         return out, lse

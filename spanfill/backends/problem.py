@@ -39,6 +39,9 @@ class AttentionProblem:
     dense_kv : ``(q, k, v)`` as ``[rows, H, D]`` for dense KV, else None. Only their
         shapes, strides and data pointers are read (whether the rows suit tensor
         descriptors), as FlashAttention-4's ``select_fwd_config`` reads its inputs.
+    pages_contiguous : paged KV whose pools are whole pages one after the other (NHD
+        strides ``(page_size * Hk * D, Hk * D, D, 1)``: one ``[rows, Hk * D]`` view)
+    appends : the call also writes new K/V into the cache (``k_new``/``v_new``)
     """
 
     op: str
@@ -58,6 +61,8 @@ class AttentionProblem:
     has_kv_bounds: bool = False
     kv_dtype: torch.dtype | None = None
     dense_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    pages_contiguous: bool = False
+    appends: bool = False
 
     @property
     def group(self) -> int:
@@ -124,7 +129,8 @@ def dense_problem(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nu
 
 def paged_problem(q: torch.Tensor, k_cache: torch.Tensor, num_requests: int, table_width: int,
                   causal: bool, window_left: int = -1, logits_soft_cap: float = 0.0,
-                  has_kv_bounds: bool = False, op: str = "span") -> AttentionProblem:
+                  has_kv_bounds: bool = False, op: str = "span",
+                  v_cache: torch.Tensor | None = None, appends: bool = False) -> AttentionProblem:
     """The problem of a call over a paged cache: span prefill, or (``op="append"``, with
     the new K rows as ``q``) the append that writes into it.
 
@@ -134,11 +140,15 @@ def paged_problem(q: torch.Tensor, k_cache: torch.Tensor, num_requests: int, tab
     k_cache : [num_pages, page_size, Hk, D]
     num_requests : B
     table_width : the block table's pages per request (bounds every KV length)
+    v_cache : [num_pages, page_size, Hk, D] or None: its strides join ``pages_contiguous``
+    appends : k_new/v_new are written in the same call
     """
-    page_size = k_cache.shape[1]
+    _, page_size, heads, d = k_cache.shape
+    whole_pages = (page_size * heads * d, heads * d, d, 1)
+    contiguous = all(c.stride() == whole_pages for c in (k_cache, v_cache) if c is not None)
     return AttentionProblem(
         op=op, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], num_q_heads=q.shape[-2],
         num_kv_heads=k_cache.shape[-2], num_tokens=q.shape[0], num_requests=num_requests,
         causal=causal, paged=True, page_size=page_size, max_kv_len=table_width * page_size,
         window_left=window_left, logits_soft_cap=logits_soft_cap, has_kv_bounds=has_kv_bounds,
-        kv_dtype=k_cache.dtype)
+        kv_dtype=k_cache.dtype, pages_contiguous=contiguous, appends=appends)
