@@ -174,8 +174,8 @@ def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool
 
 def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                      zero_fill: bool, warp_specialize: bool = False,
-                     block_m: int = 64, overlap: bool = False,
-                     stack: int = 1) -> Callable[[], None]:
+                     block_m: int = 64, overlap: bool = False, stack: int = 1,
+                     splits: int = 1) -> Callable[[], None]:
     """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -187,13 +187,15 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
         lse = torch.empty(b * s, hq, dtype=torch.float32)
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
                             zero_fill=zero_fill, warp_specialize=warp_specialize,
-                            block_m=block_m, overlap=overlap, stack=stack)
+                            block_m=block_m, overlap=overlap, stack=stack,
+                            num_splits=splits)
     return launch
 
 
 def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk: int, d: int,
                      warp_specialize: bool = False, block_m: int = 64,
-                     overlap: bool = False, stack: int = 1) -> Callable[[], None]:
+                     overlap: bool = False, stack: int = 1,
+                     splits: int = 1) -> Callable[[], None]:
     """The Gluon (Hopper) kernel over a paged cache: one request, ``rows`` span rows at
     the prompt's end, TMA copies per page (or per tile of a larger page)."""
     def launch() -> None:
@@ -208,7 +210,7 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
         lse = torch.empty(rows, hq, dtype=torch.float32)
         attention_fwd_paged(q, k, v, torch.empty_like(q), lse, plan, positions, table,
                             d ** -0.5, True, block_m=block_m, warp_specialize=warp_specialize,
-                            overlap=overlap, stack=stack)
+                            overlap=overlap, stack=stack, num_splits=splits)
     return launch
 
 
@@ -317,6 +319,11 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         100, 16, 24, 8, 2, 128, warp_specialize=True, block_m=128, overlap=True, stack=4), ()),
     "gluon_dense_stack2_padded_d64": (gluon_dense_case(2, 64, 8, 2, 64, causal=False,
                                                        zero_fill=True, stack=2), ()),
+    # split-KV: partial states into a workspace, then the portable merge launch
+    "gluon_dense_split3_varlen_d128": (gluon_dense_case(2, 64, 4, 4, 128, causal=True,
+                                                        zero_fill=False, splits=3), ()),
+    "gluon_paged_split2_page256_overlap_producer_d128": (gluon_paged_case(
+        16, 256, 8, 8, 2, 128, warp_specialize=True, overlap=True, stack=4, splits=2), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

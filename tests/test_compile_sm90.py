@@ -43,6 +43,7 @@ SPECIALISED_CASES = [
     "gluon_dense_overlap_d256", "gluon_paged_page16_d128",
     "gluon_paged_page256_overlap_producer_d64", "gluon_paged_page64_m128_overlap_d128",
     "gluon_paged_stack4_m128_overlap_producer_d128", "gluon_dense_stack2_padded_d64",
+    "gluon_dense_split3_varlen_d128", "gluon_paged_split2_page256_overlap_producer_d128",
 ]
 
 

@@ -225,3 +225,47 @@ def test_paged_refuses_what_it_cannot_copy() -> None:
     k = torch.zeros(3, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="stack must divide the GQA group"):
         attention_fwd_paged(q, k, k, q, None, None, None, None, 0.125, True, stack=3)
+
+
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("form", ["plain", "overlap-producer-stack4"])
+def test_split_kv_paged(page_size: int, num_splits: int, form: str) -> None:
+    """Few span rows over long prompts, their KV range split over programs and merged:
+    a 16-token hole at 3,000, one row at position 0, a whole 700-token prompt."""
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+    from spanfill.testing import reference_span
+    from tests.helpers import paged_setup
+
+    layout, k_cache, v_cache, q, _, _ = paged_setup(
+        [3017, 1, 700], [[(3000, 3016)], [(0, 1)], [(0, 700)]], page_size, 8, 2, 128,
+        torch.bfloat16, "cuda", seed=num_splits)
+    extra = dict(overlap=True, warp_specialize=True, stack=4) if form != "plain" else {}
+    plan = layout.tile_plan(64 // extra.get("stack", 1), True)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+    attention_fwd_paged(q, k_cache, v_cache, out, lse, plan, layout.positions,
+                        layout.block_table, 128 ** -0.5, True, num_splits=num_splits, **extra)
+    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_split_kv_varlen(num_splits: int) -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(11)
+    lens = [2000, 1, 333]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda")
+    q, k, v = (torch.randn(sum(lens), 4, 64, generator=gen).to("cuda", torch.float16)
+               for _ in range(3))
+    plan = sf.VarlenLayout.build(cu, sum(lens)).tile_plan(64, True)
+    out = torch.full_like(q, float("nan"))
+    attention_fwd_dense(q, k, v, out, None, plan, 0.125, True, num_splits=num_splits)
+    ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True, sm_scale=0.125)
+    assert not out.isnan().any()
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
+    with pytest.raises(ValueError, match="num_splits must be >= 1, and 1 with zero_fill"):
+        attention_fwd_dense(q, k, v, out, None, plan, 0.125, True, zero_fill=True, num_splits=2)

@@ -11,8 +11,9 @@ soft caps, KV shards, fp8 caches or append-inside-attention: dense K/V
 of 8 to 256 rows. The paged path, D=256 and the other loop forms have compiled for
 sm_90 (Triton 3.6 and 3.9) but not yet run on a GPU.
 
-Which form of the kernel runs is decided here alone (:func:`choose_form`), from
-``scripts/ab_gluon.py`` runs.
+Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
+count of :meth:`GluonHopperBackend.select_config`: 1 until split-KV has run on a GPU),
+from ``scripts/ab_gluon.py`` runs.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class GluonHopperBackend:
             if return_lse else None
         t = config.tile
         form = dict(block_m=t.block_m, block_n=t.block_n, stages=t.num_stages,
-                    warp_specialize=t.producer, overlap=t.overlap, stack=t.heads)
+                    warp_specialize=t.producer, overlap=t.overlap, stack=t.heads,
+                    num_splits=config.num_splits)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)

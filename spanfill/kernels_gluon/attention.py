@@ -4,7 +4,7 @@ Status: correct on the H200 for D 64/128 with 64-row programs (the whole GPU sui
 ``tests/test_gluon_gpu.py`` at b68ef4e), slower than the portable kernel so far
 (``docs/performance.md``), so it is opt-in (``backend="gluon"``). 128-row programs
 (two warp groups), D=256, the overlapped KV loop (``overlap=True``), GQA head stacking
-(``stack``) and paged K/V (:func:`attention_fwd_paged`) compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
+(``stack``), split-KV (``num_splits``) and paged K/V (:func:`attention_fwd_paged`) compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
 that have not run yet; the backend does not use them until they have
 (``scripts/ab_gluon.py`` times every form against the portable kernel).
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
@@ -30,7 +30,7 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
 
 What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
 softmax under each other's wgmma, register reallocation, cp.async gathers for pages
-under 8 rows, and split-KV for launches of few tiles over long KV. Register use on sm_90 (``cuobjdump -res-usage`` of
+under 8 rows, and a split-KV merge inside the launch (here a second launch merges). Register use on sm_90 (``cuobjdump -res-usage`` of
 the compile cases): 219 per thread for the 64-row D=128 kernel, 255 with the overlap
 (no spills), 198 for 128 rows; at 147 KiB of shared memory the 64-row kernel runs one
 warp group per SM, which is likely why it trails the portable kernel.
@@ -186,11 +186,12 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
 @gluon.jit
 def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
                    o_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   POSITIONS, HAS_POSITIONS: gl.constexpr, BLOCK_Q: gl.constexpr):
+                   POSITIONS, HAS_POSITIONS: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift):
     """The tile's rows (which are real, their positions: ``POSITIONS[row]``, or the row's
     index in its request) and the empty softmax state: ``(valid_s, pos_s, m_i, l_i, acc)``.
     With ``BLOCK_Q < BLOCK_M`` the block stacks q heads: block row ``r`` is token
-    ``r % BLOCK_Q`` of head ``r // BLOCK_Q``."""
+    ``r % BLOCK_Q`` of head ``r // BLOCK_Q``. Positions are counted from ``kv_shift``
+    (a KV split's first position; 0 without splits)."""
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     if BLOCK_Q == BLOCK_M:
         rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
@@ -201,6 +202,7 @@ def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
         pos_s = gl.where(valid_s, rows_s - q_start, -1)
     else:
         pos_s = gl.load(POSITIONS + rows_s, mask=valid_s, other=-1)
+    pos_s = pos_s - kv_shift
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
@@ -227,12 +229,12 @@ def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_s
                  dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                  num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
-                 BLOCK_Q: gl.constexpr):
+                 BLOCK_Q: gl.constexpr, kv_shift):
     """Consumer partition (the warp group): the online softmax over the ring's tiles,
     releasing each stage after its wgmmas; returns ``(acc, m_i, l_i)``."""
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS, BLOCK_Q)
+                                                   HAS_POSITIONS, BLOCK_Q, kv_shift)
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
         stage = j % STAGES
@@ -254,7 +256,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
-                        bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr):
+                        bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -275,7 +277,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS, BLOCK_Q)
+                                                   HAS_POSITIONS, BLOCK_Q, kv_shift)
     mbarrier.wait(q_bar, phase=0)
     if num_tiles > 0:
         # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
@@ -325,11 +327,12 @@ def _attn_fwd_dense_kernel(
     q_desc, k_desc, v_desc, O, LSE,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
     qk_scale, stride_ot, stride_oh, stride_lt, stride_lh, POSITIONS, BLOCK_TABLE, stride_bt,
+    WS_O, WS_LSE, ws_split, ws_lse_split,
     NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, PAGE_SIZE: gl.constexpr,
-    STACK: gl.constexpr, num_warps: gl.constexpr,
+    STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -346,6 +349,9 @@ def _attn_fwd_dense_kernel(
     # memory serves all of them.
     BLOCK_Q: gl.constexpr = BLOCK_M // STACK
     pid = gl.program_id(0)
+    if NUM_SPLITS > 1:  # the KV splits of one (tile, head stack) are neighbours
+        split = pid % NUM_SPLITS
+        pid = pid // NUM_SPLITS
     if STACK == 1:
         tile = pid // NUM_Q_HEADS
         head = pid % NUM_Q_HEADS
@@ -392,6 +398,21 @@ def _attn_fwd_dense_kernel(
     else:
         kv_end = kv_len
     num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
+    if NUM_SPLITS > 1:
+        # Split-KV: this program takes the split-th run of the tile's KV steps, in units
+        # of whole pages (so the run starts on a page) and seen from the run's first
+        # position: the loops below run unchanged over positions shifted by kv_shift.
+        UNIT: gl.constexpr = PAGE_SIZE // BLOCK_N if PAGE_SIZE > BLOCK_N else 1
+        per_split = gl.cdiv(gl.cdiv(num_tiles, UNIT), NUM_SPLITS) * UNIT
+        first = gl.minimum(split * per_split, num_tiles)
+        num_tiles = gl.minimum(first + per_split, num_tiles) - first
+        kv_shift = first * BLOCK_N
+        kv_len = kv_len - kv_shift
+        kv_row0 = kv_row0 + kv_shift
+        if PAGE_SIZE != 0:
+            bt_row = bt_row + kv_shift // PAGE_SIZE
+    else:
+        kv_shift = 0
 
     # Shared memory: Q, the K/V ring, an mbarrier for Q and a pair per ring stage
     # (ready: the copy landed; empty: the consumer released the stage).
@@ -423,7 +444,7 @@ def _attn_fwd_dense_kernel(
                                        kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
                                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
                                        num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE,
-                                       BLOCK_Q)),
+                                       BLOCK_Q, kv_shift)),
                 (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
                               num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
             ], [1], [24])
@@ -432,14 +453,14 @@ def _attn_fwd_dense_kernel(
                 q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
                 q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
                 dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr,
-                HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q)
+                HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift)
     elif WARP_SPECIALIZE:
         # One producer warp issues the copies; the warp group only computes.
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_consumer, (q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start,
                             q_stop, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
                             BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps, pos_ptr,
-                            HAS_POSITIONS, BLOCK_Q)),
+                            HAS_POSITIONS, BLOCK_Q, kv_shift)),
             (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
                           BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
         ], [1], [24])
@@ -452,7 +473,8 @@ def _attn_fwd_dense_kernel(
                               HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
         valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop,
                                                        s_layout, o_layout, BLOCK_M, HEAD_DIM,
-                                                       pos_ptr, HAS_POSITIONS, BLOCK_Q)
+                                                       pos_ptr, HAS_POSITIONS, BLOCK_Q,
+                                                       kv_shift)
         mbarrier.wait(q_bar, phase=0)
         for j in range(num_tiles):
             if j + STAGES - 1 < num_tiles:
@@ -483,6 +505,15 @@ def _attn_fwd_dense_kernel(
     out = acc / gl.where(seen, l_o, 1.0)[:, None]
     out = gl.where(seen[:, None], out, 0.0)
     store_rows = (rows_o < row_end) if ZERO_FILL else valid_o
+    if NUM_SPLITS > 1:
+        # This split's normalised state, fp32, for the merge launch that follows.
+        m_o = gl.convert_layout(m_i, row_o)
+        lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * LN2, float("-inf"))
+        at = rows_o.to(gl.int64) * NUM_Q_HEADS + heads_o
+        gl.store(WS_O + split * ws_split + at[:, None] * HEAD_DIM + cols_o[None, :], out,
+                 mask=store_rows[:, None])
+        gl.store(WS_LSE + split * ws_lse_split + at, lse, mask=store_rows)
+        return
     if STACK == 1:
         ptrs = O + rows_o.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
     else:
@@ -512,7 +543,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         lse: torch.Tensor | None, plan, sm_scale: float, causal: bool,
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
-                        overlap: bool = False, stack: int = 1):
+                        overlap: bool = False, stack: int = 1, num_splits: int = 1):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -536,10 +567,15 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         third stage
     stack : q heads of one KV head per program (GQA head stacking): the block's rows are
         ``block_m // stack`` tokens of each, and every K/V tile serves them all
+    num_splits : programs sharing each tile's KV range (split-KV, for launches of few
+        tiles over long KV): each writes its fp32 state into a workspace, and a second
+        launch (:func:`spanfill.kernels.merge_states_launch`) merges them into ``out``
+        and ``lse``; not with ``zero_fill``
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
-                   causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack)
+                   causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
+                   num_splits)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -547,7 +583,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         positions: torch.Tensor, block_table: torch.Tensor, sm_scale: float,
                         causal: bool, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
-                        overlap: bool = False, stack: int = 1):
+                        overlap: bool = False, stack: int = 1, num_splits: int = 1):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -562,7 +598,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         ``plan.kv_len[b]`` is request ``b``'s sequence length
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
-    block_m, block_n, stages, warp_specialize, overlap, stack : as
+    block_m, block_n, stages, warp_specialize, overlap, stack, num_splits : as
         :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
@@ -577,7 +613,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     descs = [_desc(c.view(num_pages * page_size, heads, d), rows, block_n)
              for c in (k_cache, v_cache)]
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
-                   stages, warp_specialize, overlap, stack, positions, block_table, page_size)
+                   stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
+                   page_size)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -585,8 +622,8 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 
 
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
-            block_m, block_n, stages, warp_specialize, overlap, stack, positions=None,
-            block_table=None, page_size=0):
+            block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
+            positions=None, block_table=None, page_size=0):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
@@ -598,18 +635,37 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
     if stages is None:
         q_bytes, stage_bytes = block_m * head_dim * 2, 2 * block_n * head_dim * 2
         stages = 3 if overlap and q_bytes + 3 * stage_bytes <= SHARED_MEMORY_BUDGET else 2
+    if num_splits < 1 or (num_splits > 1 and zero_fill):
+        raise ValueError(f"num_splits must be >= 1, and 1 with zero_fill; got {num_splits}")
+    rows = q.shape[0]
+    if num_splits > 1:
+        ws_o = torch.empty(num_splits, rows, num_q_heads, head_dim, dtype=torch.float32,
+                           device=q.device)
+        ws_lse = torch.empty(num_splits, rows, num_q_heads, dtype=torch.float32,
+                             device=q.device)
+        ws = (ws_o, ws_lse, rows * num_q_heads * head_dim, rows * num_q_heads)
+    else:
+        ws = (None, None, None, None)  # compile-time constants: no workspace arguments
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    grid = (plan.num_tiles * (num_q_heads // stack),)
-    return _attn_fwd_dense_kernel[grid](
+    grid = (plan.num_tiles * (num_q_heads // stack) * num_splits,)
+    handle = _attn_fwd_dense_kernel[grid](
         _desc(q, block_m // stack, block_m), k_desc, v_desc, out, lse_arg,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len,
         sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
         positions, block_table, block_table.stride(0) if block_table is not None else None,
+        *ws,
         NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
-        OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack,
+        OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
         num_warps=block_m // 16,  # 16 rows per warp: one warp group of 4 per 64 rows
     )
+    if num_splits > 1:
+        from ..kernels.merge import merge_states_launch
+
+        lse_out = lse if lse is not None else torch.empty(rows, num_q_heads,
+                                                          dtype=torch.float32, device=q.device)
+        merge_states_launch(ws_o.permute(1, 0, 2, 3), ws_lse.permute(1, 0, 2), out, lse_out)
+    return handle
