@@ -31,6 +31,7 @@ from .providers_spanfill import (
     spanfill_nopad,
     spanfill_padded_kernel,
     spanfill_gluon,
+    spanfill_gluon_span,
     spanfill_padded,
     spanfill_raw_lens,
     spanfill_segmented,
@@ -397,6 +398,8 @@ SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] 
     "flashinfer_span_entries": _flashinfer("span_entries"),
     "flashinfer_custom_mask": _flashinfer("custom_mask"),
     "fa4_span_entries": _fa4("span_entries"),
+    # Last: a first run of a new kernel family that could fault would end the process.
+    "spanfill_gluon": spanfill_gluon_span,
 }
 
 PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {

@@ -24,7 +24,8 @@ from .tile_work import TileWork, tile_work
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
 __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_padded_kernel",
-           "spanfill_nopad", "spanfill_raw_lens", "spanfill_varlen"]
+           "spanfill_nopad", "spanfill_raw_lens", "spanfill_varlen", "spanfill_gluon",
+           "spanfill_gluon_span"]
 
 
 def _kernel_config(problem: AttentionProblem) -> LaunchConfig:
@@ -204,6 +205,18 @@ def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
         return prepared
     return Prepared(run, run, note="varlen attention kernel on the valid tokens, plan prebuilt "
                                    "(spanfill internals, as varlen_prefill calls them)")
+
+
+def spanfill_gluon_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """sf.span_prefill with ``backend="gluon"`` on the prebuilt layout: the Hopper family
+    over the page pool (an error row where it does not run: a window, small pages...)."""
+    extra = {"window_left": window_of(w)} if window_of(w) >= 0 else {}
+
+    def run() -> torch.Tensor:
+        return sf.span_prefill(t.q, t.k_cache, t.v_cache, t.layout, backend="gluon", **extra)
+
+    run()
+    return Prepared(run, run, note="prebuilt SpanLayout; backend=gluon (TMA per page + wgmma)")
 
 
 def spanfill_gluon(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
