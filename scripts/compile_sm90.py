@@ -319,6 +319,10 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         100, 16, 24, 8, 2, 128, warp_specialize=True, block_m=128, overlap=True, stack=4), ()),
     "gluon_dense_stack2_padded_d64": (gluon_dense_case(2, 64, 8, 2, 64, causal=False,
                                                        zero_fill=True, stack=2), ()),
+    # pages under 8 rows: cp.async gathers (by the warp group, or the producer warp)
+    "gluon_paged_page1_gather_d128": (gluon_paged_case(40, 1, 300, 8, 2, 128), ()),
+    "gluon_paged_page4_gather_overlap_producer_stack4_d64": (gluon_paged_case(
+        40, 4, 80, 8, 2, 64, warp_specialize=True, overlap=True, stack=4), ()),
     # split-KV: partial states into a workspace, then the portable merge launch
     "gluon_dense_split3_varlen_d128": (gluon_dense_case(2, 64, 4, 4, 128, causal=True,
                                                         zero_fill=False, splits=3), ()),

@@ -220,7 +220,9 @@ def test_gluon_is_registered_but_only_by_name(monkeypatch) -> None:
         return as_cuda(paged_problem(q, cache, 2, 8, True, v_cache=cache, **kw))
 
     assert gluon.supports(paged())[0] and gluon.supports(paged(256))[0]
-    for problem, why in ((paged(4), "page_size 4"), (paged(48), "page_size 48"),
+    ok, reason = gluon.supports(paged(1))
+    assert ok and "cp.async" in reason
+    for problem, why in ((paged(512), "page_size 512"), (paged(48), "page_size 48"),
                          (paged(hnd=True), "whole NHD pages"), (paged(appends=True), "append"),
                          (paged(has_kv_bounds=True), "KV shards")):
         ok, reason = gluon.supports(problem)

@@ -7,9 +7,9 @@ and 128) and still slower there than the portable one (``docs/performance.md``).
 
 It takes fp16/bf16 calls with D 64, 128 or 256, causal or not, without sliding windows,
 soft caps, KV shards, fp8 caches or append-inside-attention: dense K/V
-(``padded_prefill``, ``varlen_prefill``) and span prefill over caches of whole pages
-of 8 to 256 rows. The paged path, D=256 and the other loop forms have compiled for
-sm_90 (Triton 3.6 and 3.9) but not yet run on a GPU.
+(``padded_prefill``, ``varlen_prefill``) and span prefill over caches of whole NHD
+pages of up to 256 rows (a power of two). The paged path, D=256 and the other loop
+forms have compiled for sm_90 (Triton 3.6 and 3.9) but not yet run on a GPU.
 
 Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
 count of :meth:`GluonHopperBackend.select_config`: 1 until split-KV has run on a GPU),
@@ -78,11 +78,12 @@ class GluonHopperBackend:
             return False, "KV shards / append inside attention: not in the Gluon family yet"
         if problem.paged:
             p = problem.page_size
-            if p < 8 or p > 256 or p & (p - 1):
-                return False, f"page_size {p}: the Gluon kernel copies whole pages of 8-256 rows"
+            if p > 256 or p & (p - 1):
+                return False, f"page_size {p}: the Gluon kernel takes powers of two up to 256"
             if not problem.pages_contiguous:
                 return False, "K/V pools that are not whole NHD pages one after the other"
-            return True, "paged fp16/bf16 K/V: the Gluon kernel (a TMA copy per page, wgmma)"
+            copies = "a TMA copy per page" if p >= 8 else "cp.async gathers"
+            return True, f"paged fp16/bf16 K/V: the Gluon kernel ({copies}, wgmma)"
         q, k, _ = problem.dense_kv
         for name, t in (("q", q), ("k", k)):
             if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1] or (t.stride(0) * t.element_size()) % 16:

@@ -8,10 +8,11 @@ Status: correct on the H200 for D 64/128 with 64-row programs (the whole GPU sui
 that have not run yet; the backend does not use them until they have
 (``scripts/ab_gluon.py`` times every form against the portable kernel).
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
-prefill; pages of 8 to 256 rows, one TMA copy per page or per tile of a larger page;
-smaller pages would need cp.async gathers), fp16/bf16, one q head per program or
-``stack`` q heads of one KV head, causal or not, zero-filled padding rows, lse. It serves the
-same tile plans as the portable kernel (:class:`spanfill.layout.TilePlan`).
+prefill; pages of up to 256 rows: one TMA copy per page of 8 rows or more, or per tile
+of a larger page; cp.async gathers for smaller pages), fp16/bf16, one q head per
+program or ``stack`` q heads of one KV head, causal or not, zero-filled padding rows,
+lse. It serves the same tile plans as the portable kernel
+(:class:`spanfill.layout.TilePlan`).
 
 Structure (one warp group of 4 warps per 64 rows of a program; ``warp_specialize=True``
 adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
@@ -29,11 +30,12 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   the softmax runs while PV does (:func:`_kv_loop_overlapped`).
 
 What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
-softmax under each other's wgmma, register reallocation, cp.async gathers for pages
-under 8 rows, and a split-KV merge inside the launch (here a second launch merges). Register use on sm_90 (``cuobjdump -res-usage`` of
-the compile cases): 219 per thread for the 64-row D=128 kernel, 255 with the overlap
-(no spills), 198 for 128 rows; at 147 KiB of shared memory the 64-row kernel runs one
-warp group per SM, which is likely why it trails the portable kernel.
+softmax under each other's wgmma, register reallocation beyond the producer's, and a
+split-KV merge inside the launch (here a second launch merges). Register use on sm_90
+(``cuobjdump -res-usage`` of the compile cases): 219 per thread for the 64-row D=128
+kernel, 255 with the overlap (no spills), 198 for 128 rows; at 147 KiB of shared memory
+the 64-row kernel runs one warp group per SM, which is likely why it trails the
+portable kernel.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -76,6 +79,16 @@ else:
     @gluon.jit
     def _tma_load(desc, coord, bar, smem):
         tma.async_copy_global_to_shared(desc, coord, bar, smem)
+
+# cp.async: async_copy.async_load on 3.9, async_copy_global_to_shared on 3.6.
+if hasattr(async_copy, "async_load"):
+    @gluon.jit
+    def _cp_async(smem, ptrs, mask):
+        async_copy.async_load(smem, ptrs, mask=mask)
+else:
+    @gluon.jit
+    def _cp_async(smem, ptrs, mask):
+        async_copy.async_copy_global_to_shared(smem, ptrs, mask=mask)
 
 
 @gluon.jit
@@ -153,9 +166,20 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
 
 
 @gluon.jit
+def _wait_ready(ready, j, STAGES: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """Wait until K/V tile ``j`` has landed in its stage. Tiles gathered by cp.async
+    (pages under 8 rows) were written through the generic proxy: a proxy fence orders
+    them before the wgmmas (async proxy) read the stage."""
+    mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
+    if PAGE_SIZE > 0 and PAGE_SIZE < 8:
+        fence_async_shared()
+
+
+@gluon.jit
 def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, bt_row, kv_len,
-                  PAGE_SIZE: gl.constexpr):
+                  PAGE_SIZE: gl.constexpr, K_POOL, V_POOL, ROW_STRIDE: gl.constexpr,
+                  COPY_WARPS: gl.constexpr):
     """Issue the TMA copies of K/V tile ``j`` into its ring stage; its ready barrier
     completes when all land.
 
@@ -164,7 +188,12 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
     request's block-table row, and the descriptors view the pools as
     ``[num_pages * PAGE_SIZE, Hk * D]``; one copy per page
     (or per ``BLOCK_N`` rows of a larger page), each into its rows of the stage.
-    Positions at or past ``kv_len`` read page 0 (masked later, V zeroed).
+    Positions at or past ``kv_len`` read page 0 (masked later, V zeroed). Pages under
+    8 rows (a TMA copy cannot land inside the 8-row swizzle pattern of the stage): the
+    ``COPY_WARPS`` issuing warps gather the rows with cp.async from the pools
+    ``K_POOL``/``V_POOL`` (rows ``ROW_STRIDE`` elements apart), positions past
+    ``kv_len`` zero-filled, and each thread's arrival on the ready barrier waits for its
+    copies (the barrier counts ``32 * COPY_WARPS`` arrivals).
     """
     stage = j % STAGES
     bar = ready.index(stage)
@@ -172,6 +201,22 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
         _tma_load(k_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, k_smem.index(stage))
         _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(stage))
+    elif PAGE_SIZE < 8:
+        # In chunks of 8 rows per copying warp: few live pointers per thread (the producer
+        # warp runs on 24 registers), and chunk starts on the stage's 8-row swizzle atoms.
+        CHUNK: gl.constexpr = 8 * COPY_WARPS
+        cp_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [COPY_WARPS, 1], [1, 0])
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, cp_layout))
+        for r0 in gl.static_range(0, BLOCK_N, CHUNK):
+            pos = j * BLOCK_N + r0 + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, cp_layout))
+            seen = pos < kv_len
+            page = gl.load(bt_row + pos // PAGE_SIZE, mask=seen, other=0)
+            row = (page * PAGE_SIZE + pos % PAGE_SIZE).to(gl.int64) * ROW_STRIDE + hk * HEAD_DIM
+            _cp_async(k_smem.index(stage).slice(r0, CHUNK), K_POOL + row[:, None] + cols[None, :],
+                      seen[:, None])
+            _cp_async(v_smem.index(stage).slice(r0, CHUNK), V_POOL + row[:, None] + cols[None, :],
+                      seen[:, None])
+        async_copy.mbarrier_arrive(bar, increment_count=False)
     else:
         ROWS: gl.constexpr = PAGE_SIZE if PAGE_SIZE < BLOCK_N else BLOCK_N
         mbarrier.expect(bar, 2 * (BLOCK_N // ROWS) * k_desc.block_type.nbytes)
@@ -212,15 +257,16 @@ def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
 @gluon.jit
 def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-               bt_row, kv_len, PAGE_SIZE: gl.constexpr):
-    """Producer partition (one warp): TMA copies of K/V tiles into the ring, each stage
+               bt_row, kv_len, PAGE_SIZE: gl.constexpr, k_pool, v_pool,
+               ROW_STRIDE: gl.constexpr):
+    """Producer partition (one warp): copies of K/V tiles into the ring, each stage
     refilled once the consumer has released it."""
     for j in range(num_tiles):
         # A fresh mbarrier counts as having completed phase 1: the first round of
         # stages is free without any release.
         mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
         _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N, HEAD_DIM,
-                      STAGES, bt_row, kv_len, PAGE_SIZE)
+                      STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool, ROW_STRIDE, 1)
 
 
 @gluon.jit
@@ -229,7 +275,7 @@ def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_s
                  dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                  num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, kv_shift):
+                 BLOCK_Q: gl.constexpr, kv_shift, PAGE_SIZE: gl.constexpr):
     """Consumer partition (the warp group): the online softmax over the ring's tiles,
     releasing each stage after its wgmmas; returns ``(acc, m_i, l_i)``."""
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
@@ -238,7 +284,7 @@ def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_s
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
         stage = j % STAGES
-        mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+        _wait_ready(ready, j, STAGES, PAGE_SIZE)
         acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc, m_i,
                                      l_i, j, kv_len, valid_s, pos_s, qk_scale, s_layout,
                                      o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL, num_warps)
@@ -256,7 +302,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
-                        bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift):
+                        bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
+                        k_pool, v_pool, ROW_STRIDE: gl.constexpr):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -274,14 +321,15 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         for t in gl.static_range(STAGES):
             if t < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, kv_row0, hk, BLOCK_N,
-                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
+                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
+                              ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
                                                    HAS_POSITIONS, BLOCK_Q, kv_shift)
     mbarrier.wait(q_bar, phase=0)
     if num_tiles > 0:
         # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
-        mbarrier.wait(ready.index(0), 0)
+        _wait_ready(ready, 0, STAGES, PAGE_SIZE)
         _zero_v_tail(v_smem.index(0), 0, kv_len, BLOCK_N, num_warps)
         s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
         s_acc = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_acc, use_acc=False,
@@ -293,7 +341,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         for j in range(1, num_tiles):
             stage = j % STAGES
             prev = (j - 1) % STAGES
-            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            _wait_ready(ready, j, STAGES, PAGE_SIZE)
             _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, num_warps)
             s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
             s_acc = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_acc,
@@ -310,7 +358,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                 mbarrier.arrive(empty.index(prev), count=1)
             elif j - 1 + STAGES < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES, kv_row0,
-                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
+                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
+                              v_pool, ROW_STRIDE, num_warps)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         last = (num_tiles - 1) % STAGES
@@ -327,7 +376,7 @@ def _attn_fwd_dense_kernel(
     q_desc, k_desc, v_desc, O, LSE,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
     qk_scale, stride_ot, stride_oh, stride_lt, stride_lh, POSITIONS, BLOCK_TABLE, stride_bt,
-    WS_O, WS_LSE, ws_split, ws_lse_split,
+    WS_O, WS_LSE, ws_split, ws_lse_split, K_POOL, V_POOL,
     NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
@@ -385,6 +434,15 @@ def _attn_fwd_dense_kernel(
         bt_row = KV_LEN
     else:
         bt_row = BLOCK_TABLE + req.to(gl.int64) * stride_bt
+    # Pages under 8 rows are gathered by cp.async from the pools themselves.
+    GATHER: gl.constexpr = PAGE_SIZE > 0 and PAGE_SIZE < 8
+    ROW_STRIDE: gl.constexpr = (NUM_Q_HEADS // GQA_GROUP) * HEAD_DIM
+    if GATHER:
+        k_pool = K_POOL
+        v_pool = V_POOL
+    else:
+        k_pool = KV_LEN
+        v_pool = KV_LEN
     # The KV range of this tile: up to the last valid row's position (causal).
     if CAUSAL:
         if not HAS_POSITIONS:
@@ -423,8 +481,18 @@ def _attn_fwd_dense_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
+    # A TMA stage completes on one expect-arrive; a gathered stage on every copying
+    # thread's arrival (the producer warp's 32, or the whole CTA's).
+    if GATHER:
+        READY_COUNT: gl.constexpr = 32 if WARP_SPECIALIZE else 32 * num_warps
+        # The producer warp computes the gather's addresses: more than the 24 registers
+        # that issuing TMA copies needs (with 24 it spilled ~300 bytes a thread).
+        LOADER_REGS: gl.constexpr = 64
+    else:
+        READY_COUNT: gl.constexpr = 1
+        LOADER_REGS: gl.constexpr = 24
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(ready.index(s), count=READY_COUNT)
         mbarrier.init(empty.index(s), count=1)
     fence_async_shared()
     if STACK == 1:
@@ -444,33 +512,36 @@ def _attn_fwd_dense_kernel(
                                        kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
                                        BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
                                        num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE,
-                                       BLOCK_Q, kv_shift)),
+                                       BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)),
                 (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
-                              num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
-            ], [1], [24])
+                              num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
+                              k_pool, v_pool, ROW_STRIDE)),
+            ], [1], [LOADER_REGS])
         else:
             acc, m_i, l_i = _kv_loop_overlapped(
                 q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
                 q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
                 dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr,
-                HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift)
+                HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)
     elif WARP_SPECIALIZE:
         # One producer warp issues the copies; the warp group only computes.
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_consumer, (q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start,
                             q_stop, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
                             BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps, pos_ptr,
-                            HAS_POSITIONS, BLOCK_Q, kv_shift)),
+                            HAS_POSITIONS, BLOCK_Q, kv_shift, PAGE_SIZE)),
             (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
-                          BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)),
-        ], [1], [24])
+                          BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
+                          ROW_STRIDE)),
+        ], [1], [LOADER_REGS])
     else:
         # One partition, software-pipelined by hand: the copy of tile j + STAGES - 1 is
         # issued before tile j is computed, into the stage freed at step j - 1.
         for j in gl.static_range(STAGES - 1):
             if j < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N,
-                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
+                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
+                              ROW_STRIDE, num_warps)
         valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop,
                                                        s_layout, o_layout, BLOCK_M, HEAD_DIM,
                                                        pos_ptr, HAS_POSITIONS, BLOCK_Q,
@@ -479,9 +550,10 @@ def _attn_fwd_dense_kernel(
         for j in range(num_tiles):
             if j + STAGES - 1 < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j + STAGES - 1, kv_row0, hk,
-                              BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE)
+                              BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
+                              v_pool, ROW_STRIDE, num_warps)
             stage = j % STAGES
-            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            _wait_ready(ready, j, STAGES, PAGE_SIZE)
             acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc,
                                          m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
                                          s_layout, o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL,
@@ -591,7 +663,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     q : [T, Hq, D] fp16|bf16 span rows, request by request
     k_cache, v_cache : [num_pages, page_size, Hk, D] q.dtype, pages contiguous (a page's
         rows follow each other, pages follow each other: one ``[rows, Hk * D]`` view);
-        page_size a power of two from 8 to 256
+        page_size a power of two up to 256 (pages of 8 rows or more: TMA copies; smaller
+        ones: cp.async gathers)
     out : [T, Hq, D] q.dtype; lse : [T, Hq] fp32 or None
     plan : :class:`spanfill.layout.TilePlan` of the span layout,
         ``block_q == block_m // stack``;
@@ -602,19 +675,22 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
-    if page_size < 8 or page_size > 256 or page_size & (page_size - 1):
-        raise ValueError(f"page_size must be a power of two from 8 to 256, got {page_size}")
+    if page_size < 1 or page_size > 256 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two from 1 to 256, got {page_size}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.stride() != (page_size * heads * d, heads * d, d, 1):
             raise ValueError(f"{name} pages are not contiguous [page_size, Hk, D] blocks one "
                              f"after the other (strides {c.stride()})")
     block_n = _block_n(d, block_n)
-    rows = min(page_size, block_n)  # rows per copy: a page, or a tile of a larger page
+    # Rows per TMA copy: a page, or a tile of a larger page. Gathered pages (under 8
+    # rows) take no TMA copies: the descriptors then only give the stages their layout.
+    rows = min(page_size, block_n) if page_size >= 8 else block_n
     descs = [_desc(c.view(num_pages * page_size, heads, d), rows, block_n)
              for c in (k_cache, v_cache)]
+    pools = (k_cache, v_cache) if page_size < 8 else (None, None)
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
-                   page_size)
+                   page_size, pools)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -623,7 +699,7 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
-            positions=None, block_table=None, page_size=0):
+            positions=None, block_table=None, page_size=0, pools=(None, None)):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
@@ -655,7 +731,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         plan.kv_row0, plan.kv_len,
         sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
         positions, block_table, block_table.stride(0) if block_table is not None else None,
-        *ws,
+        *ws, *pools,
         NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
