@@ -203,7 +203,7 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
         _tma_load(v_desc, [kv_row0 + j * BLOCK_N, hk * HEAD_DIM], bar, v_smem.index(stage))
     elif PAGE_SIZE < 8:
         # In chunks of 8 rows per copying warp: few live pointers per thread (the producer
-        # warp runs on 24 registers), and chunk starts on the stage's 8-row swizzle atoms.
+        # warp runs on 64 registers), and chunks start on the stage's 8-row swizzle atoms.
         CHUNK: gl.constexpr = 8 * COPY_WARPS
         cp_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [COPY_WARPS, 1], [1, 0])
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, cp_layout))
