@@ -22,6 +22,12 @@ gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
 [ "${gpus:-0}" -ge 1 ] 2>/dev/null || gpus=1
 export SPANFILL_TEST_GPUS="${SPANFILL_TEST_GPUS:-$gpus}"
 python3 -c "import xdist" 2>/dev/null && workers=(-n "${SUITE_WORKERS:-8}")
+# A hung kernel (a synchronisation bug in a new form) ends its own test's process after
+# SUITE_TEST_TIMEOUT seconds, not the whole run; pytest-benchmark's xdist warnings are
+# noise here (there are no timed tests in the suite).
+python3 -c "import pytest_timeout" 2>/dev/null && \
+    workers+=(--timeout "${SUITE_TEST_TIMEOUT:-300}" --timeout-method thread)
+python3 -c "import pytest_benchmark" 2>/dev/null && workers+=(-p no:benchmark)
 {
     echo "# whole test suite at ${commit}${dirty:-}, $(date -u +%Y-%m-%dT%H:%MZ)"
     python3 -c "import torch, triton; print('#', torch.cuda.device_count(), 'x', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)"
