@@ -69,13 +69,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _results import RESULTS, quantiles, write_rows  # noqa: E402
 from spanfill import custom_ops  # noqa: E402
 from spanfill.cache import PagedKVCache  # noqa: E402
-from spanfill.demo import _gpu_time, poison_holes  # noqa: E402
+from spanfill.demo import epic_spans, poison_holes, time_path  # noqa: E402
 from spanfill.layout import SpanLayout  # noqa: E402
 from spanfill.testing import capture_cuda_graph, rel_err  # noqa: E402
 
 PROVIDERS = ("eager", "compile", "compile_cudagraphs", "cuda_graph")
 QUESTION = 64  # tokens at the end of the prompt that are always recomputed
-CHUNK, CHUNK_HOLE = 512, 16  # EPIC: the first 16 tokens of every 512-token chunk
 # Compiled vs eager in bf16 through every layer: inductor keeps fp32 where eager rounds
 # to bf16 (fused SiLU*up, norms), so outputs drift by bf16 rounding per layer. A kernel
 # that read a stale or unwritten row gives NaN (the holes are poisoned) or O(1) errors.
@@ -98,13 +97,6 @@ class Shape:
     def describe(self) -> str:
         return (f"hidden {self.hidden}, {self.heads}q/{self.kv_heads}kv heads x {self.head_dim}, "
                 f"mlp {self.intermediate}, {self.layers} layers, page {self.page_size}")
-
-
-def epic(n: int) -> list[tuple[int, int]]:
-    """EPIC holes of an ``n``-token prompt, as ``scripts/bench_fill_holes.py`` lays them out
-    (re-derived here so that this script does not import transformers)."""
-    body = n - QUESTION
-    return [(s, min(body, s + CHUNK_HOLE)) for s in range(0, body, CHUNK)] + [(body, n)]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -242,7 +234,7 @@ def build(shape: Shape, tokens: int, device: torch.device | str,
     per layer, and the span metadata (built and validated once, as an engine would)."""
     device = torch.device(device)
     torch.manual_seed(seed)
-    spans = epic(tokens)
+    spans = epic_spans(tokens, question=QUESTION)
     pages = -(-tokens // shape.page_size)
     caches = []
     for _ in range(shape.layers):
@@ -326,18 +318,6 @@ def _kernel_count(fn: Callable[[], object]) -> int:
     return sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0)
 
 
-def timed(fn: Callable[[], object], reps: int) -> list[float]:
-    """Wall milliseconds of ``reps`` calls, each between two device syncs."""
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return out
-
-
 def _check(step: Callable[[], torch.Tensor], problem: Problem, want: torch.Tensor,
            want_kv: torch.Tensor) -> tuple[float, float]:
     """Output and hole-K/V relative errors of one step run on poisoned holes."""
@@ -383,8 +363,9 @@ def run_provider(provider: str, problem: Problem, want: torch.Tensor, want_kv: t
     # p50 is the output's rel err; the note has the hole K/V's too.
     rows.append({**base, "provider": provider, "metric": "check_relerr", "unit": "rel",
                  "p50": rel, "p20": rel, "p80": rel, "note": check_note})
-    q = quantiles(timed(step, reps))
-    gpu = 1e3 * _gpu_time(step, torch.device("cuda"))
+    t = time_path(step, torch.device("cuda"), reps)
+    q = quantiles([1e3 * w for w in t.wall])
+    gpu = 1e3 * t.gpu
     kernels = _kernel_count(step)
     note = (f"{problem.shape.describe()}, {problem.dtype_name}, random weights; rel err vs "
             f"eager: out {rel:.2e}, hole K/V {rel_kv:.2e}; {kernels} kernels per step")
@@ -533,28 +514,6 @@ def main() -> None:
     print()
     print(table(rows, providers))
     print("wrote", path, png)
-
-
-def _smoke(layers: int = 2, tokens: int = 600, backend: str | None = None) -> float:
-    """CPU check of the model code at tiny sizes (fp32; the custom ops run the reference
-    on CPU tensors): eager on poisoned holes, and with ``backend`` (e.g. "aot_eager") the
-    stack compiled with ``fullgraph=True`` too. Returns the compiled output's rel err
-    against eager (0.0 without a backend)."""
-    shape = Shape(hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128,
-                  layers=layers, page_size=16)
-    problem = build(shape, tokens, "cpu", dtype=torch.float32)
-    with torch.no_grad():
-        want, want_kv, note = _reference(problem)
-        if not note.startswith("ok"):
-            raise AssertionError(note)
-        if backend is None:
-            return 0.0
-        torch._dynamo.reset()
-        compiled = torch.compile(problem.stack, fullgraph=True, backend=backend)
-        rel, rel_kv = _check(lambda: compiled(*problem.args), problem, want, want_kv)
-    if max(rel, rel_kv) > 1e-4:
-        raise AssertionError(f"compiled vs eager: out {rel:.2e}, hole K/V {rel_kv:.2e}")
-    return rel
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 
 from _results import RESULTS, quantiles, write_rows  # noqa: E402
-from spanfill.demo import poison_holes  # noqa: E402
-from spanfill.demo import _gpu_time  # noqa: E402
+from spanfill.demo import epic_spans, poison_holes, time_path  # noqa: E402
 from spanfill.integrations.holes import (  # noqa: E402
     fill_holes, fill_holes_per_span, make_cache, prefill_cache,
 )
@@ -38,11 +36,6 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                 tie_word_embeddings=True, max_position_embeddings=131072)
 QUESTION = 64
-
-
-def epic(n: int) -> list[tuple[int, int]]:
-    body = n - QUESTION
-    return [(s, min(body, s + 16)) for s in range(0, body, 512)] + [(body, n)]
 
 
 def cacheblend(n: int, share: float = 0.15, seed: int = 0) -> list[tuple[int, int]]:
@@ -61,19 +54,6 @@ def cacheblend(n: int, share: float = 0.15, seed: int = 0) -> list[tuple[int, in
     return spans + [(body, n)]
 
 
-def timed(fn, reps: int, before=None) -> list[float]:
-    out = []
-    for _ in range(reps):
-        if before:
-            before()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="8256,32768")
@@ -88,7 +68,8 @@ def main() -> None:
     rows = []
     for n in (int(x) for x in args.lengths.split(",")):
         ids = torch.randint(0, config.vocab_size, (n,), device="cuda")
-        for name, spans in (("epic", epic(n)), ("cacheblend15", cacheblend(n))):
+        for name, spans in (("epic", epic_spans(n, question=QUESTION)),
+                            ("cacheblend15", cacheblend(n))):
             cache = make_cache(model, n, page_size=16)
             want = prefill_cache(model, ids, cache)
             recomputed = sum(e - s for s, e in spans)
@@ -114,12 +95,11 @@ def main() -> None:
                         f"prefill: spanfill {rel:.2e}, spanfill_graph {rel_graph:.2e}")
                 for provider, (fn, before) in providers.items():
                     fn()  # warm-up
-                    q = quantiles(timed(fn, args.reps, before))
+                    t = time_path(fn, torch.device("cuda"), args.reps, before)
+                    q = quantiles([1e3 * w for w in t.wall])
                     rows.append({"kernel": "fill_holes", "provider": provider, "workload": workload,
                                  "x": n, "metric": "time", "unit": "ms", **q, "note": note})
-                    if before:
-                        before()
-                    gpu = 1e3 * _gpu_time(fn, torch.device("cuda"))
+                    gpu = 1e3 * t.gpu
                     rows.append({"kernel": "fill_holes", "provider": provider, "workload": workload,
                                  "x": n, "metric": "gpu_time", "unit": "ms", "p50": gpu,
                                  "p20": gpu, "p80": gpu,

@@ -9,8 +9,9 @@ and draws the prompt and the timings into a PNG. No network, no downloaded weigh
 
 Its two checks, :func:`poison_holes` (NaN the holes' KV so that a read of a stale
 row shows) and :func:`attention_noise_floor` (how far a second correct attention
-moves the logits), serve the tests, ``scripts/bench_fill_holes.py`` and
-``examples/fill_holes.py`` too.
+moves the logits), its hole layout (:func:`epic_spans`) and its two clocks
+(:func:`time_path`, :func:`gpu_time`) serve the tests, ``scripts/bench_fill_holes.py``,
+``scripts/bench_compile.py`` and ``examples/fill_holes.py`` too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from .cache import PagedKVCache
 from .integrations.holes import fill_holes, fill_holes_per_span, make_cache, prefill_cache
 from .op_path import path_name
 
-__all__ = ["main_demo", "attention_noise_floor", "poison_holes"]
+__all__ = ["main_demo", "attention_noise_floor", "epic_spans", "gpu_time", "poison_holes",
+           "time_path"]
 
 
 @dataclass
@@ -57,11 +59,20 @@ def setup_for(device: torch.device, quick: bool) -> DemoSetup:
     return DemoSetup(8, 256, 16, 32, shape, torch.float32, reps=21)
 
 
+def epic_spans(n: int, chunk_len: int = 512, missing: int = 16,
+               question: int = 64) -> list[tuple[int, int]]:
+    """EPIC-style holes of an ``n``-token prompt: the first ``missing`` tokens of each
+    ``chunk_len``-token chunk, then the last ``question`` tokens (at n = 8256 and the
+    defaults: 320 tokens in 17 spans, the GPU demo's and the scripts' layout)."""
+    body = n - question
+    return ([(c, min(body, c + missing)) for c in range(0, body, chunk_len)]
+            + [(body, n)])
+
+
 def spans_for(s: DemoSetup) -> tuple[int, list[tuple[int, int]]]:
     """Prompt length and holes: each chunk's first ``missing`` tokens, then the question."""
-    body = s.chunks * s.chunk_len
-    spans = [(c * s.chunk_len, c * s.chunk_len + s.missing) for c in range(s.chunks)]
-    return body + s.question, spans + [(body, body + s.question)]
+    n = s.chunks * s.chunk_len + s.question
+    return n, epic_spans(n, s.chunk_len, s.missing, s.question)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -138,7 +149,7 @@ class Timing:
         return at(0.2), at(0.8)
 
 
-def _gpu_time(fn: Callable[[], object], device: torch.device) -> float | None:
+def gpu_time(fn: Callable[[], object], device: torch.device) -> float | None:
     """Seconds of device time the kernels of one ``fn()`` take (the profiler's sum)."""
     if device.type != "cuda":
         return None
@@ -151,7 +162,7 @@ def _gpu_time(fn: Callable[[], object], device: torch.device) -> float | None:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 
 
-def _timed(fn: Callable[[], object], device: torch.device, reps: int,
+def time_path(fn: Callable[[], object], device: torch.device, reps: int,
            before: Callable[[], None] | None = None) -> Timing:
     """``reps`` wall times of ``fn`` and one profiled run's GPU time (``before`` runs
     untimed before each)."""
@@ -168,7 +179,7 @@ def _timed(fn: Callable[[], object], device: torch.device, reps: int,
         times.append(time.perf_counter() - t0)
     if before is not None:
         before()
-    return Timing(times, _gpu_time(fn, device))
+    return Timing(times, gpu_time(fn, device))
 
 
 def draw(path: str, n: int, chunk_len: int, spans: list[tuple[int, int]],
@@ -265,15 +276,15 @@ def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool 
     cache = make_cache(model, n, page_size=16, device=device)
     want = prefill_cache(model, ids, cache)
     with torch.no_grad():
-        t_full = _timed(lambda: model(input_ids=ids[None], use_cache=False, logits_to_keep=1),
-                        device, s.reps)
+        t_full = time_path(lambda: model(input_ids=ids[None], use_cache=False,
+                                         logits_to_keep=1), device, s.reps)
     bar.update()
 
     bar.set_postfix_str("spanfill")
     poison = lambda: poison_holes(cache, 0, spans)  # noqa: E731
     poison()
     got = fill_holes(model, ids, cache, spans)  # also the warm-up (Triton compiles here)
-    t_fill = _timed(lambda: fill_holes(model, ids, cache, spans), device, s.reps, before=poison)
+    t_fill = time_path(lambda: fill_holes(model, ids, cache, spans), device, s.reps, before=poison)
     bar.update()
 
     t_graph = got_graph = None
@@ -287,13 +298,13 @@ def main_demo(device: torch.device, out: str = "spanfill_demo.png", quick: bool 
                                  buckets=(-(-rows_needed // 64) * 64,))
         poison()
         got_graph = runner.fill_holes(ids, spans)  # captures (the warm-up runs inside)
-        t_graph = _timed(lambda: runner.fill_holes(ids, spans), device, s.reps, before=poison)
+        t_graph = time_path(lambda: runner.fill_holes(ids, spans), device, s.reps, before=poison)
 
     bar.set_postfix_str("one prefill per span")
     poison()
     per_span = fill_holes_per_span(model, ids, cache, spans)
-    t_span = _timed(lambda: fill_holes_per_span(model, ids, cache, spans), device, s.reps,
-                    before=poison)
+    t_span = time_path(lambda: fill_holes_per_span(model, ids, cache, spans), device, s.reps,
+                       before=poison)
     bar.update()
     bar.close()
 
