@@ -41,6 +41,7 @@ class _EagerReplay(EncoderGraphRunner):
         self._seq_caps = list(kw.get("seq_buckets", (16, 32, 64)))
         self.pad_token_id = 0
         self._segments = True
+        self._max_positions = model.config.max_position_embeddings
         self._buckets = {}
 
     def _capture(self, bucket):

@@ -83,6 +83,7 @@ class EncoderGraphRunner:
         self.pad_token_id = pad_token_id
         # BERT-style models take segment ids (zeros for one segment); others have none.
         self._segments = "token_type_ids" in inspect.signature(model.forward).parameters
+        self._max_positions = getattr(model.config, "max_position_embeddings", None)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
 
     @torch.no_grad()
@@ -96,18 +97,12 @@ class EncoderGraphRunner:
         attention_mask : [b, s] 0/1 right-padding mask, or None (no padding)
         token_type_ids : [b, s] int or None (zeros)
         """
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [b, s] tensor, got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        b, s = input_ids.shape
-        valid_lens = self._valid_lens(attention_mask, b, s)
+        b, s, valid_lens = self._checked(input_ids, attention_mask, token_type_ids)
         bucket = self._bucket(b, s)
         bucket.input_ids.fill_(self.pad_token_id)
         bucket.input_ids[:b, :s].copy_(input_ids)
         bucket.token_type_ids.zero_()
         if token_type_ids is not None:
-            if not self._segments:
-                raise ValueError("token_type_ids given, but the model takes none")
             bucket.token_type_ids[:b, :s].copy_(token_type_ids)
         bucket.valid_lens.zero_()
         bucket.valid_lens[:b].copy_(valid_lens, non_blocking=True)
@@ -115,6 +110,21 @@ class EncoderGraphRunner:
             self._capture(bucket)
         bucket.graph.replay()
         return bucket.hidden[:b, :s].clone()
+
+    def _checked(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 token_type_ids: torch.Tensor | None) -> tuple[int, int, torch.Tensor]:
+        """``(b, s, valid_lens)`` of a call, every argument checked before any buffer is
+        written (``valid_lens``: [b] int32 on the host)."""
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a [b, s] tensor, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        b, s = input_ids.shape
+        if self._max_positions is not None and s > self._max_positions:
+            raise ValueError(f"input_ids has {s} positions, more than the model's "
+                             f"max_position_embeddings={self._max_positions}")
+        if token_type_ids is not None and not self._segments:
+            raise ValueError("token_type_ids given, but the model takes none")
+        return b, s, self._valid_lens(attention_mask, b, s)
 
     def _valid_lens(self, mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor:
         """[b] int32 on the host, from a right-padding mask (checked: one host sync)."""

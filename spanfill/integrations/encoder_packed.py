@@ -83,7 +83,6 @@ class PackedEncoderGraphRunner(EncoderGraphRunner):
         super().__init__(model, batch_buckets=batch_buckets, pad_token_id=pad_token_id)
         self._token_caps = check_buckets(
             "token_buckets", default_token_buckets() if token_buckets is None else token_buckets)
-        self._max_positions = getattr(model.config, "max_position_embeddings", None)
         self._packed: dict[tuple[int, int], _PackedBucket] = {}
 
     @torch.no_grad()
@@ -97,16 +96,8 @@ class PackedEncoderGraphRunner(EncoderGraphRunner):
         attention_mask : [b, s] 0/1 right-padding mask, or None (no padding)
         token_type_ids : [b, s] int or None (zeros)
         """
-        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a [b, s] tensor, got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        b, s = input_ids.shape
-        if self._max_positions is not None and s > self._max_positions:
-            raise ValueError(f"input_ids has {s} positions, more than the model's "
-                             f"max_position_embeddings={self._max_positions}")
-        if token_type_ids is not None and not self._segments:
-            raise ValueError("token_type_ids given, but the model takes none")
-        lens = self._valid_lens(attention_mask, b, s).numpy().astype(np.int64)
+        b, s, valid_lens = self._checked(input_ids, attention_mask, token_type_ids)
+        lens = valid_lens.numpy().astype(np.int64)
         total = int(lens.sum())
         bucket = self._bucket_for(b, total)
         # Where each real token sits in the padded batch, and its position: host numpy
