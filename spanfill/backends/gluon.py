@@ -18,6 +18,7 @@ from ``scripts/ab_gluon.py`` runs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +47,7 @@ VALIDATED = GluonTile(block_m=64, block_n=128, heads=1, num_warps=4, num_stages=
 def choose_form(problem: AttentionProblem) -> GluonTile:
     """The launch form for ``problem``: :data:`VALIDATED`, with 64 KV positions per step
     at D=256 (the fp32 accumulator and the ring then fit)."""
-    block_n = 64 if problem.head_dim > 128 else VALIDATED.block_n
-    return GluonTile(VALIDATED.block_m, block_n, VALIDATED.heads, VALIDATED.num_warps,
-                     VALIDATED.num_stages, VALIDATED.overlap, VALIDATED.producer)
+    return dataclasses.replace(VALIDATED, block_n=64) if problem.head_dim > 128 else VALIDATED
 
 
 class GluonHopperBackend:
