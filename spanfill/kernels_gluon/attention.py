@@ -270,28 +270,47 @@ def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_ti
 
 
 @gluon.jit
-def _kv_consumer(q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start, q_stop,
-                 kv_len, num_tiles, qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                 dtype: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, kv_shift, PAGE_SIZE: gl.constexpr):
-    """Consumer partition (the warp group): the online softmax over the ring's tiles,
-    releasing each stage after its wgmmas; returns ``(acc, m_i, l_i)``."""
+def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0,
+                        row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale,
+                        s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
+                        num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
+                        bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
+                        k_pool, v_pool, ROW_STRIDE: gl.constexpr):
+    """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
+
+    ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
+    releases each stage after its wgmmas. Otherwise the warp group pipelines the copies
+    itself: the copy of tile ``j + STAGES - 1`` is issued before tile ``j`` is computed,
+    into the stage freed at step ``j - 1``. Same arguments as :func:`_kv_loop_overlapped`.
+    """
+    if not PRODUCER:
+        for t in gl.static_range(STAGES - 1):
+            if t < num_tiles:
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, kv_row0, hk, BLOCK_N,
+                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
+                              ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
                                                    HAS_POSITIONS, BLOCK_Q, kv_shift)
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
+        if not PRODUCER:
+            if j + STAGES - 1 < num_tiles:
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j + STAGES - 1, kv_row0,
+                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
+                              v_pool, ROW_STRIDE, num_warps)
         stage = j % STAGES
         _wait_ready(ready, j, STAGES, PAGE_SIZE)
         acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc, m_i,
                                      l_i, j, kv_len, valid_s, pos_s, qk_scale, s_layout,
                                      o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL, num_warps)
-        # The wgmmas reading this stage are done (waited in _attend_tile); order the
-        # generic-proxy reads and writes before the producer's next TMA into it.
-        fence_async_shared()
-        mbarrier.arrive(empty.index(stage), count=1)
+        if PRODUCER:
+            # The wgmmas reading this stage are done (waited in _attend_tile); order the
+            # generic-proxy reads and writes before the producer's next copy into it.
+            fence_async_shared()
+            mbarrier.arrive(empty.index(stage), count=1)
     return acc, m_i, l_i
 
 
@@ -504,8 +523,10 @@ def _attn_fwd_dense_kernel(
             _tma_load(q_desc, [row0, (head + g) * HEAD_DIM], q_bar,
                       q_smem.slice(g * BLOCK_Q, BLOCK_Q))
 
-    if OVERLAP:
-        if WARP_SPECIALIZE:
+    # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence;
+    # with a producer warp issuing the copies (gl.warp_specialize) or the warp group.
+    if WARP_SPECIALIZE:
+        if OVERLAP:
             acc, m_i, l_i = gl.warp_specialize([
                 (_kv_loop_overlapped, (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready,
                                        empty, row0, row_end, q_start, q_stop, kv_row0, hk,
@@ -518,46 +539,29 @@ def _attn_fwd_dense_kernel(
                               k_pool, v_pool, ROW_STRIDE)),
             ], [1], [LOADER_REGS])
         else:
-            acc, m_i, l_i = _kv_loop_overlapped(
-                q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
-                q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
-                dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr,
-                HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)
-    elif WARP_SPECIALIZE:
-        # One producer warp issues the copies; the warp group only computes.
-        acc, m_i, l_i = gl.warp_specialize([
-            (_kv_consumer, (q_smem, q_bar, k_smem, v_smem, ready, empty, row0, row_end, q_start,
-                            q_stop, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, num_warps, pos_ptr,
-                            HAS_POSITIONS, BLOCK_Q, kv_shift, PAGE_SIZE)),
-            (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
-                          BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
-                          ROW_STRIDE)),
-        ], [1], [LOADER_REGS])
+            acc, m_i, l_i = gl.warp_specialize([
+                (_kv_loop_sequential, (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready,
+                                       empty, row0, row_end, q_start, q_stop, kv_row0, hk,
+                                       kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
+                                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
+                                       num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE,
+                                       BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)),
+                (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
+                              num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
+                              k_pool, v_pool, ROW_STRIDE)),
+            ], [1], [LOADER_REGS])
+    elif OVERLAP:
+        acc, m_i, l_i = _kv_loop_overlapped(
+            q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end, q_start,
+            q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype, BLOCK_M,
+            BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
+            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)
     else:
-        # One partition, software-pipelined by hand: the copy of tile j + STAGES - 1 is
-        # issued before tile j is computed, into the stage freed at step j - 1.
-        for j in gl.static_range(STAGES - 1):
-            if j < num_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N,
-                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
-                              ROW_STRIDE, num_warps)
-        valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop,
-                                                       s_layout, o_layout, BLOCK_M, HEAD_DIM,
-                                                       pos_ptr, HAS_POSITIONS, BLOCK_Q,
-                                                       kv_shift)
-        mbarrier.wait(q_bar, phase=0)
-        for j in range(num_tiles):
-            if j + STAGES - 1 < num_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j + STAGES - 1, kv_row0, hk,
-                              BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
-                              v_pool, ROW_STRIDE, num_warps)
-            stage = j % STAGES
-            _wait_ready(ready, j, STAGES, PAGE_SIZE)
-            acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc,
-                                         m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
-                                         s_layout, o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL,
-                                         num_warps)
+        acc, m_i, l_i = _kv_loop_sequential(
+            q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end, q_start,
+            q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype, BLOCK_M,
+            BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
+            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)
 
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
