@@ -29,7 +29,13 @@ __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_pad
 
 
 def _kernel_config(problem: AttentionProblem) -> LaunchConfig:
-    """The portable kernels' config for ``problem``: what the ops launch with."""
+    """The config the ops launch ``problem`` with: the automatic choice's on a GPU (the
+    Gluon family for D=256 spans, else the portable kernels), the portable kernels'
+    elsewhere (the CPU rows run the reference; this gives their tile work)."""
+    if problem.device.type == "cuda":
+        chosen, _ = select_backend(problem, "auto")
+        if chosen.name != "reference":
+            return chosen.select_config(problem)
     return get_backend("triton").select_config(problem)
 
 
@@ -220,8 +226,9 @@ def spanfill_gluon_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
 
 
 def spanfill_gluon(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
-    """sf.padded_prefill with ``backend="gluon"``: the Hopper (Gluon) family, opt-in while
-    it is new (an error row where it does not run: not Hopper, or a shape it refuses)."""
+    """sf.padded_prefill with ``backend="gluon"``: the Hopper (Gluon) family, also where
+    the automatic choice does not take it (an error row where it does not run: not
+    Hopper, or a shape it refuses)."""
     idx = packed_valid_index(t.valid_lens, w.seq_len)
     layout = sf.PaddedLayout.build(t.valid_lens, w.seq_len)
 
@@ -230,4 +237,4 @@ def spanfill_gluon(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
 
     run()
     return Prepared(run, lambda: run().reshape(-1, w.num_heads, w.head_dim)[idx],
-                    note="prebuilt PaddedLayout; backend=gluon (TMA + wgmma, first kernel)")
+                    note="prebuilt PaddedLayout; backend=gluon (TMA + wgmma)")

@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fuzzing import (  # noqa: E402
+    GLUON_SIZES,
     GPU_SIZES,
     check_padded_case,
     check_span_case,
@@ -81,11 +82,11 @@ OPS: dict[str, tuple[float, Callable[[], st.SearchStrategy], Callable]] = {
     "padded": (0.25, lambda: padded_cases(GPU_SIZES), check_padded_case),
     "varlen": (0.25, lambda: varlen_cases(GPU_SIZES), check_varlen_case),
     # The Hopper family through the registry (backend="gluon"), on the cases it covers.
-    "padded_gluon": (0.0, lambda: padded_cases(GPU_SIZES).filter(_gluon_covers),
+    "padded_gluon": (0.0, lambda: padded_cases(GLUON_SIZES).filter(_gluon_covers),
                      lambda c, device: check_padded_case(c, device, backend="gluon")),
-    "varlen_gluon": (0.0, lambda: varlen_cases(GPU_SIZES).filter(_gluon_covers),
+    "varlen_gluon": (0.0, lambda: varlen_cases(GLUON_SIZES).filter(_gluon_covers),
                      lambda c, device: check_varlen_case(c, device, backend="gluon")),
-    "span_gluon": (0.0, lambda: span_cases(GPU_SIZES).filter(_gluon_covers),
+    "span_gluon": (0.0, lambda: span_cases(GLUON_SIZES).filter(_gluon_covers),
                    lambda c, device: check_span_case(c, device, backend="gluon")),
 }
 
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=5000, help="total examples over all ops")
     parser.add_argument("--ops", default="span,padded,varlen",
                         help="comma-separated subset of " + ",".join(OPS) +
-                             " (the *_gluon ones: the Hopper family, by name only)")
+                             " (*_gluon: backend='gluon' named, on every case it takes)")
     parser.add_argument("--seed", type=int, default=None,
                         help="draw a different stream of cases (default: derandomized)")
     parser.add_argument("--workers", type=int, default=None,

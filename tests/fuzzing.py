@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -93,8 +94,19 @@ GPU_SIZES = Sizes(max_requests=8, max_seq_len=1200, max_tokens=600, max_q_heads=
                   heads=((torch.float16, 128, 8, 2), (torch.bfloat16, 128, 8, 8),
                          (torch.float16, 64, 8, 1), (torch.bfloat16, 80, 4, 4)),
                   span_kernels=((torch.float16, 128, 8, 2, 16), (torch.bfloat16, 128, 8, 8, 1),
-                                (torch.float16, 64, 8, 1, 256), (torch.bfloat16, 80, 4, 4, 48)),
+                                (torch.float16, 64, 8, 1, 256), (torch.bfloat16, 80, 4, 4, 48),
+                                # D=256: the automatic choice runs the Gluon family here
+                                (torch.bfloat16, 256, 4, 2, 64)),
                   always_lse=True)
+# The Hopper (Gluon) family's cases: the shapes it takes (D 64, 128, 256; pages of a
+# power of two up to 256), one pinned head layout per (dtype, D) as on the GPU.
+GLUON_SIZES = dataclasses.replace(
+    GPU_SIZES, head_dims=(64, 128, 256),
+    heads=((torch.float16, 128, 8, 2), (torch.bfloat16, 128, 8, 8), (torch.float16, 64, 8, 1),
+           (torch.bfloat16, 256, 4, 2)),
+    span_kernels=((torch.float16, 128, 8, 2, 16), (torch.bfloat16, 128, 8, 8, 1),
+                  (torch.float16, 64, 8, 1, 256), (torch.bfloat16, 256, 4, 2, 64),
+                  (torch.float16, 256, 16, 2, 4)))
 
 
 # ----------------------------------------------------------------------------- poison

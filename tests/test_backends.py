@@ -27,8 +27,8 @@ def _span_problem(t: int = 1, table_width: int = 64, page_size: int = 16,
 
 
 def test_order_is_kernels_then_reference() -> None:
-    assert [b.name for b in backends.ORDER] == ["triton", "reference"]
-    assert backends.CHOICES == ("auto", "triton", "reference", "gluon")  # gluon: by name only
+    assert [b.name for b in backends.ORDER] == ["gluon", "triton", "reference"]
+    assert backends.CHOICES == ("auto", "gluon", "triton", "reference")
 
 
 def test_cpu_without_interpreter_takes_reference_and_says_why(monkeypatch) -> None:
@@ -56,7 +56,7 @@ def test_environment_and_argument_override(monkeypatch) -> None:
 
 
 def test_unknown_backend_names_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'reference', 'gluon'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'gluon', 'triton', 'reference'\)"):
         select_backend(CPU, "cuda-graphs")
 
 
@@ -187,36 +187,49 @@ def test_info_explains_every_example(monkeypatch) -> None:
     assert explain(examples[0][1], "nope").startswith("error: backend must be one of")
 
 
-def test_gluon_is_registered_but_only_by_name(monkeypatch) -> None:
-    """The Hopper family is not in the selection order until validated on a GPU; named,
-    it refuses what it does not cover, saying why."""
-    assert "gluon" not in [b.name for b in backends.ORDER]
+def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
+    """The Hopper family comes first, but the automatic choice takes it only for D=256
+    span prefill (where it measured faster); named, it runs what it supports and refuses
+    the rest, saying why."""
+    monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
     gluon = backends.get_backend("gluon")
     ok, reason = gluon.supports_device(CPU)
     assert not ok and "Hopper" in reason
     with pytest.raises(ValueError, match="backend='gluon' cannot run here: .*Hopper"):
         select_backend(_span_problem(), "gluon")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
+    monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
     cuda = torch.device("cuda", 0)
+    assert select_backend(cuda)[0].name == "triton"  # planning: the choice is per call
     q = torch.empty(1, 12, 64, dtype=torch.bfloat16).expand(4096, 12, 64)
     kv = torch.empty(4096, 12, 64, dtype=torch.bfloat16)
     dense = dense_problem("padded", q, kv, kv, 8, 512, False)
     as_cuda = lambda p, **kw: dataclasses.replace(p, device=cuda, **kw)  # noqa: E731
     assert gluon.supports(as_cuda(dense))[0]
-    assert gluon.select_config(as_cuda(dense)).block_q == 64
+    chosen, reason = select_backend(as_cuda(dense))
+    assert chosen.name == "triton" and "not gluon: padded at D=64: the portable kernel" in reason
+    assert select_backend(as_cuda(dense), "gluon")[0] is gluon
+    # MHA: one head per 128-row program, the producer warp, 128 KV positions per step.
+    config = gluon.select_config(as_cuda(dense))
+    assert (config.block_q, config.tile.producer, config.tile.overlap) == (128, True, False)
+    assert config.tile.block_n == 128 and config.num_splits == 1
     for change, why in ((dict(head_dim=80), "D=80"), (dict(window_left=7), "sliding window"),
                         (dict(dtype=torch.float32), "fp16 or bf16"),
                         (dict(kv_dtype=torch.float8_e4m3fn), "fp16 or bf16")):
         ok, reason = gluon.supports(as_cuda(dense, **change))
         assert not ok and why in reason
+        assert select_backend(as_cuda(dense, **change))[0].name == "triton"
     d256 = as_cuda(dense, head_dim=256)
     assert gluon.supports(d256)[0] and gluon.select_config(d256).tile.block_n == 64
+    assert select_backend(d256)[0].name == "triton"  # dense D=256: not measured faster
 
-    def paged(page_size: int = 16, hnd: bool = False, **kw) -> backends.AttentionProblem:
-        q = torch.empty(100, 8, 64, dtype=torch.bfloat16)
-        cache = torch.empty(4, page_size, 2, 64, dtype=torch.bfloat16)
+    def paged(page_size: int = 16, hnd: bool = False, head_dim: int = 64,
+              **kw) -> backends.AttentionProblem:
+        q = torch.empty(100, 8, head_dim, dtype=torch.bfloat16)
+        cache = torch.empty(4, page_size, 2, head_dim, dtype=torch.bfloat16)
         if hnd:  # FlashInfer's HND pages, seen through an NHD view: not whole-page rows
-            cache = torch.empty(4, 2, page_size, 64, dtype=torch.bfloat16).transpose(1, 2)
+            cache = torch.empty(4, 2, page_size, head_dim, dtype=torch.bfloat16).transpose(1, 2)
         return as_cuda(paged_problem(q, cache, 2, 8, True, v_cache=cache, **kw))
 
     assert gluon.supports(paged())[0] and gluon.supports(paged(256))[0]
@@ -227,4 +240,32 @@ def test_gluon_is_registered_but_only_by_name(monkeypatch) -> None:
                          (paged(has_kv_bounds=True), "KV shards")):
         ok, reason = gluon.supports(problem)
         assert not ok and why in reason, reason
-    assert gluon.select_config(paged()).tile == backends.gluon.VALIDATED
+        assert select_backend(problem)[0].name == "triton"
+    # GQA 4 stacked in the 128-row program (32 query tokens per tile).
+    assert gluon.select_config(paged()).tile.heads == 4 and gluon.select_config(paged()).block_q == 32
+    assert select_backend(paged())[0].name == "triton"  # D=64 spans: the portable kernel
+    assert select_backend(paged(head_dim=256))[0] is gluon
+    assert select_backend(paged(head_dim=256, window_left=3))[0].name == "triton"
+
+
+def test_gluon_splits_few_tiles_over_long_kv(monkeypatch) -> None:
+    """A handful of span rows over a long cache splits its KV range, as the portable
+    kernel does; a full launch does not; ``SPANFILL_SPLITS`` forces a count."""
+    monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    gluon = backends.get_backend("gluon")
+    cuda = torch.device("cuda", 0)
+
+    def problem(tokens: int, table_width: int) -> backends.AttentionProblem:
+        q = torch.empty(tokens, 16, 256, dtype=torch.bfloat16)
+        cache = torch.empty(4, 16, 8, 256, dtype=torch.bfloat16)
+        return dataclasses.replace(paged_problem(q, cache, 1, table_width, True, v_cache=cache),
+                                   device=cuda)
+
+    few = gluon.select_config(problem(16, 2048))  # 1 tile x 8 programs, 32k KV positions
+    assert few.num_splits > 1 and few.tile.heads == 2
+    assert gluon.select_config(problem(16384, 2048)).num_splits == 1
+    monkeypatch.setenv("SPANFILL_SPLITS", "3")
+    assert gluon.select_config(problem(16384, 2048)).num_splits == 3

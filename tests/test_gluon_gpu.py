@@ -36,8 +36,8 @@ BLOCK_M = 64
 
 
 # (head dim, rows per program): one warp group of 64 rows, two of 128 (8 warps), and
-# D=256 (64 KV positions per step).
-SHAPES = [(64, 64), (128, 64), (64, 128), (128, 128), (256, 64)]
+# D=256 (64 KV positions per step), in both.
+SHAPES = [(64, 64), (128, 64), (64, 128), (128, 128), (256, 64), (256, 128)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -149,7 +149,7 @@ def test_ops_run_it_when_asked(op: str) -> None:
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
 
 
-PAGED = [(64, 64), (128, 64), (128, 128), (256, 64)]
+PAGED = [(64, 64), (128, 64), (128, 128), (256, 64), (256, 128)]
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16, 64, 256])
@@ -269,3 +269,32 @@ def test_split_kv_varlen(num_splits: int) -> None:
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
     with pytest.raises(ValueError, match="num_splits must be >= 1, and 1 with zero_fill"):
         attention_fwd_dense(q, k, v, out, None, plan, 0.125, True, zero_fill=True, num_splits=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: int,
+                                                 group: int, monkeypatch) -> None:
+    """span_prefill with no backend named: D=256 takes the Gluon kernel in the form
+    :func:`choose_form` gives (128-row programs, producer warp, the GQA group stacked),
+    split-KV where few tiles meet a long prompt (a 16-token hole at 3,000), with lse."""
+    from spanfill.backends import get_backend, paged_problem
+    from spanfill.testing import recorded_launches, reference_span
+    from tests.helpers import paged_setup
+
+    monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
+    monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
+    layout, k_cache, v_cache, q, _, _ = paged_setup(
+        [3017, 1, 77], [[(3000, 3016)], [(0, 1)], [(0, 40), (60, 77)]], page_size,
+        2 * group, 2, 256, dtype, "cuda", seed=page_size + group)
+    problem = paged_problem(q, k_cache, 3, layout.block_table.shape[1], True, v_cache=v_cache)
+    config = get_backend("gluon").select_config(problem)
+    assert config.tile.block_m == 128 and config.tile.producer and config.num_splits > 1
+    with recorded_launches(attention_fwd=None) as portable:
+        out, lse = sf.span_prefill(q, k_cache, v_cache, layout, return_lse=True)
+    assert portable["attention_fwd"] == []  # the Gluon kernel ran, not the portable one
+    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
+    assert_lse_close(lse, ref_lse, dtype)

@@ -1,19 +1,19 @@
-"""The Hopper (Gluon) backend: :mod:`spanfill.kernels_gluon`, opt-in while it is slower.
-
-It is registered, so ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) runs it where
-it supports the call, but it is not in the selection order: its kernel is correct on
-the H200 in the form :data:`VALIDATED` (``tests/test_gluon_gpu.py``, dense K/V, D 64
-and 128) and still slower there than the portable one (``docs/performance.md``).
+"""The Hopper (Gluon) backend: :mod:`spanfill.kernels_gluon`.
 
 It takes fp16/bf16 calls with D 64, 128 or 256, causal or not, without sliding windows,
 soft caps, KV shards, fp8 caches or append-inside-attention: dense K/V
 (``padded_prefill``, ``varlen_prefill``) and span prefill over caches of whole NHD
-pages of up to 256 rows (a power of two). The paged path, D=256 and the other loop
-forms have compiled for sm_90 (Triton 3.6 and 3.9) but not yet run on a GPU.
+pages of up to 256 rows (a power of two; TMA per page from 8 rows, cp.async gathers
+below). Every form of the kernel passes ``tests/test_gluon_gpu.py`` on the H200.
+
+It comes first in the registry's order, but the automatic choice takes it only where
+it measured faster than the portable kernel (:meth:`GluonHopperBackend.auto_selects`):
+span prefill at D=256. At D 64 and 128 the portable kernel is still faster on the H200
+(``scripts/ab_gluon.py``, ``docs/performance.md``), so it runs there unless
+``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one.
 
 Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
-count of :meth:`GluonHopperBackend.select_config`: 1 until split-KV has run on a GPU),
-from ``scripts/ab_gluon.py`` runs.
+count of :meth:`GluonHopperBackend.select_config`), from ``scripts/ab_gluon.py`` runs.
 """
 
 from __future__ import annotations
@@ -39,15 +39,33 @@ class GluonTile(AttentionConfig):
     producer: bool = False
 
 
-# The form the H200 has run correctly (the whole GPU suite at b68ef4e): 64-row programs
+# The first form the H200 ran correctly (the whole GPU suite at b68ef4e): 64-row programs
 # of one q head, 128 KV positions per step, a two-stage ring, the two wgmmas in sequence.
+# Every other form has passed the GPU tests since (2a43871); this one is the baseline
+# ``scripts/ab_gluon.py`` and the tests compare against.
 VALIDATED = GluonTile(block_m=64, block_n=128, heads=1, num_warps=4, num_stages=2)
+
+# The query rows a program covers for each q head it stacks: below 32 the stacked
+# forms were not measured.
+_MIN_ROWS_PER_HEAD = 32
 
 
 def choose_form(problem: AttentionProblem) -> GluonTile:
-    """The launch form for ``problem``: :data:`VALIDATED`, with 64 KV positions per step
-    at D=256 (the fp32 accumulator and the ring then fit)."""
-    return dataclasses.replace(VALIDATED, block_n=64) if problem.head_dim > 128 else VALIDATED
+    """The launch form for ``problem``.
+
+    ``scripts/ab_gluon.py`` on the H200 at 2a43871 (``bench/results/ab_gluon_h200_2a43871.csv``,
+    bf16): 128-row programs (two consumer warp groups) fed by a producer warp were the
+    fastest form on few_big (D=128, GQA 4), few_big_d256 (D=256, GQA 2) and enc_2k_d128
+    (dense, MHA): 0.653, 0.563 and 0.614 ms against 1.136, 0.826 and 0.712 ms for
+    :data:`VALIDATED`. The softmax under the previous PV (``overlap``) was slower in every
+    pairing. Stacking the GQA group's heads gained up to 2%. D=256 takes 64 KV positions
+    per step, so that the fp32 accumulator and a two-stage ring fit.
+    """
+    from .triton_config import _stacked_heads
+
+    stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
+    return GluonTile(block_m=128, block_n=64 if problem.head_dim > 128 else 128, heads=stack,
+                     num_warps=8, num_stages=2, overlap=False, producer=True)
 
 
 class GluonHopperBackend:
@@ -89,9 +107,34 @@ class GluonHopperBackend:
                 return False, f"{name} rows are not [H * D] contiguous with 16-byte row strides"
         return True, "dense fp16/bf16 K/V: the Gluon kernel (TMA, wgmma)"
 
+    def auto_selects(self, problem: AttentionProblem | torch.device) -> tuple[bool, str]:
+        """Whether the automatic choice takes this backend for a problem it supports:
+        only where it measured faster than the portable kernel on the H200.
+
+        A device alone (what planning asks) gets no: the choice is made per call.
+        """
+        if isinstance(problem, torch.device):
+            return False, "chosen per call, where faster than the portable kernel"
+        if problem.op == "span" and problem.head_dim == 256:
+            # few_big_d256, bf16: 0.563 ms against the portable kernel's 1.062 ms.
+            return True, "D=256 span prefill: the Gluon kernel, about 1.9x the portable one"
+        return False, (f"{problem.op} at D={problem.head_dim}: the portable kernel is faster "
+                       "on the H200 (scripts/ab_gluon.py); backend='gluon' runs it anyway")
+
     def select_config(self, problem: AttentionProblem) -> LaunchConfig:
-        # The tile says block_q (the plan's tile height) and the loop form.
-        return LaunchConfig(choose_form(problem), use_tma=True)
+        """The form (:func:`choose_form`; its ``block_q`` is the plan's tile height), and
+        split-KV for span launches of few tiles over long KV, as the portable kernel
+        decides it (:func:`~spanfill.backends.triton_config.pick_num_splits`)."""
+        from .triton import packed_tile_bound
+        from .triton_config import pick_num_splits
+
+        tile = choose_form(problem)
+        splits = 1
+        if problem.paged:
+            tiles = packed_tile_bound(problem.num_tokens, problem.num_requests, tile.block_q)
+            splits = pick_num_splits(tiles * (problem.num_q_heads // tile.heads),
+                                     problem.max_kv_len, tile, problem.device)
+        return LaunchConfig(tile, num_splits=splits, use_tma=True)
 
     def attend(self, config: LaunchConfig, plan, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, sm_scale: float, causal: bool, return_lse: bool,

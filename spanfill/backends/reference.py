@@ -24,5 +24,8 @@ class ReferenceBackend:
     def supports(self, problem: AttentionProblem) -> tuple[bool, str]:
         return self.supports_device(problem.device)
 
+    def auto_selects(self, problem: AttentionProblem | torch.device) -> tuple[bool, str]:
+        return True, ""  # wherever it runs
+
     def select_config(self, problem: AttentionProblem) -> LaunchConfig:
         return LaunchConfig(tile=None)

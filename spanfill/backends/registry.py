@@ -1,7 +1,9 @@
 """The backend registry: one selection order, one override, one reason.
 
-Backends are tried in :data:`ORDER`; the first whose ``supports(problem)`` says yes
-runs the call. ``backend=`` on an op, or the ``SPANFILL_BACKEND`` environment
+Backends are tried in :data:`ORDER`; the first whose ``supports(problem)`` and
+``auto_selects(problem)`` both say yes runs the call (``supports``: it can run it;
+``auto_selects``: it is the one to take, as a family that is correct but measured
+slower on a problem declines it). ``backend=`` on an op, or the ``SPANFILL_BACKEND`` environment
 variable, names one instead (``"auto"``: the order). Selection reads host-known
 metadata only (see :mod:`spanfill.backends.problem`).
 """
@@ -19,7 +21,7 @@ from .problem import AttentionProblem, LaunchConfig
 from .reference import ReferenceBackend
 from .triton import PortableTritonBackend
 
-__all__ = ["AUTO", "Backend", "ORDER", "OPT_IN", "CHOICES", "get_backend", "select_backend",
+__all__ = ["AUTO", "Backend", "ORDER", "CHOICES", "get_backend", "select_backend",
            "requested_backend"]
 
 
@@ -34,22 +36,23 @@ class Backend(Protocol):
     def supports(self, problem: AttentionProblem) -> tuple[bool, str]:
         """Whether it runs ``problem``, and why (or why not)."""
 
+    def auto_selects(self, problem: AttentionProblem | torch.device) -> tuple[bool, str]:
+        """Whether the automatic choice takes it for a problem (or device) it supports."""
+
     def select_config(self, problem: AttentionProblem) -> LaunchConfig:
         """Tiles, splits and descriptors for ``problem``; no sync, no allocation."""
 
 
-# The selection order: the kernels where they run, the reference everywhere else.
-ORDER: tuple[Backend, ...] = (PortableTritonBackend(), ReferenceBackend())
-# Registered but chosen only by name until validated on a GPU: the Hopper (Gluon)
-# family, which joins ORDER ahead of the portable kernels once its GPU tests pass.
-OPT_IN: tuple[Backend, ...] = (GluonHopperBackend(),)
+# The selection order: the Hopper family where it is the faster one (D=256 spans), the
+# portable kernels where they run, the reference everywhere else.
+ORDER: tuple[Backend, ...] = (GluonHopperBackend(), PortableTritonBackend(), ReferenceBackend())
 AUTO = "auto"
-CHOICES = (AUTO,) + tuple(b.name for b in ORDER + OPT_IN)
+CHOICES = (AUTO,) + tuple(b.name for b in ORDER)
 
 
 def get_backend(name: str) -> Backend:
     """The registered backend called ``name``."""
-    for backend in ORDER + OPT_IN:
+    for backend in ORDER:
         if backend.name == name:
             return backend
     raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
@@ -93,6 +96,9 @@ def select_backend(problem: AttentionProblem | torch.device,
     refused = []
     for candidate in ORDER:
         ok, reason = check(candidate)
+        if ok:
+            ok, preference = candidate.auto_selects(problem)
+            reason = preference or reason
         if ok:
             why = f"{reason}" + (f" (not {'; not '.join(refused)})" if refused else "")
             if candidate.name == "reference" and isinstance(problem, AttentionProblem) \

@@ -41,6 +41,9 @@ class PortableTritonBackend:
     def supports(self, problem: AttentionProblem) -> tuple[bool, str]:
         return self.supports_device(problem.device)
 
+    def auto_selects(self, problem: AttentionProblem | torch.device) -> tuple[bool, str]:
+        return True, ""  # wherever it runs
+
     def select_config(self, problem: AttentionProblem) -> LaunchConfig:
         """Tiles from the tuned table, then split-KV for span launches of few tiles over
         long KV, and tensor descriptors for dense K/V where they pay."""
