@@ -210,8 +210,10 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     chosen, reason = select_backend(as_cuda(dense))
     assert chosen.name == "triton" and "not gluon: padded at D=64: the portable kernel" in reason
     assert select_backend(as_cuda(dense), "gluon")[0] is gluon
-    # MHA: one head per 128-row program, the producer warp, 128 KV positions per step.
-    config = gluon.select_config(as_cuda(dense))
+    # D=64: the first form (64 rows, in sequence), faster there than 128-row programs.
+    assert gluon.select_config(as_cuda(dense)).tile == backends.gluon.VALIDATED
+    # D=128, MHA: one head per 128-row program, the producer warp, 128 KV positions a step.
+    config = gluon.select_config(as_cuda(dense, head_dim=128))
     assert (config.block_q, config.tile.producer, config.tile.overlap) == (128, True, False)
     assert config.tile.block_n == 128 and config.num_splits == 1
     for change, why in ((dict(head_dim=80), "D=80"), (dict(window_left=7), "sliding window"),
@@ -241,8 +243,9 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
         ok, reason = gluon.supports(problem)
         assert not ok and why in reason, reason
         assert select_backend(problem)[0].name == "triton"
-    # GQA 4 stacked in the 128-row program (32 query tokens per tile).
-    assert gluon.select_config(paged()).tile.heads == 4 and gluon.select_config(paged()).block_q == 32
+    # D=128, GQA 4 stacked in the 128-row program (32 query tokens per tile).
+    d128 = gluon.select_config(paged(head_dim=128))
+    assert d128.tile.heads == 4 and d128.block_q == 32 and d128.tile.producer
     assert select_backend(paged())[0].name == "triton"  # D=64 spans: the portable kernel
     assert select_backend(paged(head_dim=256))[0] is gluon
     assert select_backend(paged(head_dim=256, window_left=3))[0].name == "triton"

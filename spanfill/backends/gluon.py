@@ -54,15 +54,22 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     """The launch form for ``problem``.
 
     ``scripts/ab_gluon.py`` on the H200 at 2a43871 (``bench/results/ab_gluon_h200_2a43871.csv``,
-    bf16): 128-row programs (two consumer warp groups) fed by a producer warp were the
-    fastest form on few_big (D=128, GQA 4), few_big_d256 (D=256, GQA 2) and enc_2k_d128
-    (dense, MHA): 0.653, 0.563 and 0.614 ms against 1.136, 0.826 and 0.712 ms for
-    :data:`VALIDATED`. The softmax under the previous PV (``overlap``) was slower in every
-    pairing. Stacking the GQA group's heads gained up to 2%. D=256 takes 64 KV positions
-    per step, so that the fp32 accumulator and a two-stage ring fit.
+    bf16): at D 128 and 256, 128-row programs (two consumer warp groups) fed by a producer
+    warp were the fastest form on few_big (D=128, GQA 4), few_big_d256 (D=256, GQA 2) and
+    enc_2k_d128 (dense, MHA): 0.653, 0.563 and 0.614 ms against 1.136, 0.826 and 0.712 ms
+    for :data:`VALIDATED`. The softmax under the previous PV (``overlap``) was slower in
+    every pairing; stacking the GQA group's heads gained up to 2%. D=256 takes 64 KV
+    positions per step, so that the fp32 accumulator and a two-stage ring fit.
+
+    At D=64 the 128-row form was slower on the padded batches (bert_base_512 0.178 ms,
+    docs_8k_d64 1.289 ms at dc0020c, ``core_nvidia-h200_20261130-175657.csv``) than
+    :data:`VALIDATED` had been (0.118 and 0.956 ms at e24d028,
+    ``core_nvidia-h200_20261130-145539.csv``; its TTGIR is unchanged since), so D=64 keeps it.
     """
     from .triton_config import _stacked_heads
 
+    if problem.head_dim <= 64:
+        return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     return GluonTile(block_m=128, block_n=64 if problem.head_dim > 128 else 128, heads=stack,
                      num_warps=8, num_stages=2, overlap=False, producer=True)
