@@ -328,6 +328,12 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
                                                         zero_fill=False, splits=3), ()),
     "gluon_paged_split2_page256_overlap_producer_d128": (gluon_paged_case(
         16, 256, 8, 8, 2, 128, warp_specialize=True, overlap=True, stack=4, splits=2), ()),
+    # the forms the registry launches (backends/gluon.py choose_form): D=256 spans (the
+    # automatic choice) and D=128, 128 rows fed by a producer warp, GQA stacked, split
+    "gluon_paged_registry_d256_page16_split4": (gluon_paged_case(
+        16, 16, 200, 4, 2, 256, warp_specialize=True, block_m=128, stack=2, splits=4), ()),
+    "gluon_dense_registry_m128_producer_d128": (gluon_dense_case(
+        2, 64, 4, 4, 128, causal=False, zero_fill=True, warp_specialize=True, block_m=128), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),
