@@ -398,6 +398,7 @@ SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] 
     "flashinfer_span_entries": _flashinfer("span_entries"),
     "flashinfer_custom_mask": _flashinfer("custom_mask"),
     "fa4_span_entries": _fa4("span_entries"),
+    "fa4_dense": _fa4("dense"),
     # Last: a first run of a new kernel family that could fault would end the process.
     "spanfill_gluon": spanfill_gluon_span,
 }
@@ -418,10 +419,10 @@ PADDED: dict[str, Callable[[PaddedWorkload, PaddedTensors], Prepared]] = {
     "spanfill_gluon": spanfill_gluon,
 }
 
-CEILINGS = frozenset({"sdpa_cudnn_dense", "sdpa_flash_dense"})
+CEILINGS = frozenset({"sdpa_cudnn_dense", "sdpa_flash_dense", "fa4_dense"})
 FLASHINFER = frozenset({"flashinfer_span_entries", "flashinfer_custom_mask"})
 # FlashAttention-4 (flash_attn.cute): on by default, left out when it does not import.
-FA4 = frozenset({"fa4_span_entries", "fa4_padded"})
+FA4 = frozenset({"fa4_span_entries", "fa4_padded", "fa4_dense"})
 FP8 = frozenset(f"spanfill_fp8_{suffix}" for suffix in FP8_FORMATS)
 
 # Providers that run only on these workloads unless --only names both the provider and

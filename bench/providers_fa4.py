@@ -16,6 +16,9 @@ accepts a bare tensor, in case a version returns only ``out``.
   path takes ``page_table`` + ``seqused_k``; ``cu_seqlens_k`` must be None with it.
   A sliding window is ``window_size=(window_left, 0)``, relative to that same
   diagonal (= the row's position, each entry's KV starting at position 0).
+* ``dense``: the dense causal ceiling in FA4 (like ``sdpa_cudnn_dense``): contiguous
+  ``[1, n, Hq, D]`` q, k and v of the prompt length ``n``, ``causal=True``; issue 16
+  measures a whole-prompt span against its rate.
 * ``padded``: the ``[B, S, H, D]`` batch as it is, ``seqused_q = seqused_k =
   valid_lens`` (right padding, the only padding the workloads have). The rows past
   ``valid_lens`` are left unwritten (``torch.empty``); the check compares only the
@@ -30,13 +33,19 @@ first-call time of the note. Per-layout metadata (``cu_seqlens_q``, the page tab
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from .providers_base import Prepared, window_of
+from spanfill import reference
+from spanfill.testing import rel_err
+
+from .check import row_subset
+from .providers_base import Prepared, Unsupported, window_of
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
-__all__ = ["available", "span_entries", "padded"]
+__all__ = ["available", "span_entries", "dense", "padded"]
 
 
 def available() -> tuple[bool, str]:
@@ -114,6 +123,43 @@ def span_entries(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     if window >= 0:
         note += f"; window_size=({window}, 0)"
     return Prepared(run, run, note=note)
+
+
+def dense(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """FA4's dense causal attention over the longest prompt: a ceiling, not a peer.
+
+    Parameters
+    ----------
+    w : the workload (``seq_lens``, heads, ``head_dim``, ``seed``)
+    t : its tensors (only ``q``'s device and dtype are used)
+
+    Returns
+    -------
+    Prepared with the ceiling's FLOPs (causal half of ``4 * Hq * D * n^2``) and its own
+    check (sampled rows against :func:`spanfill.reference.attend`).
+    """
+    from flash_attn.cute import flash_attn_func
+
+    if window_of(w) >= 0:
+        raise Unsupported("dense causal ceiling has no sliding window: not comparable")
+    device, n, hq, d = t.q.device, max(w.seq_lens), w.num_q_heads, w.head_dim
+    gen = torch.Generator(device=device)
+    gen.manual_seed(w.seed + 7)
+    q, k, v = (torch.randn((1, n, hq, d), generator=gen, device=device).to(t.q.dtype)
+               for _ in range(3))
+
+    def run() -> torch.Tensor:
+        return _out(flash_attn_func(q, k, v, causal=True, softmax_scale=d ** -0.5))
+
+    def own_check() -> float:
+        out = run()[0]
+        rows = torch.from_numpy(row_subset(np.random.default_rng(w.seed), n, hq, n)).to(device)
+        ref, _ = reference.attend(q[0][rows], k[0], v[0], rows, True, 1.0 / math.sqrt(d))
+        return rel_err(out[rows], ref)
+
+    _first_call(run, f"dense causal 1x{n}x{hq}x{d}")
+    return Prepared(run, None, None, 4.0 * hq * d * n * (n + 1) / 2, own_check,
+                    note=f"ceiling: dense causal FA4 1x{n}x{hq}x{d} (flash_attn_func)")
 
 
 def padded(w: PaddedWorkload, t: PaddedTensors) -> Prepared:

@@ -18,11 +18,18 @@ __all__ = ["COLUMNS", "markdown", "targets", "write_plots", "read_csv", "main"]
 
 COLUMNS = ["kernel", "provider", "workload", "x", "metric", "unit", "p50", "p20", "p80",
            "tflops", "gpu", "torch", "triton", "commit", "date", "note"]
-CEILINGS = ("sdpa_cudnn_dense", "sdpa_flash_dense")
+CEILINGS = ("sdpa_cudnn_dense", "sdpa_flash_dense", "fa4_dense")
 # The workloads BENCHMARKS.md sets targets for; any other core row (few_big_swa, the
 # sliding-window row) is informational: in the tables, labelled, never in the targets.
 TARGET_WORKLOADS = ("few_big", "many_small", "scatter15", "long_32k", "bert_base_512",
                     "enc_2k_d128", "few_big_d256", "docs_8k_d64")
+# Issue 16's goals against FlashAttention-4 in the same run: no longer than FA4's kernel
+# on these layouts (its span-entries or padded row), and a single span over a whole
+# 8,192-token prompt at >= 95% of FA4's dense causal rate.
+FA4_TIME_WORKLOADS = {"few_big": "fa4_span_entries", "long_32k": "fa4_span_entries",
+                      "few_big_d256": "fa4_span_entries", "enc_2k_d128": "fa4_padded",
+                      "docs_8k_d64": "fa4_padded"}
+WHOLE_PROMPT_WORKLOAD = "whole_8k"
 # Issue 17's goal for raw valid_lens called again with the same tensor.
 RAW_LENS_WORKLOADS = ("bert_base_512", "minilm_b256_s128")
 ATTENTION_KERNELS = ("span_prefill", "padded_prefill")
@@ -230,6 +237,14 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
         r = _f(app["p50"]) / _f(cp["p50"])
         add(f"append_kv bandwidth / copy ({_f(app['p50']):.0f} / {_f(cp['p50']):.0f} GB/s)",
             "append_kv", r, ">= 80%", r >= 0.8, "{:.0%}")
+    for w, peer in FA4_TIME_WORKLOADS.items():
+        s, fa4 = _p50(index, w, "spanfill"), _p50(index, w, peer)
+        if s is not None and fa4 is not None:
+            add(f"spanfill time / FA4 kernel time ({peer})", w, s / fa4, "<= 1.00x", s <= fa4)
+    mine, dense = (_tflops(index, WHOLE_PROMPT_WORKLOAD, p) for p in ("spanfill", "fa4_dense"))
+    if mine is not None and dense is not None:
+        add("whole-prompt span / FA4 dense causal rate", WHOLE_PROMPT_WORKLOAD, mine / dense,
+            ">= 95%", mine / dense >= 0.95, "{:.0%}")
     for w in all_workloads:
         raw, s = _p50(index, w, "spanfill_raw_lens"), _p50(index, w, "spanfill")
         if w in RAW_LENS_WORKLOADS and raw is not None and s is not None:

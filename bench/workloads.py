@@ -317,7 +317,8 @@ def with_window(w: SegmentedWorkload, name: str, window_left: int) -> SegmentedW
 
 def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload | PaddedWorkload]:
     """The six workloads of BENCHMARKS.md, issue 16's ``few_big_d256`` (GQA 16/8, D=256,
-    2 x 8192 with 8 spans of 256) and ``docs_8k_d64`` (B4 x 8192, D=64, ~54% fill), plus
+    2 x 8192 with 8 spans of 256), ``whole_8k`` (one span over a whole 8,192-token
+    prompt) and ``docs_8k_d64`` (B4 x 8192, D=64, ~54% fill), plus
     two informational ones: ``few_big_swa``
     (few_big under a sliding window) and ``tail_32k`` (8 requests x 32768 tokens with one
     16-token hole each: 128 rows over long KV, memory-bound, where an fp8 cache's halved
@@ -336,6 +337,7 @@ def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload
             segmented_uniform("tail_32k", 2, 1024, 1, 4, seed, **seg),
             segmented_uniform("few_big_d256", 2, 256, 4, 16, seed, num_q_heads=4,
                               num_kv_heads=2, head_dim=64, page_size=4),
+            segmented_uniform("whole_8k", 1, 256, 1, 256, seed, **seg),
             padded_uniform("bert_base_512", 4, 32, 2, 32, seed=seed),
             padded_uniform("enc_2k_d128", 2, 64, 2, 32, seed=seed),
             padded_fill("docs_8k_d64", 2, 64, 0.54, 2, 32, seed=seed),
@@ -352,6 +354,8 @@ def core_workloads(small: bool = False, seed: int = 0) -> list[SegmentedWorkload
         # Issue 16's large-tile rows: GQA 16/8 at D=256, and long padded documents.
         segmented_uniform("few_big_d256", 2, 8192, 8, 256, seed, num_q_heads=16,
                           num_kv_heads=8, head_dim=256),
+        # Issue 16: one span covering a whole 8,192-token prompt, against FA4's dense rate.
+        segmented_uniform("whole_8k", 1, 8192, 1, 8192, seed),
         padded_uniform("bert_base_512", 64, 512, 12, 64, seed=seed),
         padded_uniform("enc_2k_d128", 16, 2048, 16, 128, seed=seed),
         padded_fill("docs_8k_d64", 4, 8192, 0.54, 12, 64, seed=seed),

@@ -233,3 +233,24 @@ def test_sliding_window_check_and_providers() -> None:
     for name in ("full_recompute", "sdpa_cudnn_dense", "sdpa_flash_dense"):
         with pytest.raises(prov.Unsupported):
             prov.SEGMENTED[name](w, t)
+
+
+def test_fa4_targets_of_issue_16() -> None:
+    """spanfill's time against FA4's on the five layouts, and a whole-prompt span's rate
+    against FA4's dense causal ceiling (which is no peer in "vs fastest peer")."""
+    def row(w: str, p: str, ms: float, tflops: float | None = None,
+            kernel: str = "span_prefill") -> dict:
+        return {"kernel": kernel, "provider": p, "workload": w, "metric": "kernel_time",
+                "unit": "ms", "p50": ms, "tflops": tflops}
+
+    rows = [row("few_big", "spanfill", 0.5), row("few_big", "fa4_span_entries", 0.45),
+            row("few_big", "fa4_dense", 0.1),
+            row("enc_2k_d128", "spanfill", 0.3, kernel="padded_prefill"),
+            row("enc_2k_d128", "fa4_padded", 0.4, kernel="padded_prefill"),
+            row("whole_8k", "spanfill", 1.0, 570.0), row("whole_8k", "fa4_dense", 0.95, 600.0)]
+    got = {(g[0], g[1]): (g[2], g[4]) for g in targets(rows)}
+    assert got[("spanfill time / FA4 kernel time (fa4_span_entries)", "few_big")] == ("1.11x", "NO")
+    assert got[("spanfill time / FA4 kernel time (fa4_padded)", "enc_2k_d128")] == ("0.75x", "yes")
+    assert got[("whole-prompt span / FA4 dense causal rate", "whole_8k")] == ("95%", "yes")
+    assert got[("vs fastest peer incl. its planning (fa4_span_entries)", "few_big")][0] == "0.90x"
+    assert CORE["whole_8k"].spans == (((0, 8192),),)
