@@ -19,7 +19,7 @@ from spanfill.backends import (AttentionProblem, LaunchConfig, dense_problem, ge
                                paged_problem, select_backend)
 
 from .check import packed_valid_index
-from .providers_base import Prepared, spanfill_backend, window_of
+from .providers_base import Prepared, Unsupported, spanfill_backend, window_of
 from .tile_work import TileWork, tile_work
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
@@ -213,21 +213,32 @@ def spanfill_nopad(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
                                    "(spanfill internals, as varlen_prefill calls them)")
 
 
+def _gluon_first_call(run: Callable[[], torch.Tensor]) -> None:
+    """The first call; the backend refusing the workload (a window, D=32, not a Hopper
+    GPU) becomes a ``skipped`` row with its reason, not an error row."""
+    try:
+        run()
+    except ValueError as exc:
+        if "cannot run here" in str(exc):
+            raise Unsupported(str(exc)) from exc
+        raise
+
+
 def spanfill_gluon_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     """sf.span_prefill with ``backend="gluon"`` on the prebuilt layout: the Hopper family
-    over the page pool (an error row where it does not run: a window, small pages...)."""
+    over the page pool (a skipped row where it does not run: a window...)."""
     extra = {"window_left": window_of(w)} if window_of(w) >= 0 else {}
 
     def run() -> torch.Tensor:
         return sf.span_prefill(t.q, t.k_cache, t.v_cache, t.layout, backend="gluon", **extra)
 
-    run()
+    _gluon_first_call(run)
     return Prepared(run, run, note="prebuilt SpanLayout; backend=gluon (TMA per page + wgmma)")
 
 
 def spanfill_gluon(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
     """sf.padded_prefill with ``backend="gluon"``: the Hopper (Gluon) family, also where
-    the automatic choice does not take it (an error row where it does not run: not
+    the automatic choice does not take it (a skipped row where it does not run: not
     Hopper, or a shape it refuses)."""
     idx = packed_valid_index(t.valid_lens, w.seq_len)
     layout = sf.PaddedLayout.build(t.valid_lens, w.seq_len)
@@ -235,6 +246,6 @@ def spanfill_gluon(w: PaddedWorkload, t: PaddedTensors) -> Prepared:
     def run() -> torch.Tensor:
         return sf.padded_prefill(t.q, t.k, t.v, layout, causal=w.causal, backend="gluon")
 
-    run()
+    _gluon_first_call(run)
     return Prepared(run, lambda: run().reshape(-1, w.num_heads, w.head_dim)[idx],
                     note="prebuilt PaddedLayout; backend=gluon (TMA + wgmma)")

@@ -254,3 +254,16 @@ def test_fa4_targets_of_issue_16() -> None:
     assert got[("whole-prompt span / FA4 dense causal rate", "whole_8k")] == ("95%", "yes")
     assert got[("vs fastest peer incl. its planning (fa4_span_entries)", "few_big")][0] == "0.90x"
     assert CORE["whole_8k"].spans == (((0, 8192),),)
+
+
+def test_gluon_rows_are_skipped_where_the_backend_refuses() -> None:
+    """A workload the Gluon backend does not take (here: CPU tensors) gives a skipped
+    row with the backend's reason, not an error row."""
+    from bench.providers_base import Unsupported
+
+    small = {w.name: w for w in core_workloads(small=True)}
+    for name, provider in (("few_big", prov.SEGMENTED["spanfill_gluon"]),
+                           ("bert_base_512", prov.PADDED["spanfill_gluon"])):
+        w = small[name]
+        with pytest.raises(Unsupported, match="backend='gluon' cannot run here: .*Hopper"):
+            provider(w, w.make(torch.device("cpu"), torch.float32))
