@@ -18,7 +18,6 @@ count of :meth:`GluonHopperBackend.select_config`), from ``scripts/ab_gluon.py``
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch

@@ -1,10 +1,10 @@
 """The backend registry: one selection order, one override, one reason.
 
-Backends are tried in :data:`ORDER`; the first whose ``supports(problem)`` and
-``auto_selects(problem)`` both say yes runs the call (``supports``: it can run it;
+Backends are tried in :data:`ORDER`; the first whose ``auto_selects(problem)`` and
+``supports(problem)`` both say yes runs the call (``supports``: it can run it;
 ``auto_selects``: it is the one to take, as a family that is correct but measured
-slower on a problem declines it). ``backend=`` on an op, or the ``SPANFILL_BACKEND`` environment
-variable, names one instead (``"auto"``: the order). Selection reads host-known
+slower on a problem declines it). ``backend=`` on an op, or the ``SPANFILL_BACKEND``
+environment variable, names one instead (``"auto"``: the order). Selection reads host-known
 metadata only (see :mod:`spanfill.backends.problem`).
 """
 
@@ -95,10 +95,12 @@ def select_backend(problem: AttentionProblem | torch.device,
         return chosen, f"asked for ({'backend=' if backend else 'SPANFILL_BACKEND='}{choice}): {reason}"
     refused = []
     for candidate in ORDER:
-        ok, reason = check(candidate)
-        if ok:
-            ok, preference = candidate.auto_selects(problem)
-            reason = preference or reason
+        # The preference first: it reads only the op and D, so a family that declines
+        # costs every call almost nothing on the host.
+        wanted, preference = candidate.auto_selects(problem)
+        ok, reason = check(candidate) if wanted else (False, preference)
+        if ok and preference:
+            reason = preference
         if ok:
             why = f"{reason}" + (f" (not {'; not '.join(refused)})" if refused else "")
             if candidate.name == "reference" and isinstance(problem, AttentionProblem) \
