@@ -65,7 +65,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 def compile_instead_of_launch(sink: list[dict]):
     """Replace every Triton launch with an sm_90 compile of what it would have run.
 
-    Each launch appends ``{"kernel", "constexpr_ints", "ttgir"}`` to ``sink``:
+    Each launch appends ``{"kernel", "constexpr_ints", "ttgir", "ptx"}`` to ``sink``:
     ``constexpr_ints`` are the integer arguments Triton made compile-time constants.
     """
     backend = make_backend(TARGET)
@@ -87,7 +87,7 @@ def compile_instead_of_launch(sink: list[dict]):
                        for path, value in constexprs.items()
                        if not self.params[path[0]].is_constexpr and isinstance(value, int)}
         sink.append({"kernel": self.__name__, "constexpr_ints": specialised,
-                     "ttgir": kernel.asm["ttgir"]})
+                     "ttgir": kernel.asm["ttgir"], "ptx": kernel.asm.get("ptx", "")})
         return kernel
 
     JITFunction.run = run

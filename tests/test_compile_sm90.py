@@ -142,3 +142,20 @@ def test_compare_kernel_ir_against_head(tmp_path_factory) -> None:
     assert " 0 differ" in done.stdout
     for case in SPECIALISED_CASES:  # every case's launches were compiled on both sides
         assert f"\n{case}.0." in "\n" + done.stdout, case
+
+
+def test_ptxas_usage_of_a_gluon_form() -> None:
+    """scripts/ptxas_usage.py reads registers and spills off Triton's own ptxas."""
+    pytest.importorskip("triton.backends.nvidia")
+    done = subprocess.run(
+        [sys.executable, "-c",
+         "import json, sys; sys.path.insert(0, 'scripts'); import ptxas_usage as p; "
+         "from compile_sm90 import compile_instead_of_launch, gluon_paged_case; sink = []\n"
+         "with compile_instead_of_launch(sink): gluon_paged_case(40, 16, 8, 8, 2, 64)()\n"
+         "print(json.dumps(p.ptxas_usage(sink[0]['ptx'])))"],
+        cwd=SCRIPTS.parent, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    usage = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0 < usage["registers"] <= 255 and usage["spill_stores"] >= 0
+    assert set(usage) == {"registers", "spill_stores", "spill_loads"}
