@@ -1,12 +1,13 @@
-"""Hopper (sm_90) attention in Triton's Gluon dialect: the first step of issue 16.
+"""Hopper (sm_90) attention in Triton's Gluon dialect (issue 16).
 
-Status: correct on the H200 for D 64/128 with 64-row programs (the whole GPU suite's
-``tests/test_gluon_gpu.py`` at b68ef4e), slower than the portable kernel so far
-(``docs/performance.md``), so it is opt-in (``backend="gluon"``). 128-row programs
-(two warp groups), D=256, the overlapped KV loop (``overlap=True``), GQA head stacking
-(``stack``), split-KV (``num_splits``) and paged K/V (:func:`attention_fwd_paged`) compile for sm_90 on Triton 3.6 and 3.9 and have GPU tests
-that have not run yet; the backend does not use them until they have
-(``scripts/ab_gluon.py`` times every form against the portable kernel).
+Status: every form is correct on the H200 (``tests/test_gluon_gpu.py`` in the whole GPU
+suite at dc0020c, and 5,000 fuzz examples through ``backend="gluon"``): 64- or 128-row
+programs (one or two warp groups), D 64/128/256, the softmax in sequence or under the
+previous tile's PV (``overlap=True``), with or without a producer warp, GQA head
+stacking (``stack``), split-KV (``num_splits``), dense and paged K/V
+(:func:`attention_fwd_paged`). Which form runs, and where the registry takes this
+family at all (span prefill at D=256, where it is 1.9x the portable kernel), is
+decided in ``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
 prefill; pages of up to 256 rows: one TMA copy per page of 8 rows or more, or per tile
 of a larger page; cp.async gathers for smaller pages), fp16/bf16, one q head per
@@ -30,12 +31,10 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   the softmax runs while PV does (:func:`_kv_loop_overlapped`).
 
 What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
-softmax under each other's wgmma, register reallocation beyond the producer's, and a
-split-KV merge inside the launch (here a second launch merges). Register use on sm_90
-(``cuobjdump -res-usage`` of the compile cases): 219 per thread for the 64-row D=128
-kernel, 255 with the overlap (no spills), 198 for 128 rows; at 147 KiB of shared memory
-the 64-row kernel runs one warp group per SM, which is likely why it trails the
-portable kernel.
+softmax under each other's wgmma (here the two warp groups of a 128-row program run the
+same steps at the same time), register reallocation beyond the producer's, and a
+split-KV merge inside the launch (here a second launch merges). Registers and spills of
+every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
 """
 
 from __future__ import annotations
