@@ -187,6 +187,28 @@ def test_info_explains_every_example(monkeypatch) -> None:
     assert explain(examples[0][1], "nope").startswith("error: backend must be one of")
 
 
+def test_info_on_hopper_names_the_gluon_form_for_d256_spans(monkeypatch) -> None:
+    """On an sm_90 GPU the D=256 span example takes the Gluon family, and the line says
+    its form; the others stay on the portable kernels with the Gluon refusal as reason."""
+    from spanfill.backends.explain import example_problems, explain
+
+    monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
+    monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
+    cuda = torch.device("cuda", 0)
+    bf16 = dict(device=cuda, dtype=torch.bfloat16, kv_dtype=torch.bfloat16)
+    lines = {name: explain(dataclasses.replace(problem, **bf16))
+             for name, problem in example_problems(CPU)}
+    d256 = next(text for name, text in lines.items() if "D=256" in name)
+    assert d256.startswith("gluon") and "BLOCK_M=128" in d256, d256
+    assert "producer_warp=yes softmax=in_sequence" in d256 and "why: D=256 span" in d256
+    for name, text in lines.items():
+        if "D=256" not in name:
+            assert text.startswith("triton") and "not gluon:" in text, text
+
+
 def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     """The Hopper family comes first, but the automatic choice takes it only for D=256
     span prefill (where it measured faster); named, it runs what it supports and refuses

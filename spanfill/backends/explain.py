@@ -2,7 +2,8 @@
 launch config, and why.
 
 The calls are described by shape only: their tensors are broadcast views of one
-small allocation, which is all selection reads (shapes, strides, pointers).
+small allocation, or a one-page cache, which is all selection reads (shapes, strides,
+pointers).
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ def _rows(rows: int, heads: int, head_dim: int, dtype: torch.dtype,
 def example_problems(device: torch.device) -> list[tuple[str, AttentionProblem]]:
     """Typical calls of each op on ``device`` (bf16 on a GPU, fp32 elsewhere)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cache = _rows(1, 8, 128, dtype, device).unsqueeze(1).expand(512, 16, 8, 128)
+    # One real page each (the pool's page count is not read; its strides are: whole NHD
+    # pages, as a real cache has them).
+    cache = torch.empty(1, 16, 8, 128, dtype=dtype, device=device)
     bert = [_rows(64 * 512, 12, 64, dtype, device)] * 3
     enc = [_rows(16 * 2048, 16, 128, dtype, device)] * 3
+    cache_d256 = torch.empty(1, 16, 8, 256, dtype=dtype, device=device)
     return [
         ("span_prefill  1 token of an 8k prompt (GQA 32/8, D=128, page 16)",
          paged_problem(_rows(1, 32, 128, dtype, device), cache, 1, 512, True)),
         ("span_prefill  4 x 512 span tokens over 2 x 8k (GQA 32/8, D=128)",
          paged_problem(_rows(2048, 32, 128, dtype, device), cache, 2, 512, True)),
+        ("span_prefill  8 x 256 span tokens over 2 x 8k (GQA 16/8, D=256)",
+         paged_problem(_rows(4096, 16, 256, dtype, device), cache_d256, 2, 512, True)),
         ("padded_prefill B64 x S512, 12 heads, D=64 (bert-base)",
          dense_problem("padded", *bert, 64, 512, False)),
         ("padded_prefill B16 x S2048, 16 heads, D=128",

@@ -37,6 +37,11 @@ class GluonTile(AttentionConfig):
     overlap: bool = False
     producer: bool = False
 
+    def describe_form(self) -> str:
+        """The loop form, for ``spanfill info``."""
+        return (f" producer_warp={'yes' if self.producer else 'no'}"
+                f" softmax={'under_pv' if self.overlap else 'in_sequence'}")
+
 
 # The first form the H200 ran correctly (the whole GPU suite at b68ef4e): 64-row programs
 # of one q head, 128 KV positions per step, a two-stage ring, the two wgmmas in sequence.
@@ -121,6 +126,8 @@ class GluonHopperBackend:
         """
         if isinstance(problem, torch.device):
             return False, "chosen per call, where faster than the portable kernel"
+        if problem.device.type != "cuda":
+            return self.supports_device(problem.device)
         if problem.op == "span" and problem.head_dim == 256:
             # few_big_d256, bf16: 0.563 ms against the portable kernel's 1.062 ms.
             return True, "D=256 span prefill: the Gluon kernel, about 1.9x the portable one"

@@ -104,7 +104,8 @@ class LaunchConfig:
         return (f"BLOCK_M={t.block_m} (block_q={t.block_q} x heads={t.heads}) BLOCK_N={t.block_n} "
                 f"warps={t.num_warps} stages={t.num_stages} "
                 f"boundary_stages={self.boundary_stages} splits={self.num_splits} "
-                f"tma={'yes' if self.use_tma else 'no'}")
+                f"tma={'yes' if self.use_tma else 'no'}"
+                + getattr(t, "describe_form", lambda: "")())
 
 
 def dense_problem(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_requests: int,
