@@ -62,7 +62,7 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     warp were the fastest form on few_big (D=128, GQA 4), few_big_d256 (D=256, GQA 2) and
     enc_2k_d128 (dense, MHA): 0.653, 0.563 and 0.614 ms against 1.136, 0.826 and 0.712 ms
     for :data:`VALIDATED`. The softmax under the previous PV (``overlap``) helped the
-    slower forms at D=128 (5-11% on few_big) but made the fastest one slower everywhere
+    slower forms at D=128 (3-11% on few_big) but made the fastest one slower everywhere
     (few_big 0.653 -> 0.750 ms, few_big_d256 0.563 -> 0.670, enc_2k_d128 0.614 -> 0.635)
     and every D=256 form slower. Stacking the GQA group's heads gained up to 2%. D=256
     takes 64 KV positions per step, so that the fp32 accumulator and a two-stage ring fit.
