@@ -32,6 +32,7 @@ from .providers_spanfill import (
     spanfill_padded_kernel,
     spanfill_gluon,
     spanfill_gluon_span,
+    spanfill_portable_span,
     spanfill_padded,
     spanfill_raw_lens,
     spanfill_segmented,
@@ -399,6 +400,7 @@ SEGMENTED: dict[str, Callable[[SegmentedWorkload, SegmentedTensors], Prepared]] 
     "flashinfer_custom_mask": _flashinfer("custom_mask"),
     "fa4_span_entries": _fa4("span_entries"),
     "fa4_dense": _fa4("dense"),
+    "spanfill_portable": spanfill_portable_span,
     # Last: a first run of a new kernel family that could fault would end the process.
     "spanfill_gluon": spanfill_gluon_span,
 }
@@ -441,4 +443,7 @@ SWEEP_PROVIDERS = frozenset({
 # On a CPU the dense ceilings cannot run (cuDNN/flash backends), nor can the CUDA-only
 # peers (FlashInfer, FA4); they are skipped there.
 GLUON = frozenset({"spanfill_gluon"})
-SMOKE_SKIP = CEILINGS | FLASHINFER | FA4 | GLUON
+# A backend named outright: on a CPU only the interpreter runs it (the smoke run's rows
+# are the reference), so the smoke run leaves it out.
+NAMED_BACKEND = frozenset({"spanfill_portable"})
+SMOKE_SKIP = CEILINGS | FLASHINFER | FA4 | GLUON | NAMED_BACKEND

@@ -25,7 +25,7 @@ from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, Segmente
 
 __all__ = ["block_q_for", "spanfill_segmented", "spanfill_padded", "spanfill_padded_kernel",
            "spanfill_nopad", "spanfill_raw_lens", "spanfill_varlen", "spanfill_gluon",
-           "spanfill_gluon_span"]
+           "spanfill_gluon_span", "spanfill_portable_span"]
 
 
 def _kernel_config(problem: AttentionProblem) -> LaunchConfig:
@@ -222,6 +222,18 @@ def _gluon_first_call(run: Callable[[], torch.Tensor]) -> None:
         if "cannot run here" in str(exc):
             raise Unsupported(str(exc)) from exc
         raise
+
+
+def spanfill_portable_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
+    """sf.span_prefill with ``backend="triton"``: the portable kernel, also where the
+    automatic choice (``spanfill``) takes the Gluon family, so both are in one run."""
+    extra = {"window_left": window_of(w)} if window_of(w) >= 0 else {}
+
+    def run() -> torch.Tensor:
+        return sf.span_prefill(t.q, t.k_cache, t.v_cache, t.layout, backend="triton", **extra)
+
+    run()
+    return Prepared(run, run, note="prebuilt SpanLayout; backend=triton (the portable kernel)")
 
 
 def spanfill_gluon_span(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:

@@ -237,6 +237,12 @@ def targets(rows: list[Row]) -> list[tuple[str, str, str, str, str]]:
         r = _f(app["p50"]) / _f(cp["p50"])
         add(f"append_kv bandwidth / copy ({_f(app['p50']):.0f} / {_f(cp['p50']):.0f} GB/s)",
             "append_kv", r, ">= 80%", r >= 0.8, "{:.0%}")
+    for w in workloads:
+        # The automatic choice against the portable kernel in the same run (issue 16: no
+        # core workload slower than the portable kernel; equal where it is the choice).
+        s, portable = _p50(index, w, "spanfill"), _p50(index, w, "spanfill_portable")
+        if s is not None and portable is not None:
+            add("  spanfill (automatic choice) / portable kernel", w, s / portable, "(info)", None)
     for w, peer in FA4_TIME_WORKLOADS.items():
         s, fa4 = _p50(index, w, "spanfill"), _p50(index, w, peer)
         if s is not None and fa4 is not None:

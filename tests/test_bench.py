@@ -267,3 +267,12 @@ def test_gluon_rows_are_skipped_where_the_backend_refuses() -> None:
         w = small[name]
         with pytest.raises(Unsupported, match="backend='gluon' cannot run here: .*Hopper"):
             provider(w, w.make(torch.device("cpu"), torch.float32))
+
+
+def test_portable_kernel_row_against_the_automatic_choice() -> None:
+    rows = [{"kernel": "span_prefill", "provider": p, "workload": "few_big_d256",
+             "metric": "kernel_time", "unit": "ms", "p50": ms}
+            for p, ms in (("spanfill", 0.55), ("spanfill_portable", 1.1))]
+    got = {(g[0], g[1]): g[2] for g in targets(rows)}
+    assert got[("  spanfill (automatic choice) / portable kernel", "few_big_d256")] == "0.50x"
+    assert "spanfill_portable" in prov.SEGMENTED and "spanfill_portable" in prov.SMOKE_SKIP
