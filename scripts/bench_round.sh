@@ -32,6 +32,10 @@ if [ -n "$peers" ]; then
     export PYTHONPATH="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}"
 fi
 echo "## working tree at $commit (after), with peers"
-cd "$repo" && SPANFILL_COMMIT="$commit" PYTHONPATH=".:${PYTHONPATH:-}" timeout "${AFTER_S:-380}" \
+# Without a "before" step the call's time is the after step's: FlashInfer's JIT builds on
+# a fresh machine take ~75 s per new shape, and 420 s ended at the padded workloads.
+after_default=380
+[ -z "$before" ] && after_default=540
+cd "$repo" && SPANFILL_COMMIT="$commit" PYTHONPATH=".:${PYTHONPATH:-}" timeout "${AFTER_S:-$after_default}" \
     python3 -m bench.run --flashinfer --out "$out/after" ${BENCH_ARGS:-} 2>&1 | grep -v "it/s\]$" | tail -80
 echo "## done $(date -u +%H:%M:%S)"
