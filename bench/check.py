@@ -91,6 +91,21 @@ def segmented_checker(w: SegmentedWorkload, t: SegmentedTensors, seed: int = 0,
     return Checker(torch.cat(rows), torch.cat(outs))
 
 
+def dense_causal_check(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       seed: int) -> float:
+    """Relative error of a dense causal ceiling's output on sampled rows.
+
+    Parameters
+    ----------
+    out, q, k, v : [n, H, D], the ceiling's output and inputs (one prompt, MHA)
+    seed : picks the sampled rows (:func:`row_subset`)
+    """
+    n, heads, d = q.shape
+    rows = torch.from_numpy(row_subset(np.random.default_rng(seed), n, heads, n)).to(q.device)
+    ref, _ = reference.attend(q[rows], k, v, rows, True, 1.0 / math.sqrt(d))
+    return rel_err(out[rows], ref)
+
+
 def packed_valid_index(valid_lens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[sum(valid_lens)] int64: the flat ``b*S + i`` of every valid row, sample by sample."""
     lens = valid_lens.long()

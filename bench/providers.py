@@ -13,17 +13,12 @@ support differs between its backends; they use SDPA's default backend choice.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spanfill import reference
-from spanfill.testing import rel_err
-
-from .check import packed_valid_index, row_subset
+from .check import dense_causal_check, packed_valid_index
 from .providers_base import Prepared, Unsupported, spanfill_backend, window_of
 from .providers_fp8 import FP8_FORMATS, spanfill_fp8
 from .providers_fused import spanfill_append_attend, spanfill_fused_append
@@ -109,11 +104,8 @@ def _dense_ceiling(backend: str) -> Callable[[SegmentedWorkload, SegmentedTensor
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         def own_check() -> float:
-            out = run()[0].transpose(0, 1)
-            rows = torch.from_numpy(row_subset(np.random.default_rng(w.seed), n, hq, n)).to(device)
-            ref, _ = reference.attend(q[0].transpose(0, 1)[rows], k[0].transpose(0, 1),
-                                      v[0].transpose(0, 1), rows, True, 1.0 / math.sqrt(d))
-            return rel_err(out[rows], ref)
+            return dense_causal_check(run()[0].transpose(0, 1), *(x[0].transpose(0, 1)
+                                                                   for x in (q, k, v)), w.seed)
 
         flops = 4.0 * hq * d * n * (n + 1) / 2
         return Prepared(run, None, None, flops, own_check,

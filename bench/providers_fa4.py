@@ -33,15 +33,10 @@ first-call time of the note. Per-layout metadata (``cu_seqlens_q``, the page tab
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from spanfill import reference
-from spanfill.testing import rel_err
-
-from .check import row_subset
+from .check import dense_causal_check
 from .providers_base import Prepared, Unsupported, window_of
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
@@ -152,10 +147,7 @@ def dense(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
         return _out(flash_attn_func(q, k, v, causal=True, softmax_scale=d ** -0.5))
 
     def own_check() -> float:
-        out = run()[0]
-        rows = torch.from_numpy(row_subset(np.random.default_rng(w.seed), n, hq, n)).to(device)
-        ref, _ = reference.attend(q[0][rows], k[0], v[0], rows, True, 1.0 / math.sqrt(d))
-        return rel_err(out[rows], ref)
+        return dense_causal_check(run()[0], q[0], k[0], v[0], w.seed)
 
     _first_call(run, f"dense causal 1x{n}x{hq}x{d}")
     return Prepared(run, None, None, 4.0 * hq * d * n * (n + 1) / 2, own_check,

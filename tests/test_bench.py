@@ -276,3 +276,15 @@ def test_portable_kernel_row_against_the_automatic_choice() -> None:
     got = {(g[0], g[1]): g[2] for g in targets(rows)}
     assert got[("  spanfill (automatic choice) / portable kernel", "few_big_d256")] == "0.50x"
     assert "spanfill_portable" in prov.SEGMENTED and "spanfill_portable" in prov.SMOKE_SKIP
+
+
+def test_dense_causal_check_of_the_ceilings() -> None:
+    """The check the dense ceilings (sdpa_cudnn_dense, fa4_dense) run on their output."""
+    from bench.check import dense_causal_check
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(40, 2, 16, generator=gen) for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(0, 1) for x in (q, k, v)), is_causal=True).transpose(0, 1)
+    assert dense_causal_check(out, q, k, v, seed=3) < 1e-5
+    assert dense_causal_check(out.flip(0), q, k, v, seed=3) > 0.1
