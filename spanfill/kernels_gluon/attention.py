@@ -522,41 +522,23 @@ def _attn_fwd_dense_kernel(
             _tma_load(q_desc, [row0, (head + g) * HEAD_DIM], q_bar,
                       q_smem.slice(g * BLOCK_Q, BLOCK_Q))
 
-    # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence;
-    # with a producer warp issuing the copies (gl.warp_specialize) or the warp group.
+    # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence
+    # (both loops take the same arguments); with a producer warp issuing the copies
+    # (gl.warp_specialize) or the warp group.
     if WARP_SPECIALIZE:
-        if OVERLAP:
-            acc, m_i, l_i = gl.warp_specialize([
-                (_kv_loop_overlapped, (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready,
-                                       empty, row0, row_end, q_start, q_stop, kv_row0, hk,
-                                       kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
-                                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
-                                       num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE,
-                                       BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)),
-                (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
-                              num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
-                              k_pool, v_pool, ROW_STRIDE)),
-            ], [1], [LOADER_REGS])
-        else:
-            acc, m_i, l_i = gl.warp_specialize([
-                (_kv_loop_sequential, (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready,
-                                       empty, row0, row_end, q_start, q_stop, kv_row0, hk,
-                                       kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype,
-                                       BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True,
-                                       num_warps, pos_ptr, HAS_POSITIONS, bt_row, PAGE_SIZE,
-                                       BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)),
-                (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
-                              num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
-                              k_pool, v_pool, ROW_STRIDE)),
-            ], [1], [LOADER_REGS])
-    elif OVERLAP:
-        acc, m_i, l_i = _kv_loop_overlapped(
-            q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end, q_start,
-            q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype, BLOCK_M,
-            BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
-            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)
+        acc, m_i, l_i = gl.warp_specialize([
+            (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential,
+             (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
+              q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
+              dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, num_warps, pos_ptr,
+              HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool,
+              ROW_STRIDE)),
+            (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
+                          num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
+                          k_pool, v_pool, ROW_STRIDE)),
+        ], [1], [LOADER_REGS])
     else:
-        acc, m_i, l_i = _kv_loop_sequential(
+        acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
             q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end, q_start,
             q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype, BLOCK_M,
             BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
