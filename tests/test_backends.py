@@ -194,9 +194,8 @@ def test_info_on_hopper_names_the_gluon_form_for_d256_spans(monkeypatch) -> None
 
     monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
     monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
     monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
     cuda = torch.device("cuda", 0)
     bf16 = dict(device=cuda, dtype=torch.bfloat16, kv_dtype=torch.bfloat16)
     lines = {name: explain(dataclasses.replace(problem, **bf16))
@@ -219,7 +218,7 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     assert not ok and "Hopper" in reason
     with pytest.raises(ValueError, match="backend='gluon' cannot run here: .*Hopper"):
         select_backend(_span_problem(), "gluon")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
     monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
     monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
     cuda = torch.device("cuda", 0)
@@ -247,6 +246,11 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     d256 = as_cuda(dense, head_dim=256)
     assert gluon.supports(d256)[0] and gluon.select_config(d256).tile.block_n == 64
     assert select_backend(d256)[0].name == "triton"  # dense D=256: not measured faster
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 8)
+    chosen, reason = select_backend(as_cuda(dense))
+    assert chosen.name == "triton" and "not gluon: sm_8x GPU: the Gluon kernels are for Hopper" \
+        in reason, reason
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
 
     def paged(page_size: int = 16, hnd: bool = False, head_dim: int = 64,
               **kw) -> backends.AttentionProblem:
@@ -277,7 +281,7 @@ def test_gluon_splits_few_tiles_over_long_kv(monkeypatch) -> None:
     """A handful of span rows over a long cache splits its KV range, as the portable
     kernel does; a full launch does not; ``SPANFILL_SPLITS`` forces a count."""
     monkeypatch.delenv("SPANFILL_SPLITS", raising=False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
     monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     gluon = backends.get_backend("gluon")

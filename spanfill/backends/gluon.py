@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import triton_config
 from .problem import AttentionProblem, LaunchConfig
 from .triton_config import AttentionConfig
 
@@ -89,7 +90,10 @@ class GluonHopperBackend:
     def supports_device(self, device: torch.device) -> tuple[bool, str]:
         if device.type != "cuda":
             return False, f"{device.type} tensors: the Gluon kernels need a Hopper GPU"
-        major = torch.cuda.get_device_capability(device)[0]
+        # The cached lookup the portable backend uses: supports() runs on every call the
+        # automatic choice might give this family.
+        major = triton_config._capability_major(
+            device.index if device.index is not None else torch.cuda.current_device())
         if major != 9:
             return False, f"sm_{major}x GPU: the Gluon kernels are for Hopper (sm_90)"
         return True, "Hopper GPU: the Gluon kernels (TMA, wgmma)"
@@ -128,8 +132,9 @@ class GluonHopperBackend:
         """
         if isinstance(problem, torch.device):
             return False, "chosen per call, where faster than the portable kernel"
-        if problem.device.type != "cuda":
-            return self.supports_device(problem.device)
+        on_hopper, why_not = self.supports_device(problem.device)
+        if not on_hopper:  # the reason a caller off Hopper needs (a cached lookup)
+            return on_hopper, why_not
         if problem.op == "span" and problem.head_dim == 256:
             # few_big_d256, bf16: 0.563 ms against the portable kernel's 1.062 ms.
             return True, "D=256 span prefill: the Gluon kernel, about 1.9x the portable one"
