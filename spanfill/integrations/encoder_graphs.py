@@ -159,10 +159,17 @@ class EncoderGraphRunner:
 
     def _step(self, bucket: _Bucket) -> torch.Tensor:
         layout = PaddedLayout.build(bucket.valid_lens, bucket.seq_len, "right", validate=False)
+        return self._forward(layout, bucket.input_ids, bucket.token_type_ids)
+
+    def _forward(self, layout, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                 **inputs: torch.Tensor) -> torch.Tensor:
+        """The model's last hidden state, its attention layers planned by ``layout``
+        (a ``PaddedLayout`` or ``VarlenLayout`` set for the call, not a mask); segment
+        ids only for a model that takes them; ``inputs``: more model arguments."""
         token = _spanfill_attention.CAPTURED_LAYOUT.set(layout)
         try:
-            segments = {"token_type_ids": bucket.token_type_ids} if self._segments else {}
-            out = self.model(input_ids=bucket.input_ids, attention_mask=None, **segments)
+            segments = {"token_type_ids": token_type_ids} if self._segments else {}
+            out = self.model(input_ids=input_ids, attention_mask=None, **inputs, **segments)
         finally:
             _spanfill_attention.CAPTURED_LAYOUT.reset(token)
         return out.last_hidden_state

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from ..layout import VarlenLayout
-from . import transformers as _spanfill_attention
 from .encoder_graphs import EncoderGraphRunner, check_buckets
 
 __all__ = ["PackedEncoderGraphRunner", "default_token_buckets"]
@@ -140,11 +139,5 @@ class PackedEncoderGraphRunner(EncoderGraphRunner):
 
     def _step(self, bucket: _PackedBucket) -> torch.Tensor:
         layout = VarlenLayout.build(bucket.cu_seqlens, bucket.tokens, validate=False)
-        token = _spanfill_attention.CAPTURED_LAYOUT.set(layout)
-        try:
-            segments = {"token_type_ids": bucket.token_type_ids} if self._segments else {}
-            out = self.model(input_ids=bucket.input_ids, attention_mask=None,
-                             position_ids=bucket.position_ids, **segments)
-        finally:
-            _spanfill_attention.CAPTURED_LAYOUT.reset(token)
-        return out.last_hidden_state
+        return self._forward(layout, bucket.input_ids, bucket.token_type_ids,
+                             position_ids=bucket.position_ids)
