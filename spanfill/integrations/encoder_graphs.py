@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ..layout import PaddedLayout
+from ..layout import PaddedLayout, VarlenLayout
 from . import transformers as _spanfill_attention
 
 __all__ = ["EncoderGraphRunner", "check_buckets"]
@@ -161,11 +161,12 @@ class EncoderGraphRunner:
         layout = PaddedLayout.build(bucket.valid_lens, bucket.seq_len, "right", validate=False)
         return self._forward(layout, bucket.input_ids, bucket.token_type_ids)
 
-    def _forward(self, layout, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+    def _forward(self, layout: PaddedLayout | VarlenLayout, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                  **inputs: torch.Tensor) -> torch.Tensor:
-        """The model's last hidden state, its attention layers planned by ``layout``
-        (a ``PaddedLayout`` or ``VarlenLayout`` set for the call, not a mask); segment
-        ids only for a model that takes them; ``inputs``: more model arguments."""
+        """The model's last hidden state ``[rows, s, H]``, its attention layers planned
+        by ``layout`` (set for the call, not a mask). ``input_ids``, ``token_type_ids``:
+        [rows, s] int64 (segment ids go only to a model that takes them); ``inputs``:
+        more model arguments (``position_ids``)."""
         token = _spanfill_attention.CAPTURED_LAYOUT.set(layout)
         try:
             segments = {"token_type_ids": token_type_ids} if self._segments else {}
