@@ -161,8 +161,8 @@ class EncoderGraphRunner:
         layout = PaddedLayout.build(bucket.valid_lens, bucket.seq_len, "right", validate=False)
         return self._forward(layout, bucket.input_ids, bucket.token_type_ids)
 
-    def _forward(self, layout: PaddedLayout | VarlenLayout, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
-                 **inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, layout: PaddedLayout | VarlenLayout, input_ids: torch.Tensor,
+                 token_type_ids: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         """The model's last hidden state ``[rows, s, H]``, its attention layers planned
         by ``layout`` (set for the call, not a mask). ``input_ids``, ``token_type_ids``:
         [rows, s] int64 (segment ids go only to a model that takes them); ``inputs``:
