@@ -126,15 +126,20 @@ def _zero_v_tail(v_tile, j, kv_len, BLOCK_N: gl.constexpr, num_warps: gl.constex
 
 
 @gluon.jit
-def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
+def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
                   s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """Masked online-softmax update for the scores ``s_acc`` of KV tile ``j``:
-    ``(p, alpha, m_new, l_new)``, ``alpha`` rescaling what was accumulated before."""
-    kv_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    visible = (kv_pos[None, :] < kv_len) & valid_s[:, None]
-    if CAUSAL:
-        visible = visible & (kv_pos[None, :] <= pos_s[:, None])
-    s_acc = gl.where(visible, s_acc, float("-inf"))
+    """Online-softmax update for the scores ``s_acc`` of KV tile ``j``:
+    ``(p, alpha, m_new, l_new)``, ``alpha`` rescaling what was accumulated before.
+    Tiles from ``mask_from`` on are masked (keys past ``kv_len``, past a row's position,
+    rows that are not valid); the earlier ones are seen in full by every valid row and
+    skip the mask's per-score compares and selects (rows that are not valid are never
+    stored, and each row's state depends on its own scores only)."""
+    if j >= mask_from:
+        kv_pos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        visible = (kv_pos[None, :] < kv_len) & valid_s[:, None]
+        if CAUSAL:
+            visible = visible & (kv_pos[None, :] <= pos_s[:, None])
+        s_acc = gl.where(visible, s_acc, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
@@ -144,7 +149,8 @@ def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
 
 
 @gluon.jit
-def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
+def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from,
+                 qk_scale,
                  s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                  num_warps: gl.constexpr):
@@ -154,8 +160,8 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
     s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     s_acc = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_acc, use_acc=False, is_async=True)
     s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-    p, alpha, m_new, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, qk_scale,
-                                         s_layout, BLOCK_N, CAUSAL)
+    p, alpha, m_new, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from,
+                                         qk_scale, s_layout, BLOCK_N, CAUSAL)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p.to(dtype),
                              gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
@@ -270,7 +276,8 @@ def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_ti
 
 @gluon.jit
 def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0,
-                        row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale,
+                        row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from,
+                        qk_scale,
                         s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
@@ -303,8 +310,9 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         stage = j % STAGES
         _wait_ready(ready, j, STAGES, PAGE_SIZE)
         acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc, m_i,
-                                     l_i, j, kv_len, valid_s, pos_s, qk_scale, s_layout,
-                                     o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL, num_warps)
+                                     l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
+                                     s_layout, o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL,
+                                     num_warps)
         if PRODUCER:
             # The wgmmas reading this stage are done (waited in _attend_tile); order the
             # generic-proxy reads and writes before the producer's next copy into it.
@@ -315,7 +323,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
 
 @gluon.jit
 def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0,
-                        row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale,
+                        row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from,
+                        qk_scale,
                         s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
@@ -353,8 +362,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         s_acc = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_acc, use_acc=False,
                               is_async=True)
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, qk_scale,
-                                           s_layout, BLOCK_N, CAUSAL)
+        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
+                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for j in range(1, num_tiles):
             stage = j % STAGES
@@ -368,7 +377,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
-                                               qk_scale, s_layout, BLOCK_N, CAUSAL)
+                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
             # p_op is PV's register operand: kept alive (a dependency) until PV retires.
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             if PRODUCER:
@@ -461,18 +470,23 @@ def _attn_fwd_dense_kernel(
     else:
         k_pool = KV_LEN
         v_pool = KV_LEN
-    # The KV range of this tile: up to the last valid row's position (causal).
+    # The KV range of this tile: up to the last valid row's position (causal); keys
+    # before seen_end (before the first valid row's position, and kv_len) are seen by
+    # every valid row, so their tiles need no masks.
     if CAUSAL:
         if not HAS_POSITIONS:
             kv_end = gl.minimum(gl.minimum(row_end, q_stop) - q_start, kv_len)
+            seen_end = gl.minimum(gl.maximum(row0, q_start) - q_start + 1, kv_len)
         else:
             rows_v = row0 + gl.arange(0, BLOCK_Q,
                                       layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
-            pos_v = gl.load(POSITIONS + rows_v, mask=(rows_v < row_end) & (rows_v >= q_start)
-                            & (rows_v < q_stop), other=-1)
+            valid_v = (rows_v < row_end) & (rows_v >= q_start) & (rows_v < q_stop)
+            pos_v = gl.load(POSITIONS + rows_v, mask=valid_v, other=-1)
             kv_end = gl.minimum(gl.max(pos_v, axis=0) + 1, kv_len)
+            seen_end = gl.minimum(gl.min(gl.where(valid_v, pos_v, kv_len), axis=0) + 1, kv_len)
     else:
         kv_end = kv_len
+        seen_end = kv_len
     num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
     if NUM_SPLITS > 1:
         # Split-KV: this program takes the split-th run of the tile's KV steps, in units
@@ -489,6 +503,7 @@ def _attn_fwd_dense_kernel(
             bt_row = bt_row + kv_shift // PAGE_SIZE
     else:
         kv_shift = 0
+    mask_from = gl.maximum(seen_end - kv_shift, 0) // BLOCK_N
 
     # Shared memory: Q, the K/V ring, an mbarrier for Q and a pair per ring stage
     # (ready: the copy landed; empty: the consumer released the stage).
@@ -529,7 +544,8 @@ def _attn_fwd_dense_kernel(
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential,
              (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
-              q_start, q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout,
+              q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout,
+              o_layout,
               dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, num_warps, pos_ptr,
               HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool,
               ROW_STRIDE)),
@@ -540,7 +556,8 @@ def _attn_fwd_dense_kernel(
     else:
         acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
             q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end, q_start,
-            q_stop, kv_row0, hk, kv_len, num_tiles, qk_scale, s_layout, o_layout, dtype, BLOCK_M,
+            q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout, o_layout,
+            dtype, BLOCK_M,
             BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
             PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)
 
