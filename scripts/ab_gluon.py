@@ -1,6 +1,6 @@
 """Time the Gluon (Hopper) kernel's variants against the portable kernel (sm_90 GPU).
 
-    PYTHONPATH=. python3 scripts/ab_gluon.py [--out DIR] [WORKLOAD ...]
+    PYTHONPATH=. python3 scripts/ab_gluon.py [--out DIR] [--forms REGEX] [WORKLOAD ...]
 
 For each workload of the core bench the Gluon kernel covers (built as ``bench/`` builds
 it, bf16; padded batches, and span layouts over pages of up to 256 rows without a
@@ -13,13 +13,15 @@ one q head per program or the KV head's whole group stacked in it. Each is check
 against the bench's reference rows first (a failed check gets no time), then timed with
 ``bench.timing.time_device`` (L2 flushed). Writes ``DIR/ab_gluon.csv`` (the bench's
 columns) and ``DIR/ab_gluon.png``, and prints a table: the data for choosing the Gluon
-backend's launch form in ``spanfill/backends/gluon.py``.
+backend's launch form in ``spanfill/backends/gluon.py`` (``gluon_chosen``: the form and
+split count it chooses, through ``backend="gluon"``; ``--forms``: only matching forms).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -32,7 +34,8 @@ import spanfill as sf  # noqa: E402
 from _results import write_rows  # noqa: E402
 from bench.check import padded_checker, segmented_checker, tolerance  # noqa: E402
 from bench.providers_base import window_of  # noqa: E402
-from bench.providers_spanfill import spanfill_padded_kernel, spanfill_segmented  # noqa: E402
+from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # noqa: E402
+                                     spanfill_padded_kernel, spanfill_portable_span)
 from bench.timing import time_device  # noqa: E402
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
@@ -98,8 +101,11 @@ def _covered(w) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--forms", default="",
+                        help="time only the Gluon forms whose names match this regex")
     parser.add_argument("workloads", nargs="*")
     args = parser.parse_args()
+    forms = re.compile(args.forms)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         raise SystemExit("needs a Hopper (sm_90) GPU")
     device = torch.device("cuda")
@@ -111,11 +117,16 @@ def main() -> None:
         padded = isinstance(w, PaddedWorkload)
         check = (padded_checker if padded else segmented_checker)(w, t)
         tol = tolerance(torch.bfloat16)
-        portable = (spanfill_padded_kernel if padded else spanfill_segmented)(w, t)
+        # The portable kernel, also where the automatic choice takes the Gluon family.
+        portable = (spanfill_padded_kernel if padded else spanfill_portable_span)(w, t)
         gluon = _gluon_run if padded else _gluon_paged_run
-        cases = [("portable", portable.run, portable.output)]
+        # backend="gluon": the form (and split count) spanfill/backends/gluon.py chooses.
+        chosen = (spanfill_gluon if padded else spanfill_gluon_span)(w, t)
+        cases = [("portable", portable.run, portable.output),
+                 ("gluon_chosen", chosen.run, chosen.output)]
         group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
-        cases += [(_name(*v), *gluon(w, t, *v)) for v in _variants(group)]
+        cases += [(_name(*v), *gluon(w, t, *v)) for v in _variants(group)
+                  if forms.search(_name(*v))]
         base = None
         kernel = "padded_prefill" if padded else "span_prefill"
         for name, run, output in cases:
