@@ -187,9 +187,10 @@ def test_info_explains_every_example(monkeypatch) -> None:
     assert explain(examples[0][1], "nope").startswith("error: backend must be one of")
 
 
-def test_info_on_hopper_names_the_gluon_form_for_d256_spans(monkeypatch) -> None:
-    """On an sm_90 GPU the D=256 span example takes the Gluon family, and the line says
-    its form; the others stay on the portable kernels with the Gluon refusal as reason."""
+def test_info_on_hopper_names_the_gluon_form_for_spans(monkeypatch) -> None:
+    """On an sm_90 GPU the span examples (D=128 and 256) take the Gluon family, and the
+    line says its form; the dense examples stay on the portable kernels with the Gluon
+    refusal as reason."""
     from spanfill.backends.explain import example_problems, explain
 
     monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
@@ -204,14 +205,16 @@ def test_info_on_hopper_names_the_gluon_form_for_d256_spans(monkeypatch) -> None
     assert d256.startswith("gluon") and "BLOCK_M=128" in d256, d256
     assert "producer_warp=yes softmax=in_sequence" in d256 and "why: D=256 span" in d256
     for name, text in lines.items():
-        if "D=256" not in name:
+        if name.startswith("span_prefill") and ("D=128" in name or "D=256" in name):
+            assert text.startswith("gluon") and "span prefill: the Gluon kernel" in text, text
+        else:
             assert text.startswith("triton") and "not gluon:" in text, text
 
 
 def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
-    """The Hopper family comes first, but the automatic choice takes it only for D=256
-    span prefill (where it measured faster); named, it runs what it supports and refuses
-    the rest, saying why."""
+    """The Hopper family comes first, but the automatic choice takes it only for span
+    prefill at D=128 and 256 (where it measured faster); named, it runs what it supports
+    and refuses the rest, saying why."""
     monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
     gluon = backends.get_backend("gluon")
     ok, reason = gluon.supports_device(CPU)
@@ -272,8 +275,11 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     # D=128, GQA 4 stacked in the 128-row program (32 query tokens per tile).
     d128 = gluon.select_config(paged(head_dim=128))
     assert d128.tile.heads == 4 and d128.block_q == 32 and d128.tile.producer
-    assert select_backend(paged())[0].name == "triton"  # D=64 spans: the portable kernel
+    chosen, reason = select_backend(paged())  # D=64 spans: not measured, the portable kernel
+    assert chosen.name == "triton" and "span at D=64: not measured" in reason, reason
+    assert select_backend(paged(head_dim=128))[0] is gluon
     assert select_backend(paged(head_dim=256))[0] is gluon
+    assert select_backend(as_cuda(dense, head_dim=128))[0].name == "triton"  # padded
     assert select_backend(paged(head_dim=256, window_left=3))[0].name == "triton"
 
 

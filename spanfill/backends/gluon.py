@@ -8,9 +8,10 @@ below). Every form of the kernel passes ``tests/test_gluon_gpu.py`` on the H200.
 
 It comes first in the registry's order, but the automatic choice takes it only where
 it measured faster than the portable kernel (:meth:`GluonHopperBackend.auto_selects`):
-span prefill at D=256. At D 64 and 128 the portable kernel is still faster on the H200
-(``scripts/ab_gluon.py``, ``docs/performance.md``), so it runs there unless
-``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one.
+span prefill at D=128 and 256. For padded and varlen prefill, and spans at D=64 (not
+measured), the portable kernel runs unless ``backend="gluon"`` (or
+``SPANFILL_BACKEND=gluon``) asks for this one (``scripts/ab_gluon.py``,
+``docs/performance.md``).
 
 Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
 count of :meth:`GluonHopperBackend.select_config`), from ``scripts/ab_gluon.py`` runs.
@@ -67,6 +68,10 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     (few_big 0.653 -> 0.750 ms, few_big_d256 0.563 -> 0.670, enc_2k_d128 0.614 -> 0.635)
     and every D=256 form slower. Stacking the GQA group's heads gained up to 2%. D=256
     takes 64 KV positions per step, so that the fp32 accumulator and a two-stage ring fit.
+    With the unmasked interior tiles (e8df284, ``ab_gluon_h200_e8df284.csv`` and
+    ``ab_gluon_h200_e3fff25.csv``) the same form stays the fastest on every span
+    workload measured: few_big 0.521 ms, few_big_d256 0.512, many_small 0.282 (stacked),
+    long_32k 1.045, whole_8k 1.089.
 
     At D=64 the 128-row form was slower on the padded batches (bert_base_512 0.178 ms,
     docs_8k_d64 1.289 ms at dc0020c, ``core_nvidia-h200_20261130-175657.csv``) than
@@ -135,9 +140,18 @@ class GluonHopperBackend:
         on_hopper, why_not = self.supports_device(problem.device)
         if not on_hopper:  # the reason a caller off Hopper needs (a cached lookup)
             return on_hopper, why_not
-        if problem.op == "span" and problem.head_dim == 256:
-            # few_big_d256, bf16: 0.563 ms against the portable kernel's 1.062 ms.
-            return True, "D=256 span prefill: the Gluon kernel, about 1.9x the portable one"
+        if problem.op == "span" and problem.head_dim in (128, 256):
+            # ab_gluon_h200_e3fff25.csv, bf16, the chosen form against the portable kernel:
+            # few_big 0.511 / 0.594 ms, many_small 0.286 / 0.329, scatter15 0.389 / 0.403,
+            # long_32k 1.043 / 1.156, whole_8k 1.092 / 1.235; D=256 (few_big_d256,
+            # ab_gluon_h200_e8df284.csv) 0.490 against 1.062 at dc0020c.
+            return True, (f"D={problem.head_dim} span prefill: the Gluon kernel, faster than "
+                          "the portable one on the H200 (scripts/ab_gluon.py)")
+        if problem.op == "span":
+            return False, (f"span at D={problem.head_dim}: not measured against the portable "
+                           "kernel; backend='gluon' runs it anyway")
+        # padded/varlen: bert_base_512 0.145 ms (64-row form) against 0.088, enc_2k_d128
+        # 0.548 against 0.477 (ab_gluon_h200_e8df284/e3fff25); only docs_8k_d64 was faster.
         return False, (f"{problem.op} at D={problem.head_dim}: the portable kernel is faster "
                        "on the H200 (scripts/ab_gluon.py); backend='gluon' runs it anyway")
 

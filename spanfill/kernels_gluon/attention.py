@@ -1,12 +1,13 @@
 """Hopper (sm_90) attention in Triton's Gluon dialect (issue 16).
 
 Status: every form is correct on the H200 (``tests/test_gluon_gpu.py`` in the whole GPU
-suite at dc0020c, and 5,000 fuzz examples through ``backend="gluon"``): 64- or 128-row
+suite, and 5,000 fuzz examples through ``backend="gluon"`` at dc0020c): 64- or 128-row
 programs (one or two warp groups), D 64/128/256, the softmax in sequence or under the
 previous tile's PV (``overlap=True``), with or without a producer warp, GQA head
 stacking (``stack``), split-KV (``num_splits``), dense and paged K/V
 (:func:`attention_fwd_paged`). Which form runs, and where the registry takes this
-family at all (span prefill at D=256, where it is 1.9x the portable kernel), is
+family at all (span prefill at D=128 and 256, where it is faster than the portable
+kernel), is
 decided in ``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
 prefill; pages of up to 256 rows: one TMA copy per page of 8 rows or more, or per tile
