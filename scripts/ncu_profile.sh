@@ -16,7 +16,7 @@ for name in "$@"; do
     "$ncu" --kernel-name regex:_attn_fwd --launch-skip 2 --launch-count 1 --set full \
         --import-source no -f -o "$rep" python3 scripts/profile_kernel.py "$name" > "$rep.run.log" 2>&1
     {
-        echo "# ncu --set full, one launch of _attn_fwd_kernel on $name (scripts/ncu_profile.sh)"
+        echo "# ncu --set full, one launch of the attention kernel (regex _attn_fwd: the portable _attn_fwd_kernel or the Gluon _attn_fwd_dense_kernel, as the automatic choice runs it) on $name (scripts/ncu_profile.sh)"
         nvidia-smi --query-gpu=name --format=csv,noheader
         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
         "$ncu" -i "$rep.ncu-rep" --page details
