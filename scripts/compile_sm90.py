@@ -332,6 +332,10 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     # automatic choice) and D=128, 128 rows fed by a producer warp, GQA stacked, split
     "gluon_paged_registry_d256_page16_split4": (gluon_paged_case(
         16, 16, 200, 4, 2, 256, warp_specialize=True, block_m=128, stack=2, splits=4), ()),
+    # the form the registry picks for D=128 spans with GQA 4 (e3fff25 on): 128 rows,
+    # producer warp, the softmax in sequence, four q heads stacked
+    "gluon_paged_registry_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, warp_specialize=True, block_m=128, stack=4), ()),
     "gluon_dense_registry_m128_producer_d128": (gluon_dense_case(
         2, 64, 4, 4, 128, causal=False, zero_fill=True, warp_specialize=True, block_m=128), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),

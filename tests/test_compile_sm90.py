@@ -46,6 +46,7 @@ SPECIALISED_CASES = [
     "gluon_dense_split3_varlen_d128", "gluon_paged_split2_page256_overlap_producer_d128",
     "gluon_paged_page1_gather_d128", "gluon_paged_page4_gather_overlap_producer_stack4_d64",
     "gluon_paged_registry_d256_page16_split4", "gluon_dense_registry_m128_producer_d128",
+    "gluon_paged_registry_stack4_d128",
 ]
 
 
