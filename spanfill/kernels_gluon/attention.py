@@ -7,8 +7,7 @@ previous tile's PV (``overlap=True``), with or without a producer warp, GQA head
 stacking (``stack``), split-KV (``num_splits``), dense and paged K/V
 (:func:`attention_fwd_paged`). Which form runs, and where the registry takes this
 family at all (span prefill at D=128 and 256, where it is faster than the portable
-kernel), is
-decided in ``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
+kernel), is decided in ``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
 prefill; pages of up to 256 rows: one TMA copy per page of 8 rows or more, or per tile
 of a larger page; cp.async gathers for smaller pages), fp16/bf16, one q head per
@@ -151,8 +150,7 @@ def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scal
 
 @gluon.jit
 def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from,
-                 qk_scale,
-                 s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
+                 qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
                  num_warps: gl.constexpr):
     """One online-softmax step over KV tile ``j`` held in shared memory, its two wgmmas
@@ -278,8 +276,8 @@ def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_ti
 @gluon.jit
 def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0,
                         row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from,
-                        qk_scale,
-                        s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
+                        qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                        dtype: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
@@ -325,8 +323,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
 @gluon.jit
 def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0,
                         row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from,
-                        qk_scale,
-                        s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
+                        qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                        dtype: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
