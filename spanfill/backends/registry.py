@@ -43,8 +43,8 @@ class Backend(Protocol):
         """Tiles, splits and descriptors for ``problem``; no sync, no allocation."""
 
 
-# The selection order: the Hopper family where it is the faster one (D=256 spans), the
-# portable kernels where they run, the reference everywhere else.
+# The selection order: the Hopper family where it is the faster one (spans at D=128 and
+# 256), the portable kernels where they run, the reference everywhere else.
 ORDER: tuple[Backend, ...] = (GluonHopperBackend(), PortableTritonBackend(), ReferenceBackend())
 AUTO = "auto"
 CHOICES = (AUTO,) + tuple(b.name for b in ORDER)
