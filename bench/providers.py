@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .check import dense_causal_check, packed_valid_index
-from .providers_base import Prepared, Unsupported, spanfill_backend, window_of
+from .providers_base import (Prepared, Unsupported, dense_ceiling_inputs, spanfill_backend,
+                             window_of)
 from .providers_fp8 import FP8_FORMATS, spanfill_fp8
 from .providers_fused import spanfill_append_attend, spanfill_fused_append
 from .providers_spanfill import (
@@ -89,25 +90,19 @@ def _dense_ceiling(backend: str) -> Callable[[SegmentedWorkload, SegmentedTensor
         """Dense causal SDPA 1 x Hq x n x D (n = the prompt length) on one backend."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        if window_of(w) >= 0:
-            raise Unsupported("dense causal ceiling has no sliding window: not comparable")
-
-        device, n, hq, d = t.q.device, max(w.seq_lens), w.num_q_heads, w.head_dim
-        gen = torch.Generator(device=device)
-        gen.manual_seed(w.seed + 7)
-        q, k, v = (torch.randn((1, hq, n, d), generator=gen, device=device).to(t.q.dtype)
-                   for _ in range(3))
+        q, k, v, flops = dense_ceiling_inputs(w, t)
+        n, hq, d = q.shape
+        # SDPA's [1, H, n, D], contiguous, made once here and not in the timed call.
+        q4, k4, v4 = (x.transpose(0, 1).contiguous()[None] for x in (q, k, v))
         chosen = getattr(SDPBackend, backend)
 
         def run() -> torch.Tensor:
             with sdpa_kernel([chosen]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
 
         def own_check() -> float:
-            return dense_causal_check(run()[0].transpose(0, 1), *(x[0].transpose(0, 1)
-                                                                   for x in (q, k, v)), w.seed)
+            return dense_causal_check(run()[0].transpose(0, 1), q, k, v, w.seed)
 
-        flops = 4.0 * hq * d * n * (n + 1) / 2
         return Prepared(run, None, None, flops, own_check,
                         note=f"ceiling: dense causal SDPA {backend} 1x{hq}x{n}x{d}")
 

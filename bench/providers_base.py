@@ -62,3 +62,28 @@ class Unsupported(Exception):
 def window_of(w: object) -> int:
     """The workload's ``window_left`` (-1: none, also for workloads without the field)."""
     return int(getattr(w, "window_left", -1))
+
+
+def dense_ceiling_inputs(w: object, t: object) -> tuple[torch.Tensor, ...]:
+    """The inputs of a dense causal ceiling (``sdpa_*_dense``, ``fa4_dense``): one prompt
+    as long as the workload's longest, MHA with its q heads, drawn from the workload's
+    seed, so every ceiling of a workload times and checks the same tensors.
+
+    Parameters
+    ----------
+    w : a segmented workload (``seq_lens``, ``num_q_heads``, ``head_dim``, ``seed``)
+    t : its tensors (only ``q``'s device and dtype are used)
+
+    Returns
+    -------
+    q, k, v : [n, Hq, D] in ``t.q``'s dtype, and the FLOPs of causal attention over them
+    (the causal half of ``4 * Hq * D * n^2``).
+    """
+    if window_of(w) >= 0:
+        raise Unsupported("dense causal ceiling has no sliding window: not comparable")
+    device, n, hq, d = t.q.device, max(w.seq_lens), w.num_q_heads, w.head_dim
+    gen = torch.Generator(device=device)
+    gen.manual_seed(w.seed + 7)
+    q, k, v = (torch.randn((n, hq, d), generator=gen, device=device).to(t.q.dtype)
+               for _ in range(3))
+    return q, k, v, 4.0 * hq * d * n * (n + 1) / 2

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .check import dense_causal_check
-from .providers_base import Prepared, Unsupported, window_of
+from .providers_base import Prepared, dense_ceiling_inputs, window_of
 from .workloads import PaddedTensors, PaddedWorkload, SegmentedTensors, SegmentedWorkload
 
 __all__ = ["available", "span_entries", "dense", "padded"]
@@ -135,22 +135,18 @@ def dense(w: SegmentedWorkload, t: SegmentedTensors) -> Prepared:
     """
     from flash_attn.cute import flash_attn_func
 
-    if window_of(w) >= 0:
-        raise Unsupported("dense causal ceiling has no sliding window: not comparable")
-    device, n, hq, d = t.q.device, max(w.seq_lens), w.num_q_heads, w.head_dim
-    gen = torch.Generator(device=device)
-    gen.manual_seed(w.seed + 7)
-    q, k, v = (torch.randn((1, n, hq, d), generator=gen, device=device).to(t.q.dtype)
-               for _ in range(3))
+    q, k, v, flops = dense_ceiling_inputs(w, t)
+    n, hq, d = q.shape
 
     def run() -> torch.Tensor:
-        return _out(flash_attn_func(q, k, v, causal=True, softmax_scale=d ** -0.5))
+        return _out(flash_attn_func(q[None], k[None], v[None], causal=True,
+                                    softmax_scale=d ** -0.5))
 
     def own_check() -> float:
-        return dense_causal_check(run()[0], q[0], k[0], v[0], w.seed)
+        return dense_causal_check(run()[0], q, k, v, w.seed)
 
     _first_call(run, f"dense causal 1x{n}x{hq}x{d}")
-    return Prepared(run, None, None, 4.0 * hq * d * n * (n + 1) / 2, own_check,
+    return Prepared(run, None, None, flops, own_check,
                     note=f"ceiling: dense causal FA4 1x{n}x{hq}x{d} (flash_attn_func)")
 
 

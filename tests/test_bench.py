@@ -288,3 +288,26 @@ def test_dense_causal_check_of_the_ceilings() -> None:
         *(x.transpose(0, 1) for x in (q, k, v)), is_causal=True).transpose(0, 1)
     assert dense_causal_check(out, q, k, v, seed=3) < 1e-5
     assert dense_causal_check(out.flip(0), q, k, v, seed=3) > 0.1
+
+
+def test_dense_ceiling_inputs_and_the_sdpa_ceiling_on_cpu() -> None:
+    """Every dense ceiling draws its inputs from one builder: [n, Hq, D] for the longest
+    prompt, the same tensors each time; a window is refused; the SDPA ceiling (math
+    backend here) passes its own check on them."""
+    import dataclasses
+
+    import bench.providers as prov
+    from bench.providers_base import Unsupported, dense_ceiling_inputs
+    from bench.workloads import core_workloads
+
+    w = next(x for x in core_workloads(small=True) if x.name == "few_big")
+    t = w.make(torch.device("cpu"), torch.float32)
+    q, k, v, flops = dense_ceiling_inputs(w, t)
+    n = max(w.seq_lens)
+    assert q.shape == (n, w.num_q_heads, w.head_dim) and q.dtype == torch.float32
+    assert flops == 4.0 * w.num_q_heads * w.head_dim * n * (n + 1) / 2
+    assert torch.equal(dense_ceiling_inputs(w, t)[0], q) and not torch.equal(q, k)
+    with pytest.raises(Unsupported, match="sliding window"):
+        dense_ceiling_inputs(dataclasses.replace(w, window_left=3), t)
+    prepared = prov._dense_ceiling("MATH")(w, t)
+    assert prepared.flops == flops and prepared.own_check() < 1e-4
