@@ -8,13 +8,16 @@ window): the portable kernel (plan prebuilt, as ``padded_prefill``/``span_prefil
 launch it) and every form of the Gluon kernel
 (:func:`~spanfill.kernels_gluon.attention.attention_fwd_dense` / ``_paged``):
 64- or 128-row programs, the softmax in sequence or under the previous tile's PV
-(``overlap``), the warp group issuing its own copies or a producer warp, and with GQA
+(``overlap``), the warp group issuing its own copies or a producer warp, the 128-row
+ping-pong form (two consumer warp groups taking turns, ``pingpong``), the same two
+partitions in sequence without turns (``split_consumers``), and with GQA
 one q head per program or the KV head's whole group stacked in it. Each is checked
 against the bench's reference rows first (a failed check gets no time), then timed with
 ``bench.timing.time_device`` (L2 flushed). Writes ``DIR/ab_gluon.csv`` (the bench's
 columns) and ``DIR/ab_gluon.png``, and prints a table: the data for choosing the Gluon
 backend's launch form in ``spanfill/backends/gluon.py`` (``gluon_chosen``: the form and
-split count it chooses, through ``backend="gluon"``; ``--forms``: only matching forms).
+split count it chooses, through ``backend="gluon"``; ``--forms``: only matching forms;
+``--tiles``: each form also at other KV tile widths and ring depths, named ``_n64_s4``).
 """
 
 from __future__ import annotations
@@ -39,22 +42,40 @@ from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # no
 from bench.timing import time_device  # noqa: E402
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
-# (rows per program, overlap, producer warp)
-FORMS = list(itertools.product((64, 128), (False, True), (False, True)))
+# (rows per program, overlap, producer warp, ping-pong warp groups)
+FORMS = [(m, o, p, False) for m, o, p in itertools.product((64, 128), (False, True),
+                                                           (False, True))]
+FORMS.append((128, True, True, True))  # FA3's ping-pong: turns at the tensor cores
+FORMS.append((128, False, True, True))  # two consumer partitions in sequence, no turns
 
 
-def _variants(group: int) -> list[tuple[int, bool, bool, int]]:
-    """Every form, with one q head per program and (GQA) the whole group stacked."""
-    return [(m, o, p, st) for m, o, p in FORMS for st in sorted({1, group})
-            if m // st >= 16]
+def _variants(group: int, tiles: list[tuple[int | None, int | None]]
+              ) -> list[tuple[int, bool, bool, int, bool, int | None, int | None]]:
+    """Every form, with one q head per program and (GQA) the whole group stacked, at each
+    ``(block_n, stages)`` of ``tiles`` (``(None, None)``: the kernel's defaults)."""
+    return [(m, o, p, st, pp, bn, ns) for m, o, p, pp in FORMS for st in sorted({1, group})
+            for bn, ns in tiles if m // st >= 16]
 
 
-def _name(block_m: int, overlap: bool, producer: bool, stack: int) -> str:
-    return (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
-            + ("_producer" if producer else "") + (f"_stack{stack}" if stack > 1 else ""))
+def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: bool,
+          block_n: int | None = None, stages: int | None = None) -> str:
+    if pingpong:
+        name = (("gluon_m128_pingpong" if overlap else "gluon_m128_split_consumers")
+                + (f"_stack{stack}" if stack > 1 else ""))
+    else:
+        name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
+                + ("_producer" if producer else "") + (f"_stack{stack}" if stack > 1 else ""))
+    return name + (f"_n{block_n}_s{stages}" if block_n else "")
 
 
-def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool, stack: int):
+def _tiles(spec: str) -> list[tuple[int | None, int | None]]:
+    """``--tiles "64:4,128:2"``: the defaults plus each ``block_n:stages``."""
+    extra = [tuple(int(x) for x in item.split(":")) for item in spec.split(",") if item]
+    return [(None, None)] + extra
+
+
+def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool, stack: int,
+               pingpong: bool, block_n: int | None, stages: int | None):
     """The Gluon kernel on the padded batch (zero-filled padding), and its valid rows."""
     from bench.check import packed_valid_index
     from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -68,12 +89,13 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
     def run() -> None:
         attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
                             block_m=block_m, warp_specialize=producer, overlap=overlap,
-                            stack=stack)
+                            stack=stack, pingpong=pingpong, block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out[idx])[1]
 
 
-def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: int):
+def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: int,
+                     pingpong: bool, block_n: int | None, stages: int | None):
     """The Gluon kernel over the workload's page pool, and its output rows."""
     from spanfill.kernels_gluon.attention import attention_fwd_paged
 
@@ -84,7 +106,8 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
     def run() -> None:
         attention_fwd_paged(t.q, t.k_cache, t.v_cache, out, None, plan, layout.positions,
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
-                            warp_specialize=producer, overlap=overlap, stack=stack)
+                            warp_specialize=producer, overlap=overlap, stack=stack,
+                            pingpong=pingpong, block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out)[1]
 
@@ -103,6 +126,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--forms", default="",
                         help="time only the Gluon forms whose names match this regex")
+    parser.add_argument("--tiles", default="",
+                        help="also each form at these block_n:stages, e.g. 64:4,128:2")
     parser.add_argument("workloads", nargs="*")
     args = parser.parse_args()
     forms = re.compile(args.forms)
@@ -125,7 +150,7 @@ def main() -> None:
         cases = [("portable", portable.run, portable.output),
                  ("gluon_chosen", chosen.run, chosen.output)]
         group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
-        cases += [(_name(*v), *gluon(w, t, *v)) for v in _variants(group)
+        cases += [(_name(*v), *gluon(w, t, *v)) for v in _variants(group, _tiles(args.tiles))
                   if forms.search(_name(*v))]
         base = None
         kernel = "padded_prefill" if padded else "span_prefill"

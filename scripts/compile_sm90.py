@@ -175,7 +175,7 @@ def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool
 def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                      zero_fill: bool, warp_specialize: bool = False,
                      block_m: int = 64, overlap: bool = False, stack: int = 1,
-                     splits: int = 1) -> Callable[[], None]:
+                     splits: int = 1, pingpong: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -188,14 +188,14 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
                             zero_fill=zero_fill, warp_specialize=warp_specialize,
                             block_m=block_m, overlap=overlap, stack=stack,
-                            num_splits=splits)
+                            num_splits=splits, pingpong=pingpong)
     return launch
 
 
 def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk: int, d: int,
                      warp_specialize: bool = False, block_m: int = 64,
                      overlap: bool = False, stack: int = 1,
-                     splits: int = 1) -> Callable[[], None]:
+                     splits: int = 1, pingpong: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) kernel over a paged cache: one request, ``rows`` span rows at
     the prompt's end, TMA copies per page (or per tile of a larger page)."""
     def launch() -> None:
@@ -210,7 +210,8 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
         lse = torch.empty(rows, hq, dtype=torch.float32)
         attention_fwd_paged(q, k, v, torch.empty_like(q), lse, plan, positions, table,
                             d ** -0.5, True, block_m=block_m, warp_specialize=warp_specialize,
-                            overlap=overlap, stack=stack, num_splits=splits)
+                            overlap=overlap, stack=stack, num_splits=splits,
+                            pingpong=pingpong)
     return launch
 
 
@@ -338,6 +339,22 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         100, 16, 24, 8, 2, 128, warp_specialize=True, block_m=128, stack=4), ()),
     "gluon_dense_registry_m128_producer_d128": (gluon_dense_case(
         2, 64, 4, 4, 128, causal=False, zero_fill=True, warp_specialize=True, block_m=128), ()),
+    # ping-pong: two consumer warp groups taking turns at the tensor cores
+    "gluon_dense_pingpong_padded_d128": (gluon_dense_case(
+        2, 64, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True), ()),
+    "gluon_paged_pingpong_stack4_split2_d128": (gluon_paged_case(
+        16, 16, 200, 8, 2, 128, block_m=128, stack=4, splits=2, overlap=True,
+        pingpong=True), ()),
+    "gluon_paged_pingpong_page4_gather_d64": (gluon_paged_case(
+        40, 4, 80, 8, 2, 64, block_m=128, overlap=True, pingpong=True), ()),
+    # two consumer partitions, each with the in-sequence loop, no turns
+    "gluon_paged_split_consumers_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, pingpong=True), ()),
+    "gluon_paged_split_consumers_d256_page16_split4": (gluon_paged_case(
+        16, 16, 200, 4, 2, 256, block_m=128, stack=2, splits=4, pingpong=True), ()),
+    "gluon_dense_split_consumers_padded_d64": (gluon_dense_case(
+        2, 64, 4, 4, 64, causal=True, zero_fill=True, block_m=128, pingpong=True), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

@@ -206,7 +206,8 @@ def test_info_on_hopper_names_the_gluon_form_for_spans(monkeypatch) -> None:
              for name, problem in example_problems(CPU)}
     d256 = next(text for name, text in lines.items() if "D=256" in name)
     assert d256.startswith("gluon") and "BLOCK_M=128" in d256, d256
-    assert "producer_warp=yes softmax=in_sequence" in d256 and "why: D=256 span" in d256
+    assert "producer_warp=yes softmax=in_sequence consumer_partitions=2" in d256, d256
+    assert "why: D=256 span" in d256
     for name, text in lines.items():
         if name.startswith("span_prefill") and ("D=128" in name or "D=256" in name):
             assert text.startswith("gluon") and "span prefill: the Gluon kernel" in text, text

@@ -47,6 +47,9 @@ SPECIALISED_CASES = [
     "gluon_paged_page1_gather_d128", "gluon_paged_page4_gather_overlap_producer_stack4_d64",
     "gluon_paged_registry_d256_page16_split4", "gluon_dense_registry_m128_producer_d128",
     "gluon_paged_registry_stack4_d128",
+    "gluon_dense_pingpong_padded_d128", "gluon_paged_pingpong_stack4_split2_d128",
+    "gluon_paged_pingpong_page4_gather_d64", "gluon_paged_split_consumers_stack4_d128",
+    "gluon_paged_split_consumers_d256_page16_split4", "gluon_dense_split_consumers_padded_d64",
 ]
 
 

@@ -277,7 +277,8 @@ def test_split_kv_varlen(num_splits: int) -> None:
 def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: int,
                                                  group: int, monkeypatch) -> None:
     """span_prefill with no backend named: D=256 takes the Gluon kernel in the form
-    :func:`choose_form` gives (128-row programs, producer warp, the GQA group stacked),
+    :func:`choose_form` gives (128-row programs, producer warp, two consumer partitions,
+    the GQA group stacked),
     split-KV where few tiles meet a long prompt (a 16-token hole at 3,000), with lse."""
     from spanfill.backends import get_backend, paged_problem
     from spanfill.testing import recorded_launches, reference_span
@@ -290,7 +291,8 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
         2 * group, 2, 256, dtype, "cuda", seed=page_size + group)
     problem = paged_problem(q, k_cache, 3, layout.block_table.shape[1], True, v_cache=v_cache)
     config = get_backend("gluon").select_config(problem)
-    assert config.tile.block_m == 128 and config.tile.producer and config.num_splits > 1
+    assert config.tile.block_m == 128 and config.tile.producer and config.tile.pingpong
+    assert not config.tile.overlap and config.num_splits > 1
     with recorded_launches(attention_fwd=None) as portable:
         out, lse = sf.span_prefill(q, k_cache, v_cache, layout, return_lse=True)
     assert portable["attention_fwd"] == []  # the Gluon kernel ran, not the portable one
@@ -298,3 +300,103 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
     assert not out.isnan().any(), "rows left unwritten"
     assert rel_err(out, ref_o) <= TOLERANCE[dtype]
     assert_lse_close(lse, ref_lse, dtype)
+
+
+# ----------------------------------------------------------------------------- ping-pong
+# Two consumer warp groups of a 128-row program as separate partitions (``pingpong=True``):
+# taking turns at the tensor cores (``overlap=True``, FA3's ping-pong) or each in
+# sequence with no turns. A hang here is a barrier bug, and the 90 s timeout above ends it.
+
+OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["turns", "split"])
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("stack", [1, 2], ids=["head-per-block", "stack2"])
+@OVERLAP
+def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
+                                 stack: int, overlap: bool) -> None:
+    """Padded batches (a full sample, a one-token one, an empty one, odd lengths) with
+    NaN in the padded K/V rows, lse, zero-filled padding."""
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(d + causal + stack)
+    b, s, hq, hk = 5, 203, 4, 2
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
+    valid_lens = torch.tensor([203, 1, 0, 77, 130], device="cuda")
+    layout = sf.PaddedLayout.build(valid_lens, s, side)
+    ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
+    for i, n in enumerate(valid_lens.tolist()):
+        pad = slice(n, None) if side == "right" else slice(0, s - n)
+        k[i, pad], v[i, pad] = float("nan"), float("nan")
+    out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
+    lse = torch.full((b * s, hq), float("nan"), device="cuda")
+    attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
+                        lse, layout.tile_plan(128 // stack, causal), d ** -0.5, causal,
+                        zero_fill=True, block_m=128, stack=stack, overlap=overlap,
+                        pingpong=True)
+    out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
+    assert_lse_close(lse, ref_lse, dtype)
+    assert (out[torch.isinf(ref_lse)] == 0).all()
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("stack", [1, 4], ids=["head-per-block", "stack4"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@OVERLAP
+def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: int,
+                              overlap: bool) -> None:
+    """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse): a
+    single-token span, a whole-prompt span, a one-token prompt; unsplit and split-KV."""
+    import random
+
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+    from spanfill.testing import reference_span
+    from tests.helpers import paged_setup, random_spans
+
+    rng = random.Random(page_size + d + stack)
+    seq_lens = [700, 1, 333, 1290]
+    spans = [random_spans(rng, 700, 6, 90), [(0, 1)], [(0, 333)],
+             [(5, 6)] + [(a, b) for a, b in random_spans(rng, 1290, 5, 200) if a > 6]]
+    layout, k_cache, v_cache, q, _, _ = paged_setup(seq_lens, spans, page_size, 8, 2, d,
+                                                    torch.bfloat16, "cuda", seed=page_size)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+    attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
+                        layout.positions, layout.block_table, d ** -0.5, True, block_m=128,
+                        stack=stack, num_splits=num_splits, overlap=overlap, pingpong=True)
+    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+
+@OVERLAP
+def test_pingpong_varlen_causal(overlap: bool) -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(13)
+    lens = [1, 64, 65, 300, 17, 128, 129]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda")
+    t, h, d = sum(lens), 8, 128
+    q, k, v = (torch.randn(t, h, d, generator=gen).to("cuda", torch.float16) for _ in range(3))
+    out = torch.full_like(q, float("nan"))
+    attention_fwd_dense(q, k, v, out, None, sf.VarlenLayout.build(cu, t).tile_plan(128, True),
+                        d ** -0.5, True, block_m=128, overlap=overlap, pingpong=True)
+    ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
+    assert not out.isnan().any()
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
+
+
+def test_pingpong_refuses_64_rows() -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    x = torch.zeros(64, 2, 64, dtype=torch.float16, device="cuda")
+    plan = sf.VarlenLayout.build(torch.tensor([0, 64], device="cuda"), 64).tile_plan(64, True)
+    with pytest.raises(ValueError, match="pingpong takes 128-row programs"):
+        attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=64,
+                            pingpong=True)

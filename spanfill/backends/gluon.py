@@ -34,15 +34,20 @@ __all__ = ["GluonHopperBackend", "GluonTile", "VALIDATED", "choose_form"]
 class GluonTile(AttentionConfig):
     """A Gluon launch form: the tiles (``heads`` q heads of one KV head stacked in the
     block), and the KV loop: ``overlap`` runs each tile's softmax under the previous
-    tile's PV; ``producer`` has a producer warp issue the K/V copies."""
+    tile's PV; ``producer`` has a producer warp issue the K/V copies; ``pingpong``
+    (128 rows) makes the two warp groups separate consumer partitions, taking turns at
+    the tensor cores with ``overlap`` and each in sequence without (the form
+    :func:`choose_form` picks at D 128 and 256)."""
 
     overlap: bool = False
     producer: bool = False
+    pingpong: bool = False
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
         return (f" producer_warp={'yes' if self.producer else 'no'}"
-                f" softmax={'under_pv' if self.overlap else 'in_sequence'}")
+                f" softmax={'under_pv' if self.overlap else 'in_sequence'}"
+                + (" consumer_partitions=2" if self.pingpong else ""))
 
 
 # The first form the H200 ran correctly (the whole GPU suite at b68ef4e): 64-row programs
@@ -73,6 +78,14 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     workload measured: few_big 0.521 ms, few_big_d256 0.512, many_small 0.282 (stacked),
     long_32k 1.045, whole_8k 1.089.
 
+    The two warp groups as separate consumer partitions, each in sequence (``pingpong``
+    without ``overlap``), beat that form (``ab_gluon_pingpong_h200_d7ebbc6.csv``, same
+    stacking): few_big 0.491 against 0.533 ms, few_big_d256 0.483 against 0.523,
+    whole_8k 1.014 against 1.099. In the 8-warp form the two groups meet at two
+    256-thread barriers every KV step; as partitions they share none, and each releases a
+    ring stage itself. The groups taking turns at the tensor cores (FA3's ping-pong,
+    ``overlap`` too) was slower than both (0.611, 0.675, 1.217 ms).
+
     At D=64 the 128-row form was slower on the padded batches (bert_base_512 0.178 ms,
     docs_8k_d64 1.289 ms at dc0020c, ``core_nvidia-h200_20261130-175657.csv``) than
     :data:`VALIDATED` had been (0.118 and 0.956 ms at e24d028,
@@ -84,7 +97,7 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
         return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     return GluonTile(block_m=128, block_n=64 if problem.head_dim > 128 else 128, heads=stack,
-                     num_warps=8, num_stages=2, overlap=False, producer=True)
+                     num_warps=8, num_stages=2, overlap=False, producer=True, pingpong=True)
 
 
 class GluonHopperBackend:
@@ -195,7 +208,7 @@ class GluonHopperBackend:
         t = config.tile
         form = dict(block_m=t.block_m, block_n=t.block_n, stages=t.num_stages,
                     warp_specialize=t.producer, overlap=t.overlap, stack=t.heads,
-                    num_splits=config.num_splits)
+                    num_splits=config.num_splits, pingpong=t.pingpong)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)

@@ -30,9 +30,17 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
 - ``overlap=True``: the next tile's QK^T and this tile's PV are issued together and
   the softmax runs while PV does (:func:`_kv_loop_overlapped`).
 
+- ``pingpong=True`` (branch ``gluon-pingpong``): the two warp groups of a 128-row
+  program are separate consumer partitions (:func:`_kv_loop_pingpong`), each storing
+  its own rows. With ``overlap`` they take turns at the tensor cores, so one group's
+  softmax runs under the other's wgmmas, as in FA3 (correct on the H200, 6fac1b6, and
+  slower than the in-sequence producer form). Without ``overlap`` each runs the
+  in-sequence loop with no barrier shared between the groups (compiled on Triton 3.6
+  and 3.9, not yet run on a GPU).
+
 What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
-softmax under each other's wgmma (here the two warp groups of a 128-row program run the
-same steps at the same time), register reallocation beyond the producer's, and a
+softmax under each other's wgmma (in the forms other than ``pingpong`` the two warp
+groups of a 128-row program run the same steps at the same time), and a
 split-KV merge inside the launch (here a second launch merges). Registers and spills of
 every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
 """
@@ -235,17 +243,21 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
 @gluon.jit
 def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
                    o_layout: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-                   POSITIONS, HAS_POSITIONS: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift):
+                   POSITIONS, HAS_POSITIONS: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
+                   ROW_OFFSET: gl.constexpr):
     """The tile's rows (which are real, their positions: ``POSITIONS[row]``, or the row's
     index in its request) and the empty softmax state: ``(valid_s, pos_s, m_i, l_i, acc)``.
     With ``BLOCK_Q < BLOCK_M`` the block stacks q heads: block row ``r`` is token
     ``r % BLOCK_Q`` of head ``r // BLOCK_Q``. Positions are counted from ``kv_shift``
-    (a KV split's first position; 0 without splits)."""
+    (a KV split's first position; 0 without splits). ``ROW_OFFSET``: the first block row
+    these ``BLOCK_M`` rows are (a ping-pong warp group's half of the block; else 0)."""
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    if BLOCK_Q == BLOCK_M:
+    if BLOCK_Q == BLOCK_M and ROW_OFFSET == 0:
         rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s)
-    else:
+    elif ROW_OFFSET == 0:
         rows_s = row0 + gl.arange(0, BLOCK_M, layout=row_s) % BLOCK_Q
+    else:
+        rows_s = row0 + (ROW_OFFSET + gl.arange(0, BLOCK_M, layout=row_s)) % BLOCK_Q
     valid_s = (rows_s < row_end) & (rows_s >= q_start) & (rows_s < q_stop)
     if not HAS_POSITIONS:
         pos_s = gl.where(valid_s, rows_s - q_start, -1)
@@ -298,7 +310,7 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS, BLOCK_Q, kv_shift)
+                                                   HAS_POSITIONS, BLOCK_Q, kv_shift, 0)
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
         if not PRODUCER:
@@ -351,7 +363,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS, BLOCK_Q, kv_shift)
+                                                   HAS_POSITIONS, BLOCK_Q, kv_shift, 0)
     mbarrier.wait(q_bar, phase=0)
     if num_tiles > 0:
         # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
@@ -398,6 +410,139 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
 
 
 @gluon.jit
+def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, row0,
+                row_end, q_start, q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh,
+                o_layout: gl.constexpr, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
+                HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STACK: gl.constexpr,
+                ROW_OFFSET: gl.constexpr, NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
+                RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr):
+    """Normalise and store ``BLOCK_M`` rows of the block from block row ``ROW_OFFSET``:
+    ``out`` (and lse), or with split-KV this split's fp32 state into the workspace."""
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    block_rows = ROW_OFFSET + gl.arange(0, BLOCK_M, layout=row_o)
+    rows_o = row0 + block_rows % BLOCK_Q
+    heads_o = head + block_rows // BLOCK_Q
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    valid_o = (rows_o < row_end) & (rows_o >= q_start) & (rows_o < q_stop)
+    l_o = gl.convert_layout(l_i, row_o)
+    seen = valid_o & (l_o != 0.0)
+    out = acc / gl.where(seen, l_o, 1.0)[:, None]
+    out = gl.where(seen[:, None], out, 0.0)
+    store_rows = (rows_o < row_end) if ZERO_FILL else valid_o
+    m_o = gl.convert_layout(m_i, row_o)
+    lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * LN2, float("-inf"))
+    if NUM_SPLITS > 1:
+        at = rows_o.to(gl.int64) * NUM_Q_HEADS + heads_o
+        gl.store(WS_O + split * ws_split + at[:, None] * HEAD_DIM + cols_o[None, :], out,
+                 mask=store_rows[:, None])
+        gl.store(WS_LSE + split * ws_lse_split + at, lse, mask=store_rows)
+    else:
+        ptrs = (O + rows_o.to(gl.int64)[:, None] * stride_ot + heads_o[:, None] * stride_oh
+                + cols_o[None, :])
+        gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
+        if RETURN_LSE:
+            gl.store(LSE + rows_o.to(gl.int64) * stride_lt + heads_o * stride_lh, lse,
+                     mask=store_rows)
+
+
+@gluon.jit
+def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, turn, k_smem, v_smem, ready, empty,
+                      row0, row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
+                      qk_scale, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, head,
+                      stride_ot, stride_oh, stride_lt, stride_lh,
+                      dtype: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                      POSITIONS, HAS_POSITIONS: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                      BLOCK_Q: gl.constexpr, STACK: gl.constexpr, kv_shift,
+                      NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
+                      RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
+                      TURNS: gl.constexpr):
+    """One of the two consumer warp groups of a 128-row program, each its own partition:
+    warp group ``WG`` owns block rows ``[WG * HALF, (WG + 1) * HALF)``, runs its KV loop
+    on them, and stores them. Being separate partitions, the two groups share no
+    barrier: each releases a ring stage itself once its PV has read it (``empty`` counts
+    2 arrivals); the producer warp fills the ring.
+
+    ``TURNS`` (FA3's ping-pong): the overlapped loop of :func:`_kv_loop_overlapped`, the
+    two groups taking turns at the tensor cores: before issuing a step's wgmmas (``S_j``
+    and ``PV_{j-1}``) a group waits for its turn (``turn[WG]``), and once they are issued
+    it hands the turn to the other (``turn[1 - WG]``), so one group's softmax runs while
+    the other's wgmmas do. Step ``i`` of group ``WG`` waits for phase
+    ``(i + 1 - WG) & 1`` of its barrier: a fresh barrier counts as having completed phase
+    1, so group 0 goes first. Both groups make ``num_tiles + 1`` turns (the last: the
+    final PV), so the phases stay in step.
+
+    Without ``TURNS``: the in-sequence loop of :func:`_kv_loop_sequential` in each group,
+    with nothing ordering the two groups but the ring (the form whose 8-warp version
+    meets at two 256-thread barriers a step, ``docs/performance.md``).
+    """
+    NUM_WARPS: gl.constexpr = 4
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    q_half = q_smem.slice(WG * HALF, HALF)
+    valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
+                                                   o_layout, HALF, HEAD_DIM, POSITIONS,
+                                                   HAS_POSITIONS, BLOCK_Q, kv_shift, WG * HALF)
+    mbarrier.wait(q_bar, phase=0)
+    if not TURNS:
+        for j in range(num_tiles):
+            stage = j % STAGES
+            _wait_ready(ready, j, STAGES, PAGE_SIZE)
+            acc, m_i, l_i = _attend_tile(q_half, k_smem.index(stage), v_smem.index(stage), acc,
+                                         m_i, l_i, j, kv_len, valid_s, pos_s, mask_from,
+                                         qk_scale, s_layout, o_layout, dtype, HALF, BLOCK_N,
+                                         CAUSAL, NUM_WARPS)
+            fence_async_shared()
+            mbarrier.arrive(empty.index(stage), count=1)
+    elif num_tiles > 0:
+        _wait_ready(ready, 0, STAGES, PAGE_SIZE)
+        _zero_v_tail(v_smem.index(0), 0, kv_len, BLOCK_N, NUM_WARPS)
+        mbarrier.wait(turn.index(WG), (1 - WG) & 1)
+        s_acc = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+        s_acc = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_acc, use_acc=False,
+                              is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
+                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, num_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            _wait_ready(ready, j, STAGES, PAGE_SIZE)
+            _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, NUM_WARPS)
+            mbarrier.wait(turn.index(WG), (j + 1 - WG) & 1)
+            s_acc = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+            s_acc = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_acc,
+                                  use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
+            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            fence_async_shared()
+            mbarrier.arrive(empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        last = (num_tiles - 1) % STAGES
+        mbarrier.wait(turn.index(WG), (num_tiles + 1 - WG) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        fence_async_shared()
+        mbarrier.arrive(empty.index(last), count=1)
+    _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, row0,
+                row_end, q_start, q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh,
+                o_layout, dtype, HALF, HEAD_DIM, BLOCK_Q, STACK, WG * HALF, NUM_Q_HEADS,
+                ZERO_FILL, RETURN_LSE, NUM_SPLITS)
+
+
+@gluon.jit
 def _attn_fwd_dense_kernel(
     q_desc, k_desc, v_desc, O, LSE,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
@@ -407,7 +552,8 @@ def _attn_fwd_dense_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, PAGE_SIZE: gl.constexpr,
-    STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, num_warps: gl.constexpr,
+    STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, PINGPONG: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -523,9 +669,19 @@ def _attn_fwd_dense_kernel(
     else:
         READY_COUNT: gl.constexpr = 1
         LOADER_REGS: gl.constexpr = 24
+    # The second ping-pong consumer's registers (its warp group is a worker partition):
+    # FA3 gives each consumer warp group 240.
+    CONSUMER_REGS: gl.constexpr = 240
+    # Ping-pong: two consumer warp groups release each stage, and pass the turn at the
+    # tensor cores back and forth through a barrier each.
+    EMPTY_COUNT: gl.constexpr = 2 if PINGPONG else 1
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=READY_COUNT)
-        mbarrier.init(empty.index(s), count=1)
+        mbarrier.init(empty.index(s), count=EMPTY_COUNT)
+    if PINGPONG:
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
     fence_async_shared()
     if STACK == 1:
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -538,7 +694,45 @@ def _attn_fwd_dense_kernel(
 
     # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence
     # (both loops take the same arguments); with a producer warp issuing the copies
-    # (gl.warp_specialize) or the warp group.
+    # (gl.warp_specialize) or the warp group; or (PINGPONG) two consumer warp groups of
+    # BLOCK_M // 2 rows taking turns at the tensor cores, each storing its own rows, with
+    # the producer warp.
+    if PINGPONG:
+        HALF: gl.constexpr = BLOCK_M // 2
+        # Partitions take no None: stand-ins for what this launch does not have.
+        if NUM_SPLITS > 1:
+            ws_o, ws_lse, wss, wsl, split_i = WS_O, WS_LSE, ws_split, ws_lse_split, split
+        else:
+            ws_o, ws_lse, wss, wsl, split_i = O, LSE, row0, row0, row0
+        # (The argument lists are written out: a tuple built here cannot hold a dtype.)
+        gl.warp_specialize([
+            (_kv_loop_pingpong, (0, q_smem, q_bar, turn, k_smem, v_smem, ready, empty, row0,
+                                  row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
+                                  qk_scale, O, LSE,
+                                  ws_o, ws_lse, wss, wsl, split_i, head, stride_ot, stride_oh,
+                                  stride_lt, stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES,
+                                  CAUSAL, pos_ptr, HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK,
+                                  kv_shift, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE, NUM_SPLITS,
+                                  OVERLAP)),
+            (_kv_loop_pingpong, (1, q_smem, q_bar, turn, k_smem, v_smem, ready, empty, row0,
+                                  row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
+                                  qk_scale, O, LSE,
+                                  ws_o, ws_lse, wss, wsl, split_i, head, stride_ot, stride_oh,
+                                  stride_lt, stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES,
+                                  CAUSAL, pos_ptr, HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK,
+                                  kv_shift, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE, NUM_SPLITS,
+                                  OVERLAP)),
+            (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
+                          num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
+                          k_pool, v_pool, ROW_STRIDE)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+        mbarrier.invalidate(q_bar)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
+        mbarrier.invalidate(turn.index(0))
+        mbarrier.invalidate(turn.index(1))
+        return
     if WARP_SPECIALIZE:
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential,
@@ -616,7 +810,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         lse: torch.Tensor | None, plan, sm_scale: float, causal: bool,
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
-                        overlap: bool = False, stack: int = 1, num_splits: int = 1):
+                        overlap: bool = False, stack: int = 1, num_splits: int = 1,
+                        pingpong: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -644,11 +839,16 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         tiles over long KV): each writes its fp32 state into a workspace, and a second
         launch (:func:`spanfill.kernels.merge_states_launch`) merges them into ``out``
         and ``lse``; not with ``zero_fill``
+    pingpong : 128-row programs whose two warp groups run as separate consumer partitions
+        fed by a producer warp (implies ``warp_specialize``), each storing its own rows:
+        with ``overlap`` they take turns at the tensor cores, each with the overlapped
+        loop (FA3's ping-pong); without, each runs the in-sequence loop and nothing but
+        the ring orders them
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
                    causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
-                   num_splits)
+                   num_splits, pingpong=pingpong)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -656,7 +856,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         positions: torch.Tensor, block_table: torch.Tensor, sm_scale: float,
                         causal: bool, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
-                        overlap: bool = False, stack: int = 1, num_splits: int = 1):
+                        overlap: bool = False, stack: int = 1, num_splits: int = 1,
+                        pingpong: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -672,7 +873,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         ``plan.kv_len[b]`` is request ``b``'s sequence length
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
-    block_m, block_n, stages, warp_specialize, overlap, stack, num_splits : as
+    block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong : as
         :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
@@ -691,7 +892,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     pools = (k_cache, v_cache) if page_size < 8 else (None, None)
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
-                   page_size, pools)
+                   page_size, pools, pingpong)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -700,11 +901,16 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
-            positions=None, block_table=None, page_size=0, pools=(None, None)):
+            positions=None, block_table=None, page_size=0, pools=(None, None),
+            pingpong=False):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
         raise ValueError(f"block_m must be 64 or 128 (one or two warp groups), got {block_m}")
+    if pingpong:
+        if block_m != 128:
+            raise ValueError(f"pingpong takes 128-row programs (two warp groups), got {block_m}")
+        warp_specialize = True
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
@@ -737,7 +943,10 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
-        num_warps=block_m // 16,  # 16 rows per warp: one warp group of 4 per 64 rows
+        PINGPONG=pingpong,
+        # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
+        # warp group is a worker partition, so the launch names the first only.
+        num_warps=4 if pingpong else block_m // 16,
     )
     if num_splits > 1:
         from ..kernels.merge import merge_states_launch
