@@ -17,7 +17,8 @@ against the bench's reference rows first (a failed check gets no time), then tim
 columns) and ``DIR/ab_gluon.png``, and prints a table: the data for choosing the Gluon
 backend's launch form in ``spanfill/backends/gluon.py`` (``gluon_chosen``: the form and
 split count it chooses, through ``backend="gluon"``; ``--forms``: only matching forms;
-``--tiles``: each form also at other KV tile widths and ring depths, named ``_n64_s4``).
+``--tiles``: each form also at other KV tile widths and ring depths, named ``_n64_s4``;
+``--padded-sweep D``: padded batches from S=512 to 8192 at head dim D instead).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from bench.providers_base import window_of  # noqa: E402
 from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # noqa: E402
                                      spanfill_padded_kernel, spanfill_portable_span)
 from bench.timing import time_device  # noqa: E402
-from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
+from bench.workloads import PaddedWorkload, core_workloads, padded_uniform  # noqa: E402
 
 # (rows per program, overlap, producer warp, ping-pong warp groups)
 FORMS = [(m, o, p, False) for m, o, p in itertools.product((64, 128), (False, True),
@@ -121,6 +122,14 @@ def _covered(w) -> bool:
     return w.page_size <= 256 and window_of(w) < 0
 
 
+def _padded_sweep(head_dim: int) -> list[PaddedWorkload]:
+    """The bench's ``padded_seq_len`` axis (B * S = 65,536) at ``head_dim``: where the
+    registry's choice between the kernel families for padded batches can turn."""
+    heads = 12 if head_dim == 64 else 16
+    return [padded_uniform(f"padded_s{s}_d{head_dim}", 65536 // s, s, heads, head_dim)
+            for s in (512, 1024, 2048, 4096, 8192)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
@@ -128,6 +137,9 @@ def main() -> None:
                         help="time only the Gluon forms whose names match this regex")
     parser.add_argument("--tiles", default="",
                         help="also each form at these block_n:stages, e.g. 64:4,128:2")
+    parser.add_argument("--padded-sweep", type=int, default=0, metavar="D",
+                        help="instead of the core workloads: padded batches of 64k slots at "
+                             "head dim D, S from 512 to 8192 (valid_len uniform in 1..S)")
     parser.add_argument("workloads", nargs="*")
     args = parser.parse_args()
     forms = re.compile(args.forms)
@@ -135,7 +147,7 @@ def main() -> None:
         raise SystemExit("needs a Hopper (sm_90) GPU")
     device = torch.device("cuda")
     rows, table = [], []
-    for w in core_workloads():
+    for w in _padded_sweep(args.padded_sweep) if args.padded_sweep else core_workloads():
         if not _covered(w) or (args.workloads and w.name not in args.workloads):
             continue
         t = w.make(device, torch.bfloat16)
