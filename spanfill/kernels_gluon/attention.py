@@ -30,19 +30,20 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
 - ``overlap=True``: the next tile's QK^T and this tile's PV are issued together and
   the softmax runs while PV does (:func:`_kv_loop_overlapped`).
 
-- ``pingpong=True`` (branch ``gluon-pingpong``): the two warp groups of a 128-row
-  program are separate consumer partitions (:func:`_kv_loop_pingpong`), each storing
-  its own rows. With ``overlap`` they take turns at the tensor cores, so one group's
-  softmax runs under the other's wgmmas, as in FA3 (correct on the H200, 6fac1b6, and
-  slower than the in-sequence producer form). Without ``overlap`` each runs the
-  in-sequence loop with no barrier shared between the groups (compiled on Triton 3.6
-  and 3.9, not yet run on a GPU).
+- ``pingpong=True``: the two warp groups of a 128-row program are separate consumer
+  partitions (:func:`_kv_loop_pingpong`), each storing its own rows and releasing ring
+  stages itself. Without ``overlap`` each runs the in-sequence loop and nothing but the
+  ring orders them: the form the registry chooses at D 128 and 256, since the 8-warp
+  form's two warp groups meet at two 256-thread barriers every KV step. With
+  ``overlap`` they take turns at the tensor cores, so one group's softmax runs under the
+  other's wgmmas, as in FA3 (correct on the H200, and slower on every workload
+  measured: ``bench/results/ab_gluon_pingpong_h200_d7ebbc6.csv``).
 
-What FA3/FA4 add on top, for the next steps: two consumer warp groups ping-ponging
-softmax under each other's wgmma (in the forms other than ``pingpong`` the two warp
-groups of a 128-row program run the same steps at the same time), and a
-split-KV merge inside the launch (here a second launch merges). Registers and spills of
-every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
+What FA3/FA4 add on top, for the next steps: the softmax under the group's own next
+QK^T without losing to it (here ``overlap`` is slower in every form measured),
+a persistent tile scheduler so one tile's epilogue and the next one's loads overlap,
+and a split-KV merge inside the launch (here a second launch merges). Registers and
+spills of every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
 """
 
 from __future__ import annotations
@@ -417,11 +418,18 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
                 ROW_OFFSET: gl.constexpr, NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
                 RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr):
     """Normalise and store ``BLOCK_M`` rows of the block from block row ``ROW_OFFSET``:
-    ``out`` (and lse), or with split-KV this split's fp32 state into the workspace."""
+    ``out`` (and lse), or with split-KV this split's fp32 state into the workspace (for
+    the merge launch that follows). The epilogue of every form: the whole block, or a
+    ping-pong warp group's half."""
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    block_rows = ROW_OFFSET + gl.arange(0, BLOCK_M, layout=row_o)
-    rows_o = row0 + block_rows % BLOCK_Q
-    heads_o = head + block_rows // BLOCK_Q
+    ONE_HEAD: gl.constexpr = STACK == 1 and ROW_OFFSET == 0
+    if ONE_HEAD:  # one q head: its row offsets stay scalar
+        rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o)
+        heads_o = head
+    else:
+        block_rows = ROW_OFFSET + gl.arange(0, BLOCK_M, layout=row_o)
+        rows_o = row0 + block_rows % BLOCK_Q
+        heads_o = head + block_rows // BLOCK_Q
     cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     valid_o = (rows_o < row_end) & (rows_o >= q_start) & (rows_o < q_stop)
     l_o = gl.convert_layout(l_i, row_o)
@@ -437,8 +445,12 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
                  mask=store_rows[:, None])
         gl.store(WS_LSE + split * ws_lse_split + at, lse, mask=store_rows)
     else:
-        ptrs = (O + rows_o.to(gl.int64)[:, None] * stride_ot + heads_o[:, None] * stride_oh
-                + cols_o[None, :])
+        if ONE_HEAD:
+            ptrs = (O + rows_o.to(gl.int64)[:, None] * stride_ot + head * stride_oh
+                    + cols_o[None, :])
+        else:
+            ptrs = (O + rows_o.to(gl.int64)[:, None] * stride_ot + heads_o[:, None] * stride_oh
+                    + cols_o[None, :])
         gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
         if RETURN_LSE:
             gl.store(LSE + rows_o.to(gl.int64) * stride_lt + heads_o * stride_lh, lse,
@@ -562,8 +574,6 @@ def _attn_fwd_dense_kernel(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
     # STACK q heads of one KV head per program, head-major in the block's rows (block
     # row r: token r % BLOCK_Q of head head + r // BLOCK_Q), so each K/V tile in shared
@@ -697,13 +707,14 @@ def _attn_fwd_dense_kernel(
     # (gl.warp_specialize) or the warp group; or (PINGPONG) two consumer warp groups of
     # BLOCK_M // 2 rows taking turns at the tensor cores, each storing its own rows, with
     # the producer warp.
+    # Partitions take no None: stand-ins for what this launch does not have (read only
+    # under NUM_SPLITS > 1).
+    if NUM_SPLITS > 1:
+        ws_o, ws_lse, wss, wsl, split_i = WS_O, WS_LSE, ws_split, ws_lse_split, split
+    else:
+        ws_o, ws_lse, wss, wsl, split_i = O, LSE, row0, row0, row0
     if PINGPONG:
         HALF: gl.constexpr = BLOCK_M // 2
-        # Partitions take no None: stand-ins for what this launch does not have.
-        if NUM_SPLITS > 1:
-            ws_o, ws_lse, wss, wsl, split_i = WS_O, WS_LSE, ws_split, ws_lse_split, split
-        else:
-            ws_o, ws_lse, wss, wsl, split_i = O, LSE, row0, row0, row0
         # (The argument lists are written out: a tuple built here cannot hold a dtype.)
         gl.warp_specialize([
             (_kv_loop_pingpong, (0, q_smem, q_bar, turn, k_smem, v_smem, ready, empty, row0,
@@ -759,39 +770,10 @@ def _attn_fwd_dense_kernel(
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
 
-    if STACK == 1:
-        rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o)
-        heads_o = head
-    else:
-        rows_o = row0 + gl.arange(0, BLOCK_M, layout=row_o) % BLOCK_Q
-        heads_o = head + gl.arange(0, BLOCK_M, layout=row_o) // BLOCK_Q
-    cols_o = gl.arange(0, HEAD_DIM, layout=col_o)
-    valid_o = (rows_o < row_end) & (rows_o >= q_start) & (rows_o < q_stop)
-    l_o = gl.convert_layout(l_i, row_o)
-    seen = valid_o & (l_o != 0.0)
-    out = acc / gl.where(seen, l_o, 1.0)[:, None]
-    out = gl.where(seen[:, None], out, 0.0)
-    store_rows = (rows_o < row_end) if ZERO_FILL else valid_o
-    if NUM_SPLITS > 1:
-        # This split's normalised state, fp32, for the merge launch that follows.
-        m_o = gl.convert_layout(m_i, row_o)
-        lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * LN2, float("-inf"))
-        at = rows_o.to(gl.int64) * NUM_Q_HEADS + heads_o
-        gl.store(WS_O + split * ws_split + at[:, None] * HEAD_DIM + cols_o[None, :], out,
-                 mask=store_rows[:, None])
-        gl.store(WS_LSE + split * ws_lse_split + at, lse, mask=store_rows)
-        return
-    if STACK == 1:
-        ptrs = O + rows_o.to(gl.int64)[:, None] * stride_ot + head * stride_oh + cols_o[None, :]
-    else:
-        ptrs = (O + rows_o.to(gl.int64)[:, None] * stride_ot + heads_o[:, None] * stride_oh
-                + cols_o[None, :])
-    gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
-    if RETURN_LSE:
-        m_o = gl.convert_layout(m_i, row_o)
-        lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * LN2, float("-inf"))
-        gl.store(LSE + rows_o.to(gl.int64) * stride_lt + heads_o * stride_lh, lse,
-                 mask=store_rows)
+    _store_rows(acc, m_i, l_i, O, LSE, ws_o, ws_lse, wss, wsl, split_i, row0, row_end, q_start,
+                q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh, o_layout, dtype,
+                BLOCK_M, HEAD_DIM, BLOCK_Q, STACK, 0, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE,
+                NUM_SPLITS)
 
 
 def _desc(x: torch.Tensor, block_rows: int, layout_rows: int | None = None):
