@@ -238,15 +238,15 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     chosen, reason = select_backend(as_cuda(dense))
     assert chosen.name == "triton" and "not gluon: padded at D=64: the portable kernel" in reason
     assert select_backend(as_cuda(dense), "gluon")[0] is gluon
-    # Long padded documents at D=64 (S >= 4096, measured faster there); varlen and D=128
-    # stay on the portable kernel at any length.
+    # Long bidirectional padded documents at D=64 (S >= 4096, measured faster there);
+    # varlen, D=128 and causal batches stay on the portable kernel at any length.
     from spanfill.backends.gluon import GLUON_PADDED_D64_MIN_SEQ_LEN as long_s
     for max_s, name in ((long_s - 1, "triton"), (long_s, "gluon"), (8192, "gluon")):
         chosen, reason = select_backend(as_cuda(dense, max_kv_len=max_s))
         assert chosen.name == name, (max_s, reason)
     assert "S=8192 at D=64: the Gluon kernel" in select_backend(
         as_cuda(dense, max_kv_len=8192))[1]
-    for change in (dict(op="varlen"), dict(head_dim=128)):
+    for change in (dict(op="varlen"), dict(head_dim=128), dict(causal=True)):
         assert select_backend(as_cuda(dense, max_kv_len=8192, **change))[0].name == "triton"
     # D=64: the first form (64 rows, in sequence), faster there than 128-row programs.
     assert gluon.select_config(as_cuda(dense)).tile == backends.gluon.VALIDATED

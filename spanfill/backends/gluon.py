@@ -8,9 +8,9 @@ below). Every form of the kernel passes ``tests/test_gluon_gpu.py`` on the H200.
 
 It comes first in the registry's order, but the automatic choice takes it only where
 it measured faster than the portable kernel (:meth:`GluonHopperBackend.auto_selects`):
-span prefill at D=128 and 256, and padded batches at D=64 from S=4096. For the other
-padded and varlen prefill, and spans at D=64 (not measured), the portable kernel runs
-unless ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one
+span prefill at D=128 and 256, and bidirectional padded batches at D=64 from S=4096.
+For the other padded and varlen prefill, and spans at D=64 (not measured), the portable
+kernel runs unless ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one
 (``scripts/ab_gluon.py``, ``docs/performance.md``).
 
 Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
@@ -167,16 +167,17 @@ class GluonHopperBackend:
         if problem.op == "span":
             return False, (f"span at D={problem.head_dim}: not measured against the portable "
                            "kernel; backend='gluon' runs it anyway")
-        if (problem.op == "padded" and problem.head_dim == 64
+        if (problem.op == "padded" and problem.head_dim == 64 and not problem.causal
                 and problem.max_kv_len >= GLUON_PADDED_D64_MIN_SEQ_LEN):
             # ab_gluon --padded-sweep 64 (ab_gluon_padded_sweep_h200_06ec03b.csv, 64k slots,
             # valid_len uniform in 1..S): the 64-row form against the portable kernel at
             # S=512/1024/2048/4096/8192: 0.204/0.271/0.441/0.756/0.835 against
             # 0.173/0.266/0.447/0.792/0.876 ms; docs_8k_d64 0.787 against 0.910.
-            return True, (f"padded batch of S={problem.max_kv_len} at D=64: the Gluon kernel, "
-                          "faster than the portable one from S=4096 on the H200")
+            return True, (f"bidirectional padded batch of S={problem.max_kv_len} at D=64: the "
+                          "Gluon kernel, faster than the portable one from S=4096 on the H200")
         # Other padded/varlen: the portable kernel is faster, at every S at D=128 (the same
         # sweep at D=128: 3-10%; enc_2k_d128 0.505 against 0.481) and below S=4096 at D=64.
+        # Causal padded batches at D=64 were not measured (the sweep is bidirectional).
         return False, (f"{problem.op} at D={problem.head_dim}: the portable kernel is faster "
                        "on the H200 (scripts/ab_gluon.py); backend='gluon' runs it anyway")
 
