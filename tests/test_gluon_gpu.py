@@ -149,6 +149,23 @@ def test_ops_run_it_when_asked(op: str) -> None:
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
 
 
+def _paged_spans(page_size: int, d: int, seed: int):
+    """Four requests over a shuffled page pool (GQA 8/2, bf16, CUDA): random spans, a
+    single-token span, a whole-prompt span, a one-token prompt. Returns
+    ``(layout, k_cache, v_cache, q)``."""
+    import random
+
+    from tests.helpers import paged_setup, random_spans
+
+    rng = random.Random(seed)
+    seq_lens = [700, 1, 333, 1290]
+    spans = [random_spans(rng, 700, 6, 90), [(0, 1)], [(0, 333)],
+             [(5, 6)] + [(a, b) for a, b in random_spans(rng, 1290, 5, 200) if a > 6]]
+    layout, k_cache, v_cache, q, _, _ = paged_setup(seq_lens, spans, page_size, 8, 2, d,
+                                                    torch.bfloat16, "cuda", seed=page_size)
+    return layout, k_cache, v_cache, q
+
+
 PAGED = [(64, 64), (128, 64), (128, 128), (256, 64), (256, 128)]
 
 
@@ -162,18 +179,10 @@ def test_paged_spans(page_size: int, d: int, block_m: int, warp_specialize: bool
     """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse), with a
     single-token span, a whole-prompt span and a one-token prompt; one q head per block,
     or the 4 of a KV head stacked in it."""
-    import random
-
     from spanfill.kernels_gluon.attention import attention_fwd_paged
     from spanfill.testing import reference_span
-    from tests.helpers import paged_setup, random_spans
 
-    rng = random.Random(page_size + d + block_m)
-    seq_lens = [700, 1, 333, 1290]
-    spans = [random_spans(rng, 700, 6, 90), [(0, 1)], [(0, 333)],
-             [(5, 6)] + [(a, b) for a, b in random_spans(rng, 1290, 5, 200) if a > 6]]
-    layout, k_cache, v_cache, q, _, _ = paged_setup(seq_lens, spans, page_size, 8, 2, d,
-                                                    torch.bfloat16, "cuda", seed=page_size)
+    layout, k_cache, v_cache, q = _paged_spans(page_size, d, page_size + d + block_m)
     plan = layout.tile_plan(block_m // stack, True)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device="cuda")
@@ -352,18 +361,10 @@ def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: in
                               overlap: bool) -> None:
     """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse): a
     single-token span, a whole-prompt span, a one-token prompt; unsplit and split-KV."""
-    import random
-
     from spanfill.kernels_gluon.attention import attention_fwd_paged
     from spanfill.testing import reference_span
-    from tests.helpers import paged_setup, random_spans
 
-    rng = random.Random(page_size + d + stack)
-    seq_lens = [700, 1, 333, 1290]
-    spans = [random_spans(rng, 700, 6, 90), [(0, 1)], [(0, 333)],
-             [(5, 6)] + [(a, b) for a, b in random_spans(rng, 1290, 5, 200) if a > 6]]
-    layout, k_cache, v_cache, q, _, _ = paged_setup(seq_lens, spans, page_size, 8, 2, d,
-                                                    torch.bfloat16, "cuda", seed=page_size)
+    layout, k_cache, v_cache, q = _paged_spans(page_size, d, page_size + d + stack)
     out = torch.full_like(q, float("nan"))
     lse = torch.full(q.shape[:2], float("nan"), device="cuda")
     attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
