@@ -9,8 +9,8 @@ launch it) and every form of the Gluon kernel
 (:func:`~spanfill.kernels_gluon.attention.attention_fwd_dense` / ``_paged``):
 64- or 128-row programs, the softmax in sequence or under the previous tile's PV
 (``overlap``), the warp group issuing its own copies or a producer warp, the 128-row
-ping-pong form (two consumer warp groups taking turns, ``pingpong``), the same two
-partitions in sequence without turns (``split_consumers``), and with GQA
+form whose two warp groups are separate consumer partitions, each with the overlapped
+loop (``pingpong``) or in sequence (``split_consumers``), and with GQA
 one q head per program or the KV head's whole group stacked in it. Each is checked
 against the bench's reference rows first (a failed check gets no time), then timed with
 ``bench.timing.time_device`` (L2 flushed). Writes ``DIR/ab_gluon.csv`` (the bench's
@@ -46,8 +46,8 @@ from bench.workloads import PaddedWorkload, core_workloads, padded_uniform  # no
 # (rows per program, overlap, producer warp, ping-pong warp groups)
 FORMS = [(m, o, p, False) for m, o, p in itertools.product((64, 128), (False, True),
                                                            (False, True))]
-FORMS.append((128, True, True, True))  # FA3's ping-pong: turns at the tensor cores
-FORMS.append((128, False, True, True))  # two consumer partitions in sequence, no turns
+FORMS.append((128, True, True, True))  # two consumer partitions, each overlapped
+FORMS.append((128, False, True, True))  # two consumer partitions, each in sequence
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]]

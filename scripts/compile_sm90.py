@@ -330,16 +330,17 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_paged_split2_page256_overlap_producer_d128": (gluon_paged_case(
         16, 256, 8, 8, 2, 128, warp_specialize=True, overlap=True, stack=4, splits=2), ()),
     # the forms the registry launches (backends/gluon.py choose_form): D=256 spans (the
-    # automatic choice) and D=128, 128 rows fed by a producer warp, GQA stacked, split
+    # automatic choice: two consumer partitions in sequence), GQA stacked, split
     "gluon_paged_registry_d256_page16_split4": (gluon_paged_case(
-        16, 16, 200, 4, 2, 256, warp_specialize=True, block_m=128, stack=2, splits=4), ()),
-    # the form the registry picks for D=128 spans with GQA 4 (e3fff25 on): 128 rows,
-    # producer warp, the softmax in sequence, four q heads stacked
+        16, 16, 200, 4, 2, 256, block_m=128, stack=2, splits=4, pingpong=True), ()),
+    # the form the registry picks for D=128 spans with GQA 4: 128 rows, producer warp,
+    # two consumer partitions each with the overlapped loop (three stages), four q heads
+    # stacked
     "gluon_paged_registry_stack4_d128": (gluon_paged_case(
-        100, 16, 24, 8, 2, 128, warp_specialize=True, block_m=128, stack=4), ()),
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True), ()),
     "gluon_dense_registry_m128_producer_d128": (gluon_dense_case(
         2, 64, 4, 4, 128, causal=False, zero_fill=True, warp_specialize=True, block_m=128), ()),
-    # ping-pong: two consumer warp groups taking turns at the tensor cores
+    # two consumer partitions, each with the overlapped loop (three stages at D=128)
     "gluon_dense_pingpong_padded_d128": (gluon_dense_case(
         2, 64, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
         pingpong=True), ()),
@@ -348,7 +349,7 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         pingpong=True), ()),
     "gluon_paged_pingpong_page4_gather_d64": (gluon_paged_case(
         40, 4, 80, 8, 2, 64, block_m=128, overlap=True, pingpong=True), ()),
-    # two consumer partitions, each with the in-sequence loop, no turns
+    # two consumer partitions, each with the in-sequence loop
     "gluon_paged_split_consumers_stack4_d128": (gluon_paged_case(
         100, 16, 24, 8, 2, 128, block_m=128, stack=4, pingpong=True), ()),
     "gluon_paged_split_consumers_d256_page16_split4": (gluon_paged_case(

@@ -252,7 +252,8 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     assert gluon.select_config(as_cuda(dense)).tile == backends.gluon.VALIDATED
     # D=128, MHA: one head per 128-row program, the producer warp, 128 KV positions a step.
     config = gluon.select_config(as_cuda(dense, head_dim=128))
-    assert (config.block_q, config.tile.producer, config.tile.overlap) == (128, True, False)
+    assert (config.block_q, config.tile.producer, config.tile.overlap) == (128, True, True)
+    assert config.tile.pingpong and config.tile.num_stages == 3
     assert config.tile.block_n == 128 and config.num_splits == 1
     for change, why in ((dict(head_dim=80), "D=80"), (dict(window_left=7), "sliding window"),
                         (dict(dtype=torch.float32), "fp16 or bf16"),

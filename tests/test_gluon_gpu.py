@@ -313,10 +313,10 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
 
 # ----------------------------------------------------------------------------- ping-pong
 # Two consumer warp groups of a 128-row program as separate partitions (``pingpong=True``):
-# taking turns at the tensor cores (``overlap=True``, FA3's ping-pong) or each in
-# sequence with no turns. A hang here is a barrier bug, and the 90 s timeout above ends it.
+# each with the overlapped loop over three stages (``overlap=True``) or in sequence. A
+# hang here is a barrier bug, and the 90 s timeout above ends it.
 
-OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["turns", "split"])
+OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-sequence"])
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -35,9 +35,8 @@ class GluonTile(AttentionConfig):
     """A Gluon launch form: the tiles (``heads`` q heads of one KV head stacked in the
     block), and the KV loop: ``overlap`` runs each tile's softmax under the previous
     tile's PV; ``producer`` has a producer warp issue the K/V copies; ``pingpong``
-    (128 rows) makes the two warp groups separate consumer partitions, taking turns at
-    the tensor cores with ``overlap`` and each in sequence without (the form
-    :func:`choose_form` picks at D 128 and 256)."""
+    (128 rows) makes the two warp groups separate consumer partitions (the form
+    :func:`choose_form` picks at D 128 and 256), each with the loop ``overlap`` says."""
 
     overlap: bool = False
     producer: bool = False
@@ -90,6 +89,12 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     ring stage itself. The groups taking turns at the tensor cores (FA3's ping-pong,
     ``overlap`` too) was slower than both (0.611, 0.675, 1.217 ms).
 
+    At D=128 each partition runs the overlapped loop over three stages
+    (``ab_gluon_overlap_noturns_h200_ae88b2c.csv``, against the in-sequence partitions in
+    the same run): few_big 0.471 against 0.502 ms, whole_8k 0.974 against 1.049,
+    enc_2k_d128 0.480 against 0.500. The overlapped loop holds two stages at once, so
+    with two it had been slower in every form; D=256 has no room for a third.
+
     At D=64 the 128-row form was slower on the padded batches (bert_base_512 0.178 ms,
     docs_8k_d64 1.289 ms at dc0020c, ``core_nvidia-h200_20261130-175657.csv``) than
     :data:`VALIDATED` had been (0.118 and 0.956 ms at e24d028,
@@ -100,8 +105,11 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     if problem.head_dim <= 64:
         return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
-    return GluonTile(block_m=128, block_n=64 if problem.head_dim > 128 else 128, heads=stack,
-                     num_warps=8, num_stages=2, overlap=False, producer=True, pingpong=True)
+    if problem.head_dim == 128:
+        return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
+                         overlap=True, producer=True, pingpong=True)
+    return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
+                     overlap=False, producer=True, pingpong=True)
 
 
 class GluonHopperBackend:

@@ -32,16 +32,13 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
 
 - ``pingpong=True``: the two warp groups of a 128-row program are separate consumer
   partitions (:func:`_kv_loop_pingpong`), each storing its own rows and releasing ring
-  stages itself. Without ``overlap`` each runs the in-sequence loop and nothing but the
-  ring orders them: the form the registry chooses at D 128 and 256, since the 8-warp
-  form's two warp groups meet at two 256-thread barriers every KV step. With
-  ``overlap`` they take turns at the tensor cores, so one group's softmax runs under the
-  other's wgmmas, as in FA3 (correct on the H200, and slower on every workload
-  measured: ``bench/results/ab_gluon_pingpong_h200_d7ebbc6.csv``).
+  stages itself; nothing but the ring orders them (the 8-warp form's two warp groups
+  meet at two 256-thread barriers every KV step). With ``overlap`` each runs the
+  overlapped loop over a three-stage ring (the form the registry chooses at D=128);
+  without, the in-sequence loop (D=256, where a third stage does not fit).
 
-What FA3/FA4 add on top, for the next steps: the softmax under the group's own next
-QK^T without losing to it (here ``overlap`` is slower in every form measured),
-a persistent tile scheduler so one tile's epilogue and the next one's loads overlap,
+What FA3/FA4 add on top, for the next steps: separate K and V rings (the overlapped
+loop then needs no third stage, which D=256 has no room for), a persistent tile scheduler so one tile's epilogue and the next one's loads overlap,
 and a split-KV merge inside the launch (here a second launch merges). Registers and
 spills of every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
 """
@@ -64,8 +61,10 @@ __all__ = ["attention_fwd_dense", "attention_fwd_paged"]
 
 LOG2E = 1.4426950408889634
 # Shared memory a program may take for Q and the K/V ring (the H100/H200 allow 227 KiB
-# per block; the rest is left to barriers and the compiler's scratch).
-SHARED_MEMORY_BUDGET = 220 * 1024
+# per block; the rest is left to barriers and the compiler's scratch). 224 KiB: Q and
+# three stages of 128 KV rows at D=128, which ran on the H200 in every 128-row form
+# (ab_gluon_tiles_h200_5a0ab1b.csv, ab_gluon_overlap_noturns_h200_ae88b2c.csv).
+SHARED_MEMORY_BUDGET = 224 * 1024
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
 
 # Gluon is experimental and renames things between releases: the GPU machine has
@@ -458,7 +457,7 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
 
 
 @gluon.jit
-def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, turn, k_smem, v_smem, ready, empty,
+def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, k_smem, v_smem, ready, empty,
                       row0, row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
                       qk_scale, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, head,
                       stride_ot, stride_oh, stride_lt, stride_lh,
@@ -468,25 +467,23 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, turn, k_smem, v_smem, rea
                       BLOCK_Q: gl.constexpr, STACK: gl.constexpr, kv_shift,
                       NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
                       RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
-                      TURNS: gl.constexpr):
+                      OVERLAP: gl.constexpr):
     """One of the two consumer warp groups of a 128-row program, each its own partition:
     warp group ``WG`` owns block rows ``[WG * HALF, (WG + 1) * HALF)``, runs its KV loop
     on them, and stores them. Being separate partitions, the two groups share no
     barrier: each releases a ring stage itself once its PV has read it (``empty`` counts
     2 arrivals); the producer warp fills the ring.
 
-    ``TURNS`` (FA3's ping-pong): the overlapped loop of :func:`_kv_loop_overlapped`, the
-    two groups taking turns at the tensor cores: before issuing a step's wgmmas (``S_j``
-    and ``PV_{j-1}``) a group waits for its turn (``turn[WG]``), and once they are issued
-    it hands the turn to the other (``turn[1 - WG]``), so one group's softmax runs while
-    the other's wgmmas do. Step ``i`` of group ``WG`` waits for phase
-    ``(i + 1 - WG) & 1`` of its barrier: a fresh barrier counts as having completed phase
-    1, so group 0 goes first. Both groups make ``num_tiles + 1`` turns (the last: the
-    final PV), so the phases stay in step.
+    ``OVERLAP``: the overlapped loop of :func:`_kv_loop_overlapped` in each group (the
+    next tile's QK^T issued with this tile's PV, the softmax under them). It holds two
+    ring stages at once (K of tile ``j``, V of tile ``j - 1``), so it wants three stages:
+    with two the producer cannot load ahead (``bench/results/ab_gluon_overlap_noturns_*``).
+    The groups do not take turns at the tensor cores (FA3's ping-pong): with turns
+    (branch ``gluon-pingpong``, d7ebbc6) it was slower on every workload measured.
 
-    Without ``TURNS``: the in-sequence loop of :func:`_kv_loop_sequential` in each group,
-    with nothing ordering the two groups but the ring (the form whose 8-warp version
-    meets at two 256-thread barriers a step, ``docs/performance.md``).
+    Without ``OVERLAP``: the in-sequence loop of :func:`_kv_loop_sequential` in each
+    group, with nothing ordering the two groups but the ring (the form whose 8-warp
+    version meets at two 256-thread barriers a step, ``docs/performance.md``).
     """
     NUM_WARPS: gl.constexpr = 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -500,7 +497,7 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, turn, k_smem, v_smem, rea
                                                    o_layout, HALF, HEAD_DIM, POSITIONS,
                                                    HAS_POSITIONS, BLOCK_Q, kv_shift, WG * HALF)
     mbarrier.wait(q_bar, phase=0)
-    if not TURNS:
+    if not OVERLAP:
         for j in range(num_tiles):
             stage = j % STAGES
             _wait_ready(ready, j, STAGES, PAGE_SIZE)
@@ -513,11 +510,9 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, turn, k_smem, v_smem, rea
     elif num_tiles > 0:
         _wait_ready(ready, 0, STAGES, PAGE_SIZE)
         _zero_v_tail(v_smem.index(0), 0, kv_len, BLOCK_N, NUM_WARPS)
-        mbarrier.wait(turn.index(WG), (1 - WG) & 1)
         s_acc = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
         s_acc = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_acc, use_acc=False,
                               is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1)
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
@@ -527,12 +522,10 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, turn, k_smem, v_smem, rea
             prev = (j - 1) % STAGES
             _wait_ready(ready, j, STAGES, PAGE_SIZE)
             _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, NUM_WARPS)
-            mbarrier.wait(turn.index(WG), (j + 1 - WG) & 1)
             s_acc = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
             s_acc = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_acc,
                                   use_acc=False, is_async=True)
             acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            mbarrier.arrive(turn.index(1 - WG), count=1)
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
@@ -542,9 +535,7 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, turn, k_smem, v_smem, rea
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         last = (num_tiles - 1) % STAGES
-        mbarrier.wait(turn.index(WG), (num_tiles + 1 - WG) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - WG), count=1)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         fence_async_shared()
         mbarrier.arrive(empty.index(last), count=1)
@@ -682,16 +673,11 @@ def _attn_fwd_dense_kernel(
     # The second ping-pong consumer's registers (its warp group is a worker partition):
     # FA3 gives each consumer warp group 240.
     CONSUMER_REGS: gl.constexpr = 240
-    # Ping-pong: two consumer warp groups release each stage, and pass the turn at the
-    # tensor cores back and forth through a barrier each.
+    # Ping-pong: two consumer warp groups release each stage.
     EMPTY_COUNT: gl.constexpr = 2 if PINGPONG else 1
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=READY_COUNT)
         mbarrier.init(empty.index(s), count=EMPTY_COUNT)
-    if PINGPONG:
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
     fence_async_shared()
     if STACK == 1:
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -705,8 +691,8 @@ def _attn_fwd_dense_kernel(
     # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence
     # (both loops take the same arguments); with a producer warp issuing the copies
     # (gl.warp_specialize) or the warp group; or (PINGPONG) two consumer warp groups of
-    # BLOCK_M // 2 rows taking turns at the tensor cores, each storing its own rows, with
-    # the producer warp.
+    # BLOCK_M // 2 rows, each its own partition storing its own rows, with the producer
+    # warp.
     # Partitions take no None: stand-ins for what this launch does not have (read only
     # under NUM_SPLITS > 1).
     if NUM_SPLITS > 1:
@@ -717,7 +703,7 @@ def _attn_fwd_dense_kernel(
         HALF: gl.constexpr = BLOCK_M // 2
         # (The argument lists are written out: a tuple built here cannot hold a dtype.)
         gl.warp_specialize([
-            (_kv_loop_pingpong, (0, q_smem, q_bar, turn, k_smem, v_smem, ready, empty, row0,
+            (_kv_loop_pingpong, (0, q_smem, q_bar, k_smem, v_smem, ready, empty, row0,
                                   row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
                                   qk_scale, O, LSE,
                                   ws_o, ws_lse, wss, wsl, split_i, head, stride_ot, stride_oh,
@@ -725,7 +711,7 @@ def _attn_fwd_dense_kernel(
                                   CAUSAL, pos_ptr, HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK,
                                   kv_shift, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE, NUM_SPLITS,
                                   OVERLAP)),
-            (_kv_loop_pingpong, (1, q_smem, q_bar, turn, k_smem, v_smem, ready, empty, row0,
+            (_kv_loop_pingpong, (1, q_smem, q_bar, k_smem, v_smem, ready, empty, row0,
                                   row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
                                   qk_scale, O, LSE,
                                   ws_o, ws_lse, wss, wsl, split_i, head, stride_ot, stride_oh,
@@ -741,8 +727,6 @@ def _attn_fwd_dense_kernel(
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
-        mbarrier.invalidate(turn.index(0))
-        mbarrier.invalidate(turn.index(1))
         return
     if WARP_SPECIALIZE:
         acc, m_i, l_i = gl.warp_specialize([
@@ -822,10 +806,9 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         launch (:func:`spanfill.kernels.merge_states_launch`) merges them into ``out``
         and ``lse``; not with ``zero_fill``
     pingpong : 128-row programs whose two warp groups run as separate consumer partitions
-        fed by a producer warp (implies ``warp_specialize``), each storing its own rows:
-        with ``overlap`` they take turns at the tensor cores, each with the overlapped
-        loop (FA3's ping-pong); without, each runs the in-sequence loop and nothing but
-        the ring orders them
+        fed by a producer warp (implies ``warp_specialize``), each storing its own rows,
+        nothing but the ring ordering them: each runs the overlapped loop with
+        ``overlap``, the in-sequence loop without
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
