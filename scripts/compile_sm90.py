@@ -400,7 +400,9 @@ def canonical_ttgir(ttgir: str) -> str:
     Triton names values after the Python variables and arguments they come from, and
     materialises constants in the order the source first uses them, so a rename or an
     unpacked tuple changes the text but not the program; this form changes only when
-    the program does.
+    the program does. Functions are renamed in order of appearance too: a jit
+    function's symbol spells out its constexpr arguments, so a new constexpr parameter
+    renames every specialisation without changing one instruction.
     """
     text = re.sub(r' loc\((?:[^()]|\([^()]*\))*\)', "", ttgir)
     names: dict[str, str] = {}
@@ -421,8 +423,15 @@ def canonical_ttgir(ttgir: str) -> str:
             names[m.group(0)] = f"%v{next(renamed)}"
         return names[m.group(0)]
 
+    functions: dict[str, str] = {}
+
+    def rename_function(m: re.Match) -> str:
+        return functions.setdefault(m.group(0), f"@f{len(functions)}")
+
     # (%const<...> is this form's own constant: left alone, so the form is idempotent.)
-    return "\n".join(re.sub(r"%(?!const<)[A-Za-z_][\w.]*|%\d+(?:_\d+)?", rename, line)
+    lines = [re.sub(r"%(?!const<)[A-Za-z_][\w.]*|%\d+(?:_\d+)?", rename, line)
+             for line in lines]
+    return "\n".join(re.sub(r'@"[^"]*"|@(?!f\d+\b)[A-Za-z_][\w.$]*', rename_function, line)
                      for line in lines) + "\n"
 
 

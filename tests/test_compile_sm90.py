@@ -130,6 +130,26 @@ def test_canonical_ttgir_sees_a_changed_program() -> None:
     assert canonical(IR.replace("arith.addi", "arith.subi")) != canonical(IR)
 
 
+CALLS = """  tt.func public @k(%n: i32) {
+    %a = tt.call @"pkg.f__(3,)cconstexpr_64_"(%n) : (i32) -> i32
+    %b = tt.call @"pkg.g__(3,)cconstexpr_64_"(%a) : (i32) -> i32
+  }
+  tt.func private @"pkg.f__(3,)cconstexpr_64_"(%x: i32) -> i32 {
+  tt.func private @"pkg.g__(3,)cconstexpr_64_"(%x: i32) -> i32 {
+"""
+
+
+def test_canonical_ttgir_ignores_function_symbols_but_not_calls() -> None:
+    """A new constexpr parameter renames each jit function's symbol; which function each
+    call reaches still counts."""
+    canonical = _canonical()
+    respelled = CALLS.replace("cconstexpr_64_", "cconstexpr_64__(4,)cconstexpr_0_")
+    assert canonical(respelled) == canonical(CALLS)
+    assert canonical(canonical(CALLS)) == canonical(CALLS)
+    swapped = CALLS.replace('@"pkg.f__(3,)cconstexpr_64_"(%n)', '@"pkg.g__(3,)cconstexpr_64_"(%n)')
+    assert canonical(swapped) != canonical(CALLS)
+
+
 def test_compare_kernel_ir_against_head(tmp_path_factory) -> None:
     """The comparison tool itself: the working tree against HEAD (the same kernels on a
     clean checkout, as in CI), every launch compiled on both sides."""

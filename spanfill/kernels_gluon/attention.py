@@ -294,7 +294,7 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
-                        k_pool, v_pool, ROW_STRIDE: gl.constexpr):
+                        k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
@@ -310,7 +310,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS, BLOCK_Q, kv_shift, 0)
+                                                   HAS_POSITIONS, BLOCK_Q, kv_shift,
+                                                   ROW_OFFSET)
     mbarrier.wait(q_bar, phase=0)
     for j in range(num_tiles):
         if not PRODUCER:
@@ -341,7 +342,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
-                        k_pool, v_pool, ROW_STRIDE: gl.constexpr):
+                        k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -350,6 +351,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     ``PRODUCER``: a producer warp copies the tiles and this loop releases each stage
     (``empty``) once PV has read it; otherwise this loop issues the copies itself, the
     copy of tile ``j - 1 + STAGES`` into the stage PV of tile ``j - 1`` has just left.
+
+    ``q_smem`` holds these ``BLOCK_M`` rows, which are block rows from ``ROW_OFFSET`` (a
+    ping-pong warp group's half of the block; else 0). Without ``PRODUCER`` the loop
+    reads the descriptors and the page arguments; with it they may be stand-ins.
     """
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -363,7 +368,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS, BLOCK_Q, kv_shift, 0)
+                                                   HAS_POSITIONS, BLOCK_Q, kv_shift,
+                                                   ROW_OFFSET)
     mbarrier.wait(q_bar, phase=0)
     if num_tiles > 0:
         # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
@@ -490,55 +496,14 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, k_smem, v_smem, ready, em
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     q_half = q_smem.slice(WG * HALF, HALF)
-    valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
-                                                   o_layout, HALF, HEAD_DIM, POSITIONS,
-                                                   HAS_POSITIONS, BLOCK_Q, kv_shift, WG * HALF)
-    mbarrier.wait(q_bar, phase=0)
-    if not OVERLAP:
-        for j in range(num_tiles):
-            stage = j % STAGES
-            _wait_ready(ready, j, STAGES, PAGE_SIZE)
-            acc, m_i, l_i = _attend_tile(q_half, k_smem.index(stage), v_smem.index(stage), acc,
-                                         m_i, l_i, j, kv_len, valid_s, pos_s, mask_from,
-                                         qk_scale, s_layout, o_layout, dtype, HALF, BLOCK_N,
-                                         CAUSAL, NUM_WARPS)
-            fence_async_shared()
-            mbarrier.arrive(empty.index(stage), count=1)
-    elif num_tiles > 0:
-        _wait_ready(ready, 0, STAGES, PAGE_SIZE)
-        _zero_v_tail(v_smem.index(0), 0, kv_len, BLOCK_N, NUM_WARPS)
-        s_acc = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
-        s_acc = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_acc, use_acc=False,
-                              is_async=True)
-        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
-                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, num_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            _wait_ready(ready, j, STAGES, PAGE_SIZE)
-            _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, NUM_WARPS)
-            s_acc = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
-            s_acc = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_acc,
-                                  use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
-            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
-                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            fence_async_shared()
-            mbarrier.arrive(empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (num_tiles - 1) % STAGES
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-        fence_async_shared()
-        mbarrier.arrive(empty.index(last), count=1)
+    # The producer warp copies the tiles (PRODUCER=True): the loops read no descriptor
+    # or page argument, so hk stands in for them.
+    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
+        q_half, q_bar, hk, hk, k_smem, v_smem, ready, empty, row0, row_end, q_start, q_stop,
+        hk, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout, o_layout, dtype, HALF,
+        BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS, hk,
+        PAGE_SIZE, BLOCK_Q, kv_shift, hk, hk, 0, WG * HALF)
     _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, row0,
                 row_end, q_start, q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh,
                 o_layout, dtype, HALF, HEAD_DIM, BLOCK_Q, STACK, WG * HALF, NUM_Q_HEADS,
@@ -736,7 +701,7 @@ def _attn_fwd_dense_kernel(
               o_layout,
               dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, num_warps, pos_ptr,
               HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool,
-              ROW_STRIDE)),
+              ROW_STRIDE, 0)),
             (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
                           num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
                           k_pool, v_pool, ROW_STRIDE)),
@@ -747,7 +712,7 @@ def _attn_fwd_dense_kernel(
             q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout, o_layout,
             dtype, BLOCK_M,
             BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
-            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE)
+            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE, 0)
 
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
