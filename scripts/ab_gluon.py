@@ -10,7 +10,8 @@ launch it) and every form of the Gluon kernel
 64- or 128-row programs, the softmax in sequence or under the previous tile's PV
 (``overlap``), the warp group issuing its own copies or a producer warp, the 128-row
 form whose two warp groups are separate consumer partitions, each with the overlapped
-loop (``pingpong``) or in sequence (``split_consumers``), and with GQA
+loop (``pingpong``) or in sequence (``split_consumers``), one program per work item or
+one per SM walking the items (``_persistent``), and with GQA
 one q head per program or the KV head's whole group stacked in it. Each is checked
 against the bench's reference rows first (a failed check gets no time), then timed with
 ``bench.timing.time_device`` (L2 flushed). Writes ``DIR/ab_gluon.csv`` (the bench's
@@ -43,25 +44,30 @@ from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # no
 from bench.timing import time_device  # noqa: E402
 from bench.workloads import PaddedWorkload, core_workloads, padded_uniform  # noqa: E402
 
-# (rows per program, overlap, producer warp, ping-pong warp groups)
-FORMS = [(m, o, p, False) for m, o, p in itertools.product((64, 128), (False, True),
-                                                           (False, True))]
-FORMS.append((128, True, True, True))  # two consumer partitions, each overlapped
-FORMS.append((128, False, True, True))  # two consumer partitions, each in sequence
+# (rows per program, overlap, producer warp, ping-pong warp groups: 0 none, 1 one
+# program per work item, PERSISTENT one program per SM walking the items)
+PERSISTENT = 2
+FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
+                                                       (False, True))]
+FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
+FORMS.append((128, False, True, 1))  # two consumer partitions, each in sequence
+FORMS.append((128, True, True, PERSISTENT))
+FORMS.append((128, False, True, PERSISTENT))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]]
-              ) -> list[tuple[int, bool, bool, int, bool, int | None, int | None]]:
+              ) -> list[tuple[int, bool, bool, int, int, int | None, int | None]]:
     """Every form, with one q head per program and (GQA) the whole group stacked, at each
     ``(block_n, stages)`` of ``tiles`` (``(None, None)``: the kernel's defaults)."""
     return [(m, o, p, st, pp, bn, ns) for m, o, p, pp in FORMS for st in sorted({1, group})
             for bn, ns in tiles if m // st >= 16]
 
 
-def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: bool,
+def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int,
           block_n: int | None = None, stages: int | None = None) -> str:
     if pingpong:
         name = (("gluon_m128_pingpong" if overlap else "gluon_m128_split_consumers")
+                + ("_persistent" if pingpong == PERSISTENT else "")
                 + (f"_stack{stack}" if stack > 1 else ""))
     else:
         name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
@@ -76,7 +82,7 @@ def _tiles(spec: str) -> list[tuple[int | None, int | None]]:
 
 
 def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool, stack: int,
-               pingpong: bool, block_n: int | None, stages: int | None):
+               pingpong: int, block_n: int | None, stages: int | None):
     """The Gluon kernel on the padded batch (zero-filled padding), and its valid rows."""
     from bench.check import packed_valid_index
     from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -90,13 +96,14 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
     def run() -> None:
         attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
                             block_m=block_m, warp_specialize=producer, overlap=overlap,
-                            stack=stack, pingpong=pingpong, block_n=block_n, stages=stages)
+                            stack=stack, pingpong=bool(pingpong),
+                            persistent=pingpong == PERSISTENT, block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out[idx])[1]
 
 
 def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: int,
-                     pingpong: bool, block_n: int | None, stages: int | None):
+                     pingpong: int, block_n: int | None, stages: int | None):
     """The Gluon kernel over the workload's page pool, and its output rows."""
     from spanfill.kernels_gluon.attention import attention_fwd_paged
 
@@ -108,7 +115,8 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
         attention_fwd_paged(t.q, t.k_cache, t.v_cache, out, None, plan, layout.positions,
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
                             warp_specialize=producer, overlap=overlap, stack=stack,
-                            pingpong=pingpong, block_n=block_n, stages=stages)
+                            pingpong=bool(pingpong), persistent=pingpong == PERSISTENT,
+                            block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out)[1]
 

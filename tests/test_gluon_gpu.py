@@ -317,6 +317,9 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
 # hang here is a barrier bug, and the 90 s timeout above ends it.
 
 OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-sequence"])
+# Persistent launches: 3 programs walk every work item in rounds, both directions, with
+# ring slots and Q phases running on across items (and padding-only tiles in between).
+PERSISTENT = pytest.mark.parametrize("persistent", [False, 3], ids=["per-item", "persistent3"])
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -324,8 +327,9 @@ OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("stack", [1, 2], ids=["head-per-block", "stack2"])
 @OVERLAP
+@PERSISTENT
 def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
-                                 stack: int, overlap: bool) -> None:
+                                 stack: int, overlap: bool, persistent: int) -> None:
     """Padded batches (a full sample, a one-token one, an empty one, odd lengths) with
     NaN in the padded K/V rows, lse, zero-filled padding."""
     from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -344,7 +348,7 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
                         lse, layout.tile_plan(128 // stack, causal), d ** -0.5, causal,
                         zero_fill=True, block_m=128, stack=stack, overlap=overlap,
-                        pingpong=True)
+                        pingpong=True, persistent=persistent)
     out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
     assert not out.isnan().any(), "rows left unwritten"
     assert rel_err(out, ref_o) <= TOLERANCE[dtype]
@@ -357,8 +361,9 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
 @pytest.mark.parametrize("stack", [1, 4], ids=["head-per-block", "stack4"])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @OVERLAP
+@PERSISTENT
 def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: int,
-                              overlap: bool) -> None:
+                              overlap: bool, persistent: int) -> None:
     """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse): a
     single-token span, a whole-prompt span, a one-token prompt; unsplit and split-KV."""
     from spanfill.kernels_gluon.attention import attention_fwd_paged
@@ -369,7 +374,8 @@ def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: in
     lse = torch.full(q.shape[:2], float("nan"), device="cuda")
     attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
                         layout.positions, layout.block_table, d ** -0.5, True, block_m=128,
-                        stack=stack, num_splits=num_splits, overlap=overlap, pingpong=True)
+                        stack=stack, num_splits=num_splits, overlap=overlap, pingpong=True,
+                        persistent=persistent)
     ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
     assert not out.isnan().any(), "rows left unwritten"
     assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
@@ -377,7 +383,11 @@ def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: in
 
 
 @OVERLAP
-def test_pingpong_varlen_causal(overlap: bool) -> None:
+@pytest.mark.parametrize("persistent", [False, 1, 3, True],
+                         ids=["per-item", "persistent1", "persistent3", "persistent-sms"])
+def test_pingpong_varlen_causal(overlap: bool, persistent: int | bool) -> None:
+    """Varlen causal, one-token and tile-boundary lengths; persistent with one program
+    (every item in one program), three, and one per SM (more programs than items)."""
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(13)
@@ -387,7 +397,8 @@ def test_pingpong_varlen_causal(overlap: bool) -> None:
     q, k, v = (torch.randn(t, h, d, generator=gen).to("cuda", torch.float16) for _ in range(3))
     out = torch.full_like(q, float("nan"))
     attention_fwd_dense(q, k, v, out, None, sf.VarlenLayout.build(cu, t).tile_plan(128, True),
-                        d ** -0.5, True, block_m=128, overlap=overlap, pingpong=True)
+                        d ** -0.5, True, block_m=128, overlap=overlap, pingpong=True,
+                        persistent=persistent)
     ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
     assert not out.isnan().any()
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
@@ -401,3 +412,9 @@ def test_pingpong_refuses_64_rows() -> None:
     with pytest.raises(ValueError, match="pingpong takes 128-row programs"):
         attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=64,
                             pingpong=True)
+    with pytest.raises(ValueError, match="persistent launches take the pingpong form"):
+        attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=128,
+                            persistent=True)
+    with pytest.raises(ValueError, match="persistent must be a bool or a program count"):
+        attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=128,
+                            pingpong=True, persistent=0)

@@ -45,6 +45,8 @@ spills of every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -178,22 +180,24 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
 
 
 @gluon.jit
-def _wait_ready(ready, j, STAGES: gl.constexpr, PAGE_SIZE: gl.constexpr):
-    """Wait until K/V tile ``j`` has landed in its stage. Tiles gathered by cp.async
+def _wait_ready(ready, slot, STAGES: gl.constexpr, PAGE_SIZE: gl.constexpr):
+    """Wait until the K/V tile of ring slot ``slot`` (the program's ``slot``-th tile, over
+    all its work items) has landed in its stage. Tiles gathered by cp.async
     (pages under 8 rows) were written through the generic proxy: a proxy fence orders
     them before the wgmmas (async proxy) read the stage."""
-    mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
+    mbarrier.wait(ready.index(slot % STAGES), (slot // STAGES) & 1)
     if PAGE_SIZE > 0 and PAGE_SIZE < 8:
         fence_async_shared()
 
 
 @gluon.jit
-def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N: gl.constexpr,
+def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, slot, kv_row0, hk,
+                  BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, bt_row, kv_len,
                   PAGE_SIZE: gl.constexpr, K_POOL, V_POOL, ROW_STRIDE: gl.constexpr,
                   COPY_WARPS: gl.constexpr):
-    """Issue the TMA copies of K/V tile ``j`` into its ring stage; its ready barrier
-    completes when all land.
+    """Issue the TMA copies of K/V tile ``j`` into the stage of ring slot ``slot``; its
+    ready barrier completes when all land.
 
     Dense K/V (``PAGE_SIZE`` 0): one copy each of rows ``kv_row0 + j * BLOCK_N + [0,
     BLOCK_N)`` (``bt_row`` and ``kv_len`` unused). Paged K/V: ``bt_row`` points at the
@@ -207,7 +211,7 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
     ``kv_len`` zero-filled, and each thread's arrival on the ready barrier waits for its
     copies (the barrier counts ``32 * COPY_WARPS`` arrivals).
     """
-    stage = j % STAGES
+    stage = slot % STAGES
     bar = ready.index(stage)
     if PAGE_SIZE == 0:
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
@@ -238,6 +242,116 @@ def _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N
             row = page * PAGE_SIZE + pos0 % PAGE_SIZE
             _tma_load(k_desc, [row, hk * HEAD_DIM], bar, k_smem.index(stage).slice(i * ROWS, ROWS))
             _tma_load(v_desc, [row, hk * HEAD_DIM], bar, v_smem.index(stage).slice(i * ROWS, ROWS))
+
+
+@gluon.jit
+def _item_tile(item, TILE_REQ, NUM_Q_HEADS: gl.constexpr, STACK: gl.constexpr,
+               NUM_SPLITS: gl.constexpr):
+    """Work item ``item`` of a launch (one program's, or one of a persistent program's):
+    ``(tile, head, split, req)``. Items run tile by tile (longest KV range first, as the
+    plan orders the tiles), the ``NUM_Q_HEADS // STACK`` head stacks of a tile next to
+    each other, and the KV splits of one (tile, head stack) next to each other.
+    ``req < 0``: an unused tile slot of the plan."""
+    if NUM_SPLITS > 1:
+        split = item % NUM_SPLITS
+        item = item // NUM_SPLITS
+    else:
+        split = 0
+    if STACK == 1:
+        tile = item // NUM_Q_HEADS
+        head = item % NUM_Q_HEADS
+    else:
+        tile = item // (NUM_Q_HEADS // STACK)
+        head = (item % (NUM_Q_HEADS // STACK)) * STACK
+    req = gl.load(TILE_REQ + tile)
+    return tile, head, split, req
+
+
+@gluon.jit
+def _item_rows(tile, req, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN):
+    """The rows of a work item's tile and its request's valid rows:
+    ``(row0, row_end, q_start, q_stop)`` (valid: ``q_start <= row < q_stop``)."""
+    row0 = gl.load(TILE_ROW0 + tile)
+    row_end = gl.load(TILE_ROW_END + tile)
+    q_start = gl.load(Q_START + req)
+    q_stop = q_start + gl.load(Q_LEN + req)
+    return row0, row_end, q_start, q_stop
+
+
+@gluon.jit
+def _item_kv(req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN, POSITIONS,
+             HAS_POSITIONS: gl.constexpr, bt_base, bt_stride, CAUSAL: gl.constexpr,
+             BLOCK_Q: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+             NUM_SPLITS: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """The KV range of a work item: ``(kv_len, kv_row0, bt_row, num_tiles, kv_shift,
+    mask_from)``.
+
+    Causal: up to the last valid row's position. Keys before the first valid row's
+    position (and before ``kv_len``) are seen by every valid row, so their tiles, those
+    before ``mask_from``, need no masks. ``bt_row``: the request's block-table row
+    (``bt_base`` itself for dense K/V). Split-KV: the item takes the ``split``-th run of
+    the tile's KV steps, in units of whole pages (so the run starts on a page) and seen
+    from the run's first position ``kv_shift``: the loops run unchanged over positions
+    shifted by it."""
+    kv_len = gl.load(KV_LEN + req)
+    kv_row0 = gl.load(KV_ROW0 + req)
+    if PAGE_SIZE == 0:
+        bt_row = bt_base
+    else:
+        bt_row = bt_base + req.to(gl.int64) * bt_stride
+    if CAUSAL:
+        if not HAS_POSITIONS:
+            kv_end = gl.minimum(gl.minimum(row_end, q_stop) - q_start, kv_len)
+            seen_end = gl.minimum(gl.maximum(row0, q_start) - q_start + 1, kv_len)
+        else:
+            rows_v = row0 + gl.arange(0, BLOCK_Q,
+                                      layout=gl.BlockedLayout([1], [32], [NUM_WARPS], [0]))
+            valid_v = (rows_v < row_end) & (rows_v >= q_start) & (rows_v < q_stop)
+            pos_v = gl.load(POSITIONS + rows_v, mask=valid_v, other=-1)
+            kv_end = gl.minimum(gl.max(pos_v, axis=0) + 1, kv_len)
+            seen_end = gl.minimum(gl.min(gl.where(valid_v, pos_v, kv_len), axis=0) + 1, kv_len)
+    else:
+        kv_end = kv_len
+        seen_end = kv_len
+    num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
+    if NUM_SPLITS > 1:
+        UNIT: gl.constexpr = PAGE_SIZE // BLOCK_N if PAGE_SIZE > BLOCK_N else 1
+        per_split = gl.cdiv(gl.cdiv(num_tiles, UNIT), NUM_SPLITS) * UNIT
+        first = gl.minimum(split * per_split, num_tiles)
+        num_tiles = gl.minimum(first + per_split, num_tiles) - first
+        kv_shift = first * BLOCK_N
+        kv_len = kv_len - kv_shift
+        kv_row0 = kv_row0 + kv_shift
+        if PAGE_SIZE != 0:
+            bt_row = bt_row + kv_shift // PAGE_SIZE
+    else:
+        kv_shift = 0
+    mask_from = gl.maximum(seen_end - kv_shift, 0) // BLOCK_N
+    return kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from
+
+
+@gluon.jit
+def _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr,
+            STACK: gl.constexpr):
+    """TMA copies of a work item's Q block: ``STACK`` heads, each ``[BLOCK_Q, D]`` into its
+    rows of the block; ``q_bar`` completes when they land."""
+    if STACK == 1:
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
+    else:
+        mbarrier.expect(q_bar, STACK * q_desc.block_type.nbytes)
+        for g in gl.static_range(STACK):
+            _tma_load(q_desc, [row0, (head + g) * HEAD_DIM], q_bar,
+                      q_smem.slice(g * BLOCK_Q, BLOCK_Q))
+
+
+@gluon.jit
+def _round_item(r, pid, num_programs):
+    """The work item of a persistent program ``pid`` in round ``r``: rounds of
+    ``num_programs`` items, each round walked in the other direction (so that, items
+    coming longest first, no program takes the longest of every round)."""
+    odd = r % 2
+    return r * num_programs + pid + odd * (num_programs - 1 - 2 * pid)
 
 
 @gluon.jit
@@ -274,15 +388,17 @@ def _initial_state(row0, row_end, q_start, q_stop, s_layout: gl.constexpr,
 def _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk, num_tiles,
                BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                bt_row, kv_len, PAGE_SIZE: gl.constexpr, k_pool, v_pool,
-               ROW_STRIDE: gl.constexpr):
-    """Producer partition (one warp): copies of K/V tiles into the ring, each stage
-    refilled once the consumer has released it."""
-    for j in range(num_tiles):
+               ROW_STRIDE: gl.constexpr, first, ring_base):
+    """Producer partition (one warp): copies of K/V tiles ``[first, num_tiles)`` into the
+    ring, each stage refilled once the consumer has released it. ``ring_base``: the ring
+    slots the program used before (by its earlier work items; 0 for its first)."""
+    for j in range(first, num_tiles):
+        slot = ring_base + j
         # A fresh mbarrier counts as having completed phase 1: the first round of
         # stages is free without any release.
-        mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
-        _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, kv_row0, hk, BLOCK_N, HEAD_DIM,
-                      STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool, ROW_STRIDE, 1)
+        mbarrier.wait(empty.index(slot % STAGES), ((slot // STAGES) & 1) ^ 1)
+        _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j, slot, kv_row0, hk, BLOCK_N,
+                      HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool, ROW_STRIDE, 1)
 
 
 @gluon.jit
@@ -294,7 +410,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
-                        k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr):
+                        k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
+                        ring_base, q_phase):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
@@ -305,22 +422,23 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     if not PRODUCER:
         for t in gl.static_range(STAGES - 1):
             if t < num_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, kv_row0, hk, BLOCK_N,
-                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
-                              ROW_STRIDE, num_warps)
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, ring_base + t, kv_row0,
+                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
+                              v_pool, ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
                                                    HAS_POSITIONS, BLOCK_Q, kv_shift,
                                                    ROW_OFFSET)
-    mbarrier.wait(q_bar, phase=0)
+    mbarrier.wait(q_bar, phase=q_phase)
     for j in range(num_tiles):
         if not PRODUCER:
             if j + STAGES - 1 < num_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j + STAGES - 1, kv_row0,
-                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
-                              v_pool, ROW_STRIDE, num_warps)
-        stage = j % STAGES
-        _wait_ready(ready, j, STAGES, PAGE_SIZE)
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j + STAGES - 1,
+                              ring_base + j + STAGES - 1, kv_row0, hk, BLOCK_N, HEAD_DIM,
+                              STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool, ROW_STRIDE,
+                              num_warps)
+        stage = (ring_base + j) % STAGES
+        _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
         acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc, m_i,
                                      l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
                                      s_layout, o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL,
@@ -342,7 +460,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         STAGES: gl.constexpr, CAUSAL: gl.constexpr, PRODUCER: gl.constexpr,
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
-                        k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr):
+                        k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
+                        ring_base, q_phase):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -363,29 +482,30 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         # of tile j - 1 has just left (tile j - 1 + STAGES, at step j).
         for t in gl.static_range(STAGES):
             if t < num_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, kv_row0, hk, BLOCK_N,
-                              HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool,
-                              ROW_STRIDE, num_warps)
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, t, ring_base + t, kv_row0,
+                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
+                              v_pool, ROW_STRIDE, num_warps)
     valid_s, pos_s, m_i, l_i, acc = _initial_state(row0, row_end, q_start, q_stop, s_layout,
                                                    o_layout, BLOCK_M, HEAD_DIM, POSITIONS,
                                                    HAS_POSITIONS, BLOCK_Q, kv_shift,
                                                    ROW_OFFSET)
-    mbarrier.wait(q_bar, phase=0)
+    mbarrier.wait(q_bar, phase=q_phase)
     if num_tiles > 0:
         # Tile 0: scores and softmax; its PV is issued with the next tile's scores.
-        _wait_ready(ready, 0, STAGES, PAGE_SIZE)
-        _zero_v_tail(v_smem.index(0), 0, kv_len, BLOCK_N, num_warps)
+        first = ring_base % STAGES
+        _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
+        _zero_v_tail(v_smem.index(first), 0, kv_len, BLOCK_N, num_warps)
         s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        s_acc = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_acc, use_acc=False,
-                              is_async=True)
+        s_acc = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), s_acc,
+                              use_acc=False, is_async=True)
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for j in range(1, num_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            _wait_ready(ready, j, STAGES, PAGE_SIZE)
+            stage = (ring_base + j) % STAGES
+            prev = (ring_base + j - 1) % STAGES
+            _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
             _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, num_warps)
             s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
             s_acc = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_acc,
@@ -401,12 +521,13 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                 fence_async_shared()
                 mbarrier.arrive(empty.index(prev), count=1)
             elif j - 1 + STAGES < num_tiles:
-                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES, kv_row0,
-                              hk, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE, k_pool,
-                              v_pool, ROW_STRIDE, num_warps)
+                _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES,
+                              ring_base + j - 1 + STAGES, kv_row0, hk, BLOCK_N, HEAD_DIM,
+                              STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool, ROW_STRIDE,
+                              num_warps)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (num_tiles - 1) % STAGES
+        last = (ring_base + num_tiles - 1) % STAGES
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         if PRODUCER:
@@ -463,22 +584,25 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
 
 
 @gluon.jit
-def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, k_smem, v_smem, ready, empty,
-                      row0, row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
-                      qk_scale, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, head,
-                      stride_ot, stride_oh, stride_lt, stride_lh,
-                      dtype: gl.constexpr, HALF: gl.constexpr, BLOCK_N: gl.constexpr,
-                      HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                      POSITIONS, HAS_POSITIONS: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                      BLOCK_Q: gl.constexpr, STACK: gl.constexpr, kv_shift,
-                      NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
-                      RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
-                      OVERLAP: gl.constexpr):
+def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, k_smem, v_smem, ready, empty,
+                       TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
+                       POSITIONS, bt_base, bt_stride, num_items, qk_scale, O, LSE, WS_O,
+                       WS_LSE, ws_split, ws_lse_split, stride_ot, stride_oh, stride_lt,
+                       stride_lh, dtype: gl.constexpr, HALF: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                       CAUSAL: gl.constexpr, HAS_POSITIONS: gl.constexpr,
+                       PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, STACK: gl.constexpr,
+                       NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
+                       RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
+                       OVERLAP: gl.constexpr):
     """One of the two consumer warp groups of a 128-row program, each its own partition:
-    warp group ``WG`` owns block rows ``[WG * HALF, (WG + 1) * HALF)``, runs its KV loop
-    on them, and stores them. Being separate partitions, the two groups share no
-    barrier: each releases a ring stage itself once its PV has read it (``empty`` counts
-    2 arrivals); the producer warp fills the ring.
+    for each of the program's work items (:func:`_round_item`), warp group ``WG`` runs its
+    KV loop on block rows ``[WG * HALF, (WG + 1) * HALF)`` and stores them. Being
+    separate partitions, the two groups share no barrier: each releases a ring stage
+    itself once its PV has read it (``empty`` counts 2 arrivals), and the Q block once
+    its last wgmma has read it (``q_free``, 2 arrivals); the producer warp
+    (:func:`_pingpong_loader`) fills both, so the next item's copies run under this
+    item's last steps and stores. Ring slots and Q phases run on across items.
 
     ``OVERLAP``: the overlapped loop of :func:`_kv_loop_overlapped` in each group (the
     next tile's QK^T issued with this tile's PV, the softmax under them). It holds two
@@ -486,10 +610,10 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, k_smem, v_smem, ready, em
     with two the producer cannot load ahead (``bench/results/ab_gluon_overlap_noturns_*``).
     The groups do not take turns at the tensor cores (FA3's ping-pong): with turns
     (branch ``gluon-pingpong``, d7ebbc6) it was slower on every workload measured.
+    Without ``OVERLAP``: the in-sequence loop of :func:`_kv_loop_sequential`.
 
-    Without ``OVERLAP``: the in-sequence loop of :func:`_kv_loop_sequential` in each
-    group, with nothing ordering the two groups but the ring (the form whose 8-warp
-    version meets at two 256-thread barriers a step, ``docs/performance.md``).
+    Tiles without valid rows (padding) are zero-filled by warp group 0 (``ZERO_FILL``)
+    and take no Q or K/V copies (the producer skips them too).
     """
     NUM_WARPS: gl.constexpr = 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -497,17 +621,102 @@ def _kv_loop_pingpong(WG: gl.constexpr, q_smem, q_bar, k_smem, v_smem, ready, em
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
     q_half = q_smem.slice(WG * HALF, HALF)
-    # The producer warp copies the tiles (PRODUCER=True): the loops read no descriptor
-    # or page argument, so hk stands in for them.
-    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
-        q_half, q_bar, hk, hk, k_smem, v_smem, ready, empty, row0, row_end, q_start, q_stop,
-        hk, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout, o_layout, dtype, HALF,
-        BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS, hk,
-        PAGE_SIZE, BLOCK_Q, kv_shift, hk, hk, 0, WG * HALF)
-    _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, row0,
-                row_end, q_start, q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh,
-                o_layout, dtype, HALF, HEAD_DIM, BLOCK_Q, STACK, WG * HALF, NUM_Q_HEADS,
-                ZERO_FILL, RETURN_LSE, NUM_SPLITS)
+    pid = gl.program_id(0)
+    num_programs = gl.num_programs(0)
+    slot = pid * 0  # ring slots used by this program's earlier items
+    q_phase = pid * 0
+    for r in range(gl.cdiv(num_items, num_programs)):
+        item = _round_item(r, pid, num_programs)
+        if item < num_items:
+            tile, head, split, req = _item_tile(item, TILE_REQ, NUM_Q_HEADS, STACK, NUM_SPLITS)
+            if req >= 0:
+                row0, row_end, q_start, q_stop = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
+                                                            Q_START, Q_LEN)
+                # A tile without valid rows (padding): zero-filled, or nothing to do.
+                # (A runtime test either way: Triton 3.6 fails to lower this loop with
+                # a compile-time False here.)
+                padding = (row_end <= q_start) | (row0 >= q_stop)
+                if padding:
+                    if ZERO_FILL and WG == 0:
+                        for g in gl.static_range(STACK):
+                            _fill_padding(O, LSE, row0, row_end, head + g, stride_ot,
+                                          stride_oh, stride_lt, stride_lh, o_layout, dtype,
+                                          HALF, HEAD_DIM, RETURN_LSE)
+                else:
+                    kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from = _item_kv(
+                        req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN,
+                        POSITIONS, HAS_POSITIONS, bt_base, bt_stride, CAUSAL, BLOCK_Q,
+                        BLOCK_N, PAGE_SIZE, NUM_SPLITS, NUM_WARPS)
+                    # The producer warp copies the tiles (PRODUCER=True): the loops read
+                    # no descriptor or page argument, so kv_len stands in for them.
+                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
+                        q_half, q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
+                        row_end, q_start, q_stop, kv_len, kv_len, kv_len, num_tiles,
+                        mask_from, qk_scale, s_layout, o_layout, dtype, HALF, BLOCK_N,
+                        HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
+                        kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * HALF,
+                        slot, q_phase)
+                    # The loop waited for its last wgmma: this group is done with Q.
+                    mbarrier.arrive(q_free, count=1)
+                    _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split,
+                                split, row0, row_end, q_start, q_stop, head, stride_ot,
+                                stride_oh, stride_lt, stride_lh, o_layout, dtype, HALF,
+                                HEAD_DIM, BLOCK_Q, STACK, WG * HALF, NUM_Q_HEADS, ZERO_FILL,
+                                RETURN_LSE, NUM_SPLITS)
+                    slot += num_tiles
+                    q_phase ^= 1
+
+
+@gluon.jit
+def _pingpong_loader(q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_smem, ready,
+                     empty, TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
+                     POSITIONS, bt_base, bt_stride, k_pool, v_pool, num_items,
+                     NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, ZERO_FILL: gl.constexpr,
+                     HAS_POSITIONS: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                     BLOCK_Q: gl.constexpr, STACK: gl.constexpr, NUM_SPLITS: gl.constexpr,
+                     ROW_STRIDE: gl.constexpr):
+    """The producer warp of the ping-pong form: for each of the program's work items (the
+    consumers' items, in the same order), the Q block once both consumers have released
+    the previous one (``q_free``), then the item's K/V tiles into the ring
+    (:func:`_kv_loader`)."""
+    pid = gl.program_id(0)
+    num_programs = gl.num_programs(0)
+    slot = pid * 0
+    q_phase = pid * 0
+    for r in range(gl.cdiv(num_items, num_programs)):
+        item = _round_item(r, pid, num_programs)
+        if item < num_items:
+            tile, head, split, req = _item_tile(item, TILE_REQ, NUM_Q_HEADS, STACK, NUM_SPLITS)
+            if req >= 0:
+                row0, row_end, q_start, q_stop = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
+                                                            Q_START, Q_LEN)
+                # A tile without valid rows (padding): zero-filled, or nothing to do.
+                # (A runtime test either way: Triton 3.6 fails to lower this loop with
+                # a compile-time False here.)
+                padding = (row_end <= q_start) | (row0 >= q_stop)
+                if not padding:
+                    kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from = _item_kv(
+                        req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN,
+                        POSITIONS, HAS_POSITIONS, bt_base, bt_stride, CAUSAL, BLOCK_Q,
+                        BLOCK_N, PAGE_SIZE, NUM_SPLITS, 1)
+                    # The first STAGES - 1 tiles go into stages that the consumers free
+                    # before their last step of the previous item, so they are copied
+                    # before Q, which waits for that step (q_free: a fresh barrier counts
+                    # as having completed phase 1, so the first item's Q waits for none).
+                    hk = head // GQA_GROUP
+                    early = gl.minimum(num_tiles, STAGES - 1)
+                    _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
+                               early, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
+                               k_pool, v_pool, ROW_STRIDE, 0, slot)
+                    mbarrier.wait(q_free, q_phase ^ 1)
+                    _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM, BLOCK_Q, STACK)
+                    _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
+                               num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
+                               k_pool, v_pool, ROW_STRIDE, early, slot)
+                    slot += num_tiles
+                    q_phase ^= 1
 
 
 @gluon.jit
@@ -515,7 +724,7 @@ def _attn_fwd_dense_kernel(
     q_desc, k_desc, v_desc, O, LSE,
     TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
     qk_scale, stride_ot, stride_oh, stride_lt, stride_lh, POSITIONS, BLOCK_TABLE, stride_bt,
-    WS_O, WS_LSE, ws_split, ws_lse_split, K_POOL, V_POOL,
+    WS_O, WS_LSE, ws_split, ws_lse_split, K_POOL, V_POOL, num_items,
     NUM_Q_HEADS: gl.constexpr, GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
@@ -535,32 +744,6 @@ def _attn_fwd_dense_kernel(
     # row r: token r % BLOCK_Q of head head + r // BLOCK_Q), so each K/V tile in shared
     # memory serves all of them.
     BLOCK_Q: gl.constexpr = BLOCK_M // STACK
-    pid = gl.program_id(0)
-    if NUM_SPLITS > 1:  # the KV splits of one (tile, head stack) are neighbours
-        split = pid % NUM_SPLITS
-        pid = pid // NUM_SPLITS
-    if STACK == 1:
-        tile = pid // NUM_Q_HEADS
-        head = pid % NUM_Q_HEADS
-    else:
-        tile = pid // (NUM_Q_HEADS // STACK)
-        head = (pid % (NUM_Q_HEADS // STACK)) * STACK
-    hk = head // GQA_GROUP
-    req = gl.load(TILE_REQ + tile)
-    if req < 0:
-        return
-    row0 = gl.load(TILE_ROW0 + tile)
-    row_end = gl.load(TILE_ROW_END + tile)
-    q_start = gl.load(Q_START + req)
-    q_stop = q_start + gl.load(Q_LEN + req)
-    if ZERO_FILL:
-        if (row_end <= q_start) | (row0 >= q_stop):
-            for g in gl.static_range(STACK):
-                _fill_padding(O, LSE, row0, row_end, head + g, stride_ot, stride_oh, stride_lt,
-                              stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM, RETURN_LSE)
-            return
-    kv_len = gl.load(KV_LEN + req)
-    kv_row0 = gl.load(KV_ROW0 + req)
     # Dense launches pass no positions and no block table (None: compile-time constants);
     # the partitions of gl.warp_specialize take pointers only, so these stand in, unread.
     HAS_POSITIONS: gl.constexpr = POSITIONS is not None
@@ -569,9 +752,11 @@ def _attn_fwd_dense_kernel(
     else:
         pos_ptr = Q_START
     if PAGE_SIZE == 0:
-        bt_row = KV_LEN
+        bt_base = KV_LEN
+        bt_stride = 0
     else:
-        bt_row = BLOCK_TABLE + req.to(gl.int64) * stride_bt
+        bt_base = BLOCK_TABLE
+        bt_stride = stride_bt
     # Pages under 8 rows are gathered by cp.async from the pools themselves.
     GATHER: gl.constexpr = PAGE_SIZE > 0 and PAGE_SIZE < 8
     ROW_STRIDE: gl.constexpr = (NUM_Q_HEADS // GQA_GROUP) * HEAD_DIM
@@ -581,41 +766,6 @@ def _attn_fwd_dense_kernel(
     else:
         k_pool = KV_LEN
         v_pool = KV_LEN
-    # The KV range of this tile: up to the last valid row's position (causal); keys
-    # before seen_end (before the first valid row's position, and kv_len) are seen by
-    # every valid row, so their tiles need no masks.
-    if CAUSAL:
-        if not HAS_POSITIONS:
-            kv_end = gl.minimum(gl.minimum(row_end, q_stop) - q_start, kv_len)
-            seen_end = gl.minimum(gl.maximum(row0, q_start) - q_start + 1, kv_len)
-        else:
-            rows_v = row0 + gl.arange(0, BLOCK_Q,
-                                      layout=gl.BlockedLayout([1], [32], [num_warps], [0]))
-            valid_v = (rows_v < row_end) & (rows_v >= q_start) & (rows_v < q_stop)
-            pos_v = gl.load(POSITIONS + rows_v, mask=valid_v, other=-1)
-            kv_end = gl.minimum(gl.max(pos_v, axis=0) + 1, kv_len)
-            seen_end = gl.minimum(gl.min(gl.where(valid_v, pos_v, kv_len), axis=0) + 1, kv_len)
-    else:
-        kv_end = kv_len
-        seen_end = kv_len
-    num_tiles = gl.cdiv(gl.maximum(kv_end, 0), BLOCK_N)
-    if NUM_SPLITS > 1:
-        # Split-KV: this program takes the split-th run of the tile's KV steps, in units
-        # of whole pages (so the run starts on a page) and seen from the run's first
-        # position: the loops below run unchanged over positions shifted by kv_shift.
-        UNIT: gl.constexpr = PAGE_SIZE // BLOCK_N if PAGE_SIZE > BLOCK_N else 1
-        per_split = gl.cdiv(gl.cdiv(num_tiles, UNIT), NUM_SPLITS) * UNIT
-        first = gl.minimum(split * per_split, num_tiles)
-        num_tiles = gl.minimum(first + per_split, num_tiles) - first
-        kv_shift = first * BLOCK_N
-        kv_len = kv_len - kv_shift
-        kv_row0 = kv_row0 + kv_shift
-        if PAGE_SIZE != 0:
-            bt_row = bt_row + kv_shift // PAGE_SIZE
-    else:
-        kv_shift = 0
-    mask_from = gl.maximum(seen_end - kv_shift, 0) // BLOCK_N
-
     # Shared memory: Q, the K/V ring, an mbarrier for Q and a pair per ring stage
     # (ready: the copy landed; empty: the consumer released the stage).
     q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
@@ -634,7 +784,8 @@ def _attn_fwd_dense_kernel(
         LOADER_REGS: gl.constexpr = 64
     else:
         READY_COUNT: gl.constexpr = 1
-        LOADER_REGS: gl.constexpr = 24
+        # (The persistent producer also computes each work item's KV range.)
+        LOADER_REGS: gl.constexpr = 32 if PINGPONG else 24
     # The second ping-pong consumer's registers (its warp group is a worker partition):
     # FA3 gives each consumer warp group 240.
     CONSUMER_REGS: gl.constexpr = 240
@@ -643,56 +794,82 @@ def _attn_fwd_dense_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=READY_COUNT)
         mbarrier.init(empty.index(s), count=EMPTY_COUNT)
+
+    if PINGPONG:
+        # Two consumer warp groups of BLOCK_M // 2 rows, each its own partition storing its
+        # own rows, and the producer warp; all three walk the same work items (one per
+        # program, or several in a persistent launch: grid < num_items). q_free: both
+        # consumers are done with the Q block, so the producer may copy the next one.
+        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_free, count=2)
+        fence_async_shared()
+        HALF: gl.constexpr = BLOCK_M // 2
+        # Partitions take no None: stand-ins for the workspace without KV splits.
+        if NUM_SPLITS > 1:
+            ws_o, ws_lse, wss, wsl = WS_O, WS_LSE, ws_split, ws_lse_split
+        else:
+            ws_o, ws_lse, wss, wsl = O, LSE, num_items, num_items
+        # (The argument lists are written out: a tuple built here cannot hold a dtype.)
+        gl.warp_specialize([
+            (_pingpong_consumer, (0, q_smem, q_bar, q_free, k_smem, v_smem, ready, empty,
+                                  TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
+                                  KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
+                                  LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
+                                  stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                                  HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
+                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP)),
+            (_pingpong_consumer, (1, q_smem, q_bar, q_free, k_smem, v_smem, ready, empty,
+                                  TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
+                                  KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
+                                  LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
+                                  stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                                  HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
+                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP)),
+            (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_smem,
+                                ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN,
+                                KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride, k_pool, v_pool,
+                                num_items, NUM_Q_HEADS, GQA_GROUP, HEAD_DIM, BLOCK_N, STAGES,
+                                CAUSAL, ZERO_FILL, HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK,
+                                NUM_SPLITS, ROW_STRIDE)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+        mbarrier.invalidate(q_bar)
+        mbarrier.invalidate(q_free)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
+        return
+    # One work item per program.
+    tile, head, split, req = _item_tile(gl.program_id(0), TILE_REQ, NUM_Q_HEADS, STACK,
+                                        NUM_SPLITS)
+    if req < 0:
+        return
+    row0, row_end, q_start, q_stop = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
+                                                Q_START, Q_LEN)
+    if ZERO_FILL:
+        if (row_end <= q_start) | (row0 >= q_stop):
+            for g in gl.static_range(STACK):
+                _fill_padding(O, LSE, row0, row_end, head + g, stride_ot, stride_oh,
+                              stride_lt, stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM,
+                              RETURN_LSE)
+            return
+    hk = head // GQA_GROUP
+    kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from = _item_kv(
+        req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN, POSITIONS,
+        HAS_POSITIONS, bt_base, bt_stride, CAUSAL, BLOCK_Q, BLOCK_N, PAGE_SIZE, NUM_SPLITS,
+        num_warps)
+
     fence_async_shared()
-    if STACK == 1:
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
-    else:  # one [BLOCK_Q, D] copy per head, each into its rows of the block
-        mbarrier.expect(q_bar, STACK * q_desc.block_type.nbytes)
-        for g in gl.static_range(STACK):
-            _tma_load(q_desc, [row0, (head + g) * HEAD_DIM], q_bar,
-                      q_smem.slice(g * BLOCK_Q, BLOCK_Q))
+    _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM, BLOCK_Q, STACK)
 
     # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence
     # (both loops take the same arguments); with a producer warp issuing the copies
-    # (gl.warp_specialize) or the warp group; or (PINGPONG) two consumer warp groups of
-    # BLOCK_M // 2 rows, each its own partition storing its own rows, with the producer
-    # warp.
+    # (gl.warp_specialize) or the warp group.
     # Partitions take no None: stand-ins for what this launch does not have (read only
     # under NUM_SPLITS > 1).
     if NUM_SPLITS > 1:
         ws_o, ws_lse, wss, wsl, split_i = WS_O, WS_LSE, ws_split, ws_lse_split, split
     else:
         ws_o, ws_lse, wss, wsl, split_i = O, LSE, row0, row0, row0
-    if PINGPONG:
-        HALF: gl.constexpr = BLOCK_M // 2
-        # (The argument lists are written out: a tuple built here cannot hold a dtype.)
-        gl.warp_specialize([
-            (_kv_loop_pingpong, (0, q_smem, q_bar, k_smem, v_smem, ready, empty, row0,
-                                  row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
-                                  qk_scale, O, LSE,
-                                  ws_o, ws_lse, wss, wsl, split_i, head, stride_ot, stride_oh,
-                                  stride_lt, stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES,
-                                  CAUSAL, pos_ptr, HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK,
-                                  kv_shift, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE, NUM_SPLITS,
-                                  OVERLAP)),
-            (_kv_loop_pingpong, (1, q_smem, q_bar, k_smem, v_smem, ready, empty, row0,
-                                  row_end, q_start, q_stop, hk, kv_len, num_tiles, mask_from,
-                                  qk_scale, O, LSE,
-                                  ws_o, ws_lse, wss, wsl, split_i, head, stride_ot, stride_oh,
-                                  stride_lt, stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES,
-                                  CAUSAL, pos_ptr, HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK,
-                                  kv_shift, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE, NUM_SPLITS,
-                                  OVERLAP)),
-            (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
-                          num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
-                          k_pool, v_pool, ROW_STRIDE)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-        mbarrier.invalidate(q_bar)
-        for s in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(s))
-            mbarrier.invalidate(empty.index(s))
-        return
     if WARP_SPECIALIZE:
         acc, m_i, l_i = gl.warp_specialize([
             (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential,
@@ -701,10 +878,10 @@ def _attn_fwd_dense_kernel(
               o_layout,
               dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, num_warps, pos_ptr,
               HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool,
-              ROW_STRIDE, 0)),
+              ROW_STRIDE, 0, 0, 0)),
             (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
                           num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
-                          k_pool, v_pool, ROW_STRIDE)),
+                          k_pool, v_pool, ROW_STRIDE, 0, 0)),
         ], [1], [LOADER_REGS])
     else:
         acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
@@ -712,7 +889,7 @@ def _attn_fwd_dense_kernel(
             q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout, o_layout,
             dtype, BLOCK_M,
             BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
-            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE, 0)
+            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE, 0, 0, 0)
 
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
@@ -742,7 +919,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
-                        pingpong: bool = False):
+                        pingpong: bool = False, persistent: bool | int = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -774,11 +951,16 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         fed by a producer warp (implies ``warp_specialize``), each storing its own rows,
         nothing but the ring ordering them: each runs the overlapped loop with
         ``overlap``, the in-sequence loop without
+    persistent : (with ``pingpong``) one program per SM instead of one per work item
+        (a tile's head stack and KV split), each walking its items in rounds, so that the
+        producer copies the next item's Q and first K/V tiles while the consumers finish
+        the last one's steps and store its rows; an int: that many programs (tests run
+        many rounds on small problems with it)
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
                    causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
-                   num_splits, pingpong=pingpong)
+                   num_splits, pingpong=pingpong, persistent=persistent)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -787,7 +969,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         causal: bool, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
-                        pingpong: bool = False):
+                        pingpong: bool = False, persistent: bool | int = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -803,8 +985,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         ``plan.kv_len[b]`` is request ``b``'s sequence length
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
-    block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong : as
-        :func:`attention_fwd_dense`
+    block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong,
+    persistent : as :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
     if page_size < 1 or page_size > 256 or page_size & (page_size - 1):
@@ -822,7 +1004,12 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     pools = (k_cache, v_cache) if page_size < 8 else (None, None)
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
-                   page_size, pools, pingpong)
+                   page_size, pools, pingpong, persistent)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -832,7 +1019,7 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
-            pingpong=False):
+            pingpong=False, persistent=False):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
@@ -841,6 +1028,10 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         if block_m != 128:
             raise ValueError(f"pingpong takes 128-row programs (two warp groups), got {block_m}")
         warp_specialize = True
+    elif persistent:
+        raise ValueError("persistent launches take the pingpong form")
+    if persistent is not True and persistent is not False and int(persistent) < 1:
+        raise ValueError(f"persistent must be a bool or a program count >= 1, got {persistent}")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
@@ -861,14 +1052,21 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         ws = (None, None, None, None)  # compile-time constants: no workspace arguments
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    grid = (plan.num_tiles * (num_q_heads // stack) * num_splits,)
+    num_items = plan.num_tiles * (num_q_heads // stack) * num_splits
+    if persistent:
+        # One program per SM (the ping-pong form takes a whole SM's shared memory at
+        # D >= 128), each walking its share of the work items.
+        programs = _num_sms(q.device) if persistent is True else int(persistent)
+        grid = (min(num_items, programs),)
+    else:
+        grid = (num_items,)
     handle = _attn_fwd_dense_kernel[grid](
         _desc(q, block_m // stack, block_m), k_desc, v_desc, out, lse_arg,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len,
         sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
         positions, block_table, block_table.stride(0) if block_table is not None else None,
-        *ws, *pools,
+        *ws, *pools, num_items,
         NUM_Q_HEADS=num_q_heads, GQA_GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
