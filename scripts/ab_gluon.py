@@ -75,6 +75,13 @@ def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int
     return name + (f"_n{block_n}_s{stages}" if block_n else "")
 
 
+def _programs(pingpong: int) -> int:
+    """The ``persistent`` argument of a form: one program per SM, or 0."""
+    if pingpong != PERSISTENT:
+        return 0
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
 def _tiles(spec: str) -> list[tuple[int | None, int | None]]:
     """``--tiles "64:4,128:2"``: the defaults plus each ``block_n:stages``."""
     extra = [tuple(int(x) for x in item.split(":")) for item in spec.split(",") if item]
@@ -97,7 +104,7 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
         attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
                             block_m=block_m, warp_specialize=producer, overlap=overlap,
                             stack=stack, pingpong=bool(pingpong),
-                            persistent=pingpong == PERSISTENT, block_n=block_n, stages=stages)
+                            persistent=_programs(pingpong), block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out[idx])[1]
 
@@ -115,7 +122,7 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
         attention_fwd_paged(t.q, t.k_cache, t.v_cache, out, None, plan, layout.positions,
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
                             warp_specialize=producer, overlap=overlap, stack=stack,
-                            pingpong=bool(pingpong), persistent=pingpong == PERSISTENT,
+                            pingpong=bool(pingpong), persistent=_programs(pingpong),
                             block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out)[1]

@@ -208,6 +208,10 @@ def test_info_on_hopper_names_the_gluon_form_for_spans(monkeypatch) -> None:
     assert d256.startswith("gluon") and "BLOCK_M=128" in d256, d256
     assert "producer_warp=yes softmax=in_sequence consumer_partitions=2" in d256, d256
     assert "why: D=256 span" in d256
+    assert "persistent" not in d256, d256
+    d128 = next(text for name, text in lines.items()
+                if name.startswith("span_prefill") and "D=128" in name)
+    assert "softmax=under_pv consumer_partitions=2 persistent=yes" in d128, d128
     for name, text in lines.items():
         if name.startswith("span_prefill") and ("D=128" in name or "D=256" in name):
             assert text.startswith("gluon") and "span prefill: the Gluon kernel" in text, text
@@ -253,7 +257,7 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     # D=128, MHA: one head per 128-row program, the producer warp, 128 KV positions a step.
     config = gluon.select_config(as_cuda(dense, head_dim=128))
     assert (config.block_q, config.tile.producer, config.tile.overlap) == (128, True, True)
-    assert config.tile.pingpong and config.tile.num_stages == 3
+    assert config.tile.pingpong and config.tile.num_stages == 3 and config.tile.persistent
     assert config.tile.block_n == 128 and config.num_splits == 1
     for change, why in ((dict(head_dim=80), "D=80"), (dict(window_left=7), "sliding window"),
                         (dict(dtype=torch.float32), "fp16 or bf16"),
@@ -263,6 +267,7 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
         assert select_backend(as_cuda(dense, **change))[0].name == "triton"
     d256 = as_cuda(dense, head_dim=256)
     assert gluon.supports(d256)[0] and gluon.select_config(d256).tile.block_n == 64
+    assert not gluon.select_config(d256).tile.persistent  # measured no faster at D=256
     assert select_backend(d256)[0].name == "triton"  # dense D=256: not measured faster
     monkeypatch.setattr(triton_config, "_capability_major", lambda index: 8)
     chosen, reason = select_backend(as_cuda(dense))

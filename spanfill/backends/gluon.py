@@ -36,17 +36,21 @@ class GluonTile(AttentionConfig):
     block), and the KV loop: ``overlap`` runs each tile's softmax under the previous
     tile's PV; ``producer`` has a producer warp issue the K/V copies; ``pingpong``
     (128 rows) makes the two warp groups separate consumer partitions (the form
-    :func:`choose_form` picks at D 128 and 256), each with the loop ``overlap`` says."""
+    :func:`choose_form` picks at D 128 and 256), each with the loop ``overlap`` says;
+    ``persistent`` (with ``pingpong``) launches one program per SM, each walking its
+    share of the work items."""
 
     overlap: bool = False
     producer: bool = False
     pingpong: bool = False
+    persistent: bool = False
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
         return (f" producer_warp={'yes' if self.producer else 'no'}"
                 f" softmax={'under_pv' if self.overlap else 'in_sequence'}"
-                + (" consumer_partitions=2" if self.pingpong else ""))
+                + (" consumer_partitions=2" if self.pingpong else "")
+                + (" persistent=yes" if self.persistent else ""))
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the
@@ -95,6 +99,15 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     enc_2k_d128 0.480 against 0.500. The overlapped loop holds two stages at once, so
     with two it had been slower in every form; D=256 has no room for a third.
 
+    At D=128 the launch is persistent (``ab_gluon_persistent_h200_e3725bf.csv``, one
+    program per work item against one per SM in the same run): few_big 0.465 -> 0.456 ms,
+    whole_8k 0.982 -> 0.963, enc_2k_d128 0.493 -> 0.479, long_32k 0.959 -> 0.965 (within
+    the run-to-run noise). At D=256 (the in-sequence partitions) it changed nothing
+    measurable (few_big_d256 0.493 both ways, 0.490 stacked), so D=256 keeps one program
+    per item. At D=64 the persistent overlapped partitions ran docs_8k_d64 in 0.760 ms
+    against 0.784 for :data:`VALIDATED`; one run, and the short padded batches
+    (bert_base_512) not measured in that form, so D=64 keeps :data:`VALIDATED`.
+
     At D=64 the 128-row form was slower on the padded batches (bert_base_512 0.178 ms,
     docs_8k_d64 1.289 ms at dc0020c, ``core_nvidia-h200_20261130-175657.csv``) than
     :data:`VALIDATED` had been (0.118 and 0.956 ms at e24d028,
@@ -107,7 +120,7 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     if problem.head_dim == 128:
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
-                         overlap=True, producer=True, pingpong=True)
+                         overlap=True, producer=True, pingpong=True, persistent=True)
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 
@@ -229,7 +242,8 @@ class GluonHopperBackend:
         t = config.tile
         form = dict(block_m=t.block_m, block_n=t.block_n, stages=t.num_stages,
                     warp_specialize=t.producer, overlap=t.overlap, stack=t.heads,
-                    num_splits=config.num_splits, pingpong=t.pingpong)
+                    num_splits=config.num_splits, pingpong=t.pingpong,
+                    persistent=triton_config._num_sms(q.device.index) if t.persistent else 0)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)

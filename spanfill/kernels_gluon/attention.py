@@ -31,21 +31,24 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   the softmax runs while PV does (:func:`_kv_loop_overlapped`).
 
 - ``pingpong=True``: the two warp groups of a 128-row program are separate consumer
-  partitions (:func:`_kv_loop_pingpong`), each storing its own rows and releasing ring
+  partitions (:func:`_pingpong_consumer`), each storing its own rows and releasing ring
   stages itself; nothing but the ring orders them (the 8-warp form's two warp groups
   meet at two 256-thread barriers every KV step). With ``overlap`` each runs the
   overlapped loop over a three-stage ring (the form the registry chooses at D=128);
   without, the in-sequence loop (D=256, where a third stage does not fit).
+  ``persistent=N``: N programs (one per SM) walk the work items in rounds
+  (:func:`_round_item`); the producer (:func:`_pingpong_loader`) copies the next item's
+  first K/V tiles and Q while the consumers finish the last item.
 
 What FA3/FA4 add on top, for the next steps: separate K and V rings (the overlapped
-loop then needs no third stage, which D=256 has no room for), a persistent tile scheduler so one tile's epilogue and the next one's loads overlap,
-and a split-KV merge inside the launch (here a second launch merges). Registers and
+loop then needs no third stage, which D=256 has no room for), a dynamic tile scheduler
+(here the rounds are fixed at launch), a second Q buffer (here the next Q waits for
+both consumers' last wgmma), and a split-KV merge inside the launch (here a second
+launch merges). Registers and
 spills of every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from triton.experimental import gluon
@@ -919,7 +922,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
-                        pingpong: bool = False, persistent: bool | int = False):
+                        pingpong: bool = False, persistent: int = 0):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -951,11 +954,12 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         fed by a producer warp (implies ``warp_specialize``), each storing its own rows,
         nothing but the ring ordering them: each runs the overlapped loop with
         ``overlap``, the in-sequence loop without
-    persistent : (with ``pingpong``) one program per SM instead of one per work item
-        (a tile's head stack and KV split), each walking its items in rounds, so that the
-        producer copies the next item's Q and first K/V tiles while the consumers finish
-        the last one's steps and store its rows; an int: that many programs (tests run
-        many rounds on small problems with it)
+    persistent : (with ``pingpong``) a persistent launch of this many programs (the
+        backend gives one per SM: the form takes a whole SM's shared memory at D >= 128)
+        instead of one per work item (a tile's head stack and KV split): each walks its
+        items in rounds, so that the producer copies the next item's Q and first K/V
+        tiles while the consumers finish the last one's steps and store its rows. 0: one
+        program per item
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
@@ -969,7 +973,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         causal: bool, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
-                        pingpong: bool = False, persistent: bool | int = False):
+                        pingpong: bool = False, persistent: int = 0):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -1007,11 +1011,6 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                    page_size, pools, pingpong, persistent)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _block_n(head_dim: int, block_n: int | None) -> int:
     return block_n if block_n is not None else (64 if head_dim > 128 else 128)
 
@@ -1030,8 +1029,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         warp_specialize = True
     elif persistent:
         raise ValueError("persistent launches take the pingpong form")
-    if persistent is not True and persistent is not False and int(persistent) < 1:
-        raise ValueError(f"persistent must be a bool or a program count >= 1, got {persistent}")
+    if persistent < 0:
+        raise ValueError(f"persistent must be a program count >= 0, got {persistent}")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
@@ -1053,13 +1052,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
     lse_arg = lse if lse is not None else out
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
     num_items = plan.num_tiles * (num_q_heads // stack) * num_splits
-    if persistent:
-        # One program per SM (the ping-pong form takes a whole SM's shared memory at
-        # D >= 128), each walking its share of the work items.
-        programs = _num_sms(q.device) if persistent is True else int(persistent)
-        grid = (min(num_items, programs),)
-    else:
-        grid = (num_items,)
+    grid = (min(num_items, persistent) if persistent else num_items,)
     handle = _attn_fwd_dense_kernel[grid](
         _desc(q, block_m // stack, block_m), k_desc, v_desc, out, lse_arg,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
