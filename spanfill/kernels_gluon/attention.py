@@ -1018,7 +1018,7 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
-            pingpong=False, persistent=False):
+            pingpong=False, persistent=0):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
