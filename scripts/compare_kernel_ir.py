@@ -2,7 +2,11 @@
 the working tree, on a machine without a GPU.
 
 A refactor of ``spanfill/kernels/`` that leaves the TTGIR unchanged cannot change
-speed or results; one that changes it needs the GPU (tests and a ``bench/`` run).
+speed or results; one that changes it needs the GPU (tests and a ``bench/`` run). Where
+the TTGIR differs, the PTX is compared too (without debug information,
+:func:`compile_sm90.canonical_ptx`): TTGIR keeps jit helpers as functions until LLVM
+inlines them, so code moved into or out of a helper reads "same PTX", which is the
+same GPU program.
 Both sides run ``scripts/compile_sm90.py --dump-ttgir`` (each revision's own host
 launchers, so a changed kernel signature is compared by what it compiles to) over the
 same cases: split and unsplit span launches, padded zero-fill with and without
@@ -57,13 +61,22 @@ def main(rev: str = "HEAD") -> int:
                            check=False)
         old = {p.name: canonical_ttgir(p.read_text()) for p in (tmp_path / "old").glob("*.ttgir")}
         new = {p.name: canonical_ttgir(p.read_text()) for p in (tmp_path / "new").glob("*.ttgir")}
+
+        def ptx(side: str, name: str) -> str | None:
+            path = tmp_path / side / name.replace(".ttgir", ".ptx")
+            return path.read_text() if path.exists() else None
+
         changed = 0
         for name in sorted(old.keys() | new.keys()):
             if name not in old or name not in new:
                 verdict = "only in " + ("the working tree" if name in new else rev)
+            elif old[name] == new[name]:
+                verdict = "same TTGIR"
+            elif ptx("old", name) is not None and ptx("old", name) == ptx("new", name):
+                verdict = "same PTX"  # (helpers moved; the same program after inlining)
             else:
-                verdict = "same TTGIR" if old[name] == new[name] else "TTGIR DIFFERS"
-            changed += verdict != "same TTGIR"
+                verdict = "TTGIR DIFFERS"
+            changed += verdict not in ("same TTGIR", "same PTX")
             print(f"{name:62s} {verdict}")
     print(f"{len(old | new)} launches, {changed} differ ({rev} vs working tree)")
     return 1 if changed else 0

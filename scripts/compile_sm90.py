@@ -18,7 +18,8 @@ Usage::
     python scripts/compile_sm90.py --dump-ttgir DIR   # also write each launch's TTGIR
 
 ``--dump-ttgir`` writes ``DIR/<case>.<n>.<kernel>.ttgir`` in a canonical form (no source
-locations, values renumbered: :func:`canonical_ttgir`):
+locations, values renumbered: :func:`canonical_ttgir`), and the PTX beside it without
+debug information (``.ptx``, :func:`canonical_ptx`):
 run it at two revisions (a ``git worktree``) and ``diff -r`` the folders to show that a
 refactor leaves the compiled kernels unchanged, whatever it did to their signatures.
 
@@ -368,7 +369,8 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
 def run_case(name: str, dump: Path | None = None) -> dict:
     """Compile one case; returns what compiled and whether the expected constants appeared.
 
-    ``dump``: a folder to write each launch's TTGIR into (see the module docstring).
+    ``dump``: a folder to write each launch's TTGIR and PTX into (see the module
+    docstring).
     """
     launch, expect_const = CASES[name]
     sink: list[dict] = []
@@ -383,6 +385,8 @@ def run_case(name: str, dump: Path | None = None) -> dict:
         for n, entry in enumerate(sink):
             (dump / f"{name}.{n}.{entry['kernel']}.ttgir").write_text(
                 canonical_ttgir(entry["ttgir"]))
+            (dump / f"{name}.{n}.{entry['kernel']}.ptx").write_text(
+                canonical_ptx(entry["ptx"]))
     consts = {k: v for entry in sink for k, v in entry["constexpr_ints"].items()}
     missing = [arg for arg in expect_const if consts.get(arg) != 1]
     return {
@@ -392,6 +396,27 @@ def run_case(name: str, dump: Path | None = None) -> dict:
         "tma": any("ttng.async_tma_copy_global_to_local" in e["ttgir"] for e in sink),
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def canonical_ptx(ptx: str) -> str:
+    """PTX without its debug information: the instructions the GPU runs.
+
+    TTGIR keeps each jit helper as a function until LLVM inlines it, so moving code into
+    or out of a helper changes the TTGIR and not the program; the PTX, after inlining,
+    shows whether the program changed. Dropped: the debug sections (they hold source
+    paths and line tables), ``.loc``/``.file`` lines, the ``$L__tmp`` labels that only
+    mark source lines, comments and blank lines.
+    """
+    cut = re.search(r"^\s*\.section\s+\.debug", ptx, flags=re.M)
+    if cut:
+        ptx = ptx[:cut.start()]
+    lines = []
+    for line in ptx.splitlines():
+        line = line.split("//", 1)[0].strip()
+        if not line or line.startswith((".loc", ".file")) or re.fullmatch(r"\$L__tmp\d+:", line):
+            continue
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def canonical_ttgir(ttgir: str) -> str:
