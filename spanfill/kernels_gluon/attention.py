@@ -273,12 +273,16 @@ def _item_tile(item, TILE_REQ, NUM_Q_HEADS: gl.constexpr, STACK: gl.constexpr,
 @gluon.jit
 def _item_rows(tile, req, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN):
     """The rows of a work item's tile and its request's valid rows:
-    ``(row0, row_end, q_start, q_stop)`` (valid: ``q_start <= row < q_stop``)."""
+    ``(row0, row_end, q_start, q_stop, padding)`` (valid: ``q_start <= row < q_stop``;
+    ``padding``: the tile has no valid row, so it is zero-filled or has nothing to do).
+    ``padding`` is a runtime value even where no tile can be padding: Triton 3.6 fails
+    to lower the persistent item loop with a compile-time False there."""
     row0 = gl.load(TILE_ROW0 + tile)
     row_end = gl.load(TILE_ROW_END + tile)
     q_start = gl.load(Q_START + req)
     q_stop = q_start + gl.load(Q_LEN + req)
-    return row0, row_end, q_start, q_stop
+    padding = (row_end <= q_start) | (row0 >= q_stop)
+    return row0, row_end, q_start, q_stop, padding
 
 
 @gluon.jit
@@ -633,12 +637,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, k_smem, v_smem, 
         if item < num_items:
             tile, head, split, req = _item_tile(item, TILE_REQ, NUM_Q_HEADS, STACK, NUM_SPLITS)
             if req >= 0:
-                row0, row_end, q_start, q_stop = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
-                                                            Q_START, Q_LEN)
-                # A tile without valid rows (padding): zero-filled, or nothing to do.
-                # (A runtime test either way: Triton 3.6 fails to lower this loop with
-                # a compile-time False here.)
-                padding = (row_end <= q_start) | (row0 >= q_stop)
+                row0, row_end, q_start, q_stop, padding = _item_rows(
+                    tile, req, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN)
                 if padding:
                     if ZERO_FILL and WG == 0:
                         for g in gl.static_range(STACK):
@@ -693,12 +693,8 @@ def _pingpong_loader(q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_sm
         if item < num_items:
             tile, head, split, req = _item_tile(item, TILE_REQ, NUM_Q_HEADS, STACK, NUM_SPLITS)
             if req >= 0:
-                row0, row_end, q_start, q_stop = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
-                                                            Q_START, Q_LEN)
-                # A tile without valid rows (padding): zero-filled, or nothing to do.
-                # (A runtime test either way: Triton 3.6 fails to lower this loop with
-                # a compile-time False here.)
-                padding = (row_end <= q_start) | (row0 >= q_stop)
+                row0, row_end, q_start, q_stop, padding = _item_rows(
+                    tile, req, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN)
                 if not padding:
                     kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from = _item_kv(
                         req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN,
@@ -846,10 +842,10 @@ def _attn_fwd_dense_kernel(
                                         NUM_SPLITS)
     if req < 0:
         return
-    row0, row_end, q_start, q_stop = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
-                                                Q_START, Q_LEN)
+    row0, row_end, q_start, q_stop, padding = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
+                                                         Q_START, Q_LEN)
     if ZERO_FILL:
-        if (row_end <= q_start) | (row0 >= q_stop):
+        if padding:
             for g in gl.static_range(STACK):
                 _fill_padding(O, LSE, row0, row_end, head + g, stride_ot, stride_oh,
                               stride_lt, stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM,
