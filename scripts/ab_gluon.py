@@ -79,7 +79,9 @@ def _programs(pingpong: int) -> int:
     """The ``persistent`` argument of a form: one program per SM, or 0."""
     if pingpong != PERSISTENT:
         return 0
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    from spanfill.backends.triton_config import _num_sms  # the backend's own SM count
+
+    return _num_sms(torch.cuda.current_device())
 
 
 def _tiles(spec: str) -> list[tuple[int | None, int | None]]:
