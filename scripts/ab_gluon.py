@@ -47,12 +47,15 @@ from bench.workloads import PaddedWorkload, core_workloads, padded_uniform  # no
 # (rows per program, overlap, producer warp, ping-pong warp groups: 0 none, 1 one
 # program per work item, PERSISTENT one program per SM walking the items)
 PERSISTENT = 2
+STAGGERED = 3  # persistent, the second consumer group starting each item a tile later
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
                                                        (False, True))]
 FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
 FORMS.append((128, False, True, 1))  # two consumer partitions, each in sequence
 FORMS.append((128, True, True, PERSISTENT))
 FORMS.append((128, False, True, PERSISTENT))
+FORMS.append((128, True, True, STAGGERED))
+FORMS.append((128, False, True, STAGGERED))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]]
@@ -67,7 +70,8 @@ def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int
           block_n: int | None = None, stages: int | None = None) -> str:
     if pingpong:
         name = (("gluon_m128_pingpong" if overlap else "gluon_m128_split_consumers")
-                + ("_persistent" if pingpong == PERSISTENT else "")
+                + ("_persistent" if pingpong >= PERSISTENT else "")
+                + ("_stagger" if pingpong == STAGGERED else "")
                 + (f"_stack{stack}" if stack > 1 else ""))
     else:
         name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
@@ -77,7 +81,7 @@ def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int
 
 def _programs(pingpong: int) -> int:
     """The ``persistent`` argument of a form: one program per SM, or 0."""
-    if pingpong != PERSISTENT:
+    if pingpong < PERSISTENT:
         return 0
     from spanfill.backends.triton_config import _num_sms  # the backend's own SM count
 
@@ -106,7 +110,8 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
         attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
                             block_m=block_m, warp_specialize=producer, overlap=overlap,
                             stack=stack, pingpong=bool(pingpong),
-                            persistent=_programs(pingpong), block_n=block_n, stages=stages)
+                            persistent=_programs(pingpong), stagger=pingpong == STAGGERED,
+                            block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out[idx])[1]
 
@@ -125,7 +130,7 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
                             warp_specialize=producer, overlap=overlap, stack=stack,
                             pingpong=bool(pingpong), persistent=_programs(pingpong),
-                            block_n=block_n, stages=stages)
+                            stagger=pingpong == STAGGERED, block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out)[1]
 

@@ -176,7 +176,8 @@ def dense_case(b: int, s: int, hq: int, hk: int, d: int, tma: bool, causal: bool
 def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                      zero_fill: bool, warp_specialize: bool = False,
                      block_m: int = 64, overlap: bool = False, stack: int = 1,
-                     splits: int = 1, pingpong: bool = False) -> Callable[[], None]:
+                     splits: int = 1, pingpong: bool = False,
+                     stagger: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -189,14 +190,15 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
                             zero_fill=zero_fill, warp_specialize=warp_specialize,
                             block_m=block_m, overlap=overlap, stack=stack,
-                            num_splits=splits, pingpong=pingpong)
+                            num_splits=splits, pingpong=pingpong, stagger=stagger)
     return launch
 
 
 def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk: int, d: int,
                      warp_specialize: bool = False, block_m: int = 64,
                      overlap: bool = False, stack: int = 1,
-                     splits: int = 1, pingpong: bool = False) -> Callable[[], None]:
+                     splits: int = 1, pingpong: bool = False,
+                     stagger: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) kernel over a paged cache: one request, ``rows`` span rows at
     the prompt's end, TMA copies per page (or per tile of a larger page)."""
     def launch() -> None:
@@ -212,7 +214,7 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
         attention_fwd_paged(q, k, v, torch.empty_like(q), lse, plan, positions, table,
                             d ** -0.5, True, block_m=block_m, warp_specialize=warp_specialize,
                             overlap=overlap, stack=stack, num_splits=splits,
-                            pingpong=pingpong)
+                            pingpong=pingpong, stagger=stagger)
     return launch
 
 
@@ -357,6 +359,13 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         16, 16, 200, 4, 2, 256, block_m=128, stack=2, splits=4, pingpong=True), ()),
     "gluon_dense_split_consumers_padded_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=True, zero_fill=True, block_m=128, pingpong=True), ()),
+    # the second consumer group starting each item after the first one's first softmax
+    "gluon_dense_pingpong_stagger_padded_d128": (gluon_dense_case(
+        2, 64, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True), ()),
+    "gluon_paged_split_consumers_stagger_stack4_split2_d128": (gluon_paged_case(
+        16, 16, 200, 8, 2, 128, block_m=128, stack=4, splits=2, pingpong=True,
+        stagger=True), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

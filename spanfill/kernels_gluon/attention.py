@@ -418,13 +418,14 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
-                        ring_base, q_phase):
+                        ring_base, q_phase, stagger_bar=None):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
     releases each stage after its wgmmas. Otherwise the warp group pipelines the copies
     itself: the copy of tile ``j + STAGES - 1`` is issued before tile ``j`` is computed,
-    into the stage freed at step ``j - 1``. Same arguments as :func:`_kv_loop_overlapped`.
+    into the stage freed at step ``j - 1``. Same arguments as :func:`_kv_loop_overlapped`
+    (``stagger_bar``: arrived on after the first tile).
     """
     if not PRODUCER:
         for t in gl.static_range(STAGES - 1):
@@ -455,6 +456,9 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             # generic-proxy reads and writes before the producer's next copy into it.
             fence_async_shared()
             mbarrier.arrive(empty.index(stage), count=1)
+        if stagger_bar is not None:
+            if j == 0:  # (as in _kv_loop_overlapped: after the first tile)
+                mbarrier.arrive(stagger_bar, count=1)
     return acc, m_i, l_i
 
 
@@ -468,7 +472,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
-                        ring_base, q_phase):
+                        ring_base, q_phase, stagger_bar=None):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -479,7 +483,9 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     copy of tile ``j - 1 + STAGES`` into the stage PV of tile ``j - 1`` has just left.
 
     ``q_smem`` holds these ``BLOCK_M`` rows, which are block rows from ``ROW_OFFSET`` (a
-    ping-pong warp group's half of the block; else 0). Without ``PRODUCER`` the loop
+    ping-pong warp group's half of the block; else 0). ``stagger_bar``: an mbarrier to
+    arrive on after the first tile's softmax (the staggered ping-pong form), or None.
+    Without ``PRODUCER`` the loop
     reads the descriptors and the page arguments; with it they may be stand-ins.
     """
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -508,6 +514,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
+        if stagger_bar is not None:
+            # The other consumer group starts now: its first QK^T and softmax run under
+            # this group's steps instead of beside them.
+            mbarrier.arrive(stagger_bar, count=1)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         for j in range(1, num_tiles):
             stage = (ring_base + j) % STAGES
@@ -591,7 +601,8 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
 
 
 @gluon.jit
-def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, k_smem, v_smem, ready, empty,
+def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, k_smem, v_smem,
+                       ready, empty,
                        TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
                        POSITIONS, bt_base, bt_stride, num_items, qk_scale, O, LSE, WS_O,
                        WS_LSE, ws_split, ws_lse_split, stride_ot, stride_oh, stride_lt,
@@ -601,7 +612,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, k_smem, v_smem, 
                        PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, STACK: gl.constexpr,
                        NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
                        RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
-                       OVERLAP: gl.constexpr):
+                       OVERLAP: gl.constexpr, STAGGER: gl.constexpr):
     """One of the two consumer warp groups of a 128-row program, each its own partition:
     for each of the program's work items (:func:`_round_item`), warp group ``WG`` runs its
     KV loop on block rows ``[WG * HALF, (WG + 1) * HALF)`` and stores them. Being
@@ -621,6 +632,10 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, k_smem, v_smem, 
 
     Tiles without valid rows (padding) are zero-filled by warp group 0 (``ZERO_FILL``)
     and take no Q or K/V copies (the producer skips them too).
+
+    ``STAGGER``: warp group 1 starts each item once group 0 has run its first tile's
+    softmax (``stagger_bar``), so that the groups' unoverlapped phases (an item's first
+    QK^T and softmax, its last PV) do not coincide.
     """
     NUM_WARPS: gl.constexpr = 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -650,6 +665,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, k_smem, v_smem, 
                         req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN,
                         POSITIONS, HAS_POSITIONS, bt_base, bt_stride, CAUSAL, BLOCK_Q,
                         BLOCK_N, PAGE_SIZE, NUM_SPLITS, NUM_WARPS)
+                    if STAGGER and WG == 1:
+                        mbarrier.wait(stagger_bar, q_phase)
                     # The producer warp copies the tiles (PRODUCER=True): the loops read
                     # no descriptor or page argument, so kv_len stands in for them.
                     acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
@@ -658,7 +675,10 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, k_smem, v_smem, 
                         mask_from, qk_scale, s_layout, o_layout, dtype, HALF, BLOCK_N,
                         HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * HALF,
-                        slot, q_phase)
+                        slot, q_phase, stagger_bar if STAGGER and WG == 0 else None)
+                    if STAGGER and WG == 0:
+                        if num_tiles == 0:  # (the loop arrives after its first softmax)
+                            mbarrier.arrive(stagger_bar, count=1)
                     # The loop waited for its last wgmma: this group is done with Q.
                     mbarrier.arrive(q_free, count=1)
                     _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split,
@@ -729,7 +749,7 @@ def _attn_fwd_dense_kernel(
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, PAGE_SIZE: gl.constexpr,
     STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, PINGPONG: gl.constexpr,
-    num_warps: gl.constexpr,
+    STAGGER: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -801,6 +821,11 @@ def _attn_fwd_dense_kernel(
         # consumers are done with the Q block, so the producer may copy the next one.
         q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(q_free, count=2)
+        if STAGGER:  # group 0's first softmax of each item; group 1 starts on it
+            stagger_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(stagger_bar, count=1)
+        else:  # a stand-in (partitions take no None), never used
+            stagger_bar = q_free
         fence_async_shared()
         HALF: gl.constexpr = BLOCK_M // 2
         # Partitions take no None: stand-ins for the workspace without KV splits.
@@ -810,20 +835,22 @@ def _attn_fwd_dense_kernel(
             ws_o, ws_lse, wss, wsl = O, LSE, num_items, num_items
         # (The argument lists are written out: a tuple built here cannot hold a dtype.)
         gl.warp_specialize([
-            (_pingpong_consumer, (0, q_smem, q_bar, q_free, k_smem, v_smem, ready, empty,
+            (_pingpong_consumer, (0, q_smem, q_bar, q_free, stagger_bar, k_smem, v_smem, ready,
+                                  empty,
                                   TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
                                   KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
                                   LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
                                   stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                   HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
-                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP)),
-            (_pingpong_consumer, (1, q_smem, q_bar, q_free, k_smem, v_smem, ready, empty,
+                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER)),
+            (_pingpong_consumer, (1, q_smem, q_bar, q_free, stagger_bar, k_smem, v_smem, ready,
+                                  empty,
                                   TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
                                   KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
                                   LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
                                   stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                   HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
-                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP)),
+                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER)),
             (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_smem,
                                 ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN,
                                 KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride, k_pool, v_pool,
@@ -833,6 +860,8 @@ def _attn_fwd_dense_kernel(
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
         mbarrier.invalidate(q_bar)
         mbarrier.invalidate(q_free)
+        if STAGGER:
+            mbarrier.invalidate(stagger_bar)
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
@@ -918,7 +947,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         zero_fill: bool = False, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
-                        pingpong: bool = False, persistent: int = 0):
+                        pingpong: bool = False, persistent: int = 0,
+                        stagger: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -956,11 +986,13 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         items in rounds, so that the producer copies the next item's Q and first K/V
         tiles while the consumers finish the last one's steps and store its rows. 0: one
         program per item
+    stagger : (with ``pingpong``) the second consumer group starts each item after the
+        first group's first softmax
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
                    causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
-                   num_splits, pingpong=pingpong, persistent=persistent)
+                   num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -969,7 +1001,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         causal: bool, block_m: int = 64, block_n: int | None = None,
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
-                        pingpong: bool = False, persistent: int = 0):
+                        pingpong: bool = False, persistent: int = 0,
+                        stagger: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -986,7 +1019,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
     block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong,
-    persistent : as :func:`attention_fwd_dense`
+    persistent, stagger : as :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
     if page_size < 1 or page_size > 256 or page_size & (page_size - 1):
@@ -1004,7 +1037,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     pools = (k_cache, v_cache) if page_size < 8 else (None, None)
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
-                   page_size, pools, pingpong, persistent)
+                   page_size, pools, pingpong, persistent, stagger)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -1014,7 +1047,7 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
-            pingpong=False, persistent=0):
+            pingpong=False, persistent=0, stagger=False):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
@@ -1025,6 +1058,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         warp_specialize = True
     elif persistent:
         raise ValueError("persistent launches take the pingpong form")
+    if stagger and not pingpong:
+        raise ValueError("stagger takes the pingpong form")
     if persistent < 0:
         raise ValueError(f"persistent must be a program count >= 0, got {persistent}")
     group = num_q_heads // num_kv_heads
@@ -1060,7 +1095,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
-        PINGPONG=pingpong,
+        PINGPONG=pingpong, STAGGER=stagger,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,
