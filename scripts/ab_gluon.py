@@ -48,6 +48,7 @@ from bench.workloads import PaddedWorkload, core_workloads, padded_uniform  # no
 # program per work item, PERSISTENT one program per SM walking the items)
 PERSISTENT = 2
 STAGGERED = 3  # persistent, the second consumer group starting each item a tile later
+TURNS = 4  # persistent, the consumer groups taking turns issuing each step's wgmmas
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
                                                        (False, True))]
 FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
@@ -56,6 +57,7 @@ FORMS.append((128, True, True, PERSISTENT))
 FORMS.append((128, False, True, PERSISTENT))
 FORMS.append((128, True, True, STAGGERED))
 FORMS.append((128, False, True, STAGGERED))
+FORMS.append((128, True, True, TURNS))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]]
@@ -72,6 +74,7 @@ def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int
         name = (("gluon_m128_pingpong" if overlap else "gluon_m128_split_consumers")
                 + ("_persistent" if pingpong >= PERSISTENT else "")
                 + ("_stagger" if pingpong == STAGGERED else "")
+                + ("_turns" if pingpong == TURNS else "")
                 + (f"_stack{stack}" if stack > 1 else ""))
     else:
         name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
@@ -111,7 +114,7 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
                             block_m=block_m, warp_specialize=producer, overlap=overlap,
                             stack=stack, pingpong=bool(pingpong),
                             persistent=_programs(pingpong), stagger=pingpong == STAGGERED,
-                            block_n=block_n, stages=stages)
+                            turns=pingpong == TURNS, block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out[idx])[1]
 
@@ -130,7 +133,8 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
                             warp_specialize=producer, overlap=overlap, stack=stack,
                             pingpong=bool(pingpong), persistent=_programs(pingpong),
-                            stagger=pingpong == STAGGERED, block_n=block_n, stages=stages)
+                            stagger=pingpong == STAGGERED, turns=pingpong == TURNS,
+                            block_n=block_n, stages=stages)
 
     return run, lambda: (run(), out)[1]
 

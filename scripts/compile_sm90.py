@@ -177,7 +177,7 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                      zero_fill: bool, warp_specialize: bool = False,
                      block_m: int = 64, overlap: bool = False, stack: int = 1,
                      splits: int = 1, pingpong: bool = False,
-                     stagger: bool = False) -> Callable[[], None]:
+                     stagger: bool = False, turns: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -190,7 +190,8 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
                             zero_fill=zero_fill, warp_specialize=warp_specialize,
                             block_m=block_m, overlap=overlap, stack=stack,
-                            num_splits=splits, pingpong=pingpong, stagger=stagger)
+                            num_splits=splits, pingpong=pingpong, stagger=stagger,
+                            turns=turns)
     return launch
 
 
@@ -198,7 +199,7 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
                      warp_specialize: bool = False, block_m: int = 64,
                      overlap: bool = False, stack: int = 1,
                      splits: int = 1, pingpong: bool = False,
-                     stagger: bool = False) -> Callable[[], None]:
+                     stagger: bool = False, turns: bool = False) -> Callable[[], None]:
     """The Gluon (Hopper) kernel over a paged cache: one request, ``rows`` span rows at
     the prompt's end, TMA copies per page (or per tile of a larger page)."""
     def launch() -> None:
@@ -214,7 +215,7 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
         attention_fwd_paged(q, k, v, torch.empty_like(q), lse, plan, positions, table,
                             d ** -0.5, True, block_m=block_m, warp_specialize=warp_specialize,
                             overlap=overlap, stack=stack, num_splits=splits,
-                            pingpong=pingpong, stagger=stagger)
+                            pingpong=pingpong, stagger=stagger, turns=turns)
     return launch
 
 
@@ -366,6 +367,10 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_paged_split_consumers_stagger_stack4_split2_d128": (gluon_paged_case(
         16, 16, 200, 8, 2, 128, block_m=128, stack=4, splits=2, pingpong=True,
         stagger=True), ()),
+    # the two consumer groups taking turns issuing each step's wgmmas (FA3/FA4)
+    "gluon_paged_pingpong_turns_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
+        turns=True), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

@@ -52,6 +52,7 @@ SPECIALISED_CASES = [
     "gluon_paged_split_consumers_d256_page16_split4", "gluon_dense_split_consumers_padded_d64",
     "gluon_dense_pingpong_stagger_padded_d128",
     "gluon_paged_split_consumers_stagger_stack4_split2_d128",
+    "gluon_paged_pingpong_turns_stack4_d128",
 ]
 
 

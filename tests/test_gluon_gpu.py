@@ -319,9 +319,12 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
 OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-sequence"])
 # Persistent launches: 3 programs walk every work item in rounds, both directions, with
 # ring slots and Q phases running on across items (and padding-only tiles in between).
-# Staggered: the second consumer group starts each item after the first group's first tile.
-PERSISTENT = pytest.mark.parametrize("persistent,stagger", [(0, False), (3, False), (3, True)],
-                                     ids=["per-item", "persistent3", "persistent3-stagger"])
+# Staggered: the second consumer group starts each item after the first group's first tile;
+# turns: the groups take turns issuing each step's wgmmas (with the overlapped loop only).
+PERSISTENT = pytest.mark.parametrize(
+    "persistent,stagger,turns", [(0, False, False), (3, False, False), (3, True, False),
+                                 (3, False, True)],
+    ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-turns"])
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -332,7 +335,7 @@ PERSISTENT = pytest.mark.parametrize("persistent,stagger", [(0, False), (3, Fals
 @PERSISTENT
 def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
                                  stack: int, overlap: bool, persistent: int,
-                                 stagger: bool) -> None:
+                                 stagger: bool, turns: bool) -> None:
     """Padded batches (a full sample, a one-token one, an empty one, odd lengths) with
     NaN in the padded K/V rows, lse, zero-filled padding."""
     from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -351,7 +354,8 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
                         lse, layout.tile_plan(128 // stack, causal), d ** -0.5, causal,
                         zero_fill=True, block_m=128, stack=stack, overlap=overlap,
-                        pingpong=True, persistent=persistent, stagger=stagger)
+                        pingpong=True, persistent=persistent, stagger=stagger,
+                        turns=turns and overlap)
     out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
     assert not out.isnan().any(), "rows left unwritten"
     assert rel_err(out, ref_o) <= TOLERANCE[dtype]
@@ -366,7 +370,8 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
 @OVERLAP
 @PERSISTENT
 def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: int,
-                              overlap: bool, persistent: int, stagger: bool) -> None:
+                              overlap: bool, persistent: int, stagger: bool,
+                              turns: bool) -> None:
     """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse): a
     single-token span, a whole-prompt span, a one-token prompt; unsplit and split-KV."""
     from spanfill.kernels_gluon.attention import attention_fwd_paged
@@ -378,7 +383,7 @@ def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: in
     attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
                         layout.positions, layout.block_table, d ** -0.5, True, block_m=128,
                         stack=stack, num_splits=num_splits, overlap=overlap, pingpong=True,
-                        persistent=persistent, stagger=stagger)
+                        persistent=persistent, stagger=stagger, turns=turns and overlap)
     ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
     assert not out.isnan().any(), "rows left unwritten"
     assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
@@ -418,6 +423,9 @@ def test_pingpong_refuses_64_rows() -> None:
     with pytest.raises(ValueError, match="persistent launches take the pingpong form"):
         attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=128,
                             persistent=132)
+    with pytest.raises(ValueError, match="turns take the pingpong form with overlap"):
+        attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=128,
+                            pingpong=True, turns=True)
     with pytest.raises(ValueError, match="stagger takes the pingpong form"):
         attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=128,
                             stagger=True)

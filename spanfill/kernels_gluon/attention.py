@@ -418,15 +418,18 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
-                        ring_base, q_phase, stagger_bar=None):
+                        ring_base, q_phase, stagger_bar=None, turn=None,
+                        TURN_WG: gl.constexpr = 0):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
     releases each stage after its wgmmas. Otherwise the warp group pipelines the copies
     itself: the copy of tile ``j + STAGES - 1`` is issued before tile ``j`` is computed,
     into the stage freed at step ``j - 1``. Same arguments as :func:`_kv_loop_overlapped`
-    (``stagger_bar``: arrived on after the first tile).
+    (``stagger_bar``: arrived on after the first tile; no ``turn``: turns are for the
+    overlapped loop).
     """
+    gl.static_assert(turn is None, "turns are for the overlapped loop")
     if not PRODUCER:
         for t in gl.static_range(STAGES - 1):
             if t < num_tiles:
@@ -463,6 +466,22 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
 
 
 @gluon.jit
+def _take_turn(turn, WG: gl.constexpr, count):
+    """Wait for warp group ``WG``'s turn number ``count`` at the tensor cores (``turn``:
+    one mbarrier per group, or None: no turns). Group 0 goes first: a fresh barrier
+    counts as having completed phase 1."""
+    if turn is not None:
+        mbarrier.wait(turn.index(WG), (count + 1 - WG) & 1)
+
+
+@gluon.jit
+def _pass_turn(turn, WG: gl.constexpr):
+    """Hand the turn to the other warp group once this group's wgmmas are issued."""
+    if turn is not None:
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+
+
+@gluon.jit
 def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0,
                         row_end, q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from,
                         qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr,
@@ -472,7 +491,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         num_warps: gl.constexpr, POSITIONS, HAS_POSITIONS: gl.constexpr,
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
-                        ring_base, q_phase, stagger_bar=None):
+                        ring_base, q_phase, stagger_bar=None, turn=None,
+                        TURN_WG: gl.constexpr = 0):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -485,7 +505,11 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     ``q_smem`` holds these ``BLOCK_M`` rows, which are block rows from ``ROW_OFFSET`` (a
     ping-pong warp group's half of the block; else 0). ``stagger_bar``: an mbarrier to
     arrive on after the first tile's softmax (the staggered ping-pong form), or None.
-    Without ``PRODUCER`` the loop
+    ``turn`` (FA3's ping-pong between two consumer groups, ``TURN_WG`` this one): each
+    step's wgmmas are issued in this group's turn, which passes to the other group once
+    they are issued, so one group's softmax runs under the other's wgmmas. Both groups
+    make ``num_tiles + 1`` turns an item; ``ring_base + q_phase`` has the parity of the
+    turns made before. Without ``PRODUCER`` the loop
     reads the descriptors and the page arguments; with it they may be stand-ins.
     """
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -508,9 +532,12 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         first = ring_base % STAGES
         _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
         _zero_v_tail(v_smem.index(first), 0, kv_len, BLOCK_N, num_warps)
+        turns = ring_base + q_phase
         s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        _take_turn(turn, TURN_WG, turns)
         s_acc = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), s_acc,
                               use_acc=False, is_async=True)
+        _pass_turn(turn, TURN_WG)
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
@@ -525,9 +552,11 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
             _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, num_warps)
             s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+            _take_turn(turn, TURN_WG, turns + j)
             s_acc = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_acc,
                                   use_acc=False, is_async=True)
             acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            _pass_turn(turn, TURN_WG)
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
@@ -545,7 +574,9 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         last = (ring_base + num_tiles - 1) % STAGES
+        _take_turn(turn, TURN_WG, turns + num_tiles)
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        _pass_turn(turn, TURN_WG)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         if PRODUCER:
             fence_async_shared()
@@ -601,8 +632,8 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
 
 
 @gluon.jit
-def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, k_smem, v_smem,
-                       ready, empty,
+def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, turn, k_smem,
+                       v_smem, ready, empty,
                        TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
                        POSITIONS, bt_base, bt_stride, num_items, qk_scale, O, LSE, WS_O,
                        WS_LSE, ws_split, ws_lse_split, stride_ot, stride_oh, stride_lt,
@@ -612,7 +643,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, k_s
                        PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, STACK: gl.constexpr,
                        NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
                        RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
-                       OVERLAP: gl.constexpr, STAGGER: gl.constexpr):
+                       OVERLAP: gl.constexpr, STAGGER: gl.constexpr, TURNS: gl.constexpr):
     """One of the two consumer warp groups of a 128-row program, each its own partition:
     for each of the program's work items (:func:`_round_item`), warp group ``WG`` runs its
     KV loop on block rows ``[WG * HALF, (WG + 1) * HALF)`` and stores them. Being
@@ -635,7 +666,9 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, k_s
 
     ``STAGGER``: warp group 1 starts each item once group 0 has run its first tile's
     softmax (``stagger_bar``), so that the groups' unoverlapped phases (an item's first
-    QK^T and softmax, its last PV) do not coincide.
+    QK^T and softmax, its last PV) do not coincide. ``TURNS`` (with ``OVERLAP``): the
+    groups take turns issuing each step's wgmmas (``turn``, :func:`_take_turn`), as
+    FA3/FA4 order their consumer warp groups.
     """
     NUM_WARPS: gl.constexpr = 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -675,7 +708,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, k_s
                         mask_from, qk_scale, s_layout, o_layout, dtype, HALF, BLOCK_N,
                         HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * HALF,
-                        slot, q_phase, stagger_bar if STAGGER and WG == 0 else None)
+                        slot, q_phase, stagger_bar if STAGGER and WG == 0 else None,
+                        turn if TURNS else None, WG)
                     if STAGGER and WG == 0:
                         if num_tiles == 0:  # (the loop arrives after its first softmax)
                             mbarrier.arrive(stagger_bar, count=1)
@@ -749,7 +783,7 @@ def _attn_fwd_dense_kernel(
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, PAGE_SIZE: gl.constexpr,
     STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, PINGPONG: gl.constexpr,
-    STAGGER: gl.constexpr, num_warps: gl.constexpr,
+    STAGGER: gl.constexpr, TURNS: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -826,6 +860,12 @@ def _attn_fwd_dense_kernel(
             mbarrier.init(stagger_bar, count=1)
         else:  # a stand-in (partitions take no None), never used
             stagger_bar = q_free
+        if TURNS:  # one per consumer group: its turn at the tensor cores
+            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            mbarrier.init(turn.index(0), count=1)
+            mbarrier.init(turn.index(1), count=1)
+        else:  # a stand-in, never used
+            turn = q_free
         fence_async_shared()
         HALF: gl.constexpr = BLOCK_M // 2
         # Partitions take no None: stand-ins for the workspace without KV splits.
@@ -835,22 +875,24 @@ def _attn_fwd_dense_kernel(
             ws_o, ws_lse, wss, wsl = O, LSE, num_items, num_items
         # (The argument lists are written out: a tuple built here cannot hold a dtype.)
         gl.warp_specialize([
-            (_pingpong_consumer, (0, q_smem, q_bar, q_free, stagger_bar, k_smem, v_smem, ready,
-                                  empty,
+            (_pingpong_consumer, (0, q_smem, q_bar, q_free, stagger_bar, turn, k_smem, v_smem,
+                                  ready, empty,
                                   TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
                                   KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
                                   LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
                                   stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                   HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
-                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER)),
-            (_pingpong_consumer, (1, q_smem, q_bar, q_free, stagger_bar, k_smem, v_smem, ready,
-                                  empty,
+                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
+                                  TURNS)),
+            (_pingpong_consumer, (1, q_smem, q_bar, q_free, stagger_bar, turn, k_smem, v_smem,
+                                  ready, empty,
                                   TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
                                   KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
                                   LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
                                   stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                   HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
-                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER)),
+                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
+                                  TURNS)),
             (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_smem,
                                 ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN,
                                 KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride, k_pool, v_pool,
@@ -862,6 +904,9 @@ def _attn_fwd_dense_kernel(
         mbarrier.invalidate(q_free)
         if STAGGER:
             mbarrier.invalidate(stagger_bar)
+        if TURNS:
+            mbarrier.invalidate(turn.index(0))
+            mbarrier.invalidate(turn.index(1))
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
@@ -948,7 +993,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
-                        stagger: bool = False):
+                        stagger: bool = False, turns: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -988,11 +1033,14 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         program per item
     stagger : (with ``pingpong``) the second consumer group starts each item after the
         first group's first softmax
+    turns : (with ``pingpong`` and ``overlap``) the two consumer groups take turns issuing
+        each step's wgmmas (FA3/FA4's ordering of their consumer warp groups)
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
                    causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
-                   num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger)
+                   num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger,
+                   turns=turns)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -1002,7 +1050,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
-                        stagger: bool = False):
+                        stagger: bool = False, turns: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -1019,7 +1067,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
     block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong,
-    persistent, stagger : as :func:`attention_fwd_dense`
+    persistent, stagger, turns : as :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
     if page_size < 1 or page_size > 256 or page_size & (page_size - 1):
@@ -1037,7 +1085,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     pools = (k_cache, v_cache) if page_size < 8 else (None, None)
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
-                   page_size, pools, pingpong, persistent, stagger)
+                   page_size, pools, pingpong, persistent, stagger, turns)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -1047,7 +1095,7 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
-            pingpong=False, persistent=0, stagger=False):
+            pingpong=False, persistent=0, stagger=False, turns=False):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128):
@@ -1060,6 +1108,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("persistent launches take the pingpong form")
     if stagger and not pingpong:
         raise ValueError("stagger takes the pingpong form")
+    if turns and not (pingpong and overlap):
+        raise ValueError("turns take the pingpong form with overlap")
     if persistent < 0:
         raise ValueError(f"persistent must be a program count >= 0, got {persistent}")
     group = num_q_heads // num_kv_heads
@@ -1095,7 +1145,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
-        PINGPONG=pingpong, STAGGER=stagger,
+        PINGPONG=pingpong, STAGGER=stagger, TURNS=turns,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,
