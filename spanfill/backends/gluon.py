@@ -38,19 +38,22 @@ class GluonTile(AttentionConfig):
     (128 rows) makes the two warp groups separate consumer partitions (the form
     :func:`choose_form` picks at D 128 and 256), each with the loop ``overlap`` says;
     ``persistent`` (with ``pingpong``) launches one program per SM, each walking its
-    share of the work items."""
+    share of the work items; ``stagger`` (with ``pingpong``) starts the second consumer
+    group on each work item once the first has run its first tile's softmax."""
 
     overlap: bool = False
     producer: bool = False
     pingpong: bool = False
     persistent: bool = False
+    stagger: bool = False
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
         return (f" producer_warp={'yes' if self.producer else 'no'}"
                 f" softmax={'under_pv' if self.overlap else 'in_sequence'}"
                 + (" consumer_partitions=2" if self.pingpong else "")
-                + (" persistent=yes" if self.persistent else ""))
+                + (" persistent=yes" if self.persistent else "")
+                + (" staggered=yes" if self.stagger else ""))
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the
@@ -108,6 +111,15 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     against 0.784 for :data:`VALIDATED`; one run, and the short padded batches
     (bert_base_512) not measured in that form, so D=64 keeps :data:`VALIDATED`.
 
+    At D=128 the second consumer group starts each item once the first has run its first
+    tile's softmax (``stagger``; ``ab_gluon_stagger_h200_9f75240.csv``, against the same
+    persistent form without it in one run): few_big 0.457 -> 0.449 ms, whole_8k 0.950 ->
+    0.926, enc_2k_d128 0.478 -> 0.458. Both groups otherwise start every item on the same
+    Q and first K tile, so their unoverlapped phases (an item's first QK^T and softmax,
+    its last PV) coincide. Turns at the tensor cores (``turns``, FA3's order) gained less
+    (0.466, 0.961, 0.458). At D=64 the staggered form tied :data:`VALIDATED` on
+    docs_8k_d64 (0.768 ms both).
+
     At D=64 the 128-row form was slower on the padded batches (bert_base_512 0.178 ms,
     docs_8k_d64 1.289 ms at dc0020c, ``core_nvidia-h200_20261130-175657.csv``) than
     :data:`VALIDATED` had been (0.118 and 0.956 ms at e24d028,
@@ -120,7 +132,8 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     if problem.head_dim == 128:
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
-                         overlap=True, producer=True, pingpong=True, persistent=True)
+                         overlap=True, producer=True, pingpong=True, persistent=True,
+                         stagger=True)
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 
@@ -243,7 +256,8 @@ class GluonHopperBackend:
         form = dict(block_m=t.block_m, block_n=t.block_n, stages=t.num_stages,
                     warp_specialize=t.producer, overlap=t.overlap, stack=t.heads,
                     num_splits=config.num_splits, pingpong=t.pingpong,
-                    persistent=triton_config._num_sms(q.device.index) if t.persistent else 0)
+                    persistent=triton_config._num_sms(q.device.index) if t.persistent else 0,
+                    stagger=t.stagger)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)
