@@ -657,8 +657,10 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
     next tile's QK^T issued with this tile's PV, the softmax under them). It holds two
     ring stages at once (K of tile ``j``, V of tile ``j - 1``), so it wants three stages:
     with two the producer cannot load ahead (``bench/results/ab_gluon_overlap_noturns_*``).
-    The groups do not take turns at the tensor cores (FA3's ping-pong): with turns
-    (branch ``gluon-pingpong``, d7ebbc6) it was slower on every workload measured.
+    By default the groups do not take turns at the tensor cores (FA3's ping-pong): with
+    turns (branch ``gluon-pingpong``, d7ebbc6, two stages) it was slower on every
+    workload measured, and with three stages (``TURNS``) it gained less than ``STAGGER``
+    (``bench/results/ab_gluon_stagger_h200_9f75240.csv``).
     Without ``OVERLAP``: the in-sequence loop of :func:`_kv_loop_sequential`.
 
     Tiles without valid rows (padding) are zero-filled by warp group 0 (``ZERO_FILL``)
