@@ -7,16 +7,18 @@
 # registers, warp states) followed by scripts/ncu_stalls.py's summary of the SASS
 # source page (stall reasons, the instructions with the most samples). One launch
 # (the third: the first compiles, see scripts/profile_kernel.py), --set full.
+# PROFILE_ARGS=--gluon: the Gluon family where the automatic choice takes the portable
+# kernel (files then named ncu_<name>_gluon).
 set -euo pipefail
 out=$1; shift
 mkdir -p "$out"
 ncu=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
 for name in "$@"; do
-    rep="$out/ncu_$name"
+    rep="$out/ncu_$name${PROFILE_ARGS:+_gluon}"
     "$ncu" --kernel-name regex:_attn_fwd --launch-skip 2 --launch-count 1 --set full \
-        --import-source no -f -o "$rep" python3 scripts/profile_kernel.py "$name" > "$rep.run.log" 2>&1
+        --import-source no -f -o "$rep" python3 scripts/profile_kernel.py "$name" ${PROFILE_ARGS:-} > "$rep.run.log" 2>&1
     {
-        echo "# ncu --set full, one launch of the attention kernel (regex _attn_fwd: the portable _attn_fwd_kernel or the Gluon _attn_fwd_dense_kernel, as the automatic choice runs it) on $name (scripts/ncu_profile.sh)"
+        echo "# ncu --set full, one launch of the attention kernel (regex _attn_fwd: the portable _attn_fwd_kernel or the Gluon _attn_fwd_dense_kernel, as the automatic choice runs it, or backend=gluon with PROFILE_ARGS=--gluon) on $name ${PROFILE_ARGS:-} (scripts/ncu_profile.sh)"
         nvidia-smi --query-gpu=name --format=csv,noheader
         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
         "$ncu" -i "$rep.ncu-rep" --page details

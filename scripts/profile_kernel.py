@@ -11,24 +11,34 @@ bench builds them (same seed, same span placement). Segmented rows launch
 ``span_prefill`` on the prebuilt layout; padded rows launch the attention kernel alone
 (the bench's ``spanfill_kernel`` provider). Layouts and plans are built before the
 first launch, so every launch the profiler sees is the attention kernel's.
+
+``--gluon`` (after the name): ``backend="gluon"`` (the bench's ``spanfill_gluon``
+providers), for the Hopper family where the automatic choice takes the portable kernel
+(enc_2k_d128, bert_base_512). Padded rows then go through ``padded_prefill``, whose
+only kernel launch is the attention kernel's once the layout is built.
 """
 import sys
 
 import torch
 
 sys.path.insert(0, ".")
-from bench.providers_spanfill import spanfill_padded_kernel, spanfill_segmented  # noqa: E402
+from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # noqa: E402
+                                      spanfill_padded_kernel, spanfill_segmented)
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
 
-def main(name: str, launches: int = 4) -> None:
+def main(name: str, gluon: bool = False, launches: int = 4) -> None:
     device = torch.device("cuda")
     by_name = {w.name: w for w in core_workloads()}
     if name not in by_name:
         raise SystemExit(f"unknown workload {name!r}; one of {sorted(by_name)}")
     w = by_name[name]
     tensors = w.make(device, torch.bfloat16)
-    prepare = spanfill_padded_kernel if isinstance(w, PaddedWorkload) else spanfill_segmented
+    padded = isinstance(w, PaddedWorkload)
+    if gluon:
+        prepare = spanfill_gluon if padded else spanfill_gluon_span
+    else:
+        prepare = spanfill_padded_kernel if padded else spanfill_segmented
     prepared = prepare(w, tensors)  # launches once (the first launch compiles)
     for _ in range(launches):
         prepared.run()
@@ -36,4 +46,5 @@ def main(name: str, launches: int = 4) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "few_big")
+    args = [a for a in sys.argv[1:] if a != "--gluon"]
+    main(args[0] if args else "few_big", gluon="--gluon" in sys.argv[1:])
