@@ -97,13 +97,14 @@ def test_kernel_compiles_at_specialised_ints(specialised, case):
         assert got["wgmma"] and got["tma"]
 
 
-def _canonical():
+def _from_compile_sm90(name: str):
+    """A function of scripts/compile_sm90.py (canonical_ttgir, canonical_ptx)."""
     sys.path.insert(0, str(SCRIPTS))
     try:
-        from compile_sm90 import canonical_ttgir
+        import compile_sm90
     finally:
         sys.path.remove(str(SCRIPTS))
-    return canonical_ttgir
+    return getattr(compile_sm90, name)
 
 
 IR = """#loc = loc("a.py":1:0)
@@ -116,7 +117,7 @@ IR = """#loc = loc("a.py":1:0)
 
 
 def test_canonical_ttgir_ignores_names_locations_and_constant_order() -> None:
-    canonical = _canonical()
+    canonical = _from_compile_sm90("canonical_ttgir")
     renamed = (IR.replace("%Q", "%plan.0").replace("%x", "%row").replace("%n", "%num_rows")
                .replace("#loc2", "#loc9"))
     lines = renamed.splitlines()
@@ -127,7 +128,7 @@ def test_canonical_ttgir_ignores_names_locations_and_constant_order() -> None:
 
 
 def test_canonical_ttgir_sees_a_changed_program() -> None:
-    canonical = _canonical()
+    canonical = _from_compile_sm90("canonical_ttgir")
     assert canonical(IR.replace("constant 1 : i32", "constant 2 : i32")) != canonical(IR)
     assert canonical(IR.replace("arith.muli %x, %x", "arith.muli %x, %n")) != canonical(IR)
     assert canonical(IR.replace("arith.addi", "arith.subi")) != canonical(IR)
@@ -145,7 +146,7 @@ CALLS = """  tt.func public @k(%n: i32) {
 def test_canonical_ttgir_ignores_function_symbols_but_not_calls() -> None:
     """A new constexpr parameter renames each jit function's symbol; which function each
     call reaches still counts."""
-    canonical = _canonical()
+    canonical = _from_compile_sm90("canonical_ttgir")
     respelled = CALLS.replace("cconstexpr_64_", "cconstexpr_64__(4,)cconstexpr_0_")
     assert canonical(respelled) == canonical(CALLS)
     assert canonical(canonical(CALLS)) == canonical(CALLS)
@@ -174,22 +175,13 @@ ret;
 def test_canonical_ptx_ignores_debug_information_not_instructions() -> None:
     """Debug sections, line markers and their labels go; instructions and branch labels
     stay."""
-    canonical_ptx = _canonical_ptx()
+    canonical_ptx = _from_compile_sm90("canonical_ptx")
     moved = (PTX.replace(".loc 1 10 0\n$L__tmp0:\n", "")
              .replace("st.global", "$L__tmp7:\n.loc 1 99 3\nst.global")
              .replace(".b8 47 // /path/to/source.py", ".b8 48 // /other/path.py"))
     assert canonical_ptx(moved) == canonical_ptx(PTX)
     assert "debug" not in canonical_ptx(PTX) and "$L__BB0_2:" in canonical_ptx(PTX)
     assert canonical_ptx(PTX.replace("%r1;", "%r2;")) != canonical_ptx(PTX)
-
-
-def _canonical_ptx():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        from compile_sm90 import canonical_ptx
-    finally:
-        sys.path.remove(str(SCRIPTS))
-    return canonical_ptx
 
 
 def test_compare_kernel_ir_against_head(tmp_path_factory) -> None:
