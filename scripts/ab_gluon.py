@@ -49,6 +49,21 @@ from bench.workloads import PaddedWorkload, core_workloads, padded_uniform  # no
 PERSISTENT = 2
 STAGGERED = 3  # persistent, the second consumer group starting each item a tile later
 TURNS = 4  # persistent, the consumer groups taking turns issuing each step's wgmmas
+SPLIT_Q = 5  # staggered, each consumer group's half of Q copied and released on its own
+EARLY = 6  # staggered, the output rescaled under the QK^T wgmma (FA3's order)
+SPLIT_Q_EARLY = 7  # both
+PIN = 8  # staggered, a scratch store keeping the softmax ahead of the PV wait (ptxas)
+SPLIT_Q_PIN = 9  # staggered, split_q and pin_softmax
+# The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
+# the order their names are suffixed.
+VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
+                   SPLIT_Q: {"stagger": True, "split_q": True},
+                   EARLY: {"stagger": True, "rescale_early": True},
+                   SPLIT_Q_EARLY: {"stagger": True, "split_q": True, "rescale_early": True},
+                   PIN: {"stagger": True, "pin_softmax": True},
+                   SPLIT_Q_PIN: {"stagger": True, "split_q": True, "pin_softmax": True}}
+SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
+          "rescale_early": "_early", "pin_softmax": "_pin"}
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
                                                        (False, True))]
 FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
@@ -58,23 +73,41 @@ FORMS.append((128, False, True, PERSISTENT))
 FORMS.append((128, True, True, STAGGERED))
 FORMS.append((128, False, True, STAGGERED))
 FORMS.append((128, True, True, TURNS))
+FORMS.append((128, True, True, SPLIT_Q))
+FORMS.append((128, False, True, SPLIT_Q))
+FORMS.append((128, True, True, EARLY))
+FORMS.append((128, True, True, SPLIT_Q_EARLY))
+FORMS.append((128, True, True, PIN))
+FORMS.append((128, True, True, SPLIT_Q_PIN))
+# Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
+FORMS.append((192, True, True, PERSISTENT))
+FORMS.append((192, False, True, PERSISTENT))
+FORMS.append((192, True, True, STAGGERED))
+FORMS.append((192, True, True, SPLIT_Q))
+FORMS.append((192, True, True, PIN))
 
 
-def _variants(group: int, tiles: list[tuple[int | None, int | None]]
-              ) -> list[tuple[int, bool, bool, int, int, int | None, int | None]]:
+def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,
+              padded: bool) -> list[tuple[int, bool, bool, int, int, int | None, int | None]]:
     """Every form, with one q head per program and (GQA) the whole group stacked, at each
-    ``(block_n, stages)`` of ``tiles`` (``(None, None)``: the kernel's defaults)."""
+    ``(block_n, stages)`` of ``tiles`` (``(None, None)``: the kernel's defaults); the
+    192-row forms for padded batches at D=64 with a head's rows a multiple or a divisor
+    of 64 (what the launcher takes)."""
+    def runs(m: int, st: int) -> bool:
+        if m == 192:
+            return padded and head_dim == 64 and ((m // st) % 64 == 0 or 64 % (m // st) == 0)
+        return m // st >= 16
+
     return [(m, o, p, st, pp, bn, ns) for m, o, p, pp in FORMS for st in sorted({1, group})
-            for bn, ns in tiles if m // st >= 16]
+            for bn, ns in tiles if runs(m, st)]
 
 
 def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int,
           block_n: int | None = None, stages: int | None = None) -> str:
     if pingpong:
-        name = (("gluon_m128_pingpong" if overlap else "gluon_m128_split_consumers")
+        name = (f"gluon_m{block_m}_" + ("pingpong" if overlap else "split_consumers")
                 + ("_persistent" if pingpong >= PERSISTENT else "")
-                + ("_stagger" if pingpong == STAGGERED else "")
-                + ("_turns" if pingpong == TURNS else "")
+                + "".join(SUFFIX[o] for o in VARIANT_OPTIONS.get(pingpong, {}))
                 + (f"_stack{stack}" if stack > 1 else ""))
     else:
         name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
@@ -82,13 +115,15 @@ def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int
     return name + (f"_n{block_n}_s{stages}" if block_n else "")
 
 
-def _programs(pingpong: int) -> int:
-    """The ``persistent`` argument of a form: one program per SM, or 0."""
+def _pingpong_args(pingpong: int) -> dict:
+    """The ping-pong keywords of a form: ``pingpong``, ``persistent`` (one program per
+    SM, or 0) and the variant's options."""
     if pingpong < PERSISTENT:
-        return 0
+        return dict(pingpong=bool(pingpong), persistent=0)
     from spanfill.backends.triton_config import _num_sms  # the backend's own SM count
 
-    return _num_sms(torch.cuda.current_device())
+    return dict(pingpong=True, persistent=_num_sms(torch.cuda.current_device()),
+                **VARIANT_OPTIONS[pingpong])
 
 
 def _tiles(spec: str) -> list[tuple[int | None, int | None]]:
@@ -112,9 +147,8 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
     def run() -> None:
         attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
                             block_m=block_m, warp_specialize=producer, overlap=overlap,
-                            stack=stack, pingpong=bool(pingpong),
-                            persistent=_programs(pingpong), stagger=pingpong == STAGGERED,
-                            turns=pingpong == TURNS, block_n=block_n, stages=stages)
+                            stack=stack, block_n=block_n, stages=stages,
+                            **_pingpong_args(pingpong))
 
     return run, lambda: (run(), out[idx])[1]
 
@@ -132,9 +166,7 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
         attention_fwd_paged(t.q, t.k_cache, t.v_cache, out, None, plan, layout.positions,
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
                             warp_specialize=producer, overlap=overlap, stack=stack,
-                            pingpong=bool(pingpong), persistent=_programs(pingpong),
-                            stagger=pingpong == STAGGERED, turns=pingpong == TURNS,
-                            block_n=block_n, stages=stages)
+                            block_n=block_n, stages=stages, **_pingpong_args(pingpong))
 
     return run, lambda: (run(), out)[1]
 
@@ -188,7 +220,8 @@ def main() -> None:
         cases = [("portable", portable.run, portable.output),
                  ("gluon_chosen", chosen.run, chosen.output)]
         group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
-        cases += [(_name(*v), *gluon(w, t, *v)) for v in _variants(group, _tiles(args.tiles))
+        cases += [(_name(*v), *gluon(w, t, *v))
+                  for v in _variants(group, _tiles(args.tiles), w.head_dim, padded)
                   if forms.search(_name(*v))]
         base = None
         kernel = "padded_prefill" if padded else "span_prefill"

@@ -177,8 +177,10 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
                      zero_fill: bool, warp_specialize: bool = False,
                      block_m: int = 64, overlap: bool = False, stack: int = 1,
                      splits: int = 1, pingpong: bool = False,
-                     stagger: bool = False, turns: bool = False) -> Callable[[], None]:
-    """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch."""
+                     **form: bool) -> Callable[[], None]:
+    """The Gluon (Hopper) dense kernel of spanfill.kernels_gluon over a padded batch;
+    ``form``: the ping-pong options (``stagger``, ``turns``, ``split_q``,
+    ``rescale_early``)."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_dense
 
@@ -190,8 +192,7 @@ def gluon_dense_case(b: int, s: int, hq: int, hk: int, d: int, causal: bool,
         attention_fwd_dense(q, k, v, torch.empty_like(q), lse, plan, d ** -0.5, causal,
                             zero_fill=zero_fill, warp_specialize=warp_specialize,
                             block_m=block_m, overlap=overlap, stack=stack,
-                            num_splits=splits, pingpong=pingpong, stagger=stagger,
-                            turns=turns)
+                            num_splits=splits, pingpong=pingpong, **form)
     return launch
 
 
@@ -199,9 +200,10 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
                      warp_specialize: bool = False, block_m: int = 64,
                      overlap: bool = False, stack: int = 1,
                      splits: int = 1, pingpong: bool = False,
-                     stagger: bool = False, turns: bool = False) -> Callable[[], None]:
+                     **form: bool) -> Callable[[], None]:
     """The Gluon (Hopper) kernel over a paged cache: one request, ``rows`` span rows at
-    the prompt's end, TMA copies per page (or per tile of a larger page)."""
+    the prompt's end, TMA copies per page (or per tile of a larger page); ``form`` as in
+    :func:`gluon_dense_case`."""
     def launch() -> None:
         from spanfill.kernels_gluon.attention import attention_fwd_paged
 
@@ -215,7 +217,7 @@ def gluon_paged_case(rows: int, page_size: int, pages_per_req: int, hq: int, hk:
         attention_fwd_paged(q, k, v, torch.empty_like(q), lse, plan, positions, table,
                             d ** -0.5, True, block_m=block_m, warp_specialize=warp_specialize,
                             overlap=overlap, stack=stack, num_splits=splits,
-                            pingpong=pingpong, stagger=stagger, turns=turns)
+                            pingpong=pingpong, **form)
     return launch
 
 
@@ -371,6 +373,36 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_paged_pingpong_turns_stack4_d128": (gluon_paged_case(
         100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
         turns=True), ()),
+    # each consumer group's half of Q copied and released on its own (boxes of 64 rows
+    # from a one-head block, two boxes of 32 per half with four heads stacked, one head
+    # per half with two), and the output rescaled under the QK^T wgmma (FA3's order)
+    "gluon_dense_pingpong_stagger_splitq_padded_d128": (gluon_dense_case(
+        2, 64, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, split_q=True), ()),
+    "gluon_paged_pingpong_splitq_early_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
+        stagger=True, split_q=True, rescale_early=True), ()),
+    "gluon_paged_split_consumers_splitq_stack2_d256": (gluon_paged_case(
+        16, 16, 200, 4, 2, 256, block_m=128, stack=2, splits=4, pingpong=True,
+        split_q=True), ()),
+    # the scratch store that keeps ptxas from scheduling the softmax after the PV wait
+    "gluon_dense_pingpong_stagger_pin_padded_d128": (gluon_dense_case(
+        2, 64, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, pin_softmax=True), ()),
+    "gluon_paged_pingpong_pin_splitq_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
+        stagger=True, split_q=True, pin_softmax=True), ()),
+    # three consumer groups in 192-row blocks at D=64 (FA4's tile there): the whole block
+    # in one Q box, or each group's rows on their own with the stagger chained
+    "gluon_dense_three_groups_padded_d64": (gluon_dense_case(
+        2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
+        pingpong=True), ()),
+    "gluon_dense_three_groups_stagger_splitq_causal_d64": (gluon_dense_case(
+        2, 64, 4, 4, 64, causal=True, zero_fill=True, block_m=192, overlap=True,
+        pingpong=True, stagger=True, split_q=True, pin_softmax=True), ()),
+    "gluon_dense_pingpong_early_padded_d64": (gluon_dense_case(
+        2, 64, 4, 4, 64, causal=True, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, rescale_early=True), ()),
     "append_t1_page1_hk1": (append_case(1, 1, 1, 128), ("page_size", "num_heads")),
     "append_t16_page16": (append_case(16, 16, 8, 64), ()),
     "merge_one_state_one_head": (merge_case(1, 1, 1, 64), ("num_states", "num_heads")),

@@ -53,6 +53,14 @@ SPECIALISED_CASES = [
     "gluon_dense_pingpong_stagger_padded_d128",
     "gluon_paged_split_consumers_stagger_stack4_split2_d128",
     "gluon_paged_pingpong_turns_stack4_d128",
+    "gluon_dense_pingpong_stagger_splitq_padded_d128",
+    "gluon_paged_pingpong_splitq_early_stack4_d128",
+    "gluon_paged_split_consumers_splitq_stack2_d256",
+    "gluon_dense_pingpong_early_padded_d64",
+    "gluon_dense_three_groups_padded_d64",
+    "gluon_dense_pingpong_stagger_pin_padded_d128",
+    "gluon_paged_pingpong_pin_splitq_stack4_d128",
+    "gluon_dense_three_groups_stagger_splitq_causal_d64",
 ]
 
 
@@ -217,3 +225,20 @@ def test_ptxas_usage_of_a_gluon_form() -> None:
     usage = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0 < usage["registers"] <= 255 and usage["spill_stores"] >= 0
     assert set(usage) == {"registers", "spill_stores", "spill_loads"}
+
+
+@pytest.mark.parametrize("case", ["gluon_dense_pingpong_stagger_pin_padded_d128",
+                                  "gluon_dense_three_groups_stagger_splitq_causal_d64"])
+def test_pinned_softmax_runs_before_the_pv_wait(tmp_path_factory, case):
+    """With ``pin_softmax`` every exponential of the overlapped KV loop comes before the
+    loop's wait for PV in the SASS (``scripts/sass_overlap.py``): the softmax runs under
+    the PV wgmma. Without it ptxas puts them all after that wait."""
+    pytest.importorskip("triton.backends.nvidia")
+    done = subprocess.run([sys.executable, str(SCRIPTS / "sass_overlap.py"), "--json", case],
+                          env=_compile_env(tmp_path_factory), capture_output=True, text=True,
+                          timeout=900)
+    assert done.stdout.strip(), done.stderr[-3000:]
+    loops = json.loads(done.stdout.strip().splitlines()[-1])[0]["loops"]
+    assert loops, "no KV loop with a PV wgmma found"
+    for loop in loops:
+        assert loop["exp2"] > 0 and loop["exp2_before_pv_wait"] == loop["exp2"], loop

@@ -320,11 +320,27 @@ OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-
 # Persistent launches: 3 programs walk every work item in rounds, both directions, with
 # ring slots and Q phases running on across items (and padding-only tiles in between).
 # Staggered: the second consumer group starts each item after the first group's first tile;
-# turns: the groups take turns issuing each step's wgmmas (with the overlapped loop only).
-PERSISTENT = pytest.mark.parametrize(
-    "persistent,stagger,turns", [(0, False, False), (3, False, False), (3, True, False),
-                                 (3, False, True)],
-    ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-turns"])
+# turns: the groups take turns issuing each step's wgmmas (with the overlapped loop only);
+# split-q: each group's half of Q is copied and released on its own; early: the output
+# is rescaled under the QK^T wgmma; pin: a scratch store keeps the softmax ahead of the PV
+# wait (early and pin with the overlapped loop only).
+PERSISTENT = pytest.mark.parametrize("form", [
+    dict(persistent=0), dict(persistent=3), dict(persistent=3, stagger=True),
+    dict(persistent=3, turns=True), dict(persistent=3, stagger=True, split_q=True),
+    dict(persistent=3, stagger=True, rescale_early=True),
+    dict(persistent=3, stagger=True, split_q=True, pin_softmax=True)],
+    ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-turns",
+         "persistent3-stagger-splitq", "persistent3-stagger-early",
+         "persistent3-stagger-splitq-pin"])
+
+
+def _pingpong_form(form: dict, overlap: bool) -> dict:
+    """A ``PERSISTENT`` form as launch keywords; the options that take the overlapped loop
+    (turns, rescale_early, pin_softmax) are skipped with the in-sequence one (the launch
+    refuses them: ``tests/test_gluon_launch_checks.py``)."""
+    if not overlap and ("turns" in form or "rescale_early" in form or "pin_softmax" in form):
+        pytest.skip("an option of the overlapped loop")
+    return form
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -334,8 +350,7 @@ PERSISTENT = pytest.mark.parametrize(
 @OVERLAP
 @PERSISTENT
 def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
-                                 stack: int, overlap: bool, persistent: int,
-                                 stagger: bool, turns: bool) -> None:
+                                 stack: int, overlap: bool, form: dict) -> None:
     """Padded batches (a full sample, a one-token one, an empty one, odd lengths) with
     NaN in the padded K/V rows, lse, zero-filled padding."""
     from spanfill.kernels_gluon.attention import attention_fwd_dense
@@ -354,8 +369,49 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
                         lse, layout.tile_plan(128 // stack, causal), d ** -0.5, causal,
                         zero_fill=True, block_m=128, stack=stack, overlap=overlap,
-                        pingpong=True, persistent=persistent, stagger=stagger,
-                        turns=turns and overlap)
+                        pingpong=True, **_pingpong_form(form, overlap))
+    out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
+    assert_lse_close(lse, ref_lse, dtype)
+    assert (out[torch.isinf(ref_lse)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("stack", [1, 3], ids=["head-per-block", "stack3"])
+@OVERLAP
+@pytest.mark.parametrize("form", [
+    dict(persistent=0), dict(persistent=3), dict(persistent=3, stagger=True),
+    dict(persistent=3, stagger=True, split_q=True),
+    dict(persistent=3, stagger=True, rescale_early=True),
+    dict(persistent=3, stagger=True, pin_softmax=True)],
+    ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-stagger-splitq",
+         "persistent3-stagger-early", "persistent3-stagger-pin"])
+def test_three_groups_padded_batches(dtype: torch.dtype, side: str, causal: bool, stack: int,
+                                     overlap: bool, form: dict) -> None:
+    """192-row blocks of three consumer groups at D=64 (GQA 6/2, so three heads can
+    stack): padded batches with NaN in the padded K/V rows, a full sample, a one-token
+    and an empty one, lengths across the 64-row group boundaries; lse, zero-filled
+    padding, the stagger chained over three groups."""
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(stack + causal)
+    b, s, hq, hk, d = 6, 401, 6, 2, 64
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
+    valid_lens = torch.tensor([401, 1, 0, 65, 129, 192], device="cuda")
+    layout = sf.PaddedLayout.build(valid_lens, s, side)
+    ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
+    for i, n in enumerate(valid_lens.tolist()):
+        pad = slice(n, None) if side == "right" else slice(0, s - n)
+        k[i, pad], v[i, pad] = float("nan"), float("nan")
+    out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
+    lse = torch.full((b * s, hq), float("nan"), device="cuda")
+    attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
+                        lse, layout.tile_plan(192 // stack, causal), d ** -0.5, causal,
+                        zero_fill=True, block_m=192, stack=stack, overlap=overlap,
+                        pingpong=True, **_pingpong_form(form, overlap))
     out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
     assert not out.isnan().any(), "rows left unwritten"
     assert rel_err(out, ref_o) <= TOLERANCE[dtype]
@@ -370,8 +426,7 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
 @OVERLAP
 @PERSISTENT
 def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: int,
-                              overlap: bool, persistent: int, stagger: bool,
-                              turns: bool) -> None:
+                              overlap: bool, form: dict) -> None:
     """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse): a
     single-token span, a whole-prompt span, a one-token prompt; unsplit and split-KV."""
     from spanfill.kernels_gluon.attention import attention_fwd_paged
@@ -383,7 +438,7 @@ def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: in
     attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
                         layout.positions, layout.block_table, d ** -0.5, True, block_m=128,
                         stack=stack, num_splits=num_splits, overlap=overlap, pingpong=True,
-                        persistent=persistent, stagger=stagger, turns=turns and overlap)
+                        **_pingpong_form(form, overlap))
     ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
     assert not out.isnan().any(), "rows left unwritten"
     assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
@@ -391,11 +446,14 @@ def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: in
 
 
 @OVERLAP
-@pytest.mark.parametrize("persistent", [0, 1, 3, 1000],
-                         ids=["per-item", "persistent1", "persistent3", "persistent1000"])
-def test_pingpong_varlen_causal(overlap: bool, persistent: int) -> None:
+@pytest.mark.parametrize("persistent,split_q", [(0, False), (1, False), (3, False),
+                                                (1000, False), (3, True)],
+                         ids=["per-item", "persistent1", "persistent3", "persistent1000",
+                              "persistent3-splitq"])
+def test_pingpong_varlen_causal(overlap: bool, persistent: int, split_q: bool) -> None:
     """Varlen causal, one-token and tile-boundary lengths; persistent with one program
-    (every item in one program), three, and more programs than items."""
+    (every item in one program), three, and more programs than items; each group's half
+    of Q on its own barriers without the stagger."""
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(13)
@@ -406,7 +464,7 @@ def test_pingpong_varlen_causal(overlap: bool, persistent: int) -> None:
     out = torch.full_like(q, float("nan"))
     attention_fwd_dense(q, k, v, out, None, sf.VarlenLayout.build(cu, t).tile_plan(128, True),
                         d ** -0.5, True, block_m=128, overlap=overlap, pingpong=True,
-                        persistent=persistent)
+                        persistent=persistent, split_q=split_q)
     ref_o, _ = reference.varlen_prefill(q, k, v, cu, causal=True)
     assert not out.isnan().any()
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
@@ -429,6 +487,7 @@ def test_pingpong_refuses_64_rows() -> None:
     with pytest.raises(ValueError, match="stagger takes the pingpong form"):
         attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=128,
                             stagger=True)
+
     with pytest.raises(ValueError, match="persistent must be a program count >= 0"):
         attention_fwd_dense(x, x, x, torch.empty_like(x), None, plan, 0.125, True, block_m=128,
                             pingpong=True, persistent=-1)

@@ -38,14 +38,23 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   without, the in-sequence loop (D=256, where a third stage does not fit).
   ``persistent=N``: N programs (one per SM) walk the work items in rounds
   (:func:`_round_item`); the producer (:func:`_pingpong_loader`) copies the next item's
-  first K/V tiles and Q while the consumers finish the last item.
+  first K/V tiles and Q while the consumers finish the last item. ``stagger``: each
+  group starts an item once the one before it has run its first softmax;
+  ``split_q``: each group's Q rows on their own barriers (no group waits for another to
+  finish an item); ``rescale_early``: O rescaled under the QK^T wgmma (FA3's order);
+  ``pin_softmax``: a scratch shared-memory store that keeps ptxas from scheduling the
+  softmax after the PV wait, which it otherwise does (``scripts/sass_overlap.py``: on
+  Triton 3.6 and 3.9 no exponential of the registry's D=128 loop precedes that wait, so
+  the softmax never runs under this group's PV).
+- ``block_m=192`` (D=64, dense K/V): three consumer groups, FA4's tile at D=64.
 
 What FA3/FA4 add on top, for the next steps: separate K and V rings (the overlapped
 loop then needs no third stage, which D=256 has no room for), a dynamic tile scheduler
-(here the rounds are fixed at launch), a second Q buffer (here the next Q waits for
-both consumers' last wgmma), and a split-KV merge inside the launch (here a second
-launch merges). Registers and
-spills of every form on Triton 3.6: ``scripts/ptxas_usage.py`` (no form spills).
+(here the rounds are fixed at launch), and a split-KV merge inside the launch (here a
+second launch merges). Registers and spills of the one- and two-group forms on Triton
+3.6: ``scripts/ptxas_usage.py`` (none spills); three groups at 160 and 168 registers:
+none overlapped, 8 bytes a thread with ``stagger`` and ``split_q``, 4 with
+``rescale_early``.
 """
 
 from __future__ import annotations
@@ -342,14 +351,25 @@ def _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM: gl.constexpr, BLOCK_Q: 
             STACK: gl.constexpr):
     """TMA copies of a work item's Q block: ``STACK`` heads, each ``[BLOCK_Q, D]`` into its
     rows of the block; ``q_bar`` completes when they land."""
-    if STACK == 1:
+    if q_desc.block_type.shape[0] == STACK * BLOCK_Q:  # the whole block in one box
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [row0, head * HEAD_DIM], q_bar, q_smem)
     else:
-        mbarrier.expect(q_bar, STACK * q_desc.block_type.nbytes)
-        for g in gl.static_range(STACK):
-            _tma_load(q_desc, [row0, (head + g) * HEAD_DIM], q_bar,
-                      q_smem.slice(g * BLOCK_Q, BLOCK_Q))
+        _load_q_rows(q_desc, q_smem, q_bar, row0, head, 0, STACK * BLOCK_Q, HEAD_DIM, BLOCK_Q)
+
+
+@gluon.jit
+def _load_q_rows(q_desc, q_smem, q_bar, row0, head, FIRST: gl.constexpr, ROWS: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr):
+    """TMA copies of block rows ``[FIRST, FIRST + ROWS)`` of a work item's Q block (block
+    row ``r``: token ``r % BLOCK_Q`` of head ``head + r // BLOCK_Q``), in boxes of the
+    descriptor's rows (``BLOCK_Q`` or less); ``q_bar`` completes when they land."""
+    BOX: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, (ROWS // BOX) * q_desc.block_type.nbytes)
+    for g in gl.static_range(ROWS // BOX):
+        _tma_load(q_desc, [row0 + (FIRST + g * BOX) % BLOCK_Q,
+                           (head + (FIRST + g * BOX) // BLOCK_Q) * HEAD_DIM], q_bar,
+                  q_smem.slice(FIRST + g * BOX, BOX))
 
 
 @gluon.jit
@@ -419,17 +439,20 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
                         ring_base, q_phase, stagger_bar=None, turn=None,
-                        TURN_WG: gl.constexpr = 0):
+                        TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
+                        PIN_SOFTMAX: gl.constexpr = False):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
     releases each stage after its wgmmas. Otherwise the warp group pipelines the copies
     itself: the copy of tile ``j + STAGES - 1`` is issued before tile ``j`` is computed,
     into the stage freed at step ``j - 1``. Same arguments as :func:`_kv_loop_overlapped`
-    (``stagger_bar``: arrived on after the first tile; no ``turn``: turns are for the
-    overlapped loop).
+    (``stagger_bar``: arrived on after the first tile; no ``turn``, ``RESCALE_EARLY`` or
+    ``PIN_SOFTMAX``: they are for the overlapped loop).
     """
     gl.static_assert(turn is None, "turns are for the overlapped loop")
+    gl.static_assert(not RESCALE_EARLY, "RESCALE_EARLY is for the overlapped loop")
+    gl.static_assert(not PIN_SOFTMAX, "PIN_SOFTMAX is for the overlapped loop")
     if not PRODUCER:
         for t in gl.static_range(STAGES - 1):
             if t < num_tiles:
@@ -492,7 +515,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         bt_row, PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, kv_shift,
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
                         ring_base, q_phase, stagger_bar=None, turn=None,
-                        TURN_WG: gl.constexpr = 0):
+                        TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
+                        PIN_SOFTMAX: gl.constexpr = False):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -511,9 +535,27 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     make ``num_tiles + 1`` turns an item; ``ring_base + q_phase`` has the parity of the
     turns made before. Without ``PRODUCER`` the loop
     reads the descriptors and the page arguments; with it they may be stand-ins.
+
+    ``RESCALE_EARLY`` (FA3's order): ``O`` is rescaled by the last softmax's ``alpha``
+    between issuing ``S_j`` and issuing ``P_{j-1} V_{j-1}``, so the multiply runs under the
+    QK^T wgmma; otherwise it runs after PV has retired, while this group's tensor-core
+    work is drained.
+
+    ``PIN_SOFTMAX``: each step stores the row sums ``l_i`` to a scratch shared-memory row
+    before waiting for PV (and tile 0 before the stagger signal, which ptxas otherwise
+    hoists above the first softmax: the second group then starts after the first QK^T
+    only), and never reads them back. Without it ptxas (Triton 3.6)
+    schedules the whole softmax after the PV wait, so this group's softmax runs after its
+    PV instead of under it: in the SASS of the D=128 ping-pong form every ``MUFU.EX2``
+    of the loop follows ``WARPGROUP.DEPBAR.LE gsb0, 0x0``. ptxas keeps a shared-memory
+    store ahead of the wait (the wgmma reads shared memory), and the store needs every
+    exponential, so with it they all come before the wait.
     """
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    if PIN_SOFTMAX:  # written, never read (see above)
+        pin = gl.allocate_shared_memory(gl.float32, [BLOCK_M],
+                                        gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     if not PRODUCER:
         # Every stage is free at the start; each later copy goes into the stage the PV
         # of tile j - 1 has just left (tile j - 1 + STAGES, at step j).
@@ -541,6 +583,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
+        if PIN_SOFTMAX and stagger_bar is not None:
+            # The same store keeps ptxas from hoisting the stagger signal above the first
+            # softmax (an mbarrier arrive orders the stores before it, not the arithmetic).
+            pin.store(l_i)
         if stagger_bar is not None:
             # The other consumer group starts now: its first QK^T and softmax run under
             # this group's steps instead of beside them.
@@ -555,12 +601,16 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             _take_turn(turn, TURN_WG, turns + j)
             s_acc = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_acc,
                                   use_acc=False, is_async=True)
+            if RESCALE_EARLY:  # alpha of tile j - 1's softmax, before its PV adds on
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
             _pass_turn(turn, TURN_WG)
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            if PIN_SOFTMAX:  # the softmax before the PV wait
+                pin.store(l_i)
             # p_op is PV's register operand: kept alive (a dependency) until PV retires.
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             if PRODUCER:
@@ -571,10 +621,13 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               ring_base + j - 1 + STAGES, kv_row0, hk, BLOCK_N, HEAD_DIM,
                               STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool, ROW_STRIDE,
                               num_warps)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            if not RESCALE_EARLY:
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         last = (ring_base + num_tiles - 1) % STAGES
         _take_turn(turn, TURN_WG, turns + num_tiles)
+        if RESCALE_EARLY:
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         _pass_turn(turn, TURN_WG)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
@@ -637,19 +690,22 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                        TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0, KV_LEN,
                        POSITIONS, bt_base, bt_stride, num_items, qk_scale, O, LSE, WS_O,
                        WS_LSE, ws_split, ws_lse_split, stride_ot, stride_oh, stride_lt,
-                       stride_lh, dtype: gl.constexpr, HALF: gl.constexpr,
+                       stride_lh, dtype: gl.constexpr, GROUP_ROWS: gl.constexpr,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
                        CAUSAL: gl.constexpr, HAS_POSITIONS: gl.constexpr,
                        PAGE_SIZE: gl.constexpr, BLOCK_Q: gl.constexpr, STACK: gl.constexpr,
                        NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
                        RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
-                       OVERLAP: gl.constexpr, STAGGER: gl.constexpr, TURNS: gl.constexpr):
-    """One of the two consumer warp groups of a 128-row program, each its own partition:
-    for each of the program's work items (:func:`_round_item`), warp group ``WG`` runs its
-    KV loop on block rows ``[WG * HALF, (WG + 1) * HALF)`` and stores them. Being
-    separate partitions, the two groups share no barrier: each releases a ring stage
-    itself once its PV has read it (``empty`` counts 2 arrivals), and the Q block once
-    its last wgmma has read it (``q_free``, 2 arrivals); the producer warp
+                       OVERLAP: gl.constexpr, STAGGER: gl.constexpr, TURNS: gl.constexpr,
+                       SPLIT_Q: gl.constexpr, RESCALE_EARLY: gl.constexpr,
+                       PIN_SOFTMAX: gl.constexpr):
+    """One of the consumer warp groups of a 128-row program (two groups; 192 rows: three),
+    each its own partition: for each of the program's work items (:func:`_round_item`),
+    warp group ``WG`` runs its KV loop on block rows ``[WG * GROUP_ROWS, (WG + 1) *
+    GROUP_ROWS)`` and stores them. Being
+    separate partitions, the groups share no barrier: each releases a ring stage
+    itself once its PV has read it (``empty`` counts one arrival per group), and the Q
+    block once its last wgmma has read it (``q_free``, likewise); the producer warp
     (:func:`_pingpong_loader`) fills both, so the next item's copies run under this
     item's last steps and stores. Ring slots and Q phases run on across items.
 
@@ -666,18 +722,49 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
     Tiles without valid rows (padding) are zero-filled by warp group 0 (``ZERO_FILL``)
     and take no Q or K/V copies (the producer skips them too).
 
-    ``STAGGER``: warp group 1 starts each item once group 0 has run its first tile's
-    softmax (``stagger_bar``), so that the groups' unoverlapped phases (an item's first
-    QK^T and softmax, its last PV) do not coincide. ``TURNS`` (with ``OVERLAP``): the
-    groups take turns issuing each step's wgmmas (``turn``, :func:`_take_turn`), as
-    FA3/FA4 order their consumer warp groups.
+    ``STAGGER``: warp group ``k`` starts each item once group ``k - 1`` has run its first
+    tile's softmax, so that the groups' unoverlapped phases (an item's first QK^T and
+    softmax, its last PV) do not coincide. Two groups without ``SPLIT_Q``: ``stagger_bar``
+    is that one mbarrier; otherwise it holds ``go[k]`` (group ``k``'s first softmax) at
+    ``k`` and ``started[k]`` (group ``k + 1`` has started the item) at ``LAST + k``:
+    group ``k`` waits for ``started[k]`` of the last item before it signals ``go[k]``
+    again. With one shared Q block nothing else is needed (group ``k`` cannot start an
+    item before group ``k + 1`` is done with the one before); with ``SPLIT_Q`` it could
+    otherwise signal twice before group ``k + 1`` waits once (a lost phase). ``TURNS``
+    (with ``OVERLAP``, two groups): the groups take turns issuing each step's wgmmas
+    (``turn``, :func:`_take_turn`), as FA3/FA4 order their consumer warp groups.
+
+    ``SPLIT_Q``: each group's rows of the Q block have their own mbarriers (``q_bar`` and
+    ``q_free`` hold one per group, each ``q_free`` one arrival), so the producer copies a
+    group's next rows as soon as that group is done with its last ones, and the group
+    that finishes an item first starts the next without waiting for the others.
+    ``RESCALE_EARLY`` and ``PIN_SOFTMAX`` (with ``OVERLAP``): see
+    :func:`_kv_loop_overlapped`.
     """
     NUM_WARPS: gl.constexpr = 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
-    q_half = q_smem.slice(WG * HALF, HALF)
+    q_half = q_smem.slice(WG * GROUP_ROWS, GROUP_ROWS)
+    if SPLIT_Q:  # this group's own Q rows: their own barriers
+        my_q_bar = q_bar.index(WG)
+        my_q_free = q_free.index(WG)
+    else:
+        my_q_bar = q_bar
+        my_q_free = q_free
+    NUM_GROUPS: gl.constexpr = STACK * BLOCK_Q // GROUP_ROWS
+    LAST: gl.constexpr = NUM_GROUPS - 1
+    if STAGGER and (SPLIT_Q or NUM_GROUPS > 2):  # go[k] at k, started[k] at LAST + k
+        go_mine = stagger_bar.index(WG if WG < LAST else 0)  # (unused by the last group)
+        go_prev = stagger_bar.index(WG - 1 if WG > 0 else 0)  # (unused by group 0)
+        started_prev = stagger_bar.index(LAST + (WG - 1 if WG > 0 else 0))
+        started_mine = stagger_bar.index(LAST + (WG if WG < LAST else 0))
+    else:
+        go_mine = stagger_bar
+        go_prev = stagger_bar
+        started_prev = stagger_bar
+        started_mine = stagger_bar
     pid = gl.program_id(0)
     num_programs = gl.num_programs(0)
     slot = pid * 0  # ring slots used by this program's earlier items
@@ -694,33 +781,39 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                         for g in gl.static_range(STACK):
                             _fill_padding(O, LSE, row0, row_end, head + g, stride_ot,
                                           stride_oh, stride_lt, stride_lh, o_layout, dtype,
-                                          HALF, HEAD_DIM, RETURN_LSE)
+                                          GROUP_ROWS, HEAD_DIM, RETURN_LSE)
                 else:
                     kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from = _item_kv(
                         req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN,
                         POSITIONS, HAS_POSITIONS, bt_base, bt_stride, CAUSAL, BLOCK_Q,
                         BLOCK_N, PAGE_SIZE, NUM_SPLITS, NUM_WARPS)
-                    if STAGGER and WG == 1:
-                        mbarrier.wait(stagger_bar, q_phase)
+                    if STAGGER and WG > 0:
+                        mbarrier.wait(go_prev, q_phase)
+                        if SPLIT_Q:
+                            mbarrier.arrive(started_prev, count=1)
+                    if STAGGER and SPLIT_Q and WG < LAST:
+                        # Group WG + 1 has started the last item (a fresh barrier counts as
+                        # having completed phase 1: nothing to wait for on the first).
+                        mbarrier.wait(started_mine, q_phase ^ 1)
                     # The producer warp copies the tiles (PRODUCER=True): the loops read
                     # no descriptor or page argument, so kv_len stands in for them.
                     acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
-                        q_half, q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
+                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
                         row_end, q_start, q_stop, kv_len, kv_len, kv_len, num_tiles,
-                        mask_from, qk_scale, s_layout, o_layout, dtype, HALF, BLOCK_N,
+                        mask_from, qk_scale, s_layout, o_layout, dtype, GROUP_ROWS, BLOCK_N,
                         HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
-                        kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * HALF,
-                        slot, q_phase, stagger_bar if STAGGER and WG == 0 else None,
-                        turn if TURNS else None, WG)
-                    if STAGGER and WG == 0:
+                        kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
+                        slot, q_phase, go_mine if STAGGER and WG < LAST else None,
+                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX)
+                    if STAGGER and WG < LAST:
                         if num_tiles == 0:  # (the loop arrives after its first softmax)
-                            mbarrier.arrive(stagger_bar, count=1)
+                            mbarrier.arrive(go_mine, count=1)
                     # The loop waited for its last wgmma: this group is done with Q.
-                    mbarrier.arrive(q_free, count=1)
+                    mbarrier.arrive(my_q_free, count=1)
                     _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split,
                                 split, row0, row_end, q_start, q_stop, head, stride_ot,
-                                stride_oh, stride_lt, stride_lh, o_layout, dtype, HALF,
-                                HEAD_DIM, BLOCK_Q, STACK, WG * HALF, NUM_Q_HEADS, ZERO_FILL,
+                                stride_oh, stride_lt, stride_lh, o_layout, dtype, GROUP_ROWS,
+                                HEAD_DIM, BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL,
                                 RETURN_LSE, NUM_SPLITS)
                     slot += num_tiles
                     q_phase ^= 1
@@ -735,11 +828,13 @@ def _pingpong_loader(q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_sm
                      CAUSAL: gl.constexpr, ZERO_FILL: gl.constexpr,
                      HAS_POSITIONS: gl.constexpr, PAGE_SIZE: gl.constexpr,
                      BLOCK_Q: gl.constexpr, STACK: gl.constexpr, NUM_SPLITS: gl.constexpr,
-                     ROW_STRIDE: gl.constexpr):
+                     ROW_STRIDE: gl.constexpr, SPLIT_Q: gl.constexpr):
     """The producer warp of the ping-pong form: for each of the program's work items (the
     consumers' items, in the same order), the Q block once both consumers have released
     the previous one (``q_free``), then the item's K/V tiles into the ring
-    (:func:`_kv_loader`)."""
+    (:func:`_kv_loader`). ``SPLIT_Q``: each consumer group's rows of the block (64) once
+    that group has released its last ones (``q_free.index(g)``, landing on
+    ``q_bar.index(g)``)."""
     pid = gl.program_id(0)
     num_programs = gl.num_programs(0)
     slot = pid * 0
@@ -765,8 +860,15 @@ def _pingpong_loader(q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_sm
                     _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
                                early, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
                                k_pool, v_pool, ROW_STRIDE, 0, slot)
-                    mbarrier.wait(q_free, q_phase ^ 1)
-                    _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM, BLOCK_Q, STACK)
+                    if SPLIT_Q:  # group 0 (which starts first when staggered) first
+                        GROUP_ROWS: gl.constexpr = 64
+                        for g in gl.static_range(STACK * BLOCK_Q // GROUP_ROWS):
+                            mbarrier.wait(q_free.index(g), q_phase ^ 1)
+                            _load_q_rows(q_desc, q_smem, q_bar.index(g), row0, head,
+                                         g * GROUP_ROWS, GROUP_ROWS, HEAD_DIM, BLOCK_Q)
+                    else:
+                        mbarrier.wait(q_free, q_phase ^ 1)
+                        _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM, BLOCK_Q, STACK)
                     _kv_loader(k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
                                num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
                                k_pool, v_pool, ROW_STRIDE, early, slot)
@@ -785,7 +887,8 @@ def _attn_fwd_dense_kernel(
     CAUSAL: gl.constexpr, RETURN_LSE: gl.constexpr, ZERO_FILL: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr, OVERLAP: gl.constexpr, PAGE_SIZE: gl.constexpr,
     STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, PINGPONG: gl.constexpr,
-    STAGGER: gl.constexpr, TURNS: gl.constexpr, num_warps: gl.constexpr,
+    STAGGER: gl.constexpr, TURNS: gl.constexpr, SPLIT_Q: gl.constexpr,
+    RESCALE_EARLY: gl.constexpr, PIN_SOFTMAX: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
@@ -799,6 +902,7 @@ def _attn_fwd_dense_kernel(
     # row r: token r % BLOCK_Q of head head + r // BLOCK_Q), so each K/V tile in shared
     # memory serves all of them.
     BLOCK_Q: gl.constexpr = BLOCK_M // STACK
+    Q_ROWS: gl.constexpr = 256 if BLOCK_M == 192 else BLOCK_M
     # Dense launches pass no positions and no block table (None: compile-time constants);
     # the partitions of gl.warp_specialize take pointers only, so these stand in, unread.
     HAS_POSITIONS: gl.constexpr = POSITIONS is not None
@@ -823,7 +927,9 @@ def _attn_fwd_dense_kernel(
         v_pool = KV_LEN
     # Shared memory: Q, the K/V ring, an mbarrier for Q and a pair per ring stage
     # (ready: the copy landed; empty: the consumer released the stage).
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    # (Shared memory shapes are powers of two: a 192-row block takes 256 rows, the last 64
+    # unused.)
+    q_smem = gl.allocate_shared_memory(dtype, [Q_ROWS, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -839,13 +945,19 @@ def _attn_fwd_dense_kernel(
         LOADER_REGS: gl.constexpr = 64
     else:
         READY_COUNT: gl.constexpr = 1
-        # (The persistent producer also computes each work item's KV range.)
-        LOADER_REGS: gl.constexpr = 32 if PINGPONG else 24
-    # The second ping-pong consumer's registers (its warp group is a worker partition):
-    # FA3 gives each consumer warp group 240.
-    CONSUMER_REGS: gl.constexpr = 240
-    # Ping-pong: two consumer warp groups release each stage.
-    EMPTY_COUNT: gl.constexpr = 2 if PINGPONG else 1
+        # (The persistent producer also computes each work item's KV range; with three
+        # consumer groups it takes 24 too, which leaves them 160 and 168: with 32 they
+        # spilled 16-24 bytes a thread, Triton 3.6's ptxas.)
+        LOADER_REGS: gl.constexpr = (24 if BLOCK_M == 192 else 32) if PINGPONG else 24
+    # Ping-pong: one consumer warp group per 64 rows of the block (two, or three in a
+    # 192-row block), each releasing every stage.
+    NUM_GROUPS: gl.constexpr = BLOCK_M // 64 if PINGPONG else 1
+    # The registers of each ping-pong consumer that is a worker partition (all but the
+    # first): FA3 gives each of two consumer warp groups 240. Three groups take 160 (FA4's
+    # number; the first group then gets 168): with 152 (the first 176) the workers spilled
+    # 68 bytes a thread, with 168 (the first 144) the first did.
+    CONSUMER_REGS: gl.constexpr = 240 if NUM_GROUPS == 2 else 160
+    EMPTY_COUNT: gl.constexpr = NUM_GROUPS
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=READY_COUNT)
         mbarrier.init(empty.index(s), count=EMPTY_COUNT)
@@ -855,9 +967,25 @@ def _attn_fwd_dense_kernel(
         # own rows, and the producer warp; all three walk the same work items (one per
         # program, or several in a persistent launch: grid < num_items). q_free: both
         # consumers are done with the Q block, so the producer may copy the next one.
-        q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_free, count=2)
-        if STAGGER:  # group 0's first softmax of each item; group 1 starts on it
+        if SPLIT_Q:  # one Q barrier pair per consumer group (its rows of the block)
+            q_bar_c = gl.allocate_shared_memory(gl.int64, [NUM_GROUPS, 1],
+                                                mbarrier.MBarrierLayout())
+            q_free = gl.allocate_shared_memory(gl.int64, [NUM_GROUPS, 1],
+                                               mbarrier.MBarrierLayout())
+            for g in gl.static_range(NUM_GROUPS):
+                mbarrier.init(q_bar_c.index(g), count=1)
+                mbarrier.init(q_free.index(g), count=1)
+        else:
+            q_bar_c = q_bar
+            q_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(q_free, count=NUM_GROUPS)
+        if STAGGER and (SPLIT_Q or NUM_GROUPS > 2):
+            # go[k] and started[k] for each pair of groups k, k + 1 (_pingpong_consumer)
+            stagger_bar = gl.allocate_shared_memory(gl.int64, [2 * (NUM_GROUPS - 1), 1],
+                                                    mbarrier.MBarrierLayout())
+            for g in gl.static_range(2 * (NUM_GROUPS - 1)):
+                mbarrier.init(stagger_bar.index(g), count=1)
+        elif STAGGER:  # group 0's first softmax of each item; group 1 starts on it
             stagger_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
             mbarrier.init(stagger_bar, count=1)
         else:  # a stand-in (partitions take no None), never used
@@ -869,42 +997,88 @@ def _attn_fwd_dense_kernel(
         else:  # a stand-in, never used
             turn = q_free
         fence_async_shared()
-        HALF: gl.constexpr = BLOCK_M // 2
+        GROUP_ROWS: gl.constexpr = BLOCK_M // NUM_GROUPS
         # Partitions take no None: stand-ins for the workspace without KV splits.
         if NUM_SPLITS > 1:
             ws_o, ws_lse, wss, wsl = WS_O, WS_LSE, ws_split, ws_lse_split
         else:
             ws_o, ws_lse, wss, wsl = O, LSE, num_items, num_items
-        # (The argument lists are written out: a tuple built here cannot hold a dtype.)
-        gl.warp_specialize([
-            (_pingpong_consumer, (0, q_smem, q_bar, q_free, stagger_bar, turn, k_smem, v_smem,
-                                  ready, empty,
-                                  TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
-                                  KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
-                                  LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
-                                  stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
-                                  HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
-                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
-                                  TURNS)),
-            (_pingpong_consumer, (1, q_smem, q_bar, q_free, stagger_bar, turn, k_smem, v_smem,
-                                  ready, empty,
-                                  TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, KV_ROW0,
-                                  KV_LEN, pos_ptr, bt_base, bt_stride, num_items, qk_scale, O,
-                                  LSE, ws_o, ws_lse, wss, wsl, stride_ot, stride_oh, stride_lt,
-                                  stride_lh, dtype, HALF, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
-                                  HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
-                                  ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
-                                  TURNS)),
-            (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar, q_free, k_smem, v_smem,
-                                ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN,
-                                KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride, k_pool, v_pool,
-                                num_items, NUM_Q_HEADS, GQA_GROUP, HEAD_DIM, BLOCK_N, STAGES,
-                                CAUSAL, ZERO_FILL, HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK,
-                                NUM_SPLITS, ROW_STRIDE)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+        # (The argument lists are written out: a tuple built here cannot hold a dtype, nor
+        # can the list of partitions be concatenated.)
+        if NUM_GROUPS == 2:
+            gl.warp_specialize([
+                (_pingpong_consumer, (0, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
+                                      v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
+                                      Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
+                                      bt_stride, num_items, qk_scale, O, LSE, ws_o, ws_lse, wss,
+                                      wsl, stride_ot, stride_oh, stride_lt, stride_lh, dtype,
+                                      GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                                      HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
+                                      ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
+                                      v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
+                                      Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
+                                      bt_stride, num_items, qk_scale, O, LSE, ws_o, ws_lse, wss,
+                                      wsl, stride_ot, stride_oh, stride_lt, stride_lh, dtype,
+                                      GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                                      HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
+                                      ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
+                                    v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
+                                    Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
+                                    k_pool, v_pool, num_items, NUM_Q_HEADS, GQA_GROUP, HEAD_DIM,
+                                    BLOCK_N, STAGES, CAUSAL, ZERO_FILL, HAS_POSITIONS, PAGE_SIZE,
+                                    BLOCK_Q, STACK, NUM_SPLITS, ROW_STRIDE, SPLIT_Q)),
+            ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+        else:  # a third consumer group in 192-row blocks
+            gl.warp_specialize([
+                (_pingpong_consumer, (0, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
+                                      v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
+                                      Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
+                                      bt_stride, num_items, qk_scale, O, LSE, ws_o, ws_lse, wss,
+                                      wsl, stride_ot, stride_oh, stride_lt, stride_lh, dtype,
+                                      GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                                      HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
+                                      ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
+                                      v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
+                                      Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
+                                      bt_stride, num_items, qk_scale, O, LSE, ws_o, ws_lse, wss,
+                                      wsl, stride_ot, stride_oh, stride_lt, stride_lh, dtype,
+                                      GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                                      HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
+                                      ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                (_pingpong_consumer, (2, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
+                                      v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
+                                      Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
+                                      bt_stride, num_items, qk_scale, O, LSE, ws_o, ws_lse, wss,
+                                      wsl, stride_ot, stride_oh, stride_lt, stride_lh, dtype,
+                                      GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
+                                      HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
+                                      ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
+                                    v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
+                                    Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
+                                    k_pool, v_pool, num_items, NUM_Q_HEADS, GQA_GROUP, HEAD_DIM,
+                                    BLOCK_N, STAGES, CAUSAL, ZERO_FILL, HAS_POSITIONS, PAGE_SIZE,
+                                    BLOCK_Q, STACK, NUM_SPLITS, ROW_STRIDE, SPLIT_Q)),
+            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
         mbarrier.invalidate(q_bar)
-        mbarrier.invalidate(q_free)
-        if STAGGER:
+        if SPLIT_Q:
+            for g in gl.static_range(NUM_GROUPS):
+                mbarrier.invalidate(q_bar_c.index(g))
+                mbarrier.invalidate(q_free.index(g))
+        else:
+            mbarrier.invalidate(q_free)
+        if STAGGER and (SPLIT_Q or NUM_GROUPS > 2):
+            for g in gl.static_range(2 * (NUM_GROUPS - 1)):
+                mbarrier.invalidate(stagger_bar.index(g))
+        elif STAGGER:
             mbarrier.invalidate(stagger_bar)
         if TURNS:
             mbarrier.invalidate(turn.index(0))
@@ -912,69 +1086,69 @@ def _attn_fwd_dense_kernel(
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))
             mbarrier.invalidate(empty.index(s))
-        return
-    # One work item per program.
-    tile, head, split, req = _item_tile(gl.program_id(0), TILE_REQ, NUM_Q_HEADS, STACK,
-                                        NUM_SPLITS)
-    if req < 0:
-        return
-    row0, row_end, q_start, q_stop, padding = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
-                                                         Q_START, Q_LEN)
-    if ZERO_FILL:
-        if padding:
-            for g in gl.static_range(STACK):
-                _fill_padding(O, LSE, row0, row_end, head + g, stride_ot, stride_oh,
-                              stride_lt, stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM,
-                              RETURN_LSE)
+    else:  # One work item per program (not traced for ping-pong: 192-row blocks, whose
+        # tensors the one-item loops cannot hold, take the ping-pong form only).
+        tile, head, split, req = _item_tile(gl.program_id(0), TILE_REQ, NUM_Q_HEADS, STACK,
+                                            NUM_SPLITS)
+        if req < 0:
             return
-    hk = head // GQA_GROUP
-    kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from = _item_kv(
-        req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN, POSITIONS,
-        HAS_POSITIONS, bt_base, bt_stride, CAUSAL, BLOCK_Q, BLOCK_N, PAGE_SIZE, NUM_SPLITS,
-        num_warps)
+        row0, row_end, q_start, q_stop, padding = _item_rows(tile, req, TILE_ROW0, TILE_ROW_END,
+                                                             Q_START, Q_LEN)
+        if ZERO_FILL:
+            if padding:
+                for g in gl.static_range(STACK):
+                    _fill_padding(O, LSE, row0, row_end, head + g, stride_ot, stride_oh,
+                                  stride_lt, stride_lh, o_layout, dtype, BLOCK_M, HEAD_DIM,
+                                  RETURN_LSE)
+                return
+        hk = head // GQA_GROUP
+        kv_len, kv_row0, bt_row, num_tiles, kv_shift, mask_from = _item_kv(
+            req, row0, row_end, q_start, q_stop, split, KV_ROW0, KV_LEN, POSITIONS,
+            HAS_POSITIONS, bt_base, bt_stride, CAUSAL, BLOCK_Q, BLOCK_N, PAGE_SIZE, NUM_SPLITS,
+            num_warps)
 
-    fence_async_shared()
-    _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM, BLOCK_Q, STACK)
+        fence_async_shared()
+        _load_q(q_desc, q_smem, q_bar, row0, head, HEAD_DIM, BLOCK_Q, STACK)
 
-    # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence
-    # (both loops take the same arguments); with a producer warp issuing the copies
-    # (gl.warp_specialize) or the warp group.
-    # Partitions take no None: stand-ins for what this launch does not have (read only
-    # under NUM_SPLITS > 1).
-    if NUM_SPLITS > 1:
-        ws_o, ws_lse, wss, wsl, split_i = WS_O, WS_LSE, ws_split, ws_lse_split, split
-    else:
-        ws_o, ws_lse, wss, wsl, split_i = O, LSE, row0, row0, row0
-    if WARP_SPECIALIZE:
-        acc, m_i, l_i = gl.warp_specialize([
-            (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential,
-             (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
-              q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout,
-              o_layout,
-              dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, num_warps, pos_ptr,
-              HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool,
-              ROW_STRIDE, 0, 0, 0)),
-            (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
-                          num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
-                          k_pool, v_pool, ROW_STRIDE, 0, 0)),
-        ], [1], [LOADER_REGS])
-    else:
-        acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
-            q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end, q_start,
-            q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout, o_layout,
-            dtype, BLOCK_M,
-            BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
-            PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE, 0, 0, 0)
+        # The KV loop: the softmax under the previous tile's PV (overlap) or in sequence
+        # (both loops take the same arguments); with a producer warp issuing the copies
+        # (gl.warp_specialize) or the warp group.
+        # Partitions take no None: stand-ins for what this launch does not have (read only
+        # under NUM_SPLITS > 1).
+        if NUM_SPLITS > 1:
+            ws_o, ws_lse, wss, wsl, split_i = WS_O, WS_LSE, ws_split, ws_lse_split, split
+        else:
+            ws_o, ws_lse, wss, wsl, split_i = O, LSE, row0, row0, row0
+        if WARP_SPECIALIZE:
+            acc, m_i, l_i = gl.warp_specialize([
+                (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential,
+                 (q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end,
+                  q_start, q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout,
+                  o_layout,
+                  dtype, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, CAUSAL, True, num_warps, pos_ptr,
+                  HAS_POSITIONS, bt_row, PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool,
+                  ROW_STRIDE, 0, 0, 0)),
+                (_kv_loader, (k_desc, v_desc, k_smem, v_smem, ready, empty, kv_row0, hk,
+                              num_tiles, BLOCK_N, HEAD_DIM, STAGES, bt_row, kv_len, PAGE_SIZE,
+                              k_pool, v_pool, ROW_STRIDE, 0, 0)),
+            ], [1], [LOADER_REGS])
+        else:
+            acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
+                q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, empty, row0, row_end, q_start,
+                q_stop, kv_row0, hk, kv_len, num_tiles, mask_from, qk_scale, s_layout, o_layout,
+                dtype, BLOCK_M,
+                BLOCK_N, HEAD_DIM, STAGES, CAUSAL, False, num_warps, pos_ptr, HAS_POSITIONS, bt_row,
+                PAGE_SIZE, BLOCK_Q, kv_shift, k_pool, v_pool, ROW_STRIDE, 0, 0, 0)
 
-    mbarrier.invalidate(q_bar)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
-        mbarrier.invalidate(empty.index(s))
+        mbarrier.invalidate(q_bar)
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(s))
+            mbarrier.invalidate(empty.index(s))
 
-    _store_rows(acc, m_i, l_i, O, LSE, ws_o, ws_lse, wss, wsl, split_i, row0, row_end, q_start,
-                q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh, o_layout, dtype,
-                BLOCK_M, HEAD_DIM, BLOCK_Q, STACK, 0, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE,
-                NUM_SPLITS)
+        _store_rows(acc, m_i, l_i, O, LSE, ws_o, ws_lse, wss, wsl, split_i, row0, row_end, q_start,
+                    q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh, o_layout, dtype,
+                    BLOCK_M, HEAD_DIM, BLOCK_Q, STACK, 0, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE,
+                    NUM_SPLITS)
 
 
 def _desc(x: torch.Tensor, block_rows: int, layout_rows: int | None = None):
@@ -995,7 +1169,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
-                        stagger: bool = False, turns: bool = False):
+                        stagger: bool = False, turns: bool = False, split_q: bool = False,
+                        rescale_early: bool = False, pin_softmax: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -1008,7 +1183,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     sm_scale : softmax scale; causal : a row at ``pos`` sees positions ``<= pos``
     zero_fill : write 0 / -inf on tile rows that are not valid rows (padding)
     block_m : 64 (one warp group) or 128 (two warp groups of 64 rows, 8 warps: each K/V
-        tile copied into shared memory serves twice the rows)
+        tile copied into shared memory serves twice the rows); 192 (three consumer groups,
+        ``pingpong`` at D=64 only: FA4's tile there)
     block_n : KV positions per step; default 128, 64 at D=256 (the fp32 accumulator
         and the K/V ring then still fit the registers and shared memory)
     stages : K/V ring depth; default 2, or 3 with ``overlap`` where shared memory holds it
@@ -1023,8 +1199,9 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         tiles over long KV): each writes its fp32 state into a workspace, and a second
         launch (:func:`spanfill.kernels.merge_states_launch`) merges them into ``out``
         and ``lse``; not with ``zero_fill``
-    pingpong : 128-row programs whose two warp groups run as separate consumer partitions
-        fed by a producer warp (implies ``warp_specialize``), each storing its own rows,
+    pingpong : 128- or 192-row programs whose two or three warp groups run as separate
+        consumer partitions fed by a producer warp (implies ``warp_specialize``), each
+        storing its own rows,
         nothing but the ring ordering them: each runs the overlapped loop with
         ``overlap``, the in-sequence loop without
     persistent : (with ``pingpong``) a persistent launch of this many programs (the
@@ -1037,12 +1214,21 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         first group's first softmax
     turns : (with ``pingpong`` and ``overlap``) the two consumer groups take turns issuing
         each step's wgmmas (FA3/FA4's ordering of their consumer warp groups)
+    split_q : (with ``pingpong``) each consumer group's rows of the Q block are copied and
+        released on their own, so a group starts its next item without waiting for the
+        others to finish the last one
+    rescale_early : (with ``overlap``) the running output is rescaled between the QK^T
+        and PV issues, under the QK^T wgmma (FA3's order), instead of after PV retires
+    pin_softmax : (with ``pingpong`` and ``overlap``) a scratch shared-memory store of
+        each step's row sums before the PV wait, which keeps ptxas from scheduling the
+        softmax after that wait (:func:`_kv_loop_overlapped`)
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
                    causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
                    num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger,
-                   turns=turns)
+                   turns=turns, split_q=split_q, rescale_early=rescale_early,
+                   pin_softmax=pin_softmax)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -1052,7 +1238,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
-                        stagger: bool = False, turns: bool = False):
+                        stagger: bool = False, turns: bool = False, split_q: bool = False,
+                        rescale_early: bool = False, pin_softmax: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -1069,7 +1256,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
     block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong,
-    persistent, stagger, turns : as :func:`attention_fwd_dense`
+    persistent, stagger, turns, split_q, rescale_early, pin_softmax : as
+    :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
     if page_size < 1 or page_size > 256 or page_size & (page_size - 1):
@@ -1087,7 +1275,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     pools = (k_cache, v_cache) if page_size < 8 else (None, None)
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
-                   page_size, pools, pingpong, persistent, stagger, turns)
+                   page_size, pools, pingpong, persistent, stagger, turns, split_q,
+                   rescale_early, pin_softmax)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -1097,29 +1286,60 @@ def _block_n(head_dim: int, block_n: int | None) -> int:
 def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, zero_fill,
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
-            pingpong=False, persistent=0, stagger=False, turns=False):
+            pingpong=False, persistent=0, stagger=False, turns=False, split_q=False,
+            rescale_early=False, pin_softmax=False):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
-    if block_m not in (64, 128):
-        raise ValueError(f"block_m must be 64 or 128 (one or two warp groups), got {block_m}")
+    if block_m not in (64, 128, 192):
+        raise ValueError(f"block_m must be 64, 128 or 192 (one, two or three warp groups), "
+                         f"got {block_m}")
     if pingpong:
-        if block_m != 128:
-            raise ValueError(f"pingpong takes 128-row programs (two warp groups), got {block_m}")
+        if block_m == 64:
+            raise ValueError(f"pingpong takes 128-row programs (two warp groups) or 192-row "
+                             f"ones (three), got {block_m}")
         warp_specialize = True
+    if block_m == 192:
+        # Three consumer groups and the producer warp leave 152 registers a thread: enough
+        # for D=64's accumulators (FA4's 192-row tiles are for D <= 64). Paged spans would
+        # also need the position reduction of _item_kv over 192 rows (gl.arange takes
+        # powers of two).
+        if not pingpong or head_dim != 64 or positions is not None or turns:
+            raise ValueError("192-row programs take the pingpong form at D=64 over dense K/V, "
+                             f"without turns (got pingpong={pingpong}, D={head_dim}, "
+                             f"{'paged' if positions is not None else 'dense'}, turns={turns})")
     elif persistent:
         raise ValueError("persistent launches take the pingpong form")
     if stagger and not pingpong:
         raise ValueError("stagger takes the pingpong form")
     if turns and not (pingpong and overlap):
         raise ValueError("turns take the pingpong form with overlap")
+    if split_q and not pingpong:
+        raise ValueError("split_q takes the pingpong form")
+    if split_q and turns:
+        # (each is a variant of the form; together they were never measured or tested)
+        raise ValueError("split_q and turns do not combine")
+    if rescale_early and not (pingpong and overlap):
+        raise ValueError("rescale_early takes the pingpong form with overlap")
+    if pin_softmax and not (pingpong and overlap):
+        raise ValueError("pin_softmax takes the pingpong form with overlap")
     if persistent < 0:
         raise ValueError(f"persistent must be a program count >= 0, got {persistent}")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
                          f"rows per head in a block of {block_m}, got {stack}")
+    # Q boxes: a head's rows of the block, or with split_q (and in 192-row blocks, whose
+    # boxes must be powers of two) at most a consumer group's 64.
+    small_q_box = split_q or block_m == 192
+    q_box = min(block_m // stack, 64) if small_q_box else block_m // stack
+    if small_q_box and ((block_m // stack) % q_box or 64 % q_box):
+        # (_load_q_rows: each group's 64 rows in whole boxes, no box across two heads)
+        raise ValueError(f"split_q and 192-row blocks take {block_m // stack} rows per head "
+                         f"only as a multiple or a divisor of a consumer group's 64 "
+                         f"(stack={stack})")
     if stages is None:
-        q_bytes, stage_bytes = block_m * head_dim * 2, 2 * block_n * head_dim * 2
+        q_rows = 256 if block_m == 192 else block_m  # (the kernel's Q buffer)
+        q_bytes, stage_bytes = q_rows * head_dim * 2, 2 * block_n * head_dim * 2
         stages = 3 if overlap and q_bytes + 3 * stage_bytes <= SHARED_MEMORY_BUDGET else 2
     if num_splits < 1 or (num_splits > 1 and zero_fill):
         raise ValueError(f"num_splits must be >= 1, and 1 with zero_fill; got {num_splits}")
@@ -1137,7 +1357,10 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
     num_items = plan.num_tiles * (num_q_heads // stack) * num_splits
     grid = (min(num_items, persistent) if persistent else num_items,)
     handle = _attn_fwd_dense_kernel[grid](
-        _desc(q, block_m // stack, block_m), k_desc, v_desc, out, lse_arg,
+        # (split_q: each consumer group's rows on their own; the layout is the kernel's Q
+        # buffer's, 256 rows for a 192-row block)
+        _desc(q, q_box, 256 if block_m == 192 else block_m),
+        k_desc, v_desc, out, lse_arg,
         plan.tile_req, plan.tile_row0, plan.tile_row_end, plan.q_start, plan.q_len,
         plan.kv_row0, plan.kv_len,
         sm_scale * LOG2E, out.stride(0), out.stride(1), *lse_strides,
@@ -1147,7 +1370,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
-        PINGPONG=pingpong, STAGGER=stagger, TURNS=turns,
+        PINGPONG=pingpong, STAGGER=stagger, TURNS=turns, SPLIT_Q=split_q,
+        RESCALE_EARLY=rescale_early, PIN_SOFTMAX=pin_softmax,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,

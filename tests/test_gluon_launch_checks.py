@@ -1,0 +1,80 @@
+"""The Gluon launcher's refusals of forms it cannot run, checked on the host (CPU
+tensors: each is raised before anything is compiled or launched, so CI covers them
+without a GPU). The forms themselves run in ``tests/test_gluon_gpu.py``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spanfill as sf
+
+pytest.importorskip("triton.experimental.gluon")
+
+
+def _launch(q: torch.Tensor, kv: torch.Tensor, block_q: int, **form) -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    cu = torch.tensor([0, q.shape[0]])
+    plan = sf.VarlenLayout.build(cu, q.shape[0]).tile_plan(block_q, True)
+    attention_fwd_dense(q, kv, kv, torch.empty_like(q), None, plan, 0.125, True, **form)
+
+
+def _zeros(heads: int, d: int = 64) -> torch.Tensor:
+    return torch.zeros(192, heads, d, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("form", [
+    dict(block_m=192), dict(block_m=192, pingpong=True, overlap=True, turns=True)],
+    ids=["not-pingpong", "turns"])
+def test_three_groups_take_the_pingpong_form(form: dict) -> None:
+    with pytest.raises(ValueError, match="192-row programs take the pingpong form at D=64"):
+        _launch(_zeros(6), _zeros(2), 192, **form)
+
+
+def test_three_groups_take_d64_only() -> None:
+    with pytest.raises(ValueError, match=r"192-row programs .* \(got pingpong=True, D=128"):
+        _launch(_zeros(6, 128), _zeros(2, 128), 192, block_m=192, pingpong=True)
+
+
+def test_three_groups_take_dense_kv_only() -> None:
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+
+    q, cache = _zeros(4)[:16], torch.zeros(4, 16, 2, 64, dtype=torch.float16)
+    positions = torch.arange(48, 64, dtype=torch.int32)
+    layout = sf.VarlenLayout.build(torch.tensor([0, 16]), 16)
+    with pytest.raises(ValueError, match=r"192-row programs .* paged"):
+        attention_fwd_paged(q, cache, cache, torch.empty_like(q), None,
+                            layout.tile_plan(192, True), positions,
+                            torch.arange(4, dtype=torch.int32)[None], 0.125, True,
+                            block_m=192, pingpong=True)
+
+
+@pytest.mark.parametrize("block_m,stack", [(192, 2), (128, 1)], ids=["96-rows", "ok-128"])
+def test_q_boxes_split_into_whole_groups(block_m: int, stack: int) -> None:
+    """With ``split_q`` (and in every 192-row block) each consumer group's 64 rows come
+    in whole boxes of one head: 96 rows per head (192 rows, two heads) cannot."""
+    q, kv = _zeros(4), _zeros(2)
+    if block_m == 192:
+        with pytest.raises(ValueError, match="rows per head only as a multiple or a divisor"):
+            _launch(q, kv, block_m // stack, block_m=block_m, stack=stack, pingpong=True)
+    else:  # 128 rows of one head, two boxes of 64: the launcher's checks pass, and only
+        # the launch itself fails (no GPU driver for the CPU tensors)
+        if torch.cuda.is_available():
+            pytest.skip("with a GPU the launch would run on CPU tensors")
+        with pytest.raises(RuntimeError, match="active drivers"):
+            _launch(q[:128], kv[:128], 128, block_m=128, pingpong=True, split_q=True)
+
+
+@pytest.mark.parametrize("form,message", [
+    (dict(block_m=128, split_q=True), "split_q takes the pingpong form"),
+    (dict(block_m=128, pingpong=True, rescale_early=True),
+     "rescale_early takes the pingpong form with overlap"),
+    (dict(block_m=128, overlap=True, pin_softmax=True),
+     "pin_softmax takes the pingpong form with overlap"),
+    (dict(block_m=128, pingpong=True, overlap=True, split_q=True, turns=True),
+     "split_q and turns do not combine"),
+], ids=["split_q-alone", "rescale_early-in-sequence", "pin_softmax-one-group",
+        "split_q-turns"])
+def test_pingpong_options_refused_outside_their_form(form: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _launch(_zeros(6)[:128], _zeros(2)[:128], 128, **form)
