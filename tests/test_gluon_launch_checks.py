@@ -78,3 +78,32 @@ def test_q_boxes_split_into_whole_groups(block_m: int, stack: int) -> None:
 def test_pingpong_options_refused_outside_their_form(form: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _launch(_zeros(6)[:128], _zeros(2)[:128], 128, **form)
+
+
+@pytest.mark.parametrize("form,message", [
+    (dict(block_m=128, persistent=4), "persistent launches take the pingpong form"),
+    (dict(block_m=192, persistent=4), "192-row programs take the pingpong form"),
+    (dict(block_m=128, pingpong=True, persistent=-1), "persistent must be a program count"),
+    (dict(block_m=128, persistent=-1), "persistent must be a program count"),
+], ids=["persistent-alone", "persistent-192-alone", "negative", "negative-alone"])
+def test_persistent_refused_outside_the_pingpong_form(form: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _launch(_zeros(6)[:128], _zeros(2)[:128], 128, **form)
+
+
+@pytest.mark.parametrize("form", [
+    dict(block_m=128, pingpong=True, overlap=True, persistent=4),
+    dict(block_m=128, pingpong=True, overlap=True, persistent=4, stagger=True),
+    dict(block_m=128, pingpong=True, overlap=True, persistent=4, stagger=True,
+         pin_softmax=True, split_q=True),
+    dict(block_m=192, pingpong=True, overlap=True, persistent=4, stagger=True),
+], ids=["persistent", "stagger", "stagger-pin-splitq", "three-groups"])
+def test_persistent_pingpong_forms_pass_the_checks(form: dict) -> None:
+    """The registry's launch forms get past every refusal: only the launch itself fails
+    here (no GPU driver for the CPU tensors). A misplaced refusal once rejected every
+    persistent launch, and only the GPU suite saw it."""
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the launch would run on CPU tensors")
+    rows = form["block_m"]
+    with pytest.raises(RuntimeError, match="active drivers"):
+        _launch(_zeros(6)[:rows], _zeros(2)[:rows], rows, **form)

@@ -1307,7 +1307,9 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
             raise ValueError("192-row programs take the pingpong form at D=64 over dense K/V, "
                              f"without turns (got pingpong={pingpong}, D={head_dim}, "
                              f"{'paged' if positions is not None else 'dense'}, turns={turns})")
-    elif persistent:
+    if persistent < 0:
+        raise ValueError(f"persistent must be a program count >= 0, got {persistent}")
+    if persistent and not pingpong:
         raise ValueError("persistent launches take the pingpong form")
     if stagger and not pingpong:
         raise ValueError("stagger takes the pingpong form")
@@ -1322,8 +1324,6 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("rescale_early takes the pingpong form with overlap")
     if pin_softmax and not (pingpong and overlap):
         raise ValueError("pin_softmax takes the pingpong form with overlap")
-    if persistent < 0:
-        raise ValueError(f"persistent must be a program count >= 0, got {persistent}")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
