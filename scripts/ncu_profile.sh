@@ -8,7 +8,7 @@
 # source page (stall reasons, the instructions with the most samples). One launch
 # (the third: the first compiles, see scripts/profile_kernel.py), --set full.
 # PROFILE_ARGS=--gluon: the Gluon family where the automatic choice takes the portable
-# kernel (files then named ncu_<name>_gluon).
+# kernel (files then named ncu_<name>_gluon). KEEP_SASS=1 keeps ncu_<name>.sass.csv.
 set -euo pipefail
 out=$1; shift
 mkdir -p "$out"
@@ -26,6 +26,7 @@ for name in "$@"; do
         "$ncu" -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.sass.csv"
         python3 scripts/ncu_stalls.py "$rep.sass.csv"
     } > "$rep.log" 2>&1
-    rm -f "$rep.sass.csv"
+    # KEEP_SASS=1 keeps the whole source page (every instruction's samples, a few MB).
+    [ -n "${KEEP_SASS:-}" ] || rm -f "$rep.sass.csv"
     echo "$name: $rep.log"
 done
