@@ -20,7 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["Stats", "time_device", "time_wall", "L2_FLUSH_NOTE"]
+__all__ = ["Stats", "median_of_rounds", "time_device", "time_interleaved", "time_wall",
+           "L2_FLUSH_NOTE"]
 
 L2_FLUSH_NOTE = "CUDA events; L2 flushed (256 MB memset) before each timed rep"
 _FLUSH_BYTES = 256 * 1024 * 1024
@@ -139,3 +140,46 @@ def time_wall(
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return _stats(times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    rounds: int,
+    timer: Callable[[Callable[[], object], torch.device], Stats] = time_device,
+) -> dict[str, list[Stats]]:
+    """Time every callable of ``fns`` once per round, over ``rounds`` rounds, each round
+    starting one place later in the list.
+
+    One A/B run on the H200 read the same kernel at 0.894 and 1.019 ms a few minutes
+    apart: the GPU's clock and temperature drift over a run, so whichever variant is
+    timed while the drift is low wins. Interleaving spreads each variant's samples over
+    the whole run; the median over rounds of each round's p50 is then comparable.
+
+    Parameters
+    ----------
+    fns : name -> the call to time (its result is discarded)
+    device : where the calls run
+    rounds : how many times each is timed (>= 1)
+    timer : how one timing is taken (:func:`time_device`)
+
+    Returns
+    -------
+    name -> one :class:`Stats` per round, in round order.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(fns)
+    out: dict[str, list[Stats]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % max(1, len(names))
+        for name in names[shift:] + names[:shift]:
+            out[name].append(timer(fns[name], device))
+    return out
+
+
+def median_of_rounds(stats: list[Stats]) -> Stats:
+    """The median over rounds of each quantile (``reps``: the sum of all rounds')."""
+    arr = np.asarray([(s.p50, s.p20, s.p80) for s in stats], dtype=np.float64)
+    p50, p20, p80 = np.median(arr, axis=0)
+    return Stats(float(p50), float(p20), float(p80), sum(s.reps for s in stats))

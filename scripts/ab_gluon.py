@@ -19,7 +19,9 @@ columns) and ``DIR/ab_gluon.png``, and prints a table: the data for choosing the
 backend's launch form in ``spanfill/backends/gluon.py`` (``gluon_chosen``: the form and
 split count it chooses, through ``backend="gluon"``; ``--forms``: only matching forms;
 ``--tiles``: each form also at other KV tile widths and ring depths, named ``_n64_s4``;
-``--padded-sweep D``: padded batches from S=512 to 8192 at head dim D instead).
+``--padded-sweep D``: padded batches from S=512 to 8192 at head dim D instead;
+``--rounds R``: each workload's cases timed R times round-robin, the median reported,
+so drift over the run reaches every case alike).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from bench.check import padded_checker, segmented_checker, tolerance  # noqa: E4
 from bench.providers_base import window_of  # noqa: E402
 from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # noqa: E402
                                      spanfill_padded_kernel, spanfill_portable_span)
-from bench.timing import time_device  # noqa: E402
+from bench.timing import median_of_rounds, time_interleaved  # noqa: E402
 from bench.workloads import PaddedWorkload, core_workloads, padded_uniform  # noqa: E402
 
 # (rows per program, overlap, producer warp, ping-pong warp groups: 0 none, 1 one
@@ -198,6 +200,9 @@ def main() -> None:
     parser.add_argument("--padded-sweep", type=int, default=0, metavar="D",
                         help="instead of the core workloads: padded batches of 64k slots at "
                              "head dim D, S from 512 to 8192 (valid_len uniform in 1..S)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time each case this many times, the cases interleaved, and "
+                             "report the median of the rounds' p50s (default 1)")
     parser.add_argument("workloads", nargs="*")
     args = parser.parse_args()
     forms = re.compile(args.forms)
@@ -223,8 +228,8 @@ def main() -> None:
         cases += [(_name(*v), *gluon(w, t, *v))
                   for v in _variants(group, _tiles(args.tiles), w.head_dim, padded)
                   if forms.search(_name(*v))]
-        base = None
         kernel = "padded_prefill" if padded else "span_prefill"
+        timed = {}
         for name, run, output in cases:
             try:
                 err = check(output())
@@ -239,13 +244,27 @@ def main() -> None:
             if not err <= tol:
                 table.append((w.name, name, f"FAILED check: rel err {err:.2e} > {tol:.0e}"))
                 continue
-            st = time_device(run, device)
+            timed[name] = (run, err)
+        # Every checked case of the workload, timed round-robin (--rounds): drift over the
+        # run then reaches all of them alike.
+        per_round = time_interleaved({n: r for n, (r, _) in timed.items()}, device,
+                                     args.rounds)
+        base = None
+        for name, (_, err) in timed.items():
+            st = median_of_rounds(per_round[name])
             ms = {"p50": st.p50, "p20": st.p20, "p80": st.p80}
+            note = ("" if args.rounds == 1 else f"median of {args.rounds} interleaved rounds; "
+                    "p50 per round " + " ".join(f"{x.p50:.4f}" for x in per_round[name]))
             rows.append({"kernel": kernel, "provider": name, "workload": w.name,
-                         "metric": "kernel_time", "unit": "ms", **ms})
+                         "metric": "kernel_time", "unit": "ms", **ms, "note": note})
             base = ms["p50"] if name == "portable" else base
             ratio = f"{ms['p50'] / base:.2f}x portable" if base else ""
-            table.append((w.name, name, f"{ms['p50']:.3f} ms  {ratio}  (rel err {err:.1e})"))
+            spread = ""
+            if args.rounds > 1:
+                p50s = [x.p50 for x in per_round[name]]
+                spread = f" [{min(p50s):.3f}-{max(p50s):.3f}]"
+            table.append((w.name, name,
+                          f"{ms['p50']:.3f} ms{spread}  {ratio}  (rel err {err:.1e})"))
             print(f"{w.name:16s} {name:28s} {table[-1][2]}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
