@@ -128,8 +128,10 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     The ping-pong options ``split_q``, ``rescale_early``, ``pin_softmax`` and 192-row
     blocks are not taken (``ab_gluon_splitq_pin_m192_h200_8e3edd5.csv`` and its repeat
     ``ab_gluon_splitq_repeat_h200_8e3edd5.csv``, against this form in the same runs):
-    ``pin_softmax`` was 2-7% slower wherever it changed anything (few_big 0.461 -> 0.492
-    ms, whole_8k 0.969 -> 1.036); ``split_q`` and ``rescale_early`` stayed within the
+    ``pin_softmax`` was 7% slower with one q head per program (few_big 0.461 -> 0.492
+    ms, whole_8k 0.969 -> 1.036; five interleaved rounds,
+    ``ab_gluon_pin_rounds5_h200_7eb6b7d.csv``: 0.461 -> 0.496, 0.941 -> 1.014) and
+    nowhere faster beyond the noise; ``split_q`` and ``rescale_early`` stayed within the
     runs' noise, and ``rescale_early`` alone slowed whole_8k (0.969 -> 1.165); three
     consumer groups at D=64 gained 2-4% on docs_8k_d64 (0.778 / 0.797 against 0.812 /
     0.808), too close to the noise without a padded sweep.
