@@ -64,9 +64,19 @@ SPECIALISED_CASES = [
 ]
 
 
+_CACHE: dict[str, str] = {}
+
+
 def _compile_env(tmp_path_factory) -> dict[str, str]:
+    """The compile subprocesses' environment: no interpreter, and one Triton cache for
+    this module's tests, empty at its first compile. Later tests that compile the same
+    kernels (the comparison against HEAD, on identical source) read them from it: the
+    first compile of every case is what tests the kernels; the others test the tools, and
+    compiling each case three times took about 300 of CI's seconds."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
+    if "dir" not in _CACHE:
+        _CACHE["dir"] = str(tmp_path_factory.mktemp("triton_cache"))
+    env["TRITON_CACHE_DIR"] = _CACHE["dir"]
     return env
 
 
