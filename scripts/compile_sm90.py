@@ -98,6 +98,15 @@ def compile_instead_of_launch(sink: list[dict]):
         JITFunction.run = original
 
 
+def compile_attention(launch) -> dict:
+    """The sm_90 compile of the attention kernel that ``launch()`` (a case of
+    :data:`CASES`) would run: its :func:`compile_instead_of_launch` entry."""
+    sink: list[dict] = []
+    with compile_instead_of_launch(sink):
+        launch()
+    return next(e for e in sink if e["kernel"].startswith("_attn"))
+
+
 def _rand(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     return torch.randn(*shape).to(dtype)
 

@@ -28,7 +28,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
-from compile_sm90 import compile_instead_of_launch, gluon_paged_case  # noqa: E402
+from compile_sm90 import compile_attention, gluon_paged_case  # noqa: E402
 
 # (rows per program, overlap, producer warp): the forms of scripts/ab_gluon.py.
 FORMS = list(itertools.product((64, 128), (False, True), (False, True)))
@@ -65,11 +65,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for d, (block_m, overlap, producer) in itertools.product((64, 128, 256), FORMS):
-        sink: list[dict] = []
-        with compile_instead_of_launch(sink):
-            gluon_paged_case(100, 16, 24, 8, 2, d, warp_specialize=producer, block_m=block_m,
-                             overlap=overlap)()
-        entry = next(e for e in sink if e["kernel"].startswith("_attn"))
+        entry = compile_attention(gluon_paged_case(100, 16, 24, 8, 2, d,
+                                                   warp_specialize=producer,
+                                                   block_m=block_m, overlap=overlap))
         rows.append({"d": d, "block_m": block_m, "overlap": overlap, "producer": producer,
                      **ptxas_usage(entry["ptx"])})
     if args.json:

@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compile_sm90 import CASES, compile_instead_of_launch  # noqa: E402
+from compile_sm90 import CASES, compile_attention  # noqa: E402
 
 PV_WGMMA = re.compile(r"HGMMA\S* R\d+, R\d+, gdesc")
 
@@ -77,10 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for case in args.cases or [c for c in CASES if "pingpong" in c]:
-        sink: list[dict] = []
-        with compile_instead_of_launch(sink):
-            CASES[case][0]()
-        entry = next(e for e in sink if e["kernel"].startswith("_attn"))
+        entry = compile_attention(CASES[case][0])
         rows.append({"case": case, "loops": pv_loops(sass_of(entry["ptx"]))})
     if args.json:
         print(json.dumps(rows))

@@ -226,9 +226,9 @@ def test_ptxas_usage_of_a_gluon_form() -> None:
     done = subprocess.run(
         [sys.executable, "-c",
          "import json, sys; sys.path.insert(0, 'scripts'); import ptxas_usage as p; "
-         "from compile_sm90 import compile_instead_of_launch, gluon_paged_case; sink = []\n"
-         "with compile_instead_of_launch(sink): gluon_paged_case(40, 16, 8, 8, 2, 64)()\n"
-         "print(json.dumps(p.ptxas_usage(sink[0]['ptx'])))"],
+         "from compile_sm90 import compile_attention, gluon_paged_case\n"
+         "entry = compile_attention(gluon_paged_case(40, 16, 8, 8, 2, 64))\n"
+         "print(json.dumps(p.ptxas_usage(entry['ptx'])))"],
         cwd=SCRIPTS.parent, capture_output=True, text=True, timeout=300,
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert done.returncode == 0, done.stderr[-3000:]
