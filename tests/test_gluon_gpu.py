@@ -342,6 +342,37 @@ def _pingpong_form(form: dict, overlap: bool) -> dict:
         pytest.skip("an option of the overlapped loop")
     return form
 
+
+def _check_pingpong_padded(valid_lens: list[int], s: int, hq: int, hk: int, d: int,
+                           dtype: torch.dtype, side: str, causal: bool, stack: int,
+                           block_m: int, seed: int, **form) -> None:
+    """One ping-pong launch of :func:`attention_fwd_dense` over a padded batch of
+    ``len(valid_lens)`` samples of ``s`` slots (NaN in the padded K/V rows, outputs
+    poisoned), checked against the reference: every row written, output and lse within
+    tolerance, fully masked rows exactly 0. ``form``: the launch's keywords."""
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
+
+    gen = torch.Generator().manual_seed(seed)
+    b = len(valid_lens)
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
+    lens = torch.tensor(valid_lens, device="cuda")
+    layout = sf.PaddedLayout.build(lens, s, side)
+    ref_o, ref_lse = reference.padded_prefill(q, k, v, lens, causal, side)
+    for i, n in enumerate(valid_lens):
+        pad = slice(n, None) if side == "right" else slice(0, s - n)
+        k[i, pad], v[i, pad] = float("nan"), float("nan")
+    out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
+    lse = torch.full((b * s, hq), float("nan"), device="cuda")
+    attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
+                        lse, layout.tile_plan(block_m // stack, causal), d ** -0.5, causal,
+                        zero_fill=True, block_m=block_m, stack=stack, pingpong=True, **form)
+    out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
+    assert_lse_close(lse, ref_lse, dtype)
+    assert (out[torch.isinf(ref_lse)] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -353,28 +384,9 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
                                  stack: int, overlap: bool, form: dict) -> None:
     """Padded batches (a full sample, a one-token one, an empty one, odd lengths) with
     NaN in the padded K/V rows, lse, zero-filled padding."""
-    from spanfill.kernels_gluon.attention import attention_fwd_dense
-
-    gen = torch.Generator().manual_seed(d + causal + stack)
-    b, s, hq, hk = 5, 203, 4, 2
-    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
-    valid_lens = torch.tensor([203, 1, 0, 77, 130], device="cuda")
-    layout = sf.PaddedLayout.build(valid_lens, s, side)
-    ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
-    for i, n in enumerate(valid_lens.tolist()):
-        pad = slice(n, None) if side == "right" else slice(0, s - n)
-        k[i, pad], v[i, pad] = float("nan"), float("nan")
-    out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
-    lse = torch.full((b * s, hq), float("nan"), device="cuda")
-    attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
-                        lse, layout.tile_plan(128 // stack, causal), d ** -0.5, causal,
-                        zero_fill=True, block_m=128, stack=stack, overlap=overlap,
-                        pingpong=True, **_pingpong_form(form, overlap))
-    out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
-    assert not out.isnan().any(), "rows left unwritten"
-    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
-    assert_lse_close(lse, ref_lse, dtype)
-    assert (out[torch.isinf(ref_lse)] == 0).all()
+    _check_pingpong_padded([203, 1, 0, 77, 130], 203, 4, 2, d, dtype, side, causal, stack,
+                           128, d + causal + stack, overlap=overlap,
+                           **_pingpong_form(form, overlap))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -395,28 +407,9 @@ def test_three_groups_padded_batches(dtype: torch.dtype, side: str, causal: bool
     stack): padded batches with NaN in the padded K/V rows, a full sample, a one-token
     and an empty one, lengths across the 64-row group boundaries; lse, zero-filled
     padding, the stagger chained over three groups."""
-    from spanfill.kernels_gluon.attention import attention_fwd_dense
-
-    gen = torch.Generator().manual_seed(stack + causal)
-    b, s, hq, hk, d = 6, 401, 6, 2, 64
-    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", dtype) for h in (hq, hk, hk))
-    valid_lens = torch.tensor([401, 1, 0, 65, 129, 192], device="cuda")
-    layout = sf.PaddedLayout.build(valid_lens, s, side)
-    ref_o, ref_lse = reference.padded_prefill(q, k, v, valid_lens, causal, side)
-    for i, n in enumerate(valid_lens.tolist()):
-        pad = slice(n, None) if side == "right" else slice(0, s - n)
-        k[i, pad], v[i, pad] = float("nan"), float("nan")
-    out = torch.full((b * s, hq, d), float("nan"), dtype=dtype, device="cuda")
-    lse = torch.full((b * s, hq), float("nan"), device="cuda")
-    attention_fwd_dense(q.reshape(-1, hq, d), k.reshape(-1, hk, d), v.reshape(-1, hk, d), out,
-                        lse, layout.tile_plan(192 // stack, causal), d ** -0.5, causal,
-                        zero_fill=True, block_m=192, stack=stack, overlap=overlap,
-                        pingpong=True, **_pingpong_form(form, overlap))
-    out, lse = out.view(b, s, hq, d), lse.view(b, s, hq)
-    assert not out.isnan().any(), "rows left unwritten"
-    assert rel_err(out, ref_o) <= TOLERANCE[dtype]
-    assert_lse_close(lse, ref_lse, dtype)
-    assert (out[torch.isinf(ref_lse)] == 0).all()
+    _check_pingpong_padded([401, 1, 0, 65, 129, 192], 401, 6, 2, 64, dtype, side, causal,
+                           stack, 192, stack + causal, overlap=overlap,
+                           **_pingpong_form(form, overlap))
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16, 64, 256])
