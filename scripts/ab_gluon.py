@@ -21,7 +21,10 @@ split count it chooses, through ``backend="gluon"``; ``--forms``: only matching 
 ``--tiles``: each form also at other KV tile widths and ring depths, named ``_n64_s4``;
 ``--padded-sweep D``: padded batches from S=512 to 8192 at head dim D instead;
 ``--rounds R``: each workload's cases timed R times round-robin, the median reported,
-so drift over the run reaches every case alike).
+so drift over the run reaches every case alike; ``--kernels NAME=PATH``: the chosen form
+also with the Gluon kernels of another copy of the kernel file, e.g. ``git show
+REV:spanfill/kernels_gluon/attention.py``, named ``gluon_chosen_NAME``: an A/B of a
+kernel change without a launch option for it).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ EARLY = 6  # staggered, the output rescaled under the QK^T wgmma (FA3's order)
 SPLIT_Q_EARLY = 7  # both
 PIN = 8  # staggered, a scratch store keeping the softmax ahead of the PV wait (ptxas)
 SPLIT_Q_PIN = 9  # staggered, split_q and pin_softmax
+TURNS_PIN = 10  # turns at the tensor cores with the softmax pinned under PV (FA3's order)
+STAGGER_TURNS_PIN = 11  # the same, staggered
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -63,7 +68,9 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                    EARLY: {"stagger": True, "rescale_early": True},
                    SPLIT_Q_EARLY: {"stagger": True, "split_q": True, "rescale_early": True},
                    PIN: {"stagger": True, "pin_softmax": True},
-                   SPLIT_Q_PIN: {"stagger": True, "split_q": True, "pin_softmax": True}}
+                   SPLIT_Q_PIN: {"stagger": True, "split_q": True, "pin_softmax": True},
+                   TURNS_PIN: {"turns": True, "pin_softmax": True},
+                   STAGGER_TURNS_PIN: {"stagger": True, "turns": True, "pin_softmax": True}}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin"}
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
@@ -81,6 +88,8 @@ FORMS.append((128, True, True, EARLY))
 FORMS.append((128, True, True, SPLIT_Q_EARLY))
 FORMS.append((128, True, True, PIN))
 FORMS.append((128, True, True, SPLIT_Q_PIN))
+FORMS.append((128, True, True, TURNS_PIN))
+FORMS.append((128, True, True, STAGGER_TURNS_PIN))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))
@@ -173,6 +182,37 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
     return run, lambda: (run(), out)[1]
 
 
+def _load_kernels(spec: str):
+    """``NAME=PATH``: a copy of ``spanfill/kernels_gluon/attention.py`` (another commit's,
+    or an edited one) loaded as a module of its own, and its name."""
+    import importlib.util
+
+    name, _, path = spec.partition("=")
+    mod_name = "spanfill.kernels_gluon._ab_" + re.sub(r"\W", "_", name)
+    module_spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[mod_name] = module  # (Gluon resolves a kernel's globals through it)
+    module_spec.loader.exec_module(module)
+    return name, module
+
+
+def _with_kernels(module, fn):
+    """``fn`` (a call through the registry, ``backend="gluon"``) with the Gluon backend's
+    launches taken from ``module`` instead of the checkout's kernel file."""
+    import spanfill.kernels_gluon.attention as current
+
+    def call():
+        saved = current.attention_fwd_dense, current.attention_fwd_paged
+        current.attention_fwd_dense = module.attention_fwd_dense
+        current.attention_fwd_paged = module.attention_fwd_paged
+        try:
+            return fn()
+        finally:
+            current.attention_fwd_dense, current.attention_fwd_paged = saved
+
+    return call
+
+
 def _covered(w) -> bool:
     """Whether the Gluon kernel has a form for this workload."""
     if w.head_dim not in (64, 128, 256):
@@ -203,9 +243,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time each case this many times, the cases interleaved, and "
                              "report the median of the rounds' p50s (default 1)")
+    parser.add_argument("--kernels", action="append", default=[], metavar="NAME=PATH",
+                        help="also the chosen form with the Gluon kernels of this copy of "
+                             "spanfill/kernels_gluon/attention.py (e.g. another commit's), "
+                             "named gluon_chosen_NAME; repeatable")
     parser.add_argument("workloads", nargs="*")
     args = parser.parse_args()
     forms = re.compile(args.forms)
+    kernels = [_load_kernels(spec) for spec in args.kernels]
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         raise SystemExit("needs a Hopper (sm_90) GPU")
     device = torch.device("cuda")
@@ -224,6 +269,8 @@ def main() -> None:
         chosen = (spanfill_gluon if padded else spanfill_gluon_span)(w, t)
         cases = [("portable", portable.run, portable.output),
                  ("gluon_chosen", chosen.run, chosen.output)]
+        cases += [(f"gluon_chosen_{name}", _with_kernels(module, chosen.run),
+                   _with_kernels(module, chosen.output)) for name, module in kernels]
         group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
         cases += [(_name(*v), *gluon(w, t, *v))
                   for v in _variants(group, _tiles(args.tiles), w.head_dim, padded)
