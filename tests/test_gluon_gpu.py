@@ -92,25 +92,32 @@ def test_varlen_causal(dtype: torch.dtype, d: int, block_m: int, warp_specialize
     assert rel_err(out, ref_o) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["in-sequence", "overlap"])
-def test_padding_keys_holding_nan_are_ignored(overlap: bool) -> None:
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("form", ["in-sequence", "overlap", "registry"])
+def test_padding_keys_holding_nan_are_ignored(form: str, d: int) -> None:
     """Padded K/V rows may hold anything: NaN there must not reach a valid row
-    (the kernel zeroes V past a request's keys before the PV product)."""
+    (the kernel zeroes V past a request's keys before the PV product, as 32-bit words).
+    ``registry``: the form ``backend="gluon"`` chooses (at D=128 the persistent
+    ping-pong form, each consumer group zeroing the tail itself). Tails of 22, 61 and 3
+    rows in 128-row KV tiles (64-row at D=256), and a sample of exactly one tile."""
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 
-    gen = torch.Generator().manual_seed(5)
-    b, s, h, d = 3, 150, 2, 128
+    gen = torch.Generator().manual_seed(5 + d)
+    b, s, h = 4, 150, 2
     q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", torch.bfloat16)
                for _ in range(3))
-    valid_lens = torch.tensor([150, 61, 3], device="cuda")
+    valid_lens = torch.tensor([150, 61, 3, 128], device="cuda")
     for t in (k, v):
         for i, n in enumerate(valid_lens.tolist()):
             t[i, n:] = float("nan")
     layout = sf.PaddedLayout.build(valid_lens, s)
-    out = torch.full((b * s, h, d), float("nan"), dtype=torch.bfloat16, device="cuda")
-    attention_fwd_dense(q.reshape(-1, h, d), k.reshape(-1, h, d), v.reshape(-1, h, d), out,
-                        None, layout.tile_plan(BLOCK_M, False), d ** -0.5, False,
-                        zero_fill=True, block_m=BLOCK_M, overlap=overlap)
+    if form == "registry":
+        out = sf.padded_prefill(q, k, v, layout, backend="gluon")
+    else:
+        out = torch.full((b * s, h, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+        attention_fwd_dense(q.reshape(-1, h, d), k.reshape(-1, h, d), v.reshape(-1, h, d),
+                            out, None, layout.tile_plan(BLOCK_M, False), d ** -0.5, False,
+                            zero_fill=True, block_m=BLOCK_M, overlap=form == "overlap")
     ref_o, _ = reference.padded_prefill(q, k.nan_to_num(0.0), v.nan_to_num(0.0), valid_lens)
     out = out.view(b, s, h, d)
     assert not out.isnan().any()
