@@ -1,0 +1,425 @@
+"""Where the D=128 ping-pong form's cycles go: SM clock stamps of every KV step.
+
+    PYTHONPATH=. python3 scripts/trace_steps.py [--out DIR] [WORKLOAD ...]
+
+Adds clock stamps to a copy of ``spanfill/kernels_gluon/attention.py``
+(:func:`traced_source`; the checkout's own kernel file stays as it is), loads the copy as a module of its own
+(``ab_gluon._load_kernels``) and runs each workload's spanfill call once with its
+kernels swapped in (``backend="gluon"``: the form ``choose_form`` gives). In the copy,
+each consumer warp group of the overlapped ping-pong form stamps ``%clock64`` (the SM's
+cycle counter, common to the warps of a program) at four points of every KV step
+``j``, into an int64 buffer passed in the LSE argument:
+
+- ``ready``: tile ``j`` has landed (after the ring's mbarrier wait);
+- ``s``: ``S_j = Q K_j^T`` has retired (the wait that leaves ``P_{j-1} V_{j-1}`` in flight);
+- ``pv``: ``P_{j-1} V_{j-1}`` has retired (no PV before the first tile);
+- ``end``: the softmax, the output's rescale and P's conversion are done;
+
+and at four points of every work item: its start, the start of its KV loop (after the
+stagger signal), the loop's end (its last PV retired) and the end of its stores.
+
+Reported per workload, over all programs and both groups, as shares of the groups'
+cycles (first stamp to last): waiting for a tile (``ready`` after the last ``end``),
+``QK^T`` (``ready`` to ``s``), the rest of PV after ``S`` (``s`` to ``pv``), the softmax
+(``pv`` to ``end``), and per-item time (the stagger wait, the first tile's wait for Q,
+the last PV, the stores, and between items). Also, per program, the share of cycles in
+which neither group has a wgmma in flight (from ``ready`` to ``pv`` of each step, and the
+last PV): an upper bound on the tensor cores' idle time, with what each group was doing
+then. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share`` or
+``cycles``) and ``DIR/trace_steps.png`` (one program's timeline).
+
+The stamps cost a few instructions each and ptxas may move them by a few; the shares
+are the point, not cycle-exact times. ``tests/test_trace_steps.py`` compiles the traced
+copy for sm_90 on the CPU, so a kernel change that moves an anchor shows there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import spanfill as sf  # noqa: E402
+from _results import write_rows  # noqa: E402
+from ab_gluon import _load_kernels, _with_kernels  # noqa: E402
+from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
+
+KERNEL = ROOT / "spanfill" / "kernels_gluon" / "attention.py"
+STEP_EVENTS = ("ready", "s", "pv", "end")
+ITEM_EVENTS = ("start", "loop", "loop_end", "stored")
+
+
+# The tracing copy's edits, in order: (anchor, replacement), each anchor found exactly.
+EDITS: list[tuple[str, str]] = []
+
+
+def _edit(old: str, new: str) -> None:
+    EDITS.append((old, new))
+
+
+LIM = "TRACE_STEPS * 4"
+ILIM = "TRACE_ITEMS * 4"
+# 1. the trace buffer, clock read and event store
+_edit('''__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
+''', '''__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
+
+# TRACING COPY (made by scripts/trace_steps.py, never the package's file): the ping-pong
+# consumers write SM clock stamps (%clock64) of each KV step and work item into TRACE,
+# an int64 CUDA tensor [programs * groups, TRACE_STRIDE] that the launcher passes in
+# the LSE argument (launches without lse only).
+TRACE = None
+TRACE_STEPS: gl.constexpr = gl.constexpr(2048)  # KV steps recorded per consumer group
+TRACE_ITEMS: gl.constexpr = gl.constexpr(128)  # work items recorded per consumer group
+TRACE_STRIDE: gl.constexpr = gl.constexpr(2048 * 4 + 128 * 4)
+
+
+@gluon.jit
+def _clock(anchor):
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [anchor],
+                                     dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _trace(tr, index, limit, anchor):
+    """Stamp event ``index`` (< ``limit``) of this consumer group; ``tr`` None: off."""
+    if tr is not None:
+        if index < limit:
+            gl.store(tr + index, _clock(anchor))
+''')
+# 2. the overlapped loop takes tr
+_edit('''                        PIN_SOFTMAX: gl.constexpr = False):
+    """The KV loop with the softmax of tile''', '''                        PIN_SOFTMAX: gl.constexpr = False, tr=None):
+    """The KV loop with the softmax of tile''')
+_edit('''        first = ring_base % STAGES
+        _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
+''', f'''        first = ring_base % STAGES
+        _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
+        _trace(tr, ring_base * 4 + 0, {LIM}, ring_base)
+''')
+_edit('''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
+                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
+''', f'''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+        _trace(tr, ring_base * 4 + 1, {LIM}, ring_base)
+        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
+                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
+''')
+_edit('''        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, num_tiles):
+            stage = (ring_base + j) % STAGES
+            prev = (ring_base + j - 1) % STAGES
+            _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
+''', f'''        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        _trace(tr, ring_base * 4 + 3, {LIM}, ring_base)
+        for j in range(1, num_tiles):
+            stage = (ring_base + j) % STAGES
+            prev = (ring_base + j - 1) % STAGES
+            _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
+            _trace(tr, (ring_base + j) * 4 + 0, {LIM}, ring_base + j)
+''')
+_edit('''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
+            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            if PIN_SOFTMAX:  # the softmax before the PV wait
+                pin.store(l_i)
+            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+''', f'''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
+            _trace(tr, (ring_base + j) * 4 + 1, {LIM}, ring_base + j)
+            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            if PIN_SOFTMAX:  # the softmax before the PV wait
+                pin.store(l_i)
+            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            _trace(tr, (ring_base + j) * 4 + 2, {LIM}, ring_base + j)
+''')
+_edit('''            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        last = (ring_base + num_tiles - 1) % STAGES''', f'''            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
+        last = (ring_base + num_tiles - 1) % STAGES''')
+# 3. the consumer: tr from the LSE stand-in, item events
+_edit('''    pid = gl.program_id(0)
+    num_programs = gl.num_programs(0)
+    slot = pid * 0  # ring slots used by this program's earlier items
+    q_phase = pid * 0
+    for r in range(gl.cdiv(num_items, num_programs)):''', '''    pid = gl.program_id(0)
+    num_programs = gl.num_programs(0)
+    slot = pid * 0  # ring slots used by this program's earlier items
+    q_phase = pid * 0
+    tr = WS_LSE + (pid * NUM_GROUPS + WG).to(gl.int64) * TRACE_STRIDE
+    tr_items = tr + TRACE_STEPS * 4
+    for r in range(gl.cdiv(num_items, num_programs)):''')
+_edit('''                    if STAGGER and WG > 0:
+                        mbarrier.wait(go_prev, q_phase)
+                        if SPLIT_Q:''', f'''                    _trace(tr_items, r * 4 + 0, {ILIM}, r)
+                    if STAGGER and WG > 0:
+                        mbarrier.wait(go_prev, q_phase)
+                        if SPLIT_Q:''')
+_edit('''                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
+                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
+                        row_end, q_start, q_stop, kv_len, kv_len, kv_len, num_tiles,
+                        mask_from, qk_scale, s_layout, o_layout, dtype, GROUP_ROWS, BLOCK_N,
+                        HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
+                        kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
+                        slot, q_phase, go_mine if STAGGER and WG < LAST else None,
+                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX)''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
+                    acc, m_i, l_i = _kv_loop_overlapped(
+                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
+                        row_end, q_start, q_stop, kv_len, kv_len, kv_len, num_tiles,
+                        mask_from, qk_scale, s_layout, o_layout, dtype, GROUP_ROWS, BLOCK_N,
+                        HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
+                        kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
+                        slot, q_phase, go_mine if STAGGER and WG < LAST else None,
+                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX, tr)
+                    _trace(tr_items, r * 4 + 2, {ILIM}, r)''')
+_edit('''                                HEAD_DIM, BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL,
+                                RETURN_LSE, NUM_SPLITS)
+                    slot += num_tiles''', f'''                                HEAD_DIM, BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL,
+                                RETURN_LSE, NUM_SPLITS)
+                    _trace(tr_items, r * 4 + 3, {ILIM}, r)
+                    slot += num_tiles''')
+# 4. the launcher passes TRACE as the LSE pointer
+_edit('''    lse_arg = lse if lse is not None else out
+''', '''    lse_arg = lse if lse is not None else out
+    if TRACE is not None:
+        if lse is not None or num_splits > 1 or not (pingpong and overlap):
+            raise ValueError("tracing takes the overlapped ping-pong form without lse or splits")
+        lse_arg = TRACE
+''')
+
+
+def traced_source(src: str) -> str:
+    """The kernel file's source with the stamps added (:data:`EDITS`; an anchor that is
+    gone means the kernel changed where the tracer hooks in)."""
+    for old, new in EDITS:
+        if old not in src:
+            raise ValueError("trace_steps: an anchor is gone from the kernel file: "
+                             + old.strip().splitlines()[0][:70])
+        src = src.replace(old, new, 1)
+    return src
+
+
+def traced_kernels(workdir: Path):
+    """The kernel file with the stamps, loaded as its own module."""
+    copy = workdir / "attention.py"
+    copy.write_text(traced_source(KERNEL.read_text()))
+    return _load_kernels(f"traced={copy}")[1]
+
+
+def group_events(buf: np.ndarray, steps: int, items: int):
+    """``buf`` [programs * 2, stride] -> per (program, group): the step stamps [slots, 4]
+    and item stamps [rounds, 4] that were written (0: not written)."""
+    out = []
+    for row in buf:
+        st = row[:steps * 4].reshape(steps, 4)
+        it = row[steps * 4:steps * 4 + items * 4].reshape(items, 4)
+        out.append((st[st[:, 0] != 0], it[it[:, 0] != 0]))
+    return out
+
+
+def busy_intervals(st: np.ndarray, it: np.ndarray) -> list[tuple[int, int]]:
+    """When this group has a wgmma in flight: each step from ``ready`` to ``pv`` (to ``s``
+    on an item's first step, which has no PV), and each item's last PV (from the last
+    step's ``end`` to the loop's end)."""
+    spans = [(int(r), int(p if p else s)) for r, s, p, _ in st]
+    ends = st[:, 3]
+    for loop_end in it[:, 2]:
+        before = ends[ends <= loop_end]
+        if before.size:
+            spans.append((int(before.max()), int(loop_end)))
+    return spans
+
+
+def coverage(spans: list[tuple[int, int]], t0: int, t1: int) -> np.ndarray:
+    """A per-cycle (in 16-cycle bins) 0/1 mask of ``spans`` over ``[t0, t1)``."""
+    bins = np.zeros((t1 - t0) // 16 + 1, dtype=bool)
+    for a, b in spans:
+        bins[max(a - t0, 0) // 16:max(b - t0, 0) // 16 + 1] = True
+    return bins
+
+
+def analyse(buf: np.ndarray, steps: int, items: int, groups: int = 2) -> dict[str, float]:
+    per = group_events(buf, steps, items)
+    shares = {k: 0.0 for k in ("wait_tile", "qk", "pv_after_s", "softmax", "stagger_wait",
+                               "q_wait_first_tile", "last_pv", "stores", "between_items")}
+    total = 0.0
+    idle = both = 0.0
+    prog_cycles = 0.0
+    for p in range(len(per) // groups):
+        cov = []
+        members = [per[p * groups + g] for g in range(groups)]
+        stamps = [np.concatenate([st.ravel(), it.ravel()]) for st, it in members]
+        stamps = [s[s != 0] for s in stamps if s.size]
+        if not stamps:
+            continue
+        t0 = int(min(s.min() for s in stamps))
+        t1 = int(max(s.max() for s in stamps))
+        for st, it in members:
+            if not st.size:
+                continue
+            total += float(it[:, 3].max() - it[:, 0].min())
+            # steps: ready after the previous step's end (first step of an item: after
+            # the loop start, which includes waiting for Q)
+            ready, s, pv, end = (st[:, k].astype(np.float64) for k in range(4))
+            first = np.zeros(len(st), dtype=bool)
+            for loop_start in it[:, 1]:
+                after = np.nonzero(ready >= loop_start)[0]
+                if after.size:
+                    first[after[0]] = True
+            prev_end = np.concatenate([[np.nan], end[:-1]])
+            shares["wait_tile"] += float(np.nansum(np.where(first, 0, ready - prev_end)))
+            shares["qk"] += float(np.sum(s - ready))
+            shares["pv_after_s"] += float(np.sum(np.where(pv > 0, pv - s, 0)))
+            shares["softmax"] += float(np.sum(np.where(pv > 0, end - pv, end - s)))
+            for k, loop_start in enumerate(it[:, 1]):
+                nxt = ready[ready >= loop_start]
+                if nxt.size:
+                    shares["q_wait_first_tile"] += float(nxt.min() - loop_start)
+                ends = end[end <= it[k, 2]]
+                if ends.size:
+                    shares["last_pv"] += float(it[k, 2] - ends.max())
+            shares["stagger_wait"] += float(np.sum(it[:, 1] - it[:, 0]))
+            shares["stores"] += float(np.sum(it[:, 3] - it[:, 2]))
+            shares["between_items"] += float(np.sum(it[1:, 0] - it[:-1, 3]))
+            cov.append(coverage(busy_intervals(st, it), t0, t1))
+        if len(cov) == groups:
+            stacked = np.stack(cov)
+            idle += float((~stacked.any(0)).sum() * 16)
+            both += float(stacked.all(0).sum() * 16)
+            prog_cycles += float(stacked.shape[1] * 16)
+    out = {k: v / total for k, v in shares.items()}
+    out["no_wgmma_in_flight"] = idle / prog_cycles
+    out["both_groups_in_flight"] = both / prog_cycles
+    out["cycles_per_step"] = total / max(1, sum(len(st) for st, _ in per))
+    return out
+
+
+def plot_timeline(buf: np.ndarray, steps: int, items: int, path: Path, name: str,
+                  window: int = 40) -> Path:
+    """Program 0's two groups over ``window`` steps from the middle of its run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = group_events(buf, steps, items)[:2]
+    fig, ax = plt.subplots(figsize=(11, 2.6))
+    colors = {"wait_tile": "#bbbbbb", "qk": "#1f77b4", "pv_after_s": "#aec7e8",
+              "softmax": "#d62728"}
+    mid = min(len(per[0][0]), len(per[1][0])) // 2
+    t0 = min(per[0][0][mid, 0], per[1][0][mid, 0])
+    for g, (st, _) in enumerate(per):
+        for ready, s, pv, end in st[mid:mid + window]:
+            phases = [("qk", ready, s), ("pv_after_s", s, pv if pv else s),
+                      ("softmax", pv if pv else s, end)]
+            for kind, a, b in phases:
+                ax.broken_barh([(a - t0, max(b - a, 1))], (g * 10, 8), color=colors[kind])
+    ax.set_yticks([4, 14], ["group 0", "group 1"])
+    ax.set_xlabel("SM cycles (%clock64), program 0")
+    ax.set_title(f"{name}: QK^T issued to S ready (dark blue), rest of PV (light blue), "
+                 "softmax + rescale (red)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compile_check() -> int:
+    """Compile the traced copy of the registry's D=128 form (persistent, staggered,
+    overlapped ping-pong, padded batch) for sm_90 on this machine, as
+    ``scripts/compile_sm90.py`` compiles every kernel case; returns how many clock reads
+    its SASS has (``tests/test_trace_steps.py`` runs this without a GPU)."""
+    from compile_sm90 import _packed_plan, _rand, compile_instead_of_launch
+    from sass_overlap import sass_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mod = traced_kernels(Path(tmp))
+        mod.TRACE = torch.zeros(4, dtype=torch.int64)
+        b, s, h, d = 2, 256, 2, 128
+        q, k, v = (_rand(b * s, h, d) for _ in range(3))
+        plan = _packed_plan([s, s - 5], [s, s - 5], 128, False, kv_row0=[0, s])
+        sink: list[dict] = []
+        with compile_instead_of_launch(sink):
+            mod.attention_fwd_dense(q, k, v, torch.empty_like(q), None, plan, d ** -0.5, False,
+                                    zero_fill=True, block_m=128, overlap=True, pingpong=True,
+                                    persistent=132, stagger=True, warp_specialize=True)
+    kernel = next(e for e in sink if e["kernel"].startswith("_attn"))
+    return sum("SR_CLOCKLO" in line for line in sass_of(kernel["ptx"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--compile-check", action="store_true",
+                        help="only compile the traced form for sm_90 here (no GPU) and "
+                             "print its number of clock reads")
+    parser.add_argument("workloads", nargs="*", default=["whole_8k", "enc_2k_d128", "few_big"])
+    args = parser.parse_args()
+    if args.compile_check:
+        print("clock reads:", compile_check())
+        return
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        raise SystemExit("needs a Hopper (sm_90) GPU")
+    device = torch.device("cuda")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, table = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        mod = traced_kernels(Path(tmp))
+        steps, items = int(mod.TRACE_STEPS), int(mod.TRACE_ITEMS)
+        stride = int(mod.TRACE_STRIDE)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        for w in core_workloads():
+            if w.name not in args.workloads:
+                continue
+            t = w.make(device, torch.bfloat16)
+            if isinstance(w, PaddedWorkload):
+                def run(t=t, w=w):
+                    return sf.padded_prefill(t.q, t.k, t.v, t.valid_lens, causal=w.causal,
+                                             backend="gluon")
+            else:
+                def run(t=t):
+                    return sf.span_prefill(t.q, t.k_cache, t.v_cache, t.layout, backend="gluon")
+            traced = _with_kernels(mod, run)
+            mod.TRACE = torch.zeros(sms * 2, stride, dtype=torch.int64, device=device)
+            try:
+                traced()  # compile
+            except ValueError as exc:  # a form the tracer does not take (KV splits...)
+                print(f"{w.name}: not traced: {exc}", flush=True)
+                mod.TRACE = None
+                continue
+            mod.TRACE.zero_()
+            traced()
+            torch.cuda.synchronize()
+            buf = mod.TRACE.cpu().numpy()
+            mod.TRACE = None
+            res = analyse(buf, steps, items)
+            for metric, value in res.items():
+                unit = "cycles" if metric == "cycles_per_step" else "share"
+                rows.append({"kernel": "trace_steps", "provider": "gluon_chosen",
+                             "workload": w.name, "metric": metric, "unit": unit,
+                             "p50": value, "p20": value, "p80": value,
+                             "note": "one traced launch; shares of the consumer groups' cycles"})
+            table.append((w.name, res))
+            plot_timeline(buf, steps, items, out / f"trace_steps_{w.name}.png", w.name)
+            print(w.name, {k: round(v, 3) for k, v in res.items()}, flush=True)
+    print("wrote", write_rows(out / "trace_steps.csv", rows))
+    keys = list(table[0][1]) if table else []
+    print("\n| metric | " + " | ".join(n for n, _ in table) + " |")
+    print("|---|" + "---|" * len(table))
+    for k in keys:
+        print(f"| {k} | " + " | ".join(f"{r[k]:.3f}" if k != "cycles_per_step" else f"{r[k]:.0f}"
+                                       for _, r in table) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""``scripts/trace_steps.py`` (host only): its edits still find their anchors in the kernel
+file, the traced copy compiles for sm_90 with the clock stamps in it, and the analysis
+reads a hand-made trace as it should."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import trace_steps  # noqa: E402
+
+
+def test_every_edit_finds_its_anchor() -> None:
+    src = trace_steps.KERNEL.read_text()
+    traced = trace_steps.traced_source(src)
+    # its definition, seven step stamps and four item stamps
+    assert traced.count("_trace(tr") == 1 + 7 + 4
+    assert "tr=None):" in traced and "lse_arg = TRACE" in traced
+    with pytest.raises(ValueError, match="anchor is gone"):
+        trace_steps.traced_source(src.replace("_wait_ready(ready, ring_base + j,", "x("))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CPU-only, as tests/test_compile_sm90.py: on a GPU, run the script")
+def test_traced_copy_compiles_for_sm90_with_stamps() -> None:
+    """The registry's D=128 form with the stamps compiles for sm_90 (in a subprocess
+    without the interpreter, as tests/test_compile_sm90.py compiles every kernel)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "trace_steps.py"),
+                          "--compile-check"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    reads = int(run.stdout.split("clock reads:")[1])
+    assert reads >= 2 * 11  # eleven stamps in each of the two consumer groups
+
+
+def _buf(steps: int, items: int, groups: list[tuple[list, list]]) -> np.ndarray:
+    rows = []
+    for st, it in groups:
+        row = np.zeros(steps * 4 + items * 4, dtype=np.int64)
+        row[:len(st) * 4] = np.asarray(st, dtype=np.int64).ravel()
+        row[steps * 4:steps * 4 + len(it) * 4] = np.asarray(it, dtype=np.int64).ravel()
+        rows.append(row)
+    return np.stack(rows)
+
+
+def test_analysis_of_a_hand_made_trace() -> None:
+    # One program, two groups, one item of two steps each. Group 0: item 100..400; its
+    # loop starts at 110, tile 0 ready at 120, S at 150, softmax to 200; tile 1 ready at
+    # 210, S at 240, PV at 260, end at 300; last PV to 350; stored at 400.
+    g0 = ([(120, 150, 0, 200), (210, 240, 260, 300)], [(100, 110, 350, 400)])
+    # Group 1 the same, 200 cycles later.
+    g1 = ([(a + 200, b + 200, c + 200 if c else 0, e + 200) for a, b, c, e in g0[0]],
+          [(a + 200, b + 200, c + 200, e + 200) for a, b, c, e in g0[1]])
+    res = trace_steps.analyse(_buf(4, 2, [g0, g1]), 4, 2)
+    total = 2 * 300.0
+    assert res["wait_tile"] == pytest.approx(2 * 10 / total)   # 210 - 200
+    assert res["qk"] == pytest.approx(2 * (30 + 30) / total)
+    assert res["pv_after_s"] == pytest.approx(2 * 20 / total)
+    assert res["softmax"] == pytest.approx(2 * (50 + 40) / total)
+    assert res["stagger_wait"] == pytest.approx(2 * 10 / total)
+    assert res["q_wait_first_tile"] == pytest.approx(2 * 10 / total)
+    assert res["last_pv"] == pytest.approx(2 * 50 / total)
+    assert res["stores"] == pytest.approx(2 * 50 / total)
+    assert res["cycles_per_step"] == pytest.approx(total / 4)
+    # wgmma in flight: group 0 over [120,150], [210,260], [300,350]; group 1 shifted by
+    # 200. Neither in flight, within 120..550: about (60 + 40 + 60) of 430 cycles,
+    # to the 16-cycle bins the coverage is counted in.
+    assert 0.2 < res["no_wgmma_in_flight"] < 0.5
+    assert 0.0 < res["both_groups_in_flight"] < 0.25
