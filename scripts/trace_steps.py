@@ -18,11 +18,15 @@ cycle counter, common to the warps of a program) at four points of every KV step
 and at four points of every work item: its start, the start of its KV loop (after the
 stagger signal), the loop's end (its last PV retired) and the end of its stores.
 
-Reported per workload, over all programs and both groups, as shares of the groups'
+Each stamp is taken by every warp of the group (lane 0 of each). Reported per
+workload, over all programs and both groups (warp 0's stamps), as shares of the groups'
 cycles (first stamp to last): waiting for a tile (``ready`` after the last ``end``),
 ``QK^T`` (``ready`` to ``s``), the rest of PV after ``S`` (``s`` to ``pv``), the softmax
 (``pv`` to ``end``), and per-item time (the stagger wait, the first tile's wait for Q,
-the last PV, the stores, and between items). Also, per program, the share of cycles in
+the last PV, the stores, and between items). ``wait_tile`` splits into ``warp_skew``
+(how long a warp waits, on average, for the group's last warp to finish the step) and
+``after_last_warp`` (from the last warp's end of the step to the first warp past the
+barrier and the tile's mbarrier: the tile arriving late, if large). Also, per program, the share of cycles in
 which neither group has a wgmma in flight (from ``ready`` to ``pv`` of each step, and the
 last PV): an upper bound on the tensor cores' idle time, with what each group was doing
 then. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share`` or
@@ -78,7 +82,8 @@ _edit('''__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
 TRACE = None
 TRACE_STEPS: gl.constexpr = gl.constexpr(2048)  # KV steps recorded per consumer group
 TRACE_ITEMS: gl.constexpr = gl.constexpr(128)  # work items recorded per consumer group
-TRACE_STRIDE: gl.constexpr = gl.constexpr(2048 * 4 + 128 * 4)
+# each event: one stamp per warp of the group (4)
+TRACE_STRIDE: gl.constexpr = gl.constexpr((2048 * 4 + 128 * 4) * 4)
 
 
 @gluon.jit
@@ -89,10 +94,13 @@ def _clock(anchor):
 
 @gluon.jit
 def _trace(tr, index, limit, anchor):
-    """Stamp event ``index`` (< ``limit``) of this consumer group; ``tr`` None: off."""
+    """Stamp event ``index`` (< ``limit``) of this consumer group, one stamp per warp
+    (its lane 0's clock); ``tr`` None: off."""
     if tr is not None:
         if index < limit:
-            gl.store(tr + index, _clock(anchor))
+            lanes: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+            t = gl.arange(0, 128, layout=lanes)
+            gl.store(tr + index * 4 + t // 32, _clock(t), mask=(t % 32) == 0)
 ''')
 # 2. the overlapped loop takes tr
 _edit('''                        PIN_SOFTMAX: gl.constexpr = False):
@@ -156,7 +164,7 @@ _edit('''    pid = gl.program_id(0)
     slot = pid * 0  # ring slots used by this program's earlier items
     q_phase = pid * 0
     tr = WS_LSE + (pid * NUM_GROUPS + WG).to(gl.int64) * TRACE_STRIDE
-    tr_items = tr + TRACE_STEPS * 4
+    tr_items = tr + TRACE_STEPS * 4 * 4
     for r in range(gl.cdiv(num_items, num_programs)):''')
 _edit('''                    if STAGGER and WG > 0:
                         mbarrier.wait(go_prev, q_phase)
@@ -197,10 +205,94 @@ _edit('''    lse_arg = lse if lse is not None else out
 ''')
 
 
-def traced_source(src: str) -> str:
+# --tensor-only: the softmax without its maxima, exponentials and sums (p = s * scale,
+# alpha = 1): what the loop's wgmmas, barriers and copies take by themselves. Its output
+# is wrong; it is timed, never checked.
+TENSOR_ONLY = ('''    m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
+    alpha = gl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i''', '''    p = s_acc * qk_scale
+    return p, m_i * 0.0 + 1.0, m_i, l_i + 1.0''')
+
+
+# --exp-fma: every exponential of p on the FMA pipes (a cubic on the fraction, the
+# integer part added to the exponent bits; relative error under 7.5e-5) instead of
+# MUFU.EX2: whether the exponentials' cost is MUFU's, or any instruction's.
+EXP_FMA = ('''    p = gl.exp2(s_acc * qk_scale - m_safe[:, None])''',
+           '''    p = _exp2_fma(s_acc * qk_scale - m_safe[:, None])''')
+EXP_FMA_HELPER = ('''@gluon.jit
+def _softmax_step(''', '''@gluon.jit
+def _exp2_fma(x):
+    """2^x for x <= 0 without MUFU (-inf and anything under -126 give 0)."""
+    xc = gl.maximum(x, -126.0)
+    t = xc + 12582912.0  # 1.5 * 2^23: rounds xc to an integer held in t's low bits
+    f = xc - (t - 12582912.0)
+    poly = f * 0.05517159402370453 + 0.24261096119880676
+    poly = poly * f + 0.6932609677314758
+    poly = poly * f + 0.9999280571937561
+    bits = poly.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
+    return gl.where(x >= -126.0, bits.to(gl.float32, bitcast=True), 0.0)
+
+
+@gluon.jit
+def _softmax_step(''')
+
+
+# --turns-done: the registry's D=128 form with the consumer groups taking turns at the
+# tensor cores (``turns`` instead of ``stagger``), each turn passed once the group's
+# wgmmas have retired rather than once they are issued, so that the other group's
+# wgmmas run under this group's softmax (applied after EDITS: its anchors are the
+# traced text's).
+TURNS_DONE = [
+    ('''        _pass_turn(turn, TURN_WG)
+        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+''', '''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+        _pass_turn(turn, TURN_WG)
+'''),
+    ('''            _pass_turn(turn, TURN_WG)
+            # wgmma groups retire in order: one left in flight is the PV just issued.
+            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
+            _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4, ring_base + j)
+            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
+            if PIN_SOFTMAX:  # the softmax before the PV wait
+                pin.store(l_i)
+            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4, ring_base + j)
+''', '''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
+            _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4, ring_base + j)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            _pass_turn(turn, TURN_WG)
+            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4, ring_base + j)
+            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
+'''),
+    ('''        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        _pass_turn(turn, TURN_WG)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+''', '''        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        _pass_turn(turn, TURN_WG)
+'''),
+    ('''    if persistent < 0:
+        raise ValueError(f"persistent must be a program count >= 0, got {persistent}")''',
+     '''    if pingpong and overlap and persistent:
+        turns, stagger = True, False
+    if persistent < 0:
+        raise ValueError(f"persistent must be a program count >= 0, got {persistent}")'''),
+]
+
+
+def traced_source(src: str, tensor_only: bool = False, exp_fma: bool = False,
+                  turns_done: bool = False) -> str:
     """The kernel file's source with the stamps added (:data:`EDITS`; an anchor that is
     gone means the kernel changed where the tracer hooks in)."""
-    for old, new in EDITS:
+    for old, new in (EDITS + ([TENSOR_ONLY] if tensor_only else [])
+                     + ([EXP_FMA_HELPER, EXP_FMA] if exp_fma else [])
+                     + (TURNS_DONE if turns_done else [])):
         if old not in src:
             raise ValueError("trace_steps: an anchor is gone from the kernel file: "
                              + old.strip().splitlines()[0][:70])
@@ -208,22 +300,34 @@ def traced_source(src: str) -> str:
     return src
 
 
-def traced_kernels(workdir: Path):
-    """The kernel file with the stamps, loaded as its own module."""
-    copy = workdir / "attention.py"
-    copy.write_text(traced_source(KERNEL.read_text()))
-    return _load_kernels(f"traced={copy}")[1]
+def traced_kernels(workdir: Path, tensor_only: bool = False, kernel: Path = KERNEL,
+                   exp_fma: bool = False, turns_done: bool = False):
+    """The kernel file (``kernel``: the checkout's, or a variant's copy) with the
+    stamps, loaded as its own module."""
+    name = ("traced" + ("_tensor_only" if tensor_only else "") + ("_exp_fma" if exp_fma else "")
+            + ("_turns_done" if turns_done else ""))
+    copy = workdir / f"{name}.py"
+    copy.write_text(traced_source(kernel.read_text(), tensor_only, exp_fma, turns_done))
+    return _load_kernels(f"{name}={copy}")[1]
+
+
+WARPS = 4  # stamps per event: one per warp of a consumer group
+
+
+def group_events_by_warp(buf: np.ndarray, steps: int, items: int):
+    """``buf`` [programs * 2, stride] -> per (program, group): the step stamps
+    [slots, 4 events, 4 warps] and item stamps [rounds, 4, 4] that were written."""
+    out = []
+    for row in buf:
+        st = row[:steps * 4 * WARPS].reshape(steps, 4, WARPS)
+        it = row[steps * 4 * WARPS:(steps + items) * 4 * WARPS].reshape(items, 4, WARPS)
+        out.append((st[st[:, 0, 0] != 0], it[it[:, 0, 0] != 0]))
+    return out
 
 
 def group_events(buf: np.ndarray, steps: int, items: int):
-    """``buf`` [programs * 2, stride] -> per (program, group): the step stamps [slots, 4]
-    and item stamps [rounds, 4] that were written (0: not written)."""
-    out = []
-    for row in buf:
-        st = row[:steps * 4].reshape(steps, 4)
-        it = row[steps * 4:steps * 4 + items * 4].reshape(items, 4)
-        out.append((st[st[:, 0] != 0], it[it[:, 0] != 0]))
-    return out
+    """As :func:`group_events_by_warp`, warp 0's stamps only: [slots, 4], [rounds, 4]."""
+    return [(st[:, :, 0], it[:, :, 0]) for st, it in group_events_by_warp(buf, steps, items)]
 
 
 def busy_intervals(st: np.ndarray, it: np.ndarray) -> list[tuple[int, int]]:
@@ -296,6 +400,20 @@ def analyse(buf: np.ndarray, steps: int, items: int, groups: int = 2) -> dict[st
             idle += float((~stacked.any(0)).sum() * 16)
             both += float(stacked.all(0).sum() * 16)
             prog_cycles += float(stacked.shape[1] * 16)
+    # The warps of a group: how far apart they finish a step (skew: the others wait for
+    # the last at the next step's barrier), and how long after the last one finished
+    # the first got past the barrier and the tile's mbarrier (data: the tile was late).
+    skew = data = 0.0
+    for st, _ in group_events_by_warp(buf, steps, items):
+        if len(st) < 2:
+            continue
+        end_prev = st[:-1, 3, :].astype(np.float64)
+        ready = st[1:, 0, :].astype(np.float64)
+        contiguous = ready.min(1) >= end_prev.max(1)  # the next step of the same item
+        skew += float(np.sum((end_prev.max(1) - end_prev.mean(1))[contiguous]))
+        data += float(np.sum((ready.min(1) - end_prev.max(1))[contiguous]))
+    shares["warp_skew"] = skew
+    shares["after_last_warp"] = data
     out = {k: v / total for k, v in shares.items()}
     out["no_wgmma_in_flight"] = idle / prog_cycles
     out["both_groups_in_flight"] = both / prog_cycles
@@ -359,6 +477,21 @@ def compile_check() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--dump", type=int, default=0, metavar="N",
+                        help="also save the raw stamps of the first N programs "
+                             "(DIR/trace_steps_WORKLOAD.npz)")
+    parser.add_argument("--kernel-file", type=Path, default=KERNEL,
+                        help="trace this copy of the kernel file (a variant, as "
+                             "ab_gluon.py --kernels takes) instead of the checkout's")
+    parser.add_argument("--tensor-only", action="store_true",
+                        help="also each workload with the softmax reduced to p = s * scale "
+                             "(timed only: its output is wrong), named WORKLOAD/tensor_only")
+    parser.add_argument("--exp-fma", action="store_true",
+                        help="also each workload with every exponential of p on the FMA "
+                             "pipes instead of MUFU, named WORKLOAD_exp_fma")
+    parser.add_argument("--turns-done", action="store_true",
+                        help="also each workload with turns at the tensor cores passed once "
+                             "a group's wgmmas retire, named WORKLOAD_turns_done")
     parser.add_argument("--compile-check", action="store_true",
                         help="only compile the traced form for sm_90 here (no GPU) and "
                              "print its number of clock reads")
@@ -374,11 +507,20 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows, table = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        mod = traced_kernels(Path(tmp))
-        steps, items = int(mod.TRACE_STEPS), int(mod.TRACE_ITEMS)
-        stride = int(mod.TRACE_STRIDE)
+        mods = [("", traced_kernels(Path(tmp), kernel=args.kernel_file))]
+        if args.tensor_only:
+            mods.append(("_tensor_only", traced_kernels(Path(tmp), tensor_only=True,
+                                                        kernel=args.kernel_file)))
+        if args.turns_done:
+            mods.append(("_turns_done", traced_kernels(Path(tmp), turns_done=True,
+                                                       kernel=args.kernel_file)))
+        if args.exp_fma:
+            mods.append(("_exp_fma", traced_kernels(Path(tmp), exp_fma=True,
+                                                    kernel=args.kernel_file)))
+        steps, items = int(mods[0][1].TRACE_STEPS), int(mods[0][1].TRACE_ITEMS)
+        stride = int(mods[0][1].TRACE_STRIDE)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        for w in core_workloads():
+        for (suffix, mod), w in ((m, w) for w in core_workloads() for m in mods):
             if w.name not in args.workloads:
                 continue
             t = w.make(device, torch.bfloat16)
@@ -394,30 +536,44 @@ def main() -> None:
             try:
                 traced()  # compile
             except ValueError as exc:  # a form the tracer does not take (KV splits...)
-                print(f"{w.name}: not traced: {exc}", flush=True)
+                print(f"{w.name}{suffix}: not traced: {exc}", flush=True)
                 mod.TRACE = None
                 continue
+            name = w.name + suffix
+            # the traced launch's own time (stamps included), median of 10
+            times = []
+            for _ in range(10):
+                start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                traced()
+                stop.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(stop))
             mod.TRACE.zero_()
             traced()
             torch.cuda.synchronize()
             buf = mod.TRACE.cpu().numpy()
             mod.TRACE = None
+            if args.dump:
+                np.savez_compressed(out / f"trace_steps_{name}.npz",
+                                    stamps=buf[:args.dump * 2], steps=steps, items=items)
             res = analyse(buf, steps, items)
+            res["traced_launch_ms"] = float(np.median(times))
             for metric, value in res.items():
-                unit = "cycles" if metric == "cycles_per_step" else "share"
+                unit = {"cycles_per_step": "cycles", "traced_launch_ms": "ms"}.get(metric, "share")
                 rows.append({"kernel": "trace_steps", "provider": "gluon_chosen",
-                             "workload": w.name, "metric": metric, "unit": unit,
+                             "workload": name, "metric": metric, "unit": unit,
                              "p50": value, "p20": value, "p80": value,
                              "note": "one traced launch; shares of the consumer groups' cycles"})
-            table.append((w.name, res))
-            plot_timeline(buf, steps, items, out / f"trace_steps_{w.name}.png", w.name)
-            print(w.name, {k: round(v, 3) for k, v in res.items()}, flush=True)
+            table.append((name, res))
+            plot_timeline(buf, steps, items, out / f"trace_steps_{name}.png", name)
+            print(name, {k: round(v, 3) for k, v in res.items()}, flush=True)
     print("wrote", write_rows(out / "trace_steps.csv", rows))
     keys = list(table[0][1]) if table else []
     print("\n| metric | " + " | ".join(n for n, _ in table) + " |")
     print("|---|" + "---|" * len(table))
     for k in keys:
-        print(f"| {k} | " + " | ".join(f"{r[k]:.3f}" if k != "cycles_per_step" else f"{r[k]:.0f}"
+        print(f"| {k} | " + " | ".join(f"{r[k]:.0f}" if k == "cycles_per_step" else f"{r[k]:.3f}"
                                        for _, r in table) + " |")
 
 

@@ -43,11 +43,22 @@ def test_traced_copy_compiles_for_sm90_with_stamps() -> None:
 
 
 def _buf(steps: int, items: int, groups: list[tuple[list, list]]) -> np.ndarray:
+    """The trace buffer of ``groups`` (per group: step stamps, item stamps), each stamp
+    the same on every warp unless it is a tuple of per-warp stamps."""
+    warps = trace_steps.WARPS
+
+    def per_warp(events: list) -> np.ndarray:
+        out = np.zeros((len(events), 4, warps), dtype=np.int64)
+        for i, ev in enumerate(events):
+            for k, stamp in enumerate(ev):
+                out[i, k] = stamp if isinstance(stamp, tuple) else (stamp,) * warps
+        return out
+
     rows = []
     for st, it in groups:
-        row = np.zeros(steps * 4 + items * 4, dtype=np.int64)
-        row[:len(st) * 4] = np.asarray(st, dtype=np.int64).ravel()
-        row[steps * 4:steps * 4 + len(it) * 4] = np.asarray(it, dtype=np.int64).ravel()
+        row = np.zeros((steps + items) * 4 * warps, dtype=np.int64)
+        row[:len(st) * 4 * warps] = per_warp(st).ravel()
+        row[steps * 4 * warps:(steps + len(it)) * 4 * warps] = per_warp(it).ravel()
         rows.append(row)
     return np.stack(rows)
 
@@ -76,3 +87,16 @@ def test_analysis_of_a_hand_made_trace() -> None:
     # to the 16-cycle bins the coverage is counted in.
     assert 0.2 < res["no_wgmma_in_flight"] < 0.5
     assert 0.0 < res["both_groups_in_flight"] < 0.25
+    assert res["warp_skew"] == 0.0  # every warp stamped alike
+    assert res["after_last_warp"] == pytest.approx(2 * 10 / total)
+
+
+def test_warp_skew_and_late_tiles_are_told_apart() -> None:
+    # Step 0's warps end at 200, 210, 220, 250 (mean 220, last 250); step 1's first warp
+    # is past the barrier and the tile's wait at 300: 30 cycles of skew (the mean warp
+    # waits for the last), 50 after the last warp (the tile was late).
+    g = ([(120, 150, 0, (200, 210, 220, 250)), (300, 330, 350, 400)], [(100, 110, 420, 450)])
+    res = trace_steps.analyse(_buf(4, 2, [g, g]), 4, 2)
+    total = 2 * 350.0
+    assert res["warp_skew"] == pytest.approx(2 * 30 / total)
+    assert res["after_last_warp"] == pytest.approx(2 * 50 / total)
