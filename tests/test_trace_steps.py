@@ -24,6 +24,12 @@ def test_every_edit_finds_its_anchor() -> None:
     # its definition, seven step stamps and four item stamps
     assert traced.count("_trace(tr") == 1 + 7 + 4
     assert "tr=None):" in traced and "lse_arg = TRACE" in traced
+    # the variants apply on top (their anchors are the traced text's)
+    assert "p = s_acc * qk_scale" in trace_steps.traced_source(src, tensor_only=True)
+    assert "p = _exp2_fma(" in trace_steps.traced_source(src, exp_fma=True)
+    turns = trace_steps.traced_source(src, turns_done=True)
+    assert "turns, stagger = True, False" in turns
+    assert turns.count("_pass_turn(turn, TURN_WG)") == traced.count("_pass_turn(turn, TURN_WG)")
     with pytest.raises(ValueError, match="anchor is gone"):
         trace_steps.traced_source(src.replace("_wait_ready(ready, ring_base + j,", "x("))
 

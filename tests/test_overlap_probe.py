@@ -1,0 +1,27 @@
+"""``scripts/overlap_probe.py`` compiles for sm_90 on a machine without a GPU (host only:
+its runs are for the H200): the tensor partition issues the D=128 loop's 16 wgmmas a
+step, the softmax partition 64 exponentials a step on MUFU, or none in its FMA form."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CPU-only, as tests/test_compile_sm90.py: on a GPU, run the probe")
+def test_probe_compiles_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "overlap_probe.py"),
+                          "--compile-check"], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = ast.literal_eval(run.stdout.split("counts:")[1].strip())
+    assert counts == {"exp2_hgmma": 16, "exp2_mufu": 64, "fma_hgmma": 16, "fma_mufu": 0}
