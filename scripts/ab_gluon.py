@@ -188,6 +188,8 @@ def _load_kernels(spec: str):
     import importlib.util
 
     name, _, path = spec.partition("=")
+    if not name or not path or not Path(path).is_file():
+        raise ValueError(f"--kernels takes NAME=PATH with PATH a kernel file, got {spec!r}")
     mod_name = "spanfill.kernels_gluon._ab_" + re.sub(r"\W", "_", name)
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(module_spec)

@@ -53,3 +53,9 @@ def test_launches_are_swapped_for_the_call_only(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="a launch error"):
         ab_gluon._with_kernels(module, failing)()
     assert _launchers(current) == before  # restored on the way out of an error too
+
+
+@pytest.mark.parametrize("spec", ["no_equals_sign", "=x.py", "name=/no/such/file.py"])
+def test_a_bad_spec_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        ab_gluon._load_kernels(spec)
