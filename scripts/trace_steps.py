@@ -404,12 +404,16 @@ def analyse(buf: np.ndarray, steps: int, items: int, groups: int = 2) -> dict[st
     # the last at the next step's barrier), and how long after the last one finished
     # the first got past the barrier and the tile's mbarrier (data: the tile was late).
     skew = data = 0.0
-    for st, _ in group_events_by_warp(buf, steps, items):
+    for st, it in group_events_by_warp(buf, steps, items):
         if len(st) < 2:
             continue
         end_prev = st[:-1, 3, :].astype(np.float64)
         ready = st[1:, 0, :].astype(np.float64)
-        contiguous = ready.min(1) >= end_prev.max(1)  # the next step of the same item
+        # the next step of the same item: no item's loop starts between the two steps
+        # (the item boundary's time is counted apart, as for wait_tile)
+        loop_starts = it[:, 1, 0].astype(np.float64)
+        contiguous = ~((loop_starts[None, :] > end_prev.max(1)[:, None])
+                       & (loop_starts[None, :] <= ready.min(1)[:, None])).any(1)
         skew += float(np.sum((end_prev.max(1) - end_prev.mean(1))[contiguous]))
         data += float(np.sum((ready.min(1) - end_prev.max(1))[contiguous]))
     shares["warp_skew"] = skew

@@ -106,3 +106,14 @@ def test_warp_skew_and_late_tiles_are_told_apart() -> None:
     total = 2 * 350.0
     assert res["warp_skew"] == pytest.approx(2 * 30 / total)
     assert res["after_last_warp"] == pytest.approx(2 * 50 / total)
+
+
+def test_item_boundaries_are_not_counted_as_late_tiles() -> None:
+    # Two items of one step each: the 500 cycles between them (stores, the next Q) are
+    # per-item time, not a tile arriving late after the group's last warp.
+    g = ([(120, 150, 0, 200), (720, 750, 0, 800)],
+         [(100, 110, 250, 300), (700, 710, 850, 900)])
+    res = trace_steps.analyse(_buf(4, 2, [g, g]), 4, 2)
+    assert res["after_last_warp"] == 0.0
+    assert res["warp_skew"] == 0.0
+    assert res["wait_tile"] == 0.0
