@@ -3,9 +3,10 @@
     PYTHONPATH=. python3 scripts/trace_steps.py [--out DIR] [WORKLOAD ...]
 
 Adds clock stamps to a copy of ``spanfill/kernels_gluon/attention.py``
-(:func:`traced_source`; the checkout's own kernel file stays as it is), loads the copy as a module of its own
-(``ab_gluon._load_kernels``) and runs each workload's spanfill call once with its
-kernels swapped in (``backend="gluon"``: the form ``choose_form`` gives). In the copy,
+(:func:`traced_source`; the checkout's own kernel file stays as it is), loads the copy
+as a module of its own (``ab_gluon._load_kernels``) and runs each workload's spanfill
+call once with its kernels swapped in (``backend="gluon"``: the form ``choose_form``
+gives). In the copy,
 each consumer warp group of the overlapped ping-pong form stamps ``%clock64`` (the SM's
 cycle counter, common to the warps of a program) at four points of every KV step
 ``j``, into an int64 buffer passed in the LSE argument:
@@ -18,23 +19,27 @@ cycle counter, common to the warps of a program) at four points of every KV step
 and at four points of every work item: its start, the start of its KV loop (after the
 stagger signal), the loop's end (its last PV retired) and the end of its stores.
 
-Each stamp is taken by every warp of the group (lane 0 of each). Reported per
-workload, over all programs and both groups (warp 0's stamps), as shares of the groups'
-cycles (first stamp to last): waiting for a tile (``ready`` after the last ``end``),
-``QK^T`` (``ready`` to ``s``), the rest of PV after ``S`` (``s`` to ``pv``), the softmax
-(``pv`` to ``end``), and per-item time (the stagger wait, the first tile's wait for Q,
-the last PV, the stores, and between items). ``wait_tile`` splits into ``warp_skew``
-(how long a warp waits, on average, for the group's last warp to finish the step) and
-``after_last_warp`` (from the last warp's end of the step to the first warp past the
-barrier and the tile's mbarrier: the tile arriving late, if large). Also, per program, the share of cycles in
-which neither group has a wgmma in flight (from ``ready`` to ``pv`` of each step, and the
-last PV): an upper bound on the tensor cores' idle time, with what each group was doing
-then. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share`` or
-``cycles``) and ``DIR/trace_steps.png`` (one program's timeline).
+Each stamp is taken by every warp of the group (lane 0 of each). ``--tensor-only``,
+``--exp-fma`` and ``--turns-done`` add variants of the form (below), each traced too.
+Reported per workload, over all programs and both groups (warp 0's stamps), as shares
+of the groups' cycles (first stamp to last): waiting for a tile (``ready`` after the
+last ``end``), ``QK^T`` (``ready`` to ``s``), the rest of PV after ``S`` (``s`` to
+``pv``), the softmax (``pv`` to ``end``), and per-item time (the stagger wait, the first
+tile's wait for Q, the last PV, the stores, and between items). ``wait_tile`` splits
+into ``warp_skew`` (how long a warp waits, on average, for the group's last warp to
+finish the step) and ``after_last_warp`` (from the last warp's end of the step to the
+first warp past the barrier and the tile's mbarrier: the tile arriving late, if large).
+Also, per program, the share of cycles in which neither group has a wgmma in flight
+(from ``ready`` to ``pv`` of each step, and the last PV): an upper bound on the tensor
+cores' idle time. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit``
+``share``, ``cycles`` or ``ms``) and ``DIR/trace_steps_WORKLOAD.png`` (program 0's two
+groups over 40 steps).
 
-The stamps cost a few instructions each and ptxas may move them by a few; the shares
-are the point, not cycle-exact times. ``tests/test_trace_steps.py`` compiles the traced
-copy for sm_90 on the CPU, so a kernel change that moves an anchor shows there.
+The stamps cost a few instructions each, and ptxas may move them across the
+instructions around them (the ``pv`` stamp of the unchanged form comes with part of the
+softmax before it); the shares are the point, not cycle-exact times.
+``tests/test_trace_steps.py`` compiles the traced copy for sm_90 on the CPU, so a kernel
+change that moves an anchor shows there.
 """
 
 from __future__ import annotations
