@@ -48,6 +48,26 @@ def quantiles(values: list[float]) -> dict[str, float]:
     return {"p50": float(p50), "p20": float(p20), "p80": float(p80)}
 
 
+def new_figure(width: float, height: float):
+    """A matplotlib figure and axes on the Agg backend (no display on the GPU machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write ``fig`` to ``path`` as a PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     """Write ``rows`` (missing columns left empty) to ``path``, with the environment."""
     env = environment()

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import spanfill as sf  # noqa: E402
-from _results import write_rows  # noqa: E402
+from _results import new_figure, save_figure, write_rows  # noqa: E402
 from bench.check import segmented_checker, tolerance  # noqa: E402
 from bench.timing import median_of_rounds, time_interleaved  # noqa: E402
 from bench.workloads import core_workloads  # noqa: E402
@@ -95,7 +95,6 @@ def main() -> None:
         table.append(f"| {name} | {st.p50:.3f} [{min(p50s):.3f}-{max(p50s):.3f}] | "
                      f"{flops / st.p50 / 1e9:.0f} |")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print("wrote", write_rows(out / "ab_paging.csv", rows), plot(rows, out / "ab_paging.png"))
     print("\n| case | ms [rounds] | TFLOP/s |\n|---|---|---|")
     print("\n".join(table))
@@ -103,24 +102,16 @@ def main() -> None:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Kernel time of each case (bars) with the range of its rounds' p50 (whiskers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r["workload"].removeprefix("whole_8k_") for r in rows]
     p50 = [float(r["p50"]) for r in rows]
     spans = [[float(x) for x in r["note"].split("p50 per round ")[1].split()] for r in rows]
     err = [[p - min(s) for p, s in zip(p50, spans)], [max(s) - p for p, s in zip(p50, spans)]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(6, 3.5)
     ax.bar(range(len(rows)), p50, yerr=err, capsize=3)
     ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("ms (median of rounds)")
     ax.set_title("whole_8k: paged (page rows) against dense K/V", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_rows  # noqa: E402
+from _results import new_figure, quantiles, save_figure, write_rows  # noqa: E402
 from bench.providers_spanfill import (spanfill_gluon, spanfill_padded_kernel,  # noqa: E402
                                      spanfill_portable_span)
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
@@ -108,15 +108,13 @@ def main() -> None:
         for metric, unit, vals in (("sm_clock", "MHz", clocks), ("power", "W", power)):
             rows.append({"kernel": "clock_under_load", "provider": provider,
                          "workload": workload, "metric": metric, "unit": unit,
-                         "p50": float(np.median(vals)), "p20": float(np.percentile(vals, 20)),
-                         "p80": float(np.percentile(vals, 80)),
+                         **quantiles(list(vals)),
                          "note": f"{len(vals)} nvidia-smi samples; throttle reasons "
                                  + " ".join(reasons)})
         table.append(f"| {workload} | {provider} | {np.median(clocks):.0f} | "
                      f"{np.median(power):.0f} | {' '.join(reasons)} |")
         print(table[-1], flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     print("wrote", write_rows(out / "clock_under_load.csv", rows),
           plot(rows, out / "clock_under_load.png"))
     print("\n| workload | kernel | SM clock MHz (median) | power W | throttle reasons |\n"
@@ -126,26 +124,18 @@ def main() -> None:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Median SM clock of each kernel under load (p20-p80 whiskers), per workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     clocks = [r for r in rows if r["metric"] == "sm_clock"]
     labels = [f"{r['workload']}\n{r['provider']}" for r in clocks]
     p50 = [float(r["p50"]) for r in clocks]
     err = [[p - float(r["p20"]) for p, r in zip(p50, clocks)],
            [float(r["p80"]) - p for p, r in zip(p50, clocks)]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(clocks)), 4))
+    fig, ax = new_figure(max(6, 0.6 * len(clocks)), 4)
     ax.bar(range(len(clocks)), p50, yerr=err, capsize=3)
     ax.set_xticks(range(len(clocks)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylim(1000, 2100)
     ax.set_ylabel("SM clock, MHz (median of samples)")
     ax.set_title("SM clock with each kernel back to back (power-capped at ~690 W)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _results import write_rows  # noqa: E402
+from _results import new_figure, quantiles, save_figure, write_rows  # noqa: E402
 
 ROWS, COLS = 64, 128  # a consumer group's S tile at D=128; K and V tiles are [128, 128]
 
@@ -167,7 +167,8 @@ def compile_check() -> dict[str, int]:
     from sass_overlap import sass_of
 
     counts = {}
-    for kind, p_smem, name in ((0, False, "exp2"), (1, True, "fma_p_smem"), (2, False, "exp2_only")):
+    cases = ((0, False, "exp2"), (1, True, "fma_p_smem"), (2, False, "exp2_only"))
+    for kind, p_smem, name in cases:
         sink: list[dict] = []
         with compile_instead_of_launch(sink):
             q = torch.zeros(64, 128, dtype=torch.bfloat16)
@@ -213,27 +214,22 @@ def main() -> None:
         for part, value in (("tensor", tensor), ("softmax", soft)):
             if value == value:  # not nan
                 rows.append({"kernel": "overlap_probe", "provider": part, "workload": name,
-                             "metric": "cycles_per_step", "unit": "cycles", "p50": value,
-                             "p20": value, "p80": value,
+                             "metric": "cycles_per_step", "unit": "cycles",
+                             **quantiles([value]),
                              "note": f"{programs} programs x {n} steps, %clock64"})
         table.append(f"| {name} | {tensor:.0f} | {soft:.0f} |")
         print(table[-1], flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print("wrote", write_rows(out / "overlap_probe.csv", rows), plot(rows, out / "overlap_probe.png"))
+    print("wrote", write_rows(out / "overlap_probe.csv", rows),
+          plot(rows, out / "overlap_probe.png"))
     print("\n| run | tensor cycles/step | softmax cycles/step |\n|---|---|---|")
     print("\n".join(table))
 
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Cycles per step of each partition in each run (bars side by side)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = list(dict.fromkeys(r["workload"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(runs)), 4))
+    fig, ax = new_figure(max(6, 0.7 * len(runs)), 4)
     for k, part in enumerate(("tensor", "softmax")):
         vals = [next((float(r["p50"]) for r in rows
                       if r["workload"] == name and r["provider"] == part), 0.0) for name in runs]
@@ -241,10 +237,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.set_xticks([i + 0.2 for i in range(len(runs))], runs, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("cycles per step (%clock64)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

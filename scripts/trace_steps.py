@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import spanfill as sf  # noqa: E402
-from _results import write_rows  # noqa: E402
+from _results import new_figure, quantiles, save_figure, write_rows  # noqa: E402
 from ab_gluon import _load_kernels, _with_kernels  # noqa: E402
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
@@ -433,13 +433,8 @@ def analyse(buf: np.ndarray, steps: int, items: int, groups: int = 2) -> dict[st
 def plot_timeline(buf: np.ndarray, steps: int, items: int, path: Path, name: str,
                   window: int = 40) -> Path:
     """Program 0's two groups over ``window`` steps from the middle of its run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     per = group_events(buf, steps, items)[:2]
-    fig, ax = plt.subplots(figsize=(11, 2.6))
+    fig, ax = new_figure(11, 2.6)
     colors = {"wait_tile": "#bbbbbb", "qk": "#1f77b4", "pv_after_s": "#aec7e8",
               "softmax": "#d62728"}
     mid = min(len(per[0][0]), len(per[1][0])) // 2
@@ -454,10 +449,7 @@ def plot_timeline(buf: np.ndarray, steps: int, items: int, path: Path, name: str
     ax.set_xlabel("SM cycles (%clock64), program 0")
     ax.set_title(f"{name}: QK^T issued to S ready (dark blue), rest of PV (light blue), "
                  "softmax + rescale (red)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compile_check() -> int:
@@ -572,7 +564,7 @@ def main() -> None:
                 unit = {"cycles_per_step": "cycles", "traced_launch_ms": "ms"}.get(metric, "share")
                 rows.append({"kernel": "trace_steps", "provider": "gluon_chosen",
                              "workload": name, "metric": metric, "unit": unit,
-                             "p50": value, "p20": value, "p80": value,
+                             **quantiles([value]),
                              "note": "one traced launch; shares of the consumer groups' cycles"})
             table.append((name, res))
             plot_timeline(buf, steps, items, out / f"trace_steps_{name}.png", name)
