@@ -63,3 +63,22 @@ class EagerReplay:
 
     def replay(self) -> None:
         setattr(self._bucket, self._attr, self._step(self._bucket))
+
+
+def compile_check(script: str) -> str:
+    """The output of ``scripts/SCRIPT --compile-check`` (a kernel compiled for sm_90 on
+    this machine), run in a subprocess without ``TRITON_INTERPRET``: in the test process
+    Triton was imported in interpreter mode, where it cannot compile (as
+    ``tests/test_compile_sm90.py`` explains). Fails the test with the script's stderr if
+    it fails."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(root / "scripts" / script), "--compile-check"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout

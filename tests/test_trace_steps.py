@@ -3,8 +3,6 @@ file, the traced copy compiles for sm_90 with the clock stamps in it, and the an
 reads a hand-made trace as it should."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,12 +37,9 @@ def test_every_edit_finds_its_anchor() -> None:
 def test_traced_copy_compiles_for_sm90_with_stamps() -> None:
     """The registry's D=128 form with the stamps compiles for sm_90 (in a subprocess
     without the interpreter, as tests/test_compile_sm90.py compiles every kernel)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "trace_steps.py"),
-                          "--compile-check"], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    reads = int(run.stdout.split("clock reads:")[1])
+    from tests.helpers import compile_check
+
+    reads = int(compile_check("trace_steps.py").split("clock reads:")[1])
     assert reads >= 2 * 11  # eleven stamps in each of the two consumer groups
 
 
