@@ -61,6 +61,7 @@ PIN = 8  # staggered, a scratch store keeping the softmax ahead of the PV wait (
 SPLIT_Q_PIN = 9  # staggered, split_q and pin_softmax
 TURNS_PIN = 10  # turns at the tensor cores with the softmax pinned under PV (FA3's order)
 STAGGER_TURNS_PIN = 11  # the same, staggered
+STAGGER_TMA_STORE = 12  # staggered, each consumer group's rows out by a TMA store
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -70,9 +71,10 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                    PIN: {"stagger": True, "pin_softmax": True},
                    SPLIT_Q_PIN: {"stagger": True, "split_q": True, "pin_softmax": True},
                    TURNS_PIN: {"turns": True, "pin_softmax": True},
-                   STAGGER_TURNS_PIN: {"stagger": True, "turns": True, "pin_softmax": True}}
+                   STAGGER_TURNS_PIN: {"stagger": True, "turns": True, "pin_softmax": True},
+                   STAGGER_TMA_STORE: {"stagger": True, "tma_store": True}}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
-          "rescale_early": "_early", "pin_softmax": "_pin"}
+          "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore"}
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
                                                        (False, True))]
 FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
@@ -90,6 +92,7 @@ FORMS.append((128, True, True, PIN))
 FORMS.append((128, True, True, SPLIT_Q_PIN))
 FORMS.append((128, True, True, TURNS_PIN))
 FORMS.append((128, True, True, STAGGER_TURNS_PIN))
+FORMS.append((128, True, True, STAGGER_TMA_STORE))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))

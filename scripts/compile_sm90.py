@@ -409,6 +409,13 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_dense_three_groups_stagger_splitq_causal_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=True, zero_fill=True, block_m=192, overlap=True,
         pingpong=True, stagger=True, split_q=True, pin_softmax=True), ()),
+    # the consumers' TMA-store epilogue (branch wip/tma-store-epilogue)
+    "gluon_dense_pingpong_stagger_tmastore_padded_d128": (gluon_dense_case(
+        2, 200, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, tma_store=True), ()),
+    "gluon_paged_pingpong_stagger_tmastore_stack2_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=2, overlap=True, pingpong=True,
+        stagger=True, tma_store=True), ()),
     "gluon_dense_pingpong_early_padded_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=True, zero_fill=True, block_m=128, overlap=True,
         pingpong=True, stagger=True, rescale_early=True), ()),

@@ -61,6 +61,8 @@ SPECIALISED_CASES = [
     "gluon_dense_pingpong_stagger_pin_padded_d128",
     "gluon_paged_pingpong_pin_splitq_stack4_d128",
     "gluon_dense_three_groups_stagger_splitq_causal_d64",
+    "gluon_dense_pingpong_stagger_tmastore_padded_d128",
+    "gluon_paged_pingpong_stagger_tmastore_stack2_d128",
 ]
 
 

@@ -470,6 +470,71 @@ def test_pingpong_varlen_causal(overlap: bool, persistent: int, split_q: bool) -
     assert rel_err(out, ref_o) <= TOLERANCE[torch.float16]
 
 
+# The consumers' TMA-store epilogue: boxes of 64 rows where a group's rows fit one, the
+# register stores at the tails of tiles (odd lengths), with and without lse.
+TMA_STORE_FORMS = pytest.mark.parametrize("form", [
+    dict(persistent=0, tma_store=True), dict(persistent=3, stagger=True, tma_store=True),
+    dict(persistent=1000, stagger=True, tma_store=True)],
+    ids=["per-item-tma-store", "persistent3-stagger-tma-store",
+         "persistent1000-stagger-tma-store"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("stack", [1, 2], ids=["head-per-block", "stack2"])
+@TMA_STORE_FORMS
+def test_tma_store_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
+                                  stack: int, form: dict) -> None:
+    """Padded batches through the TMA-store epilogue: full 64-row boxes in the middle of
+    samples, tails of odd lengths (left padding: the box over a sample's first rows holds
+    zero-filled padding), a one-token and an empty sample; NaN in the padded K/V."""
+    _check_pingpong_padded([203, 1, 0, 77, 130, 256], 256, 4, 2, d, dtype, side, causal,
+                           stack, 128, d + causal + stack + 7, overlap=True, **form)
+
+
+@pytest.mark.parametrize("stack", [1, 2], ids=["head-per-block", "stack2"])
+@pytest.mark.parametrize("return_lse", [False, True], ids=["no-lse", "lse"])
+@TMA_STORE_FORMS
+def test_tma_store_varlen_and_spans(stack: int, return_lse: bool, form: dict) -> None:
+    """Packed rows (varlen causal, and span rows over a paged pool): a box may only hold
+    rows of its own request, so tiles cut short by a request's end store by registers;
+    the next request's rows are never overwritten (checked: every row against the
+    reference)."""
+    from spanfill.kernels_gluon.attention import attention_fwd_dense, attention_fwd_paged
+    from spanfill.testing import reference_span
+
+    gen = torch.Generator().manual_seed(17 + stack)
+    lens = [1, 64, 65, 300, 17, 128, 129, 192]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda")
+    t, hq, hk, d = sum(lens), 8, 4, 128
+    q = torch.randn(t, hq, d, generator=gen).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(t, hk, d, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((t, hq), float("nan"), device="cuda") if return_lse else None
+    attention_fwd_dense(q, k, v, out, lse,
+                        sf.VarlenLayout.build(cu, t).tile_plan(128 // stack, True), d ** -0.5,
+                        True, block_m=128, stack=stack, overlap=True, pingpong=True, **form)
+    ref_o, ref_lse = reference.varlen_prefill(q, k, v, cu, causal=True)
+    assert not out.isnan().any()
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    if return_lse:
+        assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+    layout, k_cache, v_cache, q = _paged_spans(16, d, 3 + stack)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device="cuda") if return_lse else None
+    attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
+                        layout.positions, layout.block_table, d ** -0.5, True, block_m=128,
+                        stack=stack, overlap=True, pingpong=True, **form)
+    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    if return_lse:
+        assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+
 def test_pingpong_refuses_64_rows() -> None:
     from spanfill.kernels_gluon.attention import attention_fwd_dense
 

@@ -101,6 +101,16 @@ else:
     def _tma_load(desc, coord, bar, smem):
         tma.async_copy_global_to_shared(desc, coord, bar, smem)
 
+# TMA stores: tma.async_store on 3.9, tma.async_copy_shared_to_global on 3.6.
+if hasattr(tma, "async_store"):
+    @gluon.jit
+    def _tma_store(desc, coord, smem):
+        tma.async_store(desc, coord, smem)
+else:
+    @gluon.jit
+    def _tma_store(desc, coord, smem):
+        tma.async_copy_shared_to_global(desc, coord, smem)
+
 # cp.async: async_copy.async_load on 3.9, async_copy_global_to_shared on 3.6.
 if hasattr(async_copy, "async_load"):
     @gluon.jit
@@ -638,16 +648,12 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
 
 
 @gluon.jit
-def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, row0,
-                row_end, q_start, q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh,
-                o_layout: gl.constexpr, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
-                HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STACK: gl.constexpr,
-                ROW_OFFSET: gl.constexpr, NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
-                RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr):
-    """Normalise and store ``BLOCK_M`` rows of the block from block row ``ROW_OFFSET``:
-    ``out`` (and lse), or with split-KV this split's fp32 state into the workspace (for
-    the merge launch that follows). The epilogue of every form: the whole block, or a
-    ping-pong warp group's half."""
+def _normalized_rows(acc, m_i, l_i, row0, row_end, q_start, q_stop, head,
+                     o_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_Q: gl.constexpr,
+                     STACK: gl.constexpr, ROW_OFFSET: gl.constexpr):
+    """``BLOCK_M`` rows of the block from block row ``ROW_OFFSET``, normalised:
+    ``(out, lse, rows_o, heads_o, valid_o)``; rows that are not valid, or saw no key,
+    give 0 and lse -inf."""
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     ONE_HEAD: gl.constexpr = STACK == 1 and ROW_OFFSET == 0
     if ONE_HEAD:  # one q head: its row offsets stay scalar
@@ -657,15 +663,35 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
         block_rows = ROW_OFFSET + gl.arange(0, BLOCK_M, layout=row_o)
         rows_o = row0 + block_rows % BLOCK_Q
         heads_o = head + block_rows // BLOCK_Q
-    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     valid_o = (rows_o < row_end) & (rows_o >= q_start) & (rows_o < q_stop)
     l_o = gl.convert_layout(l_i, row_o)
     seen = valid_o & (l_o != 0.0)
     out = acc / gl.where(seen, l_o, 1.0)[:, None]
     out = gl.where(seen[:, None], out, 0.0)
-    store_rows = (rows_o < row_end) if ZERO_FILL else valid_o
     m_o = gl.convert_layout(m_i, row_o)
     lse = gl.where(seen, (m_o + gl.log2(gl.where(seen, l_o, 1.0))) * LN2, float("-inf"))
+    return out, lse, rows_o, heads_o, valid_o
+
+
+@gluon.jit
+def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, split, row0,
+                row_end, q_start, q_stop, head, stride_ot, stride_oh, stride_lt, stride_lh,
+                o_layout: gl.constexpr, dtype: gl.constexpr, BLOCK_M: gl.constexpr,
+                HEAD_DIM: gl.constexpr, BLOCK_Q: gl.constexpr, STACK: gl.constexpr,
+                ROW_OFFSET: gl.constexpr, NUM_Q_HEADS: gl.constexpr, ZERO_FILL: gl.constexpr,
+                RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
+                STORE_O: gl.constexpr = True):
+    """Normalise and store ``BLOCK_M`` rows of the block from block row ``ROW_OFFSET``:
+    ``out`` (and lse), or with split-KV this split's fp32 state into the workspace (for
+    the merge launch that follows). The epilogue of every form: the whole block, or a
+    ping-pong warp group's half. ``STORE_O`` False: lse only (the rows went out by TMA:
+    :func:`_pingpong_consumer`)."""
+    out, lse, rows_o, heads_o, valid_o = _normalized_rows(
+        acc, m_i, l_i, row0, row_end, q_start, q_stop, head, o_layout, BLOCK_M, BLOCK_Q, STACK,
+        ROW_OFFSET)
+    ONE_HEAD: gl.constexpr = STACK == 1 and ROW_OFFSET == 0
+    cols_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    store_rows = (rows_o < row_end) if ZERO_FILL else valid_o
     if NUM_SPLITS > 1:
         at = rows_o.to(gl.int64) * NUM_Q_HEADS + heads_o
         gl.store(WS_O + split * ws_split + at[:, None] * HEAD_DIM + cols_o[None, :], out,
@@ -678,7 +704,8 @@ def _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split, spl
         else:
             ptrs = (O + rows_o.to(gl.int64)[:, None] * stride_ot + heads_o[:, None] * stride_oh
                     + cols_o[None, :])
-        gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
+        if STORE_O:
+            gl.store(ptrs, out.to(dtype), mask=store_rows[:, None])
         if RETURN_LSE:
             gl.store(LSE + rows_o.to(gl.int64) * stride_lt + heads_o * stride_lh, lse,
                      mask=store_rows)
@@ -698,7 +725,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                        RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
                        OVERLAP: gl.constexpr, STAGGER: gl.constexpr, TURNS: gl.constexpr,
                        SPLIT_Q: gl.constexpr, RESCALE_EARLY: gl.constexpr,
-                       PIN_SOFTMAX: gl.constexpr):
+                       PIN_SOFTMAX: gl.constexpr, o_desc, TMA_STORE: gl.constexpr):
     """One of the consumer warp groups of a 128-row program (two groups; 192 rows: three),
     each its own partition: for each of the program's work items (:func:`_round_item`),
     warp group ``WG`` runs its KV loop on block rows ``[WG * GROUP_ROWS, (WG + 1) *
@@ -809,12 +836,50 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                         if num_tiles == 0:  # (the loop arrives after its first softmax)
                             mbarrier.arrive(go_mine, count=1)
                     # The loop waited for its last wgmma: this group is done with Q.
-                    mbarrier.arrive(my_q_free, count=1)
-                    _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split,
-                                split, row0, row_end, q_start, q_stop, head, stride_ot,
-                                stride_oh, stride_lt, stride_lh, o_layout, dtype, GROUP_ROWS,
-                                HEAD_DIM, BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL,
-                                RETURN_LSE, NUM_SPLITS)
+                    if TMA_STORE:
+                        # This group's rows leave through its half of the Q block and one
+                        # TMA store, when the box (GROUP_ROWS rows of one head) holds only
+                        # rows this item may write: the tile's, and valid or zero-filled.
+                        FIRST: gl.constexpr = (WG * GROUP_ROWS) % BLOCK_Q
+                        r0 = row0 + FIRST
+                        by_tma = r0 + GROUP_ROWS <= row_end
+                        if not ZERO_FILL:
+                            by_tma = by_tma & (r0 >= q_start) & (r0 + GROUP_ROWS <= q_stop)
+                        if by_tma:
+                            out, _, _, _, _ = _normalized_rows(
+                                acc, m_i, l_i, row0, row_end, q_start, q_stop, head, o_layout,
+                                GROUP_ROWS, BLOCK_Q, STACK, WG * GROUP_ROWS)
+                            q_half.store(out.to(dtype))
+                            fence_async_shared()
+                            _barrier()  # every warp's rows in shared memory before the copy
+                            _tma_store(o_desc, [r0, (head + (WG * GROUP_ROWS) // BLOCK_Q)
+                                                * HEAD_DIM], q_half)
+                            # The next item's Q lands in these rows: release them once the
+                            # store has read them.
+                            tma.store_wait(0)
+                            mbarrier.arrive(my_q_free, count=1)
+                            if RETURN_LSE:
+                                _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split,
+                                            ws_lse_split, split, row0, row_end, q_start,
+                                            q_stop, head, stride_ot, stride_oh, stride_lt,
+                                            stride_lh, o_layout, dtype, GROUP_ROWS, HEAD_DIM,
+                                            BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS,
+                                            ZERO_FILL, RETURN_LSE, NUM_SPLITS, False)
+                        else:  # the tail of a tile: register stores, as without TMA_STORE
+                            mbarrier.arrive(my_q_free, count=1)
+                            _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split,
+                                        ws_lse_split, split, row0, row_end, q_start, q_stop,
+                                        head, stride_ot, stride_oh, stride_lt, stride_lh,
+                                        o_layout, dtype, GROUP_ROWS, HEAD_DIM, BLOCK_Q, STACK,
+                                        WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE,
+                                        NUM_SPLITS)
+                    else:
+                        mbarrier.arrive(my_q_free, count=1)
+                        _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split,
+                                    split, row0, row_end, q_start, q_stop, head, stride_ot,
+                                    stride_oh, stride_lt, stride_lh, o_layout, dtype, GROUP_ROWS,
+                                    HEAD_DIM, BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS,
+                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
                     slot += num_tiles
                     q_phase ^= 1
 
@@ -889,8 +954,16 @@ def _attn_fwd_dense_kernel(
     STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, PINGPONG: gl.constexpr,
     STAGGER: gl.constexpr, TURNS: gl.constexpr, SPLIT_Q: gl.constexpr,
     RESCALE_EARLY: gl.constexpr, PIN_SOFTMAX: gl.constexpr, num_warps: gl.constexpr,
+    O_DESC=None,
 ):
     dtype: gl.constexpr = q_desc.dtype
+    # The consumers' TMA-store epilogue (ping-pong only); partitions take no None, so
+    # q_desc stands in, unread, without it.
+    TMA_STORE: gl.constexpr = O_DESC is not None
+    if TMA_STORE:
+        o_desc_arg = O_DESC
+    else:
+        o_desc_arg = q_desc
     # wgmma accumulators: S [BLOCK_M, BLOCK_N] and O [BLOCK_M, HEAD_DIM], 16-row atoms
     # over the 4 warps of the warp group.
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -1015,7 +1088,8 @@ def _attn_fwd_dense_kernel(
                                       GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
-                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
+                                      TMA_STORE)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1024,7 +1098,8 @@ def _attn_fwd_dense_kernel(
                                       GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
-                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
+                                      TMA_STORE)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
@@ -1042,7 +1117,8 @@ def _attn_fwd_dense_kernel(
                                       GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
-                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
+                                      TMA_STORE)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1051,7 +1127,8 @@ def _attn_fwd_dense_kernel(
                                       GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
-                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
+                                      TMA_STORE)),
                 (_pingpong_consumer, (2, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1060,7 +1137,8 @@ def _attn_fwd_dense_kernel(
                                       GROUP_ROWS, BLOCK_N, HEAD_DIM, STAGES, CAUSAL,
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
-                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX)),
+                                      TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
+                                      TMA_STORE)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
@@ -1170,7 +1248,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool = False, split_q: bool = False,
-                        rescale_early: bool = False, pin_softmax: bool = False):
+                        rescale_early: bool = False, pin_softmax: bool = False,
+                        tma_store: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -1222,13 +1301,17 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     pin_softmax : (with ``pingpong`` and ``overlap``) a scratch shared-memory store of
         each step's row sums before the PV wait, which keeps ptxas from scheduling the
         softmax after that wait (:func:`_kv_loop_overlapped`)
+    tma_store : (with ``pingpong``, 128-row blocks of at least 64 rows a head, no
+        ``split_q``, no KV splits) each consumer group writes its rows through its half of
+        the Q block and a TMA store, where the box holds only rows the item may write;
+        others (the tails of tiles) by register stores, as without it
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
                    causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
                    num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger,
                    turns=turns, split_q=split_q, rescale_early=rescale_early,
-                   pin_softmax=pin_softmax)
+                   pin_softmax=pin_softmax, tma_store=tma_store)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -1239,7 +1322,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool = False, split_q: bool = False,
-                        rescale_early: bool = False, pin_softmax: bool = False):
+                        rescale_early: bool = False, pin_softmax: bool = False,
+                        tma_store: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -1256,7 +1340,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
     block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong,
-    persistent, stagger, turns, split_q, rescale_early, pin_softmax : as
+    persistent, stagger, turns, split_q, rescale_early, pin_softmax, tma_store : as
     :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
@@ -1276,7 +1360,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
                    page_size, pools, pingpong, persistent, stagger, turns, split_q,
-                   rescale_early, pin_softmax)
+                   rescale_early, pin_softmax, tma_store)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -1287,7 +1371,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
             pingpong=False, persistent=0, stagger=False, turns=False, split_q=False,
-            rescale_early=False, pin_softmax=False):
+            rescale_early=False, pin_softmax=False, tma_store=False):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128, 192):
@@ -1307,6 +1391,11 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
             raise ValueError("192-row programs take the pingpong form at D=64 over dense K/V, "
                              f"without turns (got pingpong={pingpong}, D={head_dim}, "
                              f"{'paged' if positions is not None else 'dense'}, turns={turns})")
+    if tma_store and not (pingpong and block_m == 128 and not split_q and num_splits == 1
+                          and (block_m // stack) % 64 == 0):
+        raise ValueError("tma_store takes the 128-row pingpong form with at least 64 rows a "
+                         f"head, without split_q or KV splits (stack={stack}, "
+                         f"num_splits={num_splits}, split_q={split_q})")
     if persistent < 0:
         raise ValueError(f"persistent must be a program count >= 0, got {persistent}")
     if persistent and not pingpong:
@@ -1372,6 +1461,9 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
         PINGPONG=pingpong, STAGGER=stagger, TURNS=turns, SPLIT_Q=split_q,
         RESCALE_EARLY=rescale_early, PIN_SOFTMAX=pin_softmax,
+        # box: a consumer group's 64 rows of one head; layout: the Q block's (the rows
+        # are staged in it)
+        O_DESC=_desc(out, 64, block_m) if tma_store else None,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,
