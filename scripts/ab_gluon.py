@@ -62,6 +62,9 @@ SPLIT_Q_PIN = 9  # staggered, split_q and pin_softmax
 TURNS_PIN = 10  # turns at the tensor cores with the softmax pinned under PV (FA3's order)
 STAGGER_TURNS_PIN = 11  # the same, staggered
 STAGGER_TMA_STORE = 12  # staggered, each consumer group's rows out by a TMA store
+NAMED_TURNS = 13  # turns passed through hardware named barriers (FA3/FA4's mechanism)
+STAGGER_NAMED_TURNS = 14  # the same, staggered
+STAGGER_NAMED_TURNS_TMA_STORE = 15  # the same, with the TMA-store epilogue
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -72,7 +75,11 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                    SPLIT_Q_PIN: {"stagger": True, "split_q": True, "pin_softmax": True},
                    TURNS_PIN: {"turns": True, "pin_softmax": True},
                    STAGGER_TURNS_PIN: {"stagger": True, "turns": True, "pin_softmax": True},
-                   STAGGER_TMA_STORE: {"stagger": True, "tma_store": True}}
+                   STAGGER_TMA_STORE: {"stagger": True, "tma_store": True},
+                   NAMED_TURNS: {"turns": "named"},
+                   STAGGER_NAMED_TURNS: {"stagger": True, "turns": "named"},
+                   STAGGER_NAMED_TURNS_TMA_STORE: {"stagger": True, "turns": "named",
+                                                   "tma_store": True}}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore"}
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
@@ -93,12 +100,16 @@ FORMS.append((128, True, True, SPLIT_Q_PIN))
 FORMS.append((128, True, True, TURNS_PIN))
 FORMS.append((128, True, True, STAGGER_TURNS_PIN))
 FORMS.append((128, True, True, STAGGER_TMA_STORE))
+FORMS.append((128, True, True, NAMED_TURNS))
+FORMS.append((128, True, True, STAGGER_NAMED_TURNS))
+FORMS.append((128, True, True, STAGGER_NAMED_TURNS_TMA_STORE))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))
 FORMS.append((192, True, True, STAGGERED))
 FORMS.append((192, True, True, SPLIT_Q))
 FORMS.append((192, True, True, PIN))
+FORMS.append((192, True, True, STAGGER_NAMED_TURNS))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,
@@ -121,7 +132,8 @@ def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int
     if pingpong:
         name = (f"gluon_m{block_m}_" + ("pingpong" if overlap else "split_consumers")
                 + ("_persistent" if pingpong >= PERSISTENT else "")
-                + "".join(SUFFIX[o] for o in VARIANT_OPTIONS.get(pingpong, {}))
+                + "".join(SUFFIX[o] if v != "named" else "_named" + SUFFIX[o]
+                  for o, v in VARIANT_OPTIONS.get(pingpong, {}).items())
                 + (f"_stack{stack}" if stack > 1 else ""))
     else:
         name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")

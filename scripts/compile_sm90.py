@@ -382,6 +382,13 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_paged_pingpong_turns_stack4_d128": (gluon_paged_case(
         100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
         turns=True), ()),
+    # the same turns through hardware named barriers (bar.sync / bar.arrive, FA3/FA4's)
+    "gluon_dense_pingpong_stagger_named_turns_padded_d128": (gluon_dense_case(
+        2, 64, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, turns="named"), ()),
+    "gluon_dense_three_groups_stagger_named_turns_padded_d64": (gluon_dense_case(
+        2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
+        pingpong=True, stagger=True, turns="named"), ()),
     # each consumer group's half of Q copied and released on its own (boxes of 64 rows
     # from a one-head block, two boxes of 32 per half with four heads stacked, one head
     # per half with two), and the output rescaled under the QK^T wgmma (FA3's order)

@@ -327,7 +327,8 @@ OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-
 # Persistent launches: 3 programs walk every work item in rounds, both directions, with
 # ring slots and Q phases running on across items (and padding-only tiles in between).
 # Staggered: the second consumer group starts each item after the first group's first tile;
-# turns: the groups take turns issuing each step's wgmmas (with the overlapped loop only);
+# turns: the groups take turns issuing each step's wgmmas (with the overlapped loop only),
+# passed through an mbarrier or (named) a hardware named barrier;
 # split-q: each group's half of Q is copied and released on its own; early: the output
 # is rescaled under the QK^T wgmma; pin: a scratch store keeps the softmax ahead of the PV
 # wait (early and pin with the overlapped loop only).
@@ -335,10 +336,12 @@ PERSISTENT = pytest.mark.parametrize("form", [
     dict(persistent=0), dict(persistent=3), dict(persistent=3, stagger=True),
     dict(persistent=3, turns=True), dict(persistent=3, stagger=True, split_q=True),
     dict(persistent=3, stagger=True, rescale_early=True),
-    dict(persistent=3, stagger=True, split_q=True, pin_softmax=True)],
+    dict(persistent=3, stagger=True, split_q=True, pin_softmax=True),
+    dict(persistent=0, turns="named"), dict(persistent=3, stagger=True, turns="named")],
     ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-turns",
          "persistent3-stagger-splitq", "persistent3-stagger-early",
-         "persistent3-stagger-splitq-pin"])
+         "persistent3-stagger-splitq-pin", "per-item-named-turns",
+         "persistent3-stagger-named-turns"])
 
 
 def _pingpong_form(form: dict, overlap: bool) -> dict:
@@ -405,15 +408,18 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     dict(persistent=0), dict(persistent=3), dict(persistent=3, stagger=True),
     dict(persistent=3, stagger=True, split_q=True),
     dict(persistent=3, stagger=True, rescale_early=True),
-    dict(persistent=3, stagger=True, pin_softmax=True)],
+    dict(persistent=3, stagger=True, pin_softmax=True),
+    dict(persistent=0, turns="named"), dict(persistent=3, stagger=True, turns="named")],
     ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-stagger-splitq",
-         "persistent3-stagger-early", "persistent3-stagger-pin"])
+         "persistent3-stagger-early", "persistent3-stagger-pin", "per-item-named-turns",
+         "persistent3-stagger-named-turns"])
 def test_three_groups_padded_batches(dtype: torch.dtype, side: str, causal: bool, stack: int,
                                      overlap: bool, form: dict) -> None:
     """192-row blocks of three consumer groups at D=64 (GQA 6/2, so three heads can
     stack): padded batches with NaN in the padded K/V rows, a full sample, a one-token
     and an empty one, lengths across the 64-row group boundaries; lse, zero-filled
-    padding, the stagger chained over three groups."""
+    padding, the stagger chained over three groups, the named turns passed round the
+    three."""
     _check_pingpong_padded([401, 1, 0, 65, 129, 192], 401, 6, 2, 64, dtype, side, causal,
                            stack, 192, stack + causal, overlap=overlap,
                            **_pingpong_form(form, overlap))

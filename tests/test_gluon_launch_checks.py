@@ -31,6 +31,12 @@ def test_three_groups_take_the_pingpong_form(form: dict) -> None:
         _launch(_zeros(6), _zeros(2), 192, **form)
 
 
+def test_turns_take_true_or_named() -> None:
+    with pytest.raises(ValueError, match="turns must be False, True or 'named', got 'fast'"):
+        _launch(_zeros(6), _zeros(2), 128, block_m=128, pingpong=True, overlap=True,
+                turns="fast")
+
+
 def test_three_groups_take_d64_only() -> None:
     with pytest.raises(ValueError, match=r"192-row programs .* \(got pingpong=True, D=128"):
         _launch(_zeros(6, 128), _zeros(2, 128), 192, block_m=192, pingpong=True)

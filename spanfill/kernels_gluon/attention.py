@@ -499,19 +499,58 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
 
 
 @gluon.jit
-def _take_turn(turn, WG: gl.constexpr, count):
+def _named_barrier(WG: gl.constexpr, ARRIVE: gl.constexpr):
+    """``bar.sync`` (``ARRIVE`` False) or ``bar.arrive`` on the hardware named barrier of
+    consumer group ``WG``'s turn (barrier ``10 + WG``), counted over 256 threads: the
+    group that waits and the one that hands it the turn (FA3/FA4's warp scheduler
+    barriers). Triton's own partitions use barriers 0 to 2 here. One element per thread,
+    so each thread executes the instruction once."""
+    lanes: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    x = gl.full([128], 0, gl.int32, lanes)
+    if ARRIVE:
+        if WG == 0:
+            gl.inline_asm_elementwise("bar.arrive 10, 256; mov.u32 $0, $1;", "=r,r", [x],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        elif WG == 1:
+            gl.inline_asm_elementwise("bar.arrive 11, 256; mov.u32 $0, $1;", "=r,r", [x],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise("bar.arrive 12, 256; mov.u32 $0, $1;", "=r,r", [x],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+    else:
+        if WG == 0:
+            gl.inline_asm_elementwise("bar.sync 10, 256; mov.u32 $0, $1;", "=r,r", [x],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        elif WG == 1:
+            gl.inline_asm_elementwise("bar.sync 11, 256; mov.u32 $0, $1;", "=r,r", [x],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise("bar.sync 12, 256; mov.u32 $0, $1;", "=r,r", [x],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _take_turn(turn, WG: gl.constexpr, count, NAMED: gl.constexpr = False):
     """Wait for warp group ``WG``'s turn number ``count`` at the tensor cores (``turn``:
     one mbarrier per group, or None: no turns). Group 0 goes first: a fresh barrier
     counts as having completed phase 1."""
     if turn is not None:
-        mbarrier.wait(turn.index(WG), (count + 1 - WG) & 1)
+        if NAMED:
+            _named_barrier(WG, False)
+        else:
+            mbarrier.wait(turn.index(WG), (count + 1 - WG) & 1)
 
 
 @gluon.jit
-def _pass_turn(turn, WG: gl.constexpr):
-    """Hand the turn to the other warp group once this group's wgmmas are issued."""
+def _pass_turn(turn, WG: gl.constexpr, NAMED: gl.constexpr = False,
+               GROUPS: gl.constexpr = 2):
+    """Hand the turn to the next warp group (of ``GROUPS``, in a ring; mbarriers: two)
+    once this group's wgmmas are issued."""
     if turn is not None:
-        mbarrier.arrive(turn.index(1 - WG), count=1)
+        if NAMED:
+            _named_barrier((WG + 1) % GROUPS, True)
+        else:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
 
 
 @gluon.jit
@@ -526,7 +565,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
                         ring_base, q_phase, stagger_bar=None, turn=None,
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
-                        PIN_SOFTMAX: gl.constexpr = False):
+                        PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
+                        TURN_GROUPS: gl.constexpr = 2):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -586,10 +626,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         _zero_v_tail(v_smem.index(first), 0, kv_len, BLOCK_N, num_warps)
         turns = ring_base + q_phase
         s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        _take_turn(turn, TURN_WG, turns)
+        _take_turn(turn, TURN_WG, turns, NAMED_TURNS)
         s_acc = warpgroup_mma(q_smem, k_smem.index(first).permute((1, 0)), s_acc,
                               use_acc=False, is_async=True)
-        _pass_turn(turn, TURN_WG)
+        _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
@@ -608,13 +648,13 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
             _zero_v_tail(v_smem.index(stage), j, kv_len, BLOCK_N, num_warps)
             s_acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-            _take_turn(turn, TURN_WG, turns + j)
+            _take_turn(turn, TURN_WG, turns + j, NAMED_TURNS)
             s_acc = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_acc,
                                   use_acc=False, is_async=True)
             if RESCALE_EARLY:  # alpha of tile j - 1's softmax, before its PV adds on
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            _pass_turn(turn, TURN_WG)
+            _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
@@ -635,11 +675,11 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
         last = (ring_base + num_tiles - 1) % STAGES
-        _take_turn(turn, TURN_WG, turns + num_tiles)
+        _take_turn(turn, TURN_WG, turns + num_tiles, NAMED_TURNS)
         if RESCALE_EARLY:
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        _pass_turn(turn, TURN_WG)
+        _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         if PRODUCER:
             fence_async_shared()
@@ -792,6 +832,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
         go_prev = stagger_bar
         started_prev = stagger_bar
         started_mine = stagger_bar
+    if TURNS == 2 and WG == LAST:  # group 0 takes the first turn
+        _named_barrier(0, True)
     pid = gl.program_id(0)
     num_programs = gl.num_programs(0)
     slot = pid * 0  # ring slots used by this program's earlier items
@@ -831,7 +873,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                         HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
                         slot, q_phase, go_mine if STAGGER and WG < LAST else None,
-                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX)
+                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
+                        TURNS == 2, NUM_GROUPS)
                     if STAGGER and WG < LAST:
                         if num_tiles == 0:  # (the loop arrives after its first softmax)
                             mbarrier.arrive(go_mine, count=1)
@@ -1247,7 +1290,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
-                        stagger: bool = False, turns: bool = False, split_q: bool = False,
+                        stagger: bool = False, turns: bool | str = False, split_q: bool = False,
                         rescale_early: bool = False, pin_softmax: bool = False,
                         tma_store: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
@@ -1292,7 +1335,9 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     stagger : (with ``pingpong``) the second consumer group starts each item after the
         first group's first softmax
     turns : (with ``pingpong`` and ``overlap``) the two consumer groups take turns issuing
-        each step's wgmmas (FA3/FA4's ordering of their consumer warp groups)
+        each step's wgmmas (FA3/FA4's ordering of their consumer warp groups): True
+        passes the turn through an mbarrier per group, ``"named"`` through a hardware
+        named barrier per group, as FA3/FA4 do
     split_q : (with ``pingpong``) each consumer group's rows of the Q block are copied and
         released on their own, so a group starts its next item without waiting for the
         others to finish the last one
@@ -1321,7 +1366,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         stages: int | None = None, warp_specialize: bool = False,
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
-                        stagger: bool = False, turns: bool = False, split_q: bool = False,
+                        stagger: bool = False, turns: bool | str = False, split_q: bool = False,
                         rescale_early: bool = False, pin_softmax: bool = False,
                         tma_store: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
@@ -1387,9 +1432,10 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         # for D=64's accumulators (FA4's 192-row tiles are for D <= 64). Paged spans would
         # also need the position reduction of _item_kv over 192 rows (gl.arange takes
         # powers of two).
-        if not pingpong or head_dim != 64 or positions is not None or turns:
+        if (not pingpong or head_dim != 64 or positions is not None
+                or turns not in (False, "named")):
             raise ValueError("192-row programs take the pingpong form at D=64 over dense K/V, "
-                             f"without turns (got pingpong={pingpong}, D={head_dim}, "
+                             f"with named turns or none (got pingpong={pingpong}, D={head_dim}, "
                              f"{'paged' if positions is not None else 'dense'}, turns={turns})")
     if tma_store and not (pingpong and block_m == 128 and not split_q and num_splits == 1
                           and (block_m // stack) % 64 == 0):
@@ -1402,6 +1448,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("persistent launches take the pingpong form")
     if stagger and not pingpong:
         raise ValueError("stagger takes the pingpong form")
+    if turns not in (False, True, "named"):
+        raise ValueError(f"turns must be False, True or 'named', got {turns!r}")
     if turns and not (pingpong and overlap):
         raise ValueError("turns take the pingpong form with overlap")
     if split_q and not pingpong:
@@ -1459,7 +1507,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
-        PINGPONG=pingpong, STAGGER=stagger, TURNS=turns, SPLIT_Q=split_q,
+        PINGPONG=pingpong, STAGGER=stagger, TURNS=2 if turns == "named" else int(bool(turns)),
+        SPLIT_Q=split_q,
         RESCALE_EARLY=rescale_early, PIN_SOFTMAX=pin_softmax,
         # box: a consumer group's 64 rows of one head; layout: the Q block's (the rows
         # are staged in it)
