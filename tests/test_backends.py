@@ -324,3 +324,33 @@ def test_gluon_splits_few_tiles_over_long_kv(monkeypatch) -> None:
     assert gluon.select_config(problem(16384, 2048)).num_splits == 1
     monkeypatch.setenv("SPANFILL_SPLITS", "3")
     assert gluon.select_config(problem(16384, 2048)).num_splits == 3
+
+
+def test_gluon_form_takes_the_tma_store_with_whole_boxes_and_no_splits(monkeypatch) -> None:
+    """At D=128 the registry's Gluon form stores by TMA when a head has at least the
+    box's 64 rows (MHA, GQA 2 stacked), not with four heads stacked (32 rows), and not
+    when the launch splits the KV range (partial states go to the workspace)."""
+    from spanfill.backends.gluon import choose_form
+    from spanfill.backends.problem import AttentionProblem
+
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+
+    def problem(hq: int, hk: int, d: int = 128, tokens: int = 4096) -> AttentionProblem:
+        return AttentionProblem(op="span", device=cuda, dtype=torch.bfloat16, head_dim=d,
+                                num_q_heads=hq, num_kv_heads=hk, num_tokens=tokens,
+                                num_requests=1, causal=True, paged=True, page_size=16,
+                                max_kv_len=8192, kv_dtype=torch.bfloat16)
+
+    assert choose_form(problem(32, 32)).tma_store
+    assert choose_form(problem(16, 8)).tma_store and choose_form(problem(16, 8)).heads == 2
+    assert not choose_form(problem(32, 8)).tma_store  # four heads of 32 rows
+    assert not choose_form(problem(16, 8, d=256)).tma_store
+    gluon = backends.get_backend("gluon")
+    monkeypatch.setenv("SPANFILL_SPLITS", "1")
+    assert gluon.select_config(problem(32, 32)).tile.tma_store
+    monkeypatch.setenv("SPANFILL_SPLITS", "3")
+    config = gluon.select_config(problem(32, 32, tokens=16))
+    assert config.num_splits == 3 and not config.tile.tma_store
+    assert "tma_store=yes" in choose_form(problem(32, 32)).describe_form()

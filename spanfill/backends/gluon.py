@@ -19,7 +19,7 @@ count of :meth:`GluonHopperBackend.select_config`), from ``scripts/ab_gluon.py``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,13 +39,17 @@ class GluonTile(AttentionConfig):
     :func:`choose_form` picks at D 128 and 256), each with the loop ``overlap`` says;
     ``persistent`` (with ``pingpong``) launches one program per SM, each walking its
     share of the work items; ``stagger`` (with ``pingpong``) starts the second consumer
-    group on each work item once the first has run its first tile's softmax."""
+    group on each work item once the first has run its first tile's softmax;
+    ``tma_store`` (128-row ``pingpong``, at least 64 rows a head, no KV splits) has each
+    consumer group stage its rows in its half of the Q block and store them with one TMA
+    copy."""
 
     overlap: bool = False
     producer: bool = False
     pingpong: bool = False
     persistent: bool = False
     stagger: bool = False
+    tma_store: bool = False
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
@@ -53,7 +57,8 @@ class GluonTile(AttentionConfig):
                 f" softmax={'under_pv' if self.overlap else 'in_sequence'}"
                 + (" consumer_partitions=2" if self.pingpong else "")
                 + (" persistent=yes" if self.persistent else "")
-                + (" staggered=yes" if self.stagger else ""))
+                + (" staggered=yes" if self.stagger else "")
+                + (" tma_store=yes" if self.tma_store else ""))
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the
@@ -135,6 +140,19 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     runs' noise, and ``rescale_early`` alone slowed whole_8k (0.969 -> 1.165); three
     consumer groups at D=64 gained 2-4% on docs_8k_d64 (0.778 / 0.797 against 0.812 /
     0.808), too close to the noise without a padded sweep.
+
+    At D=128 with one or two heads stacked, each consumer group writes its rows with one
+    TMA store from its half of the Q block (``tma_store``). Against the same staggered
+    form with one q head per program in two runs of five interleaved rounds
+    (``ab_gluon_tmastore_h200_bb0fc0e.csv``, ``ab_gluon_named_turns_h200_021cac0.csv``):
+    enc_2k_d128 0.477 -> 0.468 and 0.482 -> 0.466 ms, whole_8k 0.971 -> 0.964 and
+    0.968 -> 0.951, docs_8k_d64 0.793 -> 0.787 and 0.794 -> 0.789, few_big 0.470 ->
+    0.474 (the first run only). With four heads stacked (GQA 4, the span workloads of the
+    bench) a head has 32 rows, under the 64-row box, and the rows go out by registers.
+    Turns passed through hardware named barriers (``turns="named"``, FA3/FA4's
+    ``bar.sync``/``bar.arrive``) stayed within the noise at D=128 in the second run
+    (whole_8k 0.984 / staggered 0.988, enc_2k_d128 0.468 / 0.478, against 0.968 and 0.482
+    for the staggered form without turns) and are not taken.
     """
     from .triton_config import _stacked_heads
 
@@ -142,9 +160,10 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
         return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     if problem.head_dim == 128:
+        # The TMA store's box is 64 rows of one head: one or two heads stacked.
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
-                         stagger=True)
+                         stagger=True, tma_store=128 // stack >= 64)
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 
@@ -239,6 +258,8 @@ class GluonHopperBackend:
             tiles = packed_tile_bound(problem.num_tokens, problem.num_requests, tile.block_q)
             splits = pick_num_splits(tiles * (problem.num_q_heads // tile.heads),
                                      problem.max_kv_len, tile, problem.device)
+        if splits > 1 and tile.tma_store:  # split partial states go to the workspace
+            tile = replace(tile, tma_store=False)
         return LaunchConfig(tile, num_splits=splits, use_tma=True)
 
     def attend(self, config: LaunchConfig, plan, q: torch.Tensor, k: torch.Tensor,
@@ -268,7 +289,7 @@ class GluonHopperBackend:
                     warp_specialize=t.producer, overlap=t.overlap, stack=t.heads,
                     num_splits=config.num_splits, pingpong=t.pingpong,
                     persistent=triton_config._num_sms(q.device.index) if t.persistent else 0,
-                    stagger=t.stagger)
+                    stagger=t.stagger, tma_store=t.tma_store)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)

@@ -450,7 +450,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         k_pool, v_pool, ROW_STRIDE: gl.constexpr, ROW_OFFSET: gl.constexpr,
                         ring_base, q_phase, stagger_bar=None, turn=None,
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
-                        PIN_SOFTMAX: gl.constexpr = False):
+                        PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
+                        TURN_GROUPS: gl.constexpr = 2):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
@@ -458,7 +459,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     itself: the copy of tile ``j + STAGES - 1`` is issued before tile ``j`` is computed,
     into the stage freed at step ``j - 1``. Same arguments as :func:`_kv_loop_overlapped`
     (``stagger_bar``: arrived on after the first tile; no ``turn``, ``RESCALE_EARLY`` or
-    ``PIN_SOFTMAX``: they are for the overlapped loop).
+    ``PIN_SOFTMAX``: they are for the overlapped loop, and ``NAMED_TURNS`` and
+    ``TURN_GROUPS`` are read only with a ``turn``).
     """
     gl.static_assert(turn is None, "turns are for the overlapped loop")
     gl.static_assert(not RESCALE_EARLY, "RESCALE_EARLY is for the overlapped loop")
@@ -798,8 +800,10 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
     again. With one shared Q block nothing else is needed (group ``k`` cannot start an
     item before group ``k + 1`` is done with the one before); with ``SPLIT_Q`` it could
     otherwise signal twice before group ``k + 1`` waits once (a lost phase). ``TURNS``
-    (with ``OVERLAP``, two groups): the groups take turns issuing each step's wgmmas
-    (``turn``, :func:`_take_turn`), as FA3/FA4 order their consumer warp groups.
+    (with ``OVERLAP``): the groups take turns issuing each step's wgmmas
+    (:func:`_take_turn`), as FA3/FA4 order their consumer warp groups; 1: through the
+    two mbarriers of ``turn`` (two groups), 2: through hardware named barriers, passed
+    round the groups (two or three; the last group hands group 0 its first turn).
 
     ``SPLIT_Q``: each group's rows of the Q block have their own mbarriers (``q_bar`` and
     ``q_free`` hold one per group, each ``q_free`` one arrival), so the producer copies a
