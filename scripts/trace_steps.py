@@ -108,8 +108,8 @@ def _trace(tr, index, limit, anchor):
             gl.store(tr + index * 4 + t // 32, _clock(t), mask=(t % 32) == 0)
 ''')
 # 2. the overlapped loop takes tr
-_edit('''                        PIN_SOFTMAX: gl.constexpr = False):
-    """The KV loop with the softmax of tile''', '''                        PIN_SOFTMAX: gl.constexpr = False, tr=None):
+_edit('''                        TURN_GROUPS: gl.constexpr = 2):
+    """The KV loop with the softmax of tile''', '''                        TURN_GROUPS: gl.constexpr = 2, tr=None):
     """The KV loop with the softmax of tile''')
 _edit('''        first = ring_base % STAGES
         _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
@@ -184,7 +184,8 @@ _edit('''                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP els
                         HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
                         slot, q_phase, go_mine if STAGGER and WG < LAST else None,
-                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX)''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
+                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
+                        TURNS == 2, NUM_GROUPS)''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
                     acc, m_i, l_i = _kv_loop_overlapped(
                         q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
                         row_end, q_start, q_stop, kv_len, kv_len, kv_len, num_tiles,
@@ -192,12 +193,11 @@ _edit('''                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP els
                         HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
                         slot, q_phase, go_mine if STAGGER and WG < LAST else None,
-                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX, tr)
+                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
+                        TURNS == 2, NUM_GROUPS, tr)
                     _trace(tr_items, r * 4 + 2, {ILIM}, r)''')
-_edit('''                                HEAD_DIM, BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL,
-                                RETURN_LSE, NUM_SPLITS)
-                    slot += num_tiles''', f'''                                HEAD_DIM, BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL,
-                                RETURN_LSE, NUM_SPLITS)
+_edit('''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
+                    slot += num_tiles''', f'''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
                     _trace(tr_items, r * 4 + 3, {ILIM}, r)
                     slot += num_tiles''')
 # 4. the launcher passes TRACE as the LSE pointer
@@ -251,12 +251,12 @@ def _softmax_step(''')
 # wgmmas run under this group's softmax (applied after EDITS: its anchors are the
 # traced text's).
 TURNS_DONE = [
-    ('''        _pass_turn(turn, TURN_WG)
+    ('''        _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
 ''', '''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-        _pass_turn(turn, TURN_WG)
+        _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
 '''),
-    ('''            _pass_turn(turn, TURN_WG)
+    ('''            _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4, ring_base + j)
@@ -270,17 +270,17 @@ TURNS_DONE = [
 ''', '''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4, ring_base + j)
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            _pass_turn(turn, TURN_WG)
+            _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
             _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4, ring_base + j)
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
 '''),
     ('''        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        _pass_turn(turn, TURN_WG)
+        _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
 ''', '''        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-        _pass_turn(turn, TURN_WG)
+        _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
 '''),
     ('''    if persistent < 0:
         raise ValueError(f"persistent must be a program count >= 0, got {persistent}")''',
