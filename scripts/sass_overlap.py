@@ -10,6 +10,18 @@ means to run the softmax (its ``MUFU.EX2``) between the wait for QK^T and the wa
 PV (``WARPGROUP.DEPBAR.LE gsb0, 0x0``); the script counts the exponentials that come
 before that wait. ptxas decides the order, not the source: on Triton 3.6 it puts all of
 them after the wait unless ``pin_softmax`` is set (``_kv_loop_overlapped``).
+
+Each loop's synchronisation is counted too (static counts: an instruction in a branch
+counts once): warp-group barriers (``BAR.SYNC``), named-barrier arrivals (``BAR.ARV``),
+``MEMBAR``, mbarrier waits and arrivals (``SYNCS.*``).
+
+    python scripts/sass_overlap.py --sass FILE.sass [--sass ...] [--events]
+
+reads disassemblies instead (``nvdisasm -c`` output), e.g. FlashAttention-4's SM90
+kernel, dumped on the GPU machine with ``CUTE_DSL_KEEP=cubin CUTE_DSL_DUMP_DIR=DIR``
+and disassembled by the ``nvdisasm`` in Triton's ``backends/nvidia/bin``.
+``--events`` lists each loop's wgmma, wait and synchronisation instructions in order,
+with the exponentials issued before each.
 """
 from __future__ import annotations
 
@@ -46,10 +58,29 @@ def sass_of(ptx: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("//")]
 
 
-def pv_loops(sass: list[str]) -> list[dict]:
+def read_sass(path: Path) -> list[str]:
+    """The SASS instructions and labels of an ``nvdisasm -c`` listing, as :func:`sass_of`."""
+    lines = (re.sub(r"/\*[0-9a-f]*\*/", "", line).strip()
+             for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("//")]
+
+
+EVENT = re.compile(r"HGMMA.*gsb0|WARPGROUP\.DEPBAR|BAR\.(SYNC|ARV)|MEMBAR|SYNCS\.")
+
+
+def _opcode(line: str) -> str:
+    """The opcode of an instruction, its predicate (``@P0``, ``@!UP1``) dropped."""
+    words = re.sub(r"^@!?U?P\w+\s+", "", line).split()
+    return words[0] if words else ""
+
+
+def pv_loops(sass: list[str], events: bool = False) -> list[dict]:
     """Each innermost loop (a label and the backward branch to it, with no other loop
-    inside) that issues a PV wgmma: its length, its exponentials, and how many of them
-    come before its first wait for every wgmma (``DEPBAR.LE gsb0, 0x0``)."""
+    inside) that issues a PV wgmma: its length, its exponentials, how many of them
+    come before its first wait for every wgmma (``DEPBAR.LE gsb0, 0x0``), and its
+    synchronisation instructions by kind. ``events``: also ``"events"``, each wgmma group
+    end, wait and synchronisation instruction in order as ``(index, instruction,
+    exponentials before it)``."""
     labels = {line.rstrip(":"): i for i, line in enumerate(sass) if line.startswith(".L")}
     loops = []
     for end, line in enumerate(sass):
@@ -65,8 +96,17 @@ def pv_loops(sass: list[str]) -> list[dict]:
             continue
         waits = [k for k, line in enumerate(body) if "DEPBAR.LE gsb0, 0x0" in line]
         ex2 = [k for k, line in enumerate(body) if "MUFU.EX2" in line]
-        out.append({"instructions": len(body), "exp2": len(ex2),
-                    "exp2_before_pv_wait": sum(1 for k in ex2 if waits and k < waits[0])})
+        ops = [_opcode(line) for line in body]
+        loop = {"instructions": len(body), "exp2": len(ex2),
+                "exp2_before_pv_wait": sum(1 for k in ex2 if waits and k < waits[0]),
+                "bar_sync": sum(op.startswith("BAR.SYNC") for op in ops),
+                "bar_arrive": sum(op.startswith("BAR.ARV") for op in ops),
+                "membar": sum(op.startswith("MEMBAR") for op in ops),
+                "mbarrier_ops": sum(op.startswith("SYNCS.") for op in ops)}
+        if events:
+            loop["events"] = [(k, line, sum(1 for e in ex2 if e < k))
+                              for k, line in enumerate(body) if EVENT.search(line)]
+        out.append(loop)
     return out
 
 
@@ -74,23 +114,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--sass", action="append", default=[], metavar="FILE",
+                        help="read this nvdisasm -c listing instead of compiling cases")
+    parser.add_argument("--events", action="store_true",
+                        help="list each loop's wgmma, wait and synchronisation instructions")
     args = parser.parse_args()
     rows = []
-    for case in args.cases or [c for c in CASES if "pingpong" in c]:
+    for path in args.sass:
+        rows.append({"case": Path(path).name, "loops": pv_loops(read_sass(Path(path)),
+                                                                 args.events)})
+    for case in args.cases or ([] if args.sass else [c for c in CASES if "pingpong" in c]):
         entry = compile_attention(CASES[case][0])
-        rows.append({"case": case, "loops": pv_loops(sass_of(entry["ptx"]))})
+        rows.append({"case": case, "loops": pv_loops(sass_of(entry["ptx"]), args.events)})
     if args.json:
         print(json.dumps(rows))
         return
     import triton
 
     print(f"triton {triton.__version__}\n")
-    print("| case | loop | instructions | exp2 | exp2 before the PV wait |")
-    print("|---|---|---|---|---|")
+    print("| case | loop | instructions | exp2 | exp2 before the PV wait | BAR.SYNC "
+          "| BAR.ARV | MEMBAR | mbarrier ops |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for i, loop in enumerate(r["loops"]):
             print(f"| {r['case']} | {i} | {loop['instructions']} | {loop['exp2']} "
-                  f"| {loop['exp2_before_pv_wait']} |")
+                  f"| {loop['exp2_before_pv_wait']} | {loop['bar_sync']} "
+                  f"| {loop['bar_arrive']} | {loop['membar']} | {loop['mbarrier_ops']} |")
+    for r in rows:
+        for i, loop in enumerate(r["loops"]):
+            if "events" in loop:
+                print(f"\n{r['case']}, loop {i}: index, instruction, exponentials before it")
+                for k, line, before in loop["events"]:
+                    print(f"{k:5d}  {line}  [{before}]")
 
 
 if __name__ == "__main__":
