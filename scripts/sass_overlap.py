@@ -34,10 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compile_sm90 import CASES, compile_attention  # noqa: E402
 
 PV_WGMMA = re.compile(r"HGMMA\S* R\d+, R\d+, gdesc")
 
@@ -119,6 +116,12 @@ def main() -> None:
     parser.add_argument("--events", action="store_true",
                         help="list each loop's wgmma, wait and synchronisation instructions")
     args = parser.parse_args()
+    # Compiling for sm_90 takes the real compiler, not the interpreter; set before
+    # compile_sm90 imports spanfill (importing this module for its parsers leaves the
+    # environment alone: tests/test_sass_overlap.py).
+    os.environ["TRITON_INTERPRET"] = "0"
+    from compile_sm90 import CASES, compile_attention
+
     rows = []
     for path in args.sass:
         rows.append({"case": Path(path).name, "loops": pv_loops(read_sass(Path(path)),

@@ -2,6 +2,8 @@
 where the exponentials fall against the PV wait, and its synchronisation counts."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +32,16 @@ LISTING = """
         /*00e0*/               @P2 BRA `(.L_x_2) ;
         /*00f0*/                   EXIT ;
 """
+
+
+def test_importing_leaves_the_interpreter_setting_alone() -> None:
+    """The suite imports this module on the CPU, where the portable kernels need
+    ``TRITON_INTERPRET=1``; only ``main()`` switches it off, to compile for sm_90."""
+    code = ("import os, sys; sys.path.insert(0, 'scripts'); import sass_overlap; "
+            "print(os.environ['TRITON_INTERPRET'], 'spanfill' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=120)
+    assert done.stdout.split() == ["1", "False"], done.stderr[-2000:]
 
 
 def test_a_listing_s_pv_loop_counts(tmp_path: Path) -> None:
