@@ -15,6 +15,7 @@ Usage::
     python scripts/compile_sm90.py            # a table: case, compiled, specialised args
     python scripts/compile_sm90.py --json     # one JSON line per run (tests read it)
     python scripts/compile_sm90.py CASE ...   # only these cases
+    python scripts/compile_sm90.py --json --shard 0/2   # every 2nd case from the 1st
     python scripts/compile_sm90.py --dump-ttgir DIR   # also write each launch's TTGIR
 
 ``--dump-ttgir`` writes ``DIR/<case>.<n>.<kernel>.ttgir`` in a canonical form (no source
@@ -537,8 +538,15 @@ def main(argv: list[str]) -> int:
         dump = Path(argv[i + 1])
         del argv[i:i + 2]
         dump.mkdir(parents=True, exist_ok=True)
+    shard = None
+    if "--shard" in argv:  # I/N: every N-th case from the I-th (parallel processes)
+        i = argv.index("--shard")
+        shard = tuple(int(x) for x in argv[i + 1].split("/"))
+        del argv[i:i + 2]
     as_json = "--json" in argv
     names = [a for a in argv if not a.startswith("--")] or list(CASES)
+    if shard is not None:
+        names = names[shard[0]::shard[1]]
     results = [run_case(n, dump) for n in names]
     if as_json:
         print(json.dumps(results))
