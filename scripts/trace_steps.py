@@ -66,7 +66,8 @@ STEP_EVENTS = ("ready", "s", "pv", "end")
 ITEM_EVENTS = ("start", "loop", "loop_end", "stored")
 
 
-# The tracing copy's edits, in order: (anchor, replacement), each anchor found exactly.
+# The tracing copy's edits, in order: (anchor, replacement), each anchor found exactly
+# once in the text the edits before it leave.
 EDITS: list[tuple[str, str]] = []
 
 
@@ -74,12 +75,21 @@ def _edit(old: str, new: str) -> None:
     EDITS.append((old, new))
 
 
+def _after(anchor: str, added: str) -> None:
+    """Insert ``added`` right after ``anchor``."""
+    _edit(anchor, anchor + added)
+
+
+def _before(anchor: str, added: str) -> None:
+    """Insert ``added`` right before ``anchor``."""
+    _edit(anchor, added + anchor)
+
+
 LIM = "TRACE_STEPS * 4"
 ILIM = "TRACE_ITEMS * 4"
 # 1. the trace buffer, clock read and event store
-_edit('''__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
-''', '''__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
-
+_after('''__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
+''', '''
 # TRACING COPY (made by scripts/trace_steps.py, never the package's file): the ping-pong
 # consumers write SM clock stamps (%clock64) of each KV step and work item into TRACE,
 # an int64 CUDA tensor [programs * groups, TRACE_STRIDE] that the launcher passes in
@@ -107,99 +117,52 @@ def _trace(tr, index, limit, anchor):
             t = gl.arange(0, 128, layout=lanes)
             gl.store(tr + index * 4 + t // 32, _clock(t), mask=(t % 32) == 0)
 ''')
-# 2. the overlapped loop takes tr
+# 2. the overlapped loop takes tr; step events: tile landed, S retired, PV retired, end
 _edit('''                        TURN_GROUPS: gl.constexpr = 2):
     """The KV loop with the softmax of tile''', '''                        TURN_GROUPS: gl.constexpr = 2, tr=None):
     """The KV loop with the softmax of tile''')
-_edit('''        first = ring_base % STAGES
+_after('''        first = ring_base % STAGES
         _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
-''', f'''        first = ring_base % STAGES
-        _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
-        _trace(tr, ring_base * 4 + 0, {LIM}, ring_base)
+''', f'''        _trace(tr, ring_base * 4 + 0, {LIM}, ring_base)
 ''')
-_edit('''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
-                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
-''', f'''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-        _trace(tr, ring_base * 4 + 1, {LIM}, ring_base)
-        p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
-                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
+_after('''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
+''', f'''        _trace(tr, ring_base * 4 + 1, {LIM}, ring_base)
 ''')
-_edit('''        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        for j in range(1, num_tiles):
-            stage = (ring_base + j) % STAGES
-            prev = (ring_base + j - 1) % STAGES
-            _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
-''', f'''        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        _trace(tr, ring_base * 4 + 3, {LIM}, ring_base)
-        for j in range(1, num_tiles):
-            stage = (ring_base + j) % STAGES
-            prev = (ring_base + j - 1) % STAGES
-            _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
-            _trace(tr, (ring_base + j) * 4 + 0, {LIM}, ring_base + j)
+_before('''        for j in range(1, num_tiles):
+''', f'''        _trace(tr, ring_base * 4 + 3, {LIM}, ring_base)
 ''')
-_edit('''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
-            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
-                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            if PIN_SOFTMAX:  # the softmax before the PV wait
-                pin.store(l_i)
-            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-''', f'''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
-            _trace(tr, (ring_base + j) * 4 + 1, {LIM}, ring_base + j)
-            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
-                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            if PIN_SOFTMAX:  # the softmax before the PV wait
-                pin.store(l_i)
-            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            _trace(tr, (ring_base + j) * 4 + 2, {LIM}, ring_base + j)
+_after('''            _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
+''', f'''            _trace(tr, (ring_base + j) * 4 + 0, {LIM}, ring_base + j)
 ''')
-_edit('''            p_op = gl.convert_layout(p.to(dtype), p_layout)
-        last = (ring_base + num_tiles - 1) % STAGES''', f'''            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
-        last = (ring_base + num_tiles - 1) % STAGES''')
+_after('''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
+''', f'''            _trace(tr, (ring_base + j) * 4 + 1, {LIM}, ring_base + j)
+''')
+_after('''            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+''', f'''            _trace(tr, (ring_base + j) * 4 + 2, {LIM}, ring_base + j)
+''')
+_before('''        last = (ring_base + num_tiles - 1) % STAGES''', f'''            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
+''')
 # 3. the consumer: tr from the LSE stand-in, item events
-_edit('''    pid = gl.program_id(0)
-    num_programs = gl.num_programs(0)
-    slot = pid * 0  # ring slots used by this program's earlier items
+_after('''    slot = pid * 0  # ring slots used by this program's earlier items
     q_phase = pid * 0
-    for r in range(gl.cdiv(num_items, num_programs)):''', '''    pid = gl.program_id(0)
-    num_programs = gl.num_programs(0)
-    slot = pid * 0  # ring slots used by this program's earlier items
-    q_phase = pid * 0
-    tr = WS_LSE + (pid * NUM_GROUPS + WG).to(gl.int64) * TRACE_STRIDE
+''', '''    tr = WS_LSE + (pid * NUM_GROUPS + WG).to(gl.int64) * TRACE_STRIDE
     tr_items = tr + TRACE_STEPS * 4 * 4
-    for r in range(gl.cdiv(num_items, num_programs)):''')
-_edit('''                    if STAGGER and WG > 0:
+''')
+_before('''                    if STAGGER and WG > 0:
                         mbarrier.wait(go_prev, q_phase)
-                        if SPLIT_Q:''', f'''                    _trace(tr_items, r * 4 + 0, {ILIM}, r)
-                    if STAGGER and WG > 0:
-                        mbarrier.wait(go_prev, q_phase)
-                        if SPLIT_Q:''')
+''', f'''                    _trace(tr_items, r * 4 + 0, {ILIM}, r)
+''')
 _edit('''                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
-                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
-                        row_end, q_start, q_stop, kv_len, kv_len, kv_len, num_tiles,
-                        mask_from, qk_scale, s_layout, o_layout, dtype, GROUP_ROWS, BLOCK_N,
-                        HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
-                        kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
-                        slot, q_phase, go_mine if STAGGER and WG < LAST else None,
-                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
-                        TURNS == 2, NUM_GROUPS)''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
+                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
                     acc, m_i, l_i = _kv_loop_overlapped(
-                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,
-                        row_end, q_start, q_stop, kv_len, kv_len, kv_len, num_tiles,
-                        mask_from, qk_scale, s_layout, o_layout, dtype, GROUP_ROWS, BLOCK_N,
-                        HEAD_DIM, STAGES, CAUSAL, True, NUM_WARPS, POSITIONS, HAS_POSITIONS,
-                        kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
-                        slot, q_phase, go_mine if STAGGER and WG < LAST else None,
-                        turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
-                        TURNS == 2, NUM_GROUPS, tr)
-                    _trace(tr_items, r * 4 + 2, {ILIM}, r)''')
-_edit('''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
-                    slot += num_tiles''', f'''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
-                    _trace(tr_items, r * 4 + 3, {ILIM}, r)
-                    slot += num_tiles''')
+                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''')
+_edit('''                        TURNS == 2, NUM_GROUPS)
+''', f'''                        TURNS == 2, NUM_GROUPS, tr)
+                    _trace(tr_items, r * 4 + 2, {ILIM}, r)
+''')
+_after('''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
+''', f'''                    _trace(tr_items, r * 4 + 3, {ILIM}, r)
+''')
 # 4. the launcher passes TRACE as the LSE pointer
 _edit('''    lse_arg = lse if lse is not None else out
 ''', '''    lse_arg = lse if lse is not None else out
@@ -294,12 +257,13 @@ TURNS_DONE = [
 def traced_source(src: str, tensor_only: bool = False, exp_fma: bool = False,
                   turns_done: bool = False) -> str:
     """The kernel file's source with the stamps added (:data:`EDITS`; an anchor that is
-    gone means the kernel changed where the tracer hooks in)."""
+    gone, or found more than once, means the kernel changed where the tracer hooks in)."""
     for old, new in (EDITS + ([TENSOR_ONLY] if tensor_only else [])
                      + ([EXP_FMA_HELPER, EXP_FMA] if exp_fma else [])
                      + (TURNS_DONE if turns_done else [])):
-        if old not in src:
-            raise ValueError("trace_steps: an anchor is gone from the kernel file: "
+        if src.count(old) != 1:  # gone, or no longer pointing at one place
+            where = "gone from" if old not in src else "not unique in"
+            raise ValueError(f"trace_steps: an anchor is {where} the kernel file: "
                              + old.strip().splitlines()[0][:70])
         src = src.replace(old, new, 1)
     return src

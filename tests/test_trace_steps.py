@@ -113,3 +113,11 @@ def test_item_boundaries_are_not_counted_as_late_tiles() -> None:
     assert res["after_last_warp"] == 0.0
     assert res["warp_skew"] == 0.0
     assert res["wait_tile"] == 0.0
+
+
+def test_an_anchor_found_twice_is_refused() -> None:
+    """A kernel edit that repeats an anchor's text would put a stamp in the wrong place:
+    the tracer refuses it instead."""
+    src = trace_steps.KERNEL.read_text()
+    with pytest.raises(ValueError, match="an anchor is not unique in the kernel file"):
+        trace_steps.traced_source(src + "\n        for j in range(1, num_tiles):\n")
