@@ -51,14 +51,18 @@ def sass_of(ptx: str) -> list[str]:
                        check=True, capture_output=True)
         text = subprocess.run([str(ptxas.parent / "nvdisasm"), "-c", str(cubin)], check=True,
                               capture_output=True, text=True).stdout
-    lines = (re.sub(r"/\*[0-9a-f]*\*/", "", line).strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("//")]
+    return _instructions(text)
 
 
 def read_sass(path: Path) -> list[str]:
     """The SASS instructions and labels of an ``nvdisasm -c`` listing, as :func:`sass_of`."""
-    lines = (re.sub(r"/\*[0-9a-f]*\*/", "", line).strip()
-             for line in path.read_text().splitlines())
+    return _instructions(path.read_text())
+
+
+def _instructions(listing: str) -> list[str]:
+    """An ``nvdisasm -c`` listing's instructions and labels, addresses and comments
+    dropped."""
+    lines = (re.sub(r"/\*[0-9a-f]*\*/", "", line).strip() for line in listing.splitlines())
     return [line for line in lines if line and not line.startswith("//")]
 
 
