@@ -424,6 +424,10 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_paged_pingpong_stagger_tmastore_stack2_d128": (gluon_paged_case(
         100, 16, 24, 8, 2, 128, block_m=128, stack=2, overlap=True, pingpong=True,
         stagger=True, tma_store=True), ()),
+    # four heads of 32 rows stacked: two boxes per consumer group
+    "gluon_paged_pingpong_stagger_tmastore_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
+        stagger=True, tma_store=True), ()),
     "gluon_dense_pingpong_early_padded_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=True, zero_fill=True, block_m=128, overlap=True,
         pingpong=True, stagger=True, rescale_early=True), ()),

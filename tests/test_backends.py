@@ -327,9 +327,9 @@ def test_gluon_splits_few_tiles_over_long_kv(monkeypatch) -> None:
 
 
 def test_gluon_form_takes_the_tma_store_with_whole_boxes_and_no_splits(monkeypatch) -> None:
-    """At D=128 the registry's Gluon form stores by TMA when a head has at least the
-    box's 64 rows (MHA, GQA 2 stacked), not with four heads stacked (32 rows), and not
-    when the launch splits the KV range (partial states go to the workspace)."""
+    """At D=128 the registry's Gluon form stores by TMA: boxes of 64 rows of a head (MHA,
+    GQA 2 stacked) or 32 (four heads stacked); not at D=256, and not when the launch
+    splits the KV range (partial states go to the workspace)."""
     from spanfill.backends.gluon import choose_form
     from spanfill.backends.problem import AttentionProblem
 
@@ -345,7 +345,7 @@ def test_gluon_form_takes_the_tma_store_with_whole_boxes_and_no_splits(monkeypat
 
     assert choose_form(problem(32, 32)).tma_store
     assert choose_form(problem(16, 8)).tma_store and choose_form(problem(16, 8)).heads == 2
-    assert not choose_form(problem(32, 8)).tma_store  # four heads of 32 rows
+    assert choose_form(problem(32, 8)).tma_store and choose_form(problem(32, 8)).heads == 4
     assert not choose_form(problem(16, 8, d=256)).tma_store
     gluon = backends.get_backend("gluon")
     monkeypatch.setenv("SPANFILL_SPLITS", "1")

@@ -489,18 +489,19 @@ TMA_STORE_FORMS = pytest.mark.parametrize("form", [
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("stack", [1, 2], ids=["head-per-block", "stack2"])
+@pytest.mark.parametrize("stack", [1, 2, 4], ids=["head-per-block", "stack2", "stack4"])
 @TMA_STORE_FORMS
 def test_tma_store_padded_batches(dtype: torch.dtype, d: int, side: str, causal: bool,
                                   stack: int, form: dict) -> None:
-    """Padded batches through the TMA-store epilogue: full 64-row boxes in the middle of
-    samples, tails of odd lengths (left padding: the box over a sample's first rows holds
+    """Padded batches through the TMA-store epilogue: full boxes (64 rows of a head, or 32
+    with four heads stacked) in the middle of samples, tails of odd lengths (left padding: the box over a sample's first rows holds
     zero-filled padding), a one-token and an empty sample; NaN in the padded K/V."""
-    _check_pingpong_padded([203, 1, 0, 77, 130, 256], 256, 4, 2, d, dtype, side, causal,
-                           stack, 128, d + causal + stack + 7, overlap=True, **form)
+    _check_pingpong_padded([203, 1, 0, 77, 130, 256], 256, 2 * max(stack, 2), 2, d, dtype,
+                           side, causal, stack, 128, d + causal + stack + 7, overlap=True,
+                           **form)
 
 
-@pytest.mark.parametrize("stack", [1, 2], ids=["head-per-block", "stack2"])
+@pytest.mark.parametrize("stack", [1, 2, 4], ids=["head-per-block", "stack2", "stack4"])
 @pytest.mark.parametrize("return_lse", [False, True], ids=["no-lse", "lse"])
 @TMA_STORE_FORMS
 def test_tma_store_varlen_and_spans(stack: int, return_lse: bool, form: dict) -> None:
@@ -514,7 +515,7 @@ def test_tma_store_varlen_and_spans(stack: int, return_lse: bool, form: dict) ->
     gen = torch.Generator().manual_seed(17 + stack)
     lens = [1, 64, 65, 300, 17, 128, 129, 192]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), device="cuda")
-    t, hq, hk, d = sum(lens), 8, 4, 128
+    t, hq, hk, d = sum(lens), 8, 8 // max(stack, 2), 128
     q = torch.randn(t, hq, d, generator=gen).to("cuda", torch.bfloat16)
     k, v = (torch.randn(t, hk, d, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
     out = torch.full_like(q, float("nan"))

@@ -117,12 +117,13 @@ def test_persistent_pingpong_forms_pass_the_checks(form: dict) -> None:
 
 @pytest.mark.parametrize("form,block_q", [
     (dict(block_m=128, overlap=True), 128),
-    (dict(block_m=128, pingpong=True, overlap=True, stack=4), 32),
+    (dict(block_m=128, pingpong=True, overlap=True, stack=8), 16),
     (dict(block_m=128, pingpong=True, overlap=True, split_q=True), 128),
     (dict(block_m=192, pingpong=True, overlap=True), 192),
-], ids=["not-pingpong", "32-rows-a-head", "split-q", "three-groups"])
+], ids=["not-pingpong", "16-rows-a-head", "split-q", "three-groups"])
 def test_tma_store_takes_two_groups_of_whole_boxes(form: dict, block_q: int) -> None:
-    """The TMA-store epilogue writes a consumer group's 64 rows of one head as one box:
-    not outside the 128-row ping-pong form, not with 32 rows a head, not with split_q."""
+    """The TMA-store epilogue writes a consumer group's rows as boxes of 64 rows of one
+    head, or 32 of each of two stacked heads: not outside the 128-row ping-pong form, not
+    with 16 rows a head, not with split_q."""
     with pytest.raises(ValueError, match="tma_store takes the 128-row pingpong form"):
-        _launch(_zeros(4), _zeros(4), block_q, tma_store=True, **form)
+        _launch(_zeros(8), _zeros(1), block_q, tma_store=True, **form)

@@ -40,7 +40,7 @@ class GluonTile(AttentionConfig):
     ``persistent`` (with ``pingpong``) launches one program per SM, each walking its
     share of the work items; ``stagger`` (with ``pingpong``) starts the second consumer
     group on each work item once the first has run its first tile's softmax;
-    ``tma_store`` (128-row ``pingpong``, at least 64 rows a head, no KV splits) has each
+    ``tma_store`` (128-row ``pingpong``, at least 32 rows a head, no KV splits) has each
     consumer group stage its rows in its half of the Q block and store them with one TMA
     copy."""
 
@@ -148,7 +148,8 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     enc_2k_d128 0.477 -> 0.468 and 0.482 -> 0.466 ms, whole_8k 0.971 -> 0.964 and
     0.968 -> 0.951, docs_8k_d64 0.793 -> 0.787 and 0.794 -> 0.789, few_big 0.470 ->
     0.474 (the first run only). With four heads stacked (GQA 4, the span workloads of the
-    bench) a head has 32 rows, under the 64-row box, and the rows go out by registers.
+    bench) each consumer group stores two 32-row boxes, one per head (branch
+    ``wip/tma-store-32-row-boxes``: compiled for sm_90, not yet run on a GPU).
     Turns passed through hardware named barriers (``turns="named"``, FA3/FA4's
     ``bar.sync``/``bar.arrive``) stayed within the noise at D=128 in the second run
     (whole_8k 0.984 / staggered 0.988, enc_2k_d128 0.468 / 0.478, against 0.968 and 0.482
@@ -160,10 +161,10 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
         return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     if problem.head_dim == 128:
-        # The TMA store's box is 64 rows of one head: one or two heads stacked.
+        # The TMA store's boxes are 64 rows of one head, or 32 of each stacked head.
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
-                         stagger=True, tma_store=128 // stack >= 64)
+                         stagger=True, tma_store=128 // stack >= 32)
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 

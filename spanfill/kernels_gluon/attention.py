@@ -884,14 +884,17 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                             mbarrier.arrive(go_mine, count=1)
                     # The loop waited for its last wgmma: this group is done with Q.
                     if TMA_STORE:
-                        # This group's rows leave through its half of the Q block and one
-                        # TMA store, when the box (GROUP_ROWS rows of one head) holds only
-                        # rows this item may write: the tile's, and valid or zero-filled.
+                        # This group's rows leave through its half of the Q block and TMA
+                        # stores of one box per head (BOX rows: the group's 64, or a
+                        # stacked head's 32), when a box holds only rows this item may
+                        # write: the tile's, and valid or zero-filled. The group's heads
+                        # share their rows, so one test covers every box.
+                        BOX: gl.constexpr = GROUP_ROWS if GROUP_ROWS < BLOCK_Q else BLOCK_Q
                         FIRST: gl.constexpr = (WG * GROUP_ROWS) % BLOCK_Q
                         r0 = row0 + FIRST
-                        by_tma = r0 + GROUP_ROWS <= row_end
+                        by_tma = r0 + BOX <= row_end
                         if not ZERO_FILL:
-                            by_tma = by_tma & (r0 >= q_start) & (r0 + GROUP_ROWS <= q_stop)
+                            by_tma = by_tma & (r0 >= q_start) & (r0 + BOX <= q_stop)
                         if by_tma:
                             out, _, _, _, _ = _normalized_rows(
                                 acc, m_i, l_i, row0, row_end, q_start, q_stop, head, o_layout,
@@ -899,8 +902,10 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                             q_half.store(out.to(dtype))
                             fence_async_shared()
                             _barrier()  # every warp's rows in shared memory before the copy
-                            _tma_store(o_desc, [r0, (head + (WG * GROUP_ROWS) // BLOCK_Q)
-                                                * HEAD_DIM], q_half)
+                            for b in gl.static_range(GROUP_ROWS // BOX):
+                                _tma_store(o_desc, [r0, (head + (WG * GROUP_ROWS + b * BOX)
+                                                         // BLOCK_Q) * HEAD_DIM],
+                                           q_half.slice(b * BOX, BOX))
                             # The next item's Q lands in these rows: release them once the
                             # store has read them.
                             tma.store_wait(0)
@@ -1442,8 +1447,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
                              f"with named turns or none (got pingpong={pingpong}, D={head_dim}, "
                              f"{'paged' if positions is not None else 'dense'}, turns={turns})")
     if tma_store and not (pingpong and block_m == 128 and not split_q and num_splits == 1
-                          and (block_m // stack) % 64 == 0):
-        raise ValueError("tma_store takes the 128-row pingpong form with at least 64 rows a "
+                          and (block_m // stack) % 32 == 0):
+        raise ValueError("tma_store takes the 128-row pingpong form with at least 32 rows a "
                          f"head, without split_q or KV splits (stack={stack}, "
                          f"num_splits={num_splits}, split_q={split_q})")
     if persistent < 0:
@@ -1514,9 +1519,9 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         PINGPONG=pingpong, STAGGER=stagger, TURNS=2 if turns == "named" else int(bool(turns)),
         SPLIT_Q=split_q,
         RESCALE_EARLY=rescale_early, PIN_SOFTMAX=pin_softmax,
-        # box: a consumer group's 64 rows of one head; layout: the Q block's (the rows
-        # are staged in it)
-        O_DESC=_desc(out, 64, block_m) if tma_store else None,
+        # box: a consumer group's 64 rows of one head, or a stacked head's 32; layout:
+        # the Q block's (the rows are staged in it)
+        O_DESC=_desc(out, min(64, block_m // stack), block_m) if tma_store else None,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,
