@@ -191,9 +191,9 @@ def test_info_explains_every_example(monkeypatch) -> None:
 
 
 def test_info_on_hopper_names_the_gluon_form_for_spans(monkeypatch) -> None:
-    """On an sm_90 GPU the span examples (D=128 and 256) take the Gluon family, and the
-    line says its form; the dense examples stay on the portable kernels with the Gluon
-    refusal as reason."""
+    """On an sm_90 GPU the span examples (D=128 and 256) and the bidirectional padded
+    batch at D=128 take the Gluon family, and the line says its form; the other dense
+    examples stay on the portable kernels with the Gluon refusal as reason."""
     from spanfill.backends.explain import example_problems, explain
 
     monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
@@ -215,6 +215,9 @@ def test_info_on_hopper_names_the_gluon_form_for_spans(monkeypatch) -> None:
     for name, text in lines.items():
         if name.startswith("span_prefill") and ("D=128" in name or "D=256" in name):
             assert text.startswith("gluon") and "span prefill: the Gluon kernel" in text, text
+        elif name.startswith("padded_prefill") and "D=128" in name:
+            assert text.startswith("gluon") and "padded batch at D=128" in text, text
+            assert "persistent=yes staggered=yes tma_store=yes" in text, text
         else:
             assert text.startswith("triton") and "not gluon:" in text, text
 
@@ -243,17 +246,35 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     assert chosen.name == "triton" and "not gluon: padded at D=64: the portable kernel" in reason
     assert select_backend(as_cuda(dense), "gluon")[0] is gluon
     # Long bidirectional padded documents at D=64 (S >= 4096, measured faster there);
-    # varlen, D=128 and causal batches stay on the portable kernel at any length.
+    # varlen and causal batches stay on the portable kernel at any length.
     from spanfill.backends.gluon import GLUON_PADDED_D64_MIN_SEQ_LEN as long_s
+    from spanfill.backends.gluon import GLUON_PADDED_D64_THREE_GROUPS_MIN_SEQ_LEN as longer_s
     for max_s, name in ((long_s - 1, "triton"), (long_s, "gluon"), (8192, "gluon")):
         chosen, reason = select_backend(as_cuda(dense, max_kv_len=max_s))
         assert chosen.name == name, (max_s, reason)
     assert "S=8192 at D=64: the Gluon kernel" in select_backend(
         as_cuda(dense, max_kv_len=8192))[1]
-    for change in (dict(op="varlen"), dict(head_dim=128), dict(causal=True)):
+    for change in (dict(op="varlen"), dict(causal=True)):
         assert select_backend(as_cuda(dense, max_kv_len=8192, **change))[0].name == "triton"
-    # D=64: the first form (64 rows, in sequence), faster there than 128-row programs.
+        assert select_backend(as_cuda(dense, head_dim=128, **change))[0].name == "triton"
+    # Bidirectional padded batches at D=128: the Gluon kernel at any length.
+    for max_s in (512, 2048, 8192):
+        chosen, reason = select_backend(as_cuda(dense, head_dim=128, max_kv_len=max_s))
+        assert chosen is gluon and "padded batch at D=128" in reason, reason
+    # D=64: the first form (64 rows, in sequence), faster there than 128-row programs;
+    # from S=8192, bidirectional padded batches take three consumer groups in 192-row
+    # blocks with named turns (varlen and causal ones keep the first form).
     assert gluon.select_config(as_cuda(dense)).tile == backends.gluon.VALIDATED
+    for max_s, tile in ((long_s, backends.gluon.VALIDATED), (longer_s - 1, backends.gluon.VALIDATED),
+                        (longer_s, backends.gluon.THREE_GROUPS)):
+        assert gluon.select_config(as_cuda(dense, max_kv_len=max_s)).tile == tile, max_s
+    three = gluon.select_config(as_cuda(dense, max_kv_len=longer_s))
+    assert three.block_q == 192 and three.tile.turns == "named" and three.tile.stagger
+    assert "consumer_partitions=3" in three.tile.describe_form()
+    assert "turns=named" in three.tile.describe_form()
+    for change in (dict(op="varlen"), dict(causal=True)):
+        config = gluon.select_config(as_cuda(dense, max_kv_len=longer_s, **change))
+        assert config.tile == backends.gluon.VALIDATED, change
     # D=128, MHA: one head per 128-row program, the producer warp, 128 KV positions a step.
     config = gluon.select_config(as_cuda(dense, head_dim=128))
     assert (config.block_q, config.tile.producer, config.tile.overlap) == (128, True, True)
@@ -299,7 +320,7 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     assert chosen.name == "triton" and "span at D=64: not measured" in reason, reason
     assert select_backend(paged(head_dim=128))[0] is gluon
     assert select_backend(paged(head_dim=256))[0] is gluon
-    assert select_backend(as_cuda(dense, head_dim=128))[0].name == "triton"  # padded
+    assert select_backend(as_cuda(dense, head_dim=128))[0] is gluon  # bidirectional padded
     assert select_backend(paged(head_dim=256, window_left=3))[0].name == "triton"
 
 

@@ -318,6 +318,58 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
     assert_lse_close(lse, ref_lse, dtype)
 
 
+# (head dim, padded length S, q heads, kv heads, valid lengths, the form's expected
+# keywords): D=128 takes 128-row programs storing by TMA (GQA 2: two heads of 64 rows
+# stacked); D=64 from S=8192 takes 192-row blocks of three groups with named turns.
+AUTO_PADDED = {
+    "d128": (128, 1031, 4, 2, [1031, 1, 0, 500, 64, 129],
+             dict(block_m=128, stack=2, tma_store=True, stagger=True)),
+    "d64-s8192": (64, 8192, 2, 2, [8192, 1, 0, 4097, 6001],
+                  dict(block_m=192, stack=1, turns="named", stagger=True)),
+}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("case", list(AUTO_PADDED))
+def test_automatic_choice_runs_it_for_bidirectional_padded_batches(case: str, side: str,
+                                                                   monkeypatch) -> None:
+    """padded_prefill with no backend named: bidirectional batches at D=128, and at D=64
+    from S=8192, take the Gluon kernel in the form :func:`choose_form` gives (a full
+    sample, a one-token one, an empty one, odd lengths; NaN in the padded K/V rows, bf16,
+    lse); padded rows come out exactly zero."""
+    from spanfill.kernels_gluon import attention as gluon_attention
+    from spanfill.testing import recorded_launches
+
+    monkeypatch.delenv("SPANFILL_BACKEND", raising=False)
+    d, s, hq, hk, valid_lens, expected = AUTO_PADDED[case]
+    launched = []
+    real = gluon_attention.attention_fwd_dense
+
+    def spy(*args, **kwargs):
+        launched.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gluon_attention, "attention_fwd_dense", spy)
+    gen = torch.Generator().manual_seed(d + s)
+    b = len(valid_lens)
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to("cuda", torch.bfloat16)
+               for h in (hq, hk, hk))
+    lens = torch.tensor(valid_lens, device="cuda")
+    ref_o, ref_lse = reference.padded_prefill(q, k, v, lens, False, side)
+    for i, n in enumerate(valid_lens):
+        pad = slice(n, None) if side == "right" else slice(0, s - n)
+        k[i, pad], v[i, pad] = float("nan"), float("nan")
+    with recorded_launches(attention_fwd=None) as portable:
+        out, lse = sf.padded_prefill(q, k, v, lens, padding_side=side, return_lse=True)
+    assert portable["attention_fwd"] == []  # the Gluon kernel ran, not the portable one
+    assert len(launched) == 1 and launched[0]["persistent"] > 0
+    assert {key: launched[0][key] for key in expected} == expected, launched[0]
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    assert_lse_close(lse, ref_lse, torch.bfloat16)
+    assert (out[torch.isinf(ref_lse)] == 0).all()
+
+
 # ----------------------------------------------------------------------------- ping-pong
 # Two consumer warp groups of a 128-row program as separate partitions (``pingpong=True``):
 # each with the overlapped loop over three stages (``overlap=True``) or in sequence. A

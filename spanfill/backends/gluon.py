@@ -8,9 +8,9 @@ below). Every form of the kernel passes ``tests/test_gluon_gpu.py`` on the H200.
 
 It comes first in the registry's order, but the automatic choice takes it only where
 it measured faster than the portable kernel (:meth:`GluonHopperBackend.auto_selects`):
-span prefill at D=128 and 256, and bidirectional padded batches at D=64 from S=4096.
-For the other padded and varlen prefill, and spans at D=64 (not measured), the portable
-kernel runs unless ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one
+span prefill at D=128 and 256, and bidirectional padded batches at D=128 and, from
+S=4096, at D=64. For the other padded and varlen prefill, and spans at D=64 (not
+measured), the portable kernel runs unless ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one
 (``scripts/ab_gluon.py``, ``docs/performance.md``).
 
 Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
@@ -27,7 +27,7 @@ from . import triton_config
 from .problem import AttentionProblem, LaunchConfig
 from .triton_config import AttentionConfig
 
-__all__ = ["GluonHopperBackend", "GluonTile", "VALIDATED", "choose_form"]
+__all__ = ["GluonHopperBackend", "GluonTile", "THREE_GROUPS", "VALIDATED", "choose_form"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,10 @@ class GluonTile(AttentionConfig):
     share of the work items; ``stagger`` (with ``pingpong``) starts the second consumer
     group on each work item once the first has run its first tile's softmax;
     ``tma_store`` (128-row ``pingpong``, at least 32 rows a head, no KV splits) has each
-    consumer group stage its rows in its half of the Q block and store them with one TMA
-    copy."""
+    consumer group stage its rows in its share of the Q block and store them with TMA
+    copies; ``turns="named"`` (``pingpong`` with ``overlap``) has the consumer groups take
+    turns issuing each step's wgmmas, passed through hardware named barriers. A 192-row
+    ``pingpong`` form (D=64, dense K/V) has three consumer groups."""
 
     overlap: bool = False
     producer: bool = False
@@ -50,15 +52,18 @@ class GluonTile(AttentionConfig):
     persistent: bool = False
     stagger: bool = False
     tma_store: bool = False
+    turns: bool | str = False
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
         return (f" producer_warp={'yes' if self.producer else 'no'}"
                 f" softmax={'under_pv' if self.overlap else 'in_sequence'}"
-                + (" consumer_partitions=2" if self.pingpong else "")
+                + (f" consumer_partitions={self.block_m // 64}" if self.pingpong else "")
                 + (" persistent=yes" if self.persistent else "")
                 + (" staggered=yes" if self.stagger else "")
-                + (" tma_store=yes" if self.tma_store else ""))
+                + (" tma_store=yes" if self.tma_store else "")
+                + (f" turns={'named' if self.turns == 'named' else 'yes'}" if self.turns
+                   else ""))
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the
@@ -70,6 +75,17 @@ GLUON_PADDED_D64_MIN_SEQ_LEN = 4096
 # Every other form has passed the GPU tests since (2a43871); this one is the baseline
 # ``scripts/ab_gluon.py`` and the tests compare against.
 VALIDATED = GluonTile(block_m=64, block_n=128, heads=1, num_warps=4, num_stages=2)
+
+# Bidirectional padded batches at D=64 take THREE_GROUPS from this padded length S on
+# (choose_form); at S=4096 it was within 1-2% of VALIDATED either way.
+GLUON_PADDED_D64_THREE_GROUPS_MIN_SEQ_LEN = 8192
+
+# Three consumer groups of 64 rows (192-row blocks of one q head) behind the producer
+# warp, each with the softmax under the previous PV, persistent and staggered, passing
+# turns at the tensor cores through named barriers (choose_form).
+THREE_GROUPS = GluonTile(block_m=192, block_n=128, heads=1, num_warps=12, num_stages=3,
+                         overlap=True, producer=True, pingpong=True, persistent=True,
+                         stagger=True, turns="named")
 
 # The query rows a program covers for each q head it stacks: below 32 the stacked
 # forms were not measured.
@@ -148,16 +164,31 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     enc_2k_d128 0.477 -> 0.468 and 0.482 -> 0.466 ms, whole_8k 0.971 -> 0.964 and
     0.968 -> 0.951, docs_8k_d64 0.793 -> 0.787 and 0.794 -> 0.789, few_big 0.470 ->
     0.474 (the first run only). With four heads stacked (GQA 4, the span workloads of the
-    bench) each consumer group stores two 32-row boxes, one per head (branch
-    ``wip/tma-store-32-row-boxes``: compiled for sm_90, not yet run on a GPU).
+    bench) each consumer group stores two 32-row boxes, one per head: against the same
+    form storing by registers, five interleaved rounds
+    (``ab_gluon_tmastore_stack4_h200_9601e55.csv``): few_big 0.465 -> 0.457 ms, whole_8k
+    0.955 -> 0.942, long_32k 0.924 -> 0.927 (the noise).
     Turns passed through hardware named barriers (``turns="named"``, FA3/FA4's
     ``bar.sync``/``bar.arrive``) stayed within the noise at D=128 in the second run
     (whole_8k 0.984 / staggered 0.988, enc_2k_d128 0.468 / 0.478, against 0.968 and 0.482
-    for the staggered form without turns) and are not taken.
+    for the staggered form without turns) and are not taken there.
+
+    Bidirectional padded batches at D=64 of S >= 8192 (long documents) take three
+    consumer groups in 192-row blocks, staggered, with named turns
+    (:data:`THREE_GROUPS`). Two padded sweeps at D=64 (64k slots, valid_len uniform in
+    1..S; ``ab_gluon_padded_sweep64_m192_h200_8e3edd5.csv`` and
+    ``logs/ab_gluon_padded_sweep64_m192_named_turns_h200_9601e55.log``), against
+    :data:`VALIDATED` in the same runs: at S=8192 0.794 against 0.852 ms (staggered) and
+    0.785 against 0.821 (with named turns); at S=4096 within 1-2% either way (0.756 /
+    0.744, 0.742 / 0.750); below it slower (S=512: 0.253 against 0.204).
     """
     from .triton_config import _stacked_heads
 
     if problem.head_dim <= 64:
+        if (problem.op == "padded" and problem.head_dim == 64 and not problem.causal
+                and not problem.paged
+                and problem.max_kv_len >= GLUON_PADDED_D64_THREE_GROUPS_MIN_SEQ_LEN):
+            return THREE_GROUPS
         return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     if problem.head_dim == 128:
@@ -240,9 +271,18 @@ class GluonHopperBackend:
             # 0.173/0.266/0.447/0.792/0.876 ms; docs_8k_d64 0.787 against 0.910.
             return True, (f"bidirectional padded batch of S={problem.max_kv_len} at D=64: the "
                           "Gluon kernel, faster than the portable one from S=4096 on the H200")
-        # Other padded/varlen: the portable kernel is faster, at every S at D=128 (the same
-        # sweep at D=128: 3-10%; enc_2k_d128 0.505 against 0.481) and below S=4096 at D=64.
-        # Causal padded batches at D=64 were not measured (the sweep is bidirectional).
+        if problem.op == "padded" and problem.head_dim == 128 and not problem.causal:
+            # ab_gluon --padded-sweep 128 (ab_gluon_padded_sweep128_tmastore_h200_9601e55.csv,
+            # 64k slots, 16 heads, valid_len uniform in 1..S, three interleaved rounds): the
+            # chosen form (persistent, staggered, TMA store) against the portable kernel at
+            # S=512/1024/2048/4096/8192: 0.475/0.606/0.930/1.556/1.700 against
+            # 0.520/0.649/0.990/1.714/1.726 ms; enc_2k_d128 0.445 against 0.482
+            # (ab_gluon_tmastore_stack4_h200_9601e55.csv). Without the TMA store the form
+            # had been 2-5% slower from S=4096 (ab_gluon_padded_sweep128_h200_a902294.csv).
+            return True, ("bidirectional padded batch at D=128: the Gluon kernel, faster "
+                          "than the portable one at every S on the H200")
+        # Other padded/varlen: the portable kernel at D=64 below S=4096 is faster; causal
+        # padded batches and varlen were not measured (the sweeps are bidirectional).
         return False, (f"{problem.op} at D={problem.head_dim}: the portable kernel is faster "
                        "on the H200 (scripts/ab_gluon.py); backend='gluon' runs it anyway")
 
@@ -290,7 +330,7 @@ class GluonHopperBackend:
                     warp_specialize=t.producer, overlap=t.overlap, stack=t.heads,
                     num_splits=config.num_splits, pingpong=t.pingpong,
                     persistent=triton_config._num_sms(q.device.index) if t.persistent else 0,
-                    stagger=t.stagger, tma_store=t.tma_store)
+                    stagger=t.stagger, tma_store=t.tma_store, turns=t.turns)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)
