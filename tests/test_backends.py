@@ -160,14 +160,20 @@ def test_selection_never_syncs() -> None:
     q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
     k_cache = torch.randn(512, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
     rows = torch.randn(4096, 16, 128, device="cuda", dtype=torch.bfloat16)
-    # D=128 spans take the Gluon family on Hopper, everything else the portable kernel.
-    span_backend = "gluon" if torch.cuda.get_device_capability()[0] == 9 else "triton"
+    # D=128 spans and bidirectional padded batches take the Gluon family on Hopper, causal
+    # varlen batches the portable kernel; D=64 padded documents the three-group form.
+    hopper = "gluon" if torch.cuda.get_device_capability()[0] == 9 else "triton"
+    docs = torch.randn(8192, 12, 64, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for problem, expected in ((paged_problem(q, k_cache, 1, 512, True), span_backend),
+        for problem, expected in ((paged_problem(q, k_cache, 1, 512, True), hopper),
                                   (dense_problem("padded", rows, rows, rows, 4, 1024, False),
-                                   "triton")):
+                                   hopper),
+                                  (dense_problem("varlen", rows, rows, rows, 4, 1024, True),
+                                   "triton"),
+                                  (dense_problem("padded", docs, docs, docs, 1, 8192, False),
+                                   hopper)):
             chosen, _ = select_backend(problem)
             assert chosen.name == expected
             chosen.select_config(problem)
