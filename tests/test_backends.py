@@ -271,8 +271,9 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
     # from S=8192, bidirectional padded batches take three consumer groups in 192-row
     # blocks with named turns (varlen and causal ones keep the first form).
     assert gluon.select_config(as_cuda(dense)).tile == backends.gluon.VALIDATED
-    for max_s, tile in ((long_s, backends.gluon.VALIDATED), (longer_s - 1, backends.gluon.VALIDATED),
-                        (longer_s, backends.gluon.THREE_GROUPS)):
+    validated, three_groups = backends.gluon.VALIDATED, backends.gluon.THREE_GROUPS
+    for max_s, tile in ((long_s, validated), (longer_s - 1, validated),
+                        (longer_s, three_groups)):
         assert gluon.select_config(as_cuda(dense, max_kv_len=max_s)).tile == tile, max_s
     three = gluon.select_config(as_cuda(dense, max_kv_len=longer_s))
     assert three.block_q == 192 and three.tile.turns == "named" and three.tile.stagger
