@@ -10,9 +10,8 @@ It comes first in the registry's order, but the automatic choice takes it only w
 it measured faster than the portable kernel (:meth:`GluonHopperBackend.auto_selects`):
 span prefill at D=128 and 256, and bidirectional padded batches at D=128 and, from
 S=4096, at D=64. For the other padded and varlen prefill, and spans at D=64 (not
-measured), the portable kernel runs unless ``backend="gluon"`` (or
-``SPANFILL_BACKEND=gluon``) asks for this one (``scripts/ab_gluon.py``,
-``docs/performance.md``).
+measured), the portable kernel runs unless ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one
+(``scripts/ab_gluon.py``, ``docs/performance.md``).
 
 Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
 count of :meth:`GluonHopperBackend.select_config`), from ``scripts/ab_gluon.py`` runs.

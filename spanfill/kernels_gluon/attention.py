@@ -7,8 +7,7 @@ previous tile's PV (``overlap=True``), with or without a producer warp, GQA head
 stacking (``stack``), split-KV (``num_splits``), dense and paged K/V
 (:func:`attention_fwd_paged`). Which form runs, and where the registry takes this
 family at all (span prefill at D=128 and 256, bidirectional padded batches at D=128 and
-long ones at D=64, where it is faster than the portable kernel), is decided in
-``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
+long ones at D=64, where it is faster than the portable kernel), is decided in ``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
 prefill; pages of up to 256 rows: one TMA copy per page of 8 rows or more, or per tile
 of a larger page; cp.async gathers for smaller pages), fp16/bf16, one q head per
