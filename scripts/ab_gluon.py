@@ -65,6 +65,8 @@ STAGGER_TMA_STORE = 12  # staggered, each consumer group's rows out by a TMA sto
 NAMED_TURNS = 13  # turns passed through hardware named barriers (FA3/FA4's mechanism)
 STAGGER_NAMED_TURNS = 14  # the same, staggered
 STAGGER_NAMED_TURNS_TMA_STORE = 15  # the same, with the TMA-store epilogue
+STAGGER_EARLY_Q = 16  # staggered, Q released after each group's last QK^T (register stores)
+STAGGER_NAMED_TURNS_EARLY_Q = 17  # staggered, named turns, Q released early
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -79,9 +81,13 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                    NAMED_TURNS: {"turns": "named"},
                    STAGGER_NAMED_TURNS: {"stagger": True, "turns": "named"},
                    STAGGER_NAMED_TURNS_TMA_STORE: {"stagger": True, "turns": "named",
-                                                   "tma_store": True}}
+                                                   "tma_store": True},
+                   STAGGER_EARLY_Q: {"stagger": True, "early_q_release": True},
+                   STAGGER_NAMED_TURNS_EARLY_Q: {"stagger": True, "turns": "named",
+                                                 "early_q_release": True}}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
-          "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore"}
+          "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
+          "early_q_release": "_earlyq"}
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
                                                        (False, True))]
 FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
@@ -103,6 +109,8 @@ FORMS.append((128, True, True, STAGGER_TMA_STORE))
 FORMS.append((128, True, True, NAMED_TURNS))
 FORMS.append((128, True, True, STAGGER_NAMED_TURNS))
 FORMS.append((128, True, True, STAGGER_NAMED_TURNS_TMA_STORE))
+FORMS.append((128, True, True, STAGGER_EARLY_Q))
+FORMS.append((128, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))
@@ -110,6 +118,7 @@ FORMS.append((192, True, True, STAGGERED))
 FORMS.append((192, True, True, SPLIT_Q))
 FORMS.append((192, True, True, PIN))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS))
+FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,

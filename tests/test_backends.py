@@ -277,6 +277,8 @@ def test_gluon_is_chosen_where_faster_and_runs_when_named(monkeypatch) -> None:
         assert gluon.select_config(as_cuda(dense, max_kv_len=max_s)).tile == tile, max_s
     three = gluon.select_config(as_cuda(dense, max_kv_len=longer_s))
     assert three.block_q == 192 and three.tile.turns == "named" and three.tile.stagger
+    assert three.tile.early_q_release and not three.tile.tma_store
+    assert "early_q_release=yes" in three.tile.describe_form()
     assert "consumer_partitions=3" in three.tile.describe_form()
     assert "turns=named" in three.tile.describe_form()
     for change in (dict(op="varlen"), dict(causal=True)):

@@ -320,12 +320,14 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
 
 # (head dim, padded length S, q heads, kv heads, valid lengths, the form's expected
 # keywords): D=128 takes 128-row programs storing by TMA (GQA 2: two heads of 64 rows
-# stacked); D=64 from S=8192 takes 192-row blocks of three groups with named turns.
+# stacked); D=64 from S=8192 takes 192-row blocks of three groups with named turns, each
+# releasing its Q rows after its last QK^T.
 AUTO_PADDED = {
     "d128": (128, 1031, 4, 2, [1031, 1, 0, 500, 64, 129],
              dict(block_m=128, stack=2, tma_store=True, stagger=True)),
     "d64-s8192": (64, 8192, 2, 2, [8192, 1, 0, 4097, 6001],
-                  dict(block_m=192, stack=1, turns="named", stagger=True)),
+                  dict(block_m=192, stack=1, turns="named", stagger=True,
+                       early_q_release=True)),
 }
 
 
@@ -398,9 +400,10 @@ PERSISTENT = pytest.mark.parametrize("form", [
 
 def _pingpong_form(form: dict, overlap: bool) -> dict:
     """A ``PERSISTENT`` form as launch keywords; the options that take the overlapped loop
-    (turns, rescale_early, pin_softmax) are skipped with the in-sequence one (the launch
+    (turns, rescale_early, pin_softmax, early_q_release) are skipped with the in-sequence one (the launch
     refuses them: ``tests/test_gluon_launch_checks.py``)."""
-    if not overlap and ("turns" in form or "rescale_early" in form or "pin_softmax" in form):
+    if not overlap and ("turns" in form or "rescale_early" in form or "pin_softmax" in form
+                        or "early_q_release" in form):
         pytest.skip("an option of the overlapped loop")
     return form
 
@@ -461,10 +464,11 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     dict(persistent=3, stagger=True, split_q=True),
     dict(persistent=3, stagger=True, rescale_early=True),
     dict(persistent=3, stagger=True, pin_softmax=True),
-    dict(persistent=0, turns="named"), dict(persistent=3, stagger=True, turns="named")],
+    dict(persistent=0, turns="named"), dict(persistent=3, stagger=True, turns="named"),
+    dict(persistent=3, stagger=True, turns="named", early_q_release=True)],
     ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-stagger-splitq",
          "persistent3-stagger-early", "persistent3-stagger-pin", "per-item-named-turns",
-         "persistent3-stagger-named-turns"])
+         "persistent3-stagger-named-turns", "persistent3-stagger-named-turns-early-q"])
 def test_three_groups_padded_batches(dtype: torch.dtype, side: str, causal: bool, stack: int,
                                      overlap: bool, form: dict) -> None:
     """192-row blocks of three consumer groups at D=64 (GQA 6/2, so three heads can
@@ -529,12 +533,17 @@ def test_pingpong_varlen_causal(overlap: bool, persistent: int, split_q: bool) -
 
 
 # The consumers' TMA-store epilogue: boxes of 64 rows where a group's rows fit one, the
-# register stores at the tails of tiles (odd lengths), with and without lse.
+# register stores at the tails of tiles (odd lengths), with and without lse. The last
+# three: Q released after each group's last QK^T (early_q_release), with register stores.
 TMA_STORE_FORMS = pytest.mark.parametrize("form", [
     dict(persistent=0, tma_store=True), dict(persistent=3, stagger=True, tma_store=True),
-    dict(persistent=1000, stagger=True, tma_store=True)],
+    dict(persistent=1000, stagger=True, tma_store=True),
+    dict(persistent=3, stagger=True, early_q_release=True),
+    dict(persistent=1000, stagger=True, early_q_release=True),
+    dict(persistent=0, early_q_release=True)],
     ids=["per-item-tma-store", "persistent3-stagger-tma-store",
-         "persistent1000-stagger-tma-store"])
+         "persistent1000-stagger-tma-store", "persistent3-stagger-early-q",
+         "persistent1000-stagger-early-q", "per-item-early-q"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -127,3 +127,22 @@ def test_tma_store_takes_two_groups_of_whole_boxes(form: dict, block_q: int) -> 
     with 16 rows a head, not with split_q."""
     with pytest.raises(ValueError, match="tma_store takes the 128-row pingpong form"):
         _launch(_zeros(8), _zeros(1), block_q, tma_store=True, **form)
+
+
+@pytest.mark.parametrize("form", [
+    dict(block_m=128, overlap=True), dict(block_m=128, pingpong=True),
+    dict(block_m=128, pingpong=True, overlap=True, tma_store=True),
+    dict(block_m=128, pingpong=True, overlap=True, split_q=True),
+], ids=["not-pingpong", "not-overlapped", "tma-store", "split-q"])
+def test_early_q_release_takes_the_overlapped_register_store_form(form: dict) -> None:
+    """Q's rows are released after the last QK^T, so they cannot stage the TMA store."""
+    with pytest.raises(ValueError, match="early_q_release takes the pingpong form"):
+        _launch(_zeros(6)[:128], _zeros(2)[:128], 128, early_q_release=True, **form)
+
+
+def test_early_q_release_form_passes_the_checks() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the launch would run on CPU tensors")
+    with pytest.raises(RuntimeError, match="active drivers"):
+        _launch(_zeros(6)[:128], _zeros(2)[:128], 128, block_m=128, pingpong=True,
+                overlap=True, persistent=4, stagger=True, early_q_release=True)

@@ -43,8 +43,11 @@ class GluonTile(AttentionConfig):
     ``tma_store`` (128-row ``pingpong``, at least 32 rows a head, no KV splits) has each
     consumer group stage its rows in its share of the Q block and store them with TMA
     copies; ``turns="named"`` (``pingpong`` with ``overlap``) has the consumer groups take
-    turns issuing each step's wgmmas, passed through hardware named barriers. A 192-row
-    ``pingpong`` form (D=64, dense K/V) has three consumer groups."""
+    turns issuing each step's wgmmas, passed through hardware named barriers;
+    ``early_q_release`` (``pingpong`` with ``overlap``, no ``tma_store``) has each
+    consumer group release its Q rows after its last QK^T of a work item, so that the next
+    item's Q is copied under the last PV and the stores. A 192-row ``pingpong`` form
+    (D=64, dense K/V) has three consumer groups."""
 
     overlap: bool = False
     producer: bool = False
@@ -53,6 +56,7 @@ class GluonTile(AttentionConfig):
     stagger: bool = False
     tma_store: bool = False
     turns: bool | str = False
+    early_q_release: bool = False
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
@@ -63,7 +67,8 @@ class GluonTile(AttentionConfig):
                 + (" staggered=yes" if self.stagger else "")
                 + (" tma_store=yes" if self.tma_store else "")
                 + (f" turns={'named' if self.turns == 'named' else 'yes'}" if self.turns
-                   else ""))
+                   else "")
+                + (" early_q_release=yes" if self.early_q_release else ""))
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the
@@ -82,10 +87,11 @@ GLUON_PADDED_D64_THREE_GROUPS_MIN_SEQ_LEN = 8192
 
 # Three consumer groups of 64 rows (192-row blocks of one q head) behind the producer
 # warp, each with the softmax under the previous PV, persistent and staggered, passing
-# turns at the tensor cores through named barriers (choose_form).
+# turns at the tensor cores through named barriers, each releasing its Q rows after its
+# last QK^T of an item (choose_form).
 THREE_GROUPS = GluonTile(block_m=192, block_n=128, heads=1, num_warps=12, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
-                         stagger=True, turns="named")
+                         stagger=True, turns="named", early_q_release=True)
 
 # The query rows a program covers for each q head it stacks: below 32 the stacked
 # forms were not measured.
@@ -180,7 +186,12 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     ``logs/ab_gluon_padded_sweep64_m192_named_turns_h200_9601e55.log``), against
     :data:`VALIDATED` in the same runs: at S=8192 0.794 against 0.852 ms (staggered) and
     0.785 against 0.821 (with named turns); at S=4096 within 1-2% either way (0.756 /
-    0.744, 0.742 / 0.750); below it slower (S=512: 0.253 against 0.204).
+    0.744, 0.742 / 0.750); below it slower (S=512: 0.253 against 0.204). Each group
+    releasing its Q rows after its last QK^T (``early_q_release``) took docs_8k_d64 from
+    0.772 to 0.743 ms (``ab_gluon_early_q_h200_3855d12.csv``, five interleaved rounds).
+    In the 128-row D=128 forms it gained nothing over the TMA store (enc_2k_d128 0.471
+    against 0.451 ms; the span workloads within the rounds' spread), which needs the Q
+    rows to stage the output, so those keep the TMA store.
     """
     from .triton_config import _stacked_heads
 
@@ -330,7 +341,8 @@ class GluonHopperBackend:
                     warp_specialize=t.producer, overlap=t.overlap, stack=t.heads,
                     num_splits=config.num_splits, pingpong=t.pingpong,
                     persistent=triton_config._num_sms(q.device.index) if t.persistent else 0,
-                    stagger=t.stagger, tma_store=t.tma_store, turns=t.turns)
+                    stagger=t.stagger, tma_store=t.tma_store, turns=t.turns,
+                    early_q_release=t.early_q_release)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)

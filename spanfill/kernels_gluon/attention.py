@@ -568,7 +568,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         ring_base, q_phase, stagger_bar=None, turn=None,
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
                         PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
-                        TURN_GROUPS: gl.constexpr = 2):
+                        TURN_GROUPS: gl.constexpr = 2, q_release=None):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -602,6 +602,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     of the loop follows ``WARPGROUP.DEPBAR.LE gsb0, 0x0``. ptxas keeps a shared-memory
     store ahead of the wait (the wgmma reads shared memory), and the store needs every
     exponential, so with it they all come before the wait.
+
+    ``q_release``: an mbarrier to arrive on once the item's last QK^T has retired (or, with
+    no tile, once Q has landed), or None. PV reads no Q, so the producer can copy the next
+    item's Q under this item's last softmax, PV and epilogue (FA3 releases Q there too).
     """
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -676,6 +680,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             if not RESCALE_EARLY:
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if q_release is not None:  # every QK^T of the item has retired
+            mbarrier.arrive(q_release, count=1)
         last = (ring_base + num_tiles - 1) % STAGES
         _take_turn(turn, TURN_WG, turns + num_tiles, NAMED_TURNS)
         if RESCALE_EARLY:
@@ -686,6 +692,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         if PRODUCER:
             fence_async_shared()
             mbarrier.arrive(empty.index(last), count=1)
+    elif q_release is not None:
+        mbarrier.arrive(q_release, count=1)
     return acc, m_i, l_i
 
 
@@ -767,7 +775,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                        RETURN_LSE: gl.constexpr, NUM_SPLITS: gl.constexpr,
                        OVERLAP: gl.constexpr, STAGGER: gl.constexpr, TURNS: gl.constexpr,
                        SPLIT_Q: gl.constexpr, RESCALE_EARLY: gl.constexpr,
-                       PIN_SOFTMAX: gl.constexpr, o_desc, TMA_STORE: gl.constexpr):
+                       PIN_SOFTMAX: gl.constexpr, o_desc, TMA_STORE: gl.constexpr,
+                       EARLY_Q: gl.constexpr = False):
     """One of the consumer warp groups of a 128-row program (two groups; 192 rows: three),
     each its own partition: for each of the program's work items (:func:`_round_item`),
     warp group ``WG`` runs its KV loop on block rows ``[WG * GROUP_ROWS, (WG + 1) *
@@ -878,7 +887,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
                         slot, q_phase, go_mine if STAGGER and WG < LAST else None,
                         turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
-                        TURNS == 2, NUM_GROUPS)
+                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None)
                     if STAGGER and WG < LAST:
                         if num_tiles == 0:  # (the loop arrives after its first softmax)
                             mbarrier.arrive(go_mine, count=1)
@@ -926,7 +935,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                                         WG * GROUP_ROWS, NUM_Q_HEADS, ZERO_FILL, RETURN_LSE,
                                         NUM_SPLITS)
                     else:
-                        mbarrier.arrive(my_q_free, count=1)
+                        if not EARLY_Q:  # (EARLY_Q: the loop released Q after its last QK^T)
+                            mbarrier.arrive(my_q_free, count=1)
                         _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split, ws_lse_split,
                                     split, row0, row_end, q_start, q_stop, head, stride_ot,
                                     stride_oh, stride_lt, stride_lh, o_layout, dtype, GROUP_ROWS,
@@ -1006,7 +1016,7 @@ def _attn_fwd_dense_kernel(
     STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, PINGPONG: gl.constexpr,
     STAGGER: gl.constexpr, TURNS: gl.constexpr, SPLIT_Q: gl.constexpr,
     RESCALE_EARLY: gl.constexpr, PIN_SOFTMAX: gl.constexpr, num_warps: gl.constexpr,
-    O_DESC=None,
+    O_DESC=None, EARLY_Q: gl.constexpr = False,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # The consumers' TMA-store epilogue (ping-pong only); partitions take no None, so
@@ -1141,7 +1151,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE)),
+                                      TMA_STORE, EARLY_Q)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1151,7 +1161,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE)),
+                                      TMA_STORE, EARLY_Q)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
@@ -1170,7 +1180,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE)),
+                                      TMA_STORE, EARLY_Q)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1180,7 +1190,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE)),
+                                      TMA_STORE, EARLY_Q)),
                 (_pingpong_consumer, (2, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1190,7 +1200,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE)),
+                                      TMA_STORE, EARLY_Q)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
@@ -1301,7 +1311,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool | str = False, split_q: bool = False,
                         rescale_early: bool = False, pin_softmax: bool = False,
-                        tma_store: bool = False):
+                        tma_store: bool = False, early_q_release: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -1355,6 +1365,10 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     pin_softmax : (with ``pingpong`` and ``overlap``) a scratch shared-memory store of
         each step's row sums before the PV wait, which keeps ptxas from scheduling the
         softmax after that wait (:func:`_kv_loop_overlapped`)
+    early_q_release : (with ``pingpong`` and ``overlap``, without ``tma_store`` and
+        ``split_q``) each consumer group releases its Q rows once its last QK^T of the
+        item has retired, not after its last PV, so that the next item's Q is copied
+        under the last PV and the epilogue
     tma_store : (with ``pingpong``, 128-row blocks of at least 64 rows a head, no
         ``split_q``, no KV splits) each consumer group writes its rows through its half of
         the Q block and a TMA store, where the box holds only rows the item may write;
@@ -1365,7 +1379,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                    causal, zero_fill, block_m, block_n, stages, warp_specialize, overlap, stack,
                    num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger,
                    turns=turns, split_q=split_q, rescale_early=rescale_early,
-                   pin_softmax=pin_softmax, tma_store=tma_store)
+                   pin_softmax=pin_softmax, tma_store=tma_store,
+                   early_q_release=early_q_release)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -1377,7 +1392,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool | str = False, split_q: bool = False,
                         rescale_early: bool = False, pin_softmax: bool = False,
-                        tma_store: bool = False):
+                        tma_store: bool = False, early_q_release: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -1394,7 +1409,8 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     positions : [T] int32, each row's position (causal by position)
     block_table : [B, max_pages] int32
     block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong,
-    persistent, stagger, turns, split_q, rescale_early, pin_softmax, tma_store : as
+    persistent, stagger, turns, split_q, rescale_early, pin_softmax, tma_store,
+    early_q_release : as
     :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
@@ -1414,7 +1430,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
                    page_size, pools, pingpong, persistent, stagger, turns, split_q,
-                   rescale_early, pin_softmax, tma_store)
+                   rescale_early, pin_softmax, tma_store, early_q_release)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -1425,7 +1441,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
             pingpong=False, persistent=0, stagger=False, turns=False, split_q=False,
-            rescale_early=False, pin_softmax=False, tma_store=False):
+            rescale_early=False, pin_softmax=False, tma_store=False, early_q_release=False):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128, 192):
@@ -1470,6 +1486,12 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("rescale_early takes the pingpong form with overlap")
     if pin_softmax and not (pingpong and overlap):
         raise ValueError("pin_softmax takes the pingpong form with overlap")
+    if early_q_release and not (pingpong and overlap and not tma_store and not split_q):
+        # (the TMA-store epilogue stages the rows in Q's shared memory; split_q was not
+        # measured with it)
+        raise ValueError("early_q_release takes the pingpong form with overlap, without "
+                         f"tma_store or split_q (pingpong={pingpong}, overlap={overlap}, "
+                         f"tma_store={tma_store}, split_q={split_q})")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
@@ -1522,6 +1544,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         # box: a consumer group's 64 rows of one head, or a stacked head's 32; layout:
         # the Q block's (the rows are staged in it)
         O_DESC=_desc(out, min(64, block_m // stack), block_m) if tma_store else None,
+        EARLY_Q=early_q_release,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,
