@@ -451,7 +451,7 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         ring_base, q_phase, stagger_bar=None, turn=None,
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
                         PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
-                        TURN_GROUPS: gl.constexpr = 2):
+                        TURN_GROUPS: gl.constexpr = 2, q_release=None):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
@@ -465,6 +465,7 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     gl.static_assert(turn is None, "turns are for the overlapped loop")
     gl.static_assert(not RESCALE_EARLY, "RESCALE_EARLY is for the overlapped loop")
     gl.static_assert(not PIN_SOFTMAX, "PIN_SOFTMAX is for the overlapped loop")
+    gl.static_assert(q_release is None, "q_release (early_q_release) is for the overlapped loop")
     if not PRODUCER:
         for t in gl.static_range(STAGES - 1):
             if t < num_tiles:
