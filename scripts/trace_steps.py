@@ -118,8 +118,8 @@ def _trace(tr, index, limit, anchor):
             gl.store(tr + index * 4 + t // 32, _clock(t), mask=(t % 32) == 0)
 ''')
 # 2. the overlapped loop takes tr; step events: tile landed, S retired, PV retired, end
-_edit('''                        TURN_GROUPS: gl.constexpr = 2):
-    """The KV loop with the softmax of tile''', '''                        TURN_GROUPS: gl.constexpr = 2, tr=None):
+_edit('''                        TURN_GROUPS: gl.constexpr = 2, q_release=None):
+    """The KV loop with the softmax of tile''', '''                        TURN_GROUPS: gl.constexpr = 2, q_release=None, tr=None):
     """The KV loop with the softmax of tile''')
 _after('''        first = ring_base % STAGES
         _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
@@ -140,7 +140,7 @@ _after('''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc,
 _after('''            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
 ''', f'''            _trace(tr, (ring_base + j) * 4 + 2, {LIM}, ring_base + j)
 ''')
-_before('''        last = (ring_base + num_tiles - 1) % STAGES''', f'''            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
+_before('''        if q_release is not None:  # every QK^T of the item has retired''', f'''            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
 ''')
 # 3. the consumer: tr from the LSE stand-in, item events
 _after('''    slot = pid * 0  # ring slots used by this program's earlier items
@@ -156,8 +156,8 @@ _edit('''                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP els
                         q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
                     acc, m_i, l_i = _kv_loop_overlapped(
                         q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''')
-_edit('''                        TURNS == 2, NUM_GROUPS)
-''', f'''                        TURNS == 2, NUM_GROUPS, tr)
+_edit('''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None)
+''', f'''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, tr)
                     _trace(tr_items, r * 4 + 2, {ILIM}, r)
 ''')
 _after('''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
