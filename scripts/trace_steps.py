@@ -119,7 +119,9 @@ def _trace(tr, index, limit, anchor):
 ''')
 # 2. the overlapped loop takes tr; step events: tile landed, S retired, PV retired, end
 _edit('''                        TURN_GROUPS: gl.constexpr = 2, q_release=None):
-    """The KV loop with the softmax of tile''', '''                        TURN_GROUPS: gl.constexpr = 2, q_release=None, tr=None):
+    """The KV loop with the softmax of tile''',
+      '''                        TURN_GROUPS: gl.constexpr = 2, q_release=None,
+                        tr=None):
     """The KV loop with the softmax of tile''')
 _after('''        first = ring_base % STAGES
         _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
@@ -140,7 +142,8 @@ _after('''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc,
 _after('''            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
 ''', f'''            _trace(tr, (ring_base + j) * 4 + 2, {LIM}, ring_base + j)
 ''')
-_before('''        if q_release is not None:  # every QK^T of the item has retired''', f'''            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
+_before('''        if q_release is not None:  # every QK^T of the item has retired''',
+        f'''            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
 ''')
 # 3. the consumer: tr from the LSE stand-in, item events
 _after('''    slot = pid * 0  # ring slots used by this program's earlier items

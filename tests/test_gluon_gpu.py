@@ -400,8 +400,8 @@ PERSISTENT = pytest.mark.parametrize("form", [
 
 def _pingpong_form(form: dict, overlap: bool) -> dict:
     """A ``PERSISTENT`` form as launch keywords; the options that take the overlapped loop
-    (turns, rescale_early, pin_softmax, early_q_release) are skipped with the in-sequence one (the launch
-    refuses them: ``tests/test_gluon_launch_checks.py``)."""
+    (turns, rescale_early, pin_softmax, early_q_release) are skipped with the in-sequence
+    one (the launch refuses them: ``tests/test_gluon_launch_checks.py``)."""
     if not overlap and ("turns" in form or "rescale_early" in form or "pin_softmax" in form
                         or "early_q_release" in form):
         pytest.skip("an option of the overlapped loop")
