@@ -7,7 +7,8 @@ previous tile's PV (``overlap=True``), with or without a producer warp, GQA head
 stacking (``stack``), split-KV (``num_splits``), dense and paged K/V
 (:func:`attention_fwd_paged`). Which form runs, and where the registry takes this
 family at all (span prefill at D=128 and 256, bidirectional padded batches at D=128 and
-long ones at D=64, where it is faster than the portable kernel), is decided in ``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
+long ones at D=64, where it is faster than the portable kernel), is decided in
+``spanfill/backends/gluon.py`` from ``scripts/ab_gluon.py`` runs.
 Scope: dense K/V (padded and varlen prefill) and paged K/V with per-row positions (span
 prefill; pages of up to 256 rows: one TMA copy per page of 8 rows or more, or per tile
 of a larger page; cp.async gathers for smaller pages), fp16/bf16, one q head per
@@ -820,7 +821,9 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
     group's next rows as soon as that group is done with its last ones, and the group
     that finishes an item first starts the next without waiting for the others.
     ``RESCALE_EARLY`` and ``PIN_SOFTMAX`` (with ``OVERLAP``): see
-    :func:`_kv_loop_overlapped`.
+    :func:`_kv_loop_overlapped`. ``EARLY_Q`` (with ``OVERLAP``, without ``TMA_STORE``):
+    the loop releases this group's Q rows (``q_free``) after its last QK^T, its
+    ``q_release``, instead of this partition after the loop.
     """
     NUM_WARPS: gl.constexpr = 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -1370,9 +1373,10 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         ``split_q``) each consumer group releases its Q rows once its last QK^T of the
         item has retired, not after its last PV, so that the next item's Q is copied
         under the last PV and the epilogue
-    tma_store : (with ``pingpong``, 128-row blocks of at least 64 rows a head, no
+    tma_store : (with ``pingpong``, 128-row blocks of at least 32 rows a head, no
         ``split_q``, no KV splits) each consumer group writes its rows through its half of
-        the Q block and a TMA store, where the box holds only rows the item may write;
+        the Q block and TMA stores (a box of 64 rows of one head, or of 32 rows of each
+        stacked head), where the box holds only rows the item may write;
         others (the tails of tiles) by register stores, as without it
     """
     block_n = _block_n(q.shape[2], block_n)
