@@ -10,8 +10,9 @@ It comes first in the registry's order, but the automatic choice takes it only w
 it measured faster than the portable kernel (:meth:`GluonHopperBackend.auto_selects`):
 span prefill at D=128 and 256, and bidirectional padded batches at D=128 and, from
 S=4096, at D=64. For the other padded and varlen prefill, and spans at D=64 (not
-measured), the portable kernel runs unless ``backend="gluon"`` (or ``SPANFILL_BACKEND=gluon``) asks for this one
-(``scripts/ab_gluon.py``, ``docs/performance.md``).
+measured), the portable kernel runs unless ``backend="gluon"`` (or
+``SPANFILL_BACKEND=gluon``) asks for this one (``scripts/ab_gluon.py``,
+``docs/performance.md``).
 
 Which form of the kernel runs is decided here alone (:func:`choose_form`, and the split
 count of :meth:`GluonHopperBackend.select_config`), from ``scripts/ab_gluon.py`` runs.
@@ -96,6 +97,13 @@ THREE_GROUPS = GluonTile(block_m=192, block_n=128, heads=1, num_warps=12, num_st
 # The query rows a program covers for each q head it stacks: below 32 the stacked
 # forms were not measured.
 _MIN_ROWS_PER_HEAD = 32
+
+
+def _bidirectional_padded(problem: AttentionProblem, head_dim: int) -> bool:
+    """Whether ``problem`` is a bidirectional padded batch over dense K/V at ``head_dim``:
+    the batches ``scripts/ab_gluon.py --padded-sweep`` measured."""
+    return (problem.op == "padded" and problem.head_dim == head_dim and not problem.causal
+            and not problem.paged)
 
 
 def choose_form(problem: AttentionProblem) -> GluonTile:
@@ -196,8 +204,7 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     from .triton_config import _stacked_heads
 
     if problem.head_dim <= 64:
-        if (problem.op == "padded" and problem.head_dim == 64 and not problem.causal
-                and not problem.paged
+        if (_bidirectional_padded(problem, 64)
                 and problem.max_kv_len >= GLUON_PADDED_D64_THREE_GROUPS_MIN_SEQ_LEN):
             return THREE_GROUPS
         return VALIDATED
@@ -274,7 +281,7 @@ class GluonHopperBackend:
         if problem.op == "span":
             return False, (f"span at D={problem.head_dim}: not measured against the portable "
                            "kernel; backend='gluon' runs it anyway")
-        if (problem.op == "padded" and problem.head_dim == 64 and not problem.causal
+        if (_bidirectional_padded(problem, 64)
                 and problem.max_kv_len >= GLUON_PADDED_D64_MIN_SEQ_LEN):
             # ab_gluon --padded-sweep 64 (ab_gluon_padded_sweep_h200_06ec03b.csv, 64k slots,
             # valid_len uniform in 1..S): the 64-row form against the portable kernel at
@@ -282,7 +289,7 @@ class GluonHopperBackend:
             # 0.173/0.266/0.447/0.792/0.876 ms; docs_8k_d64 0.787 against 0.910.
             return True, (f"bidirectional padded batch of S={problem.max_kv_len} at D=64: the "
                           "Gluon kernel, faster than the portable one from S=4096 on the H200")
-        if problem.op == "padded" and problem.head_dim == 128 and not problem.causal:
+        if _bidirectional_padded(problem, 128):
             # ab_gluon --padded-sweep 128 (ab_gluon_padded_sweep128_tmastore_h200_9601e55.csv,
             # 64k slots, 16 heads, valid_len uniform in 1..S, three interleaved rounds): the
             # chosen form (persistent, staggered, TMA store) against the portable kernel at
