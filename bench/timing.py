@@ -4,7 +4,9 @@ GPU kernel timing: one call to settle, a 3-call estimate, warm-up calls for abou
 ``warmup_ms``, then ``reps`` timed calls (at least ``min_reps``, as many as fit in
 about ``target_ms``, at most ``max_reps``), each between its own pair of CUDA
 events. Before every timed call the L2 cache is flushed by zeroing a 256 MB buffer
-(outside the events), so no call reads the previous call's data from L2.
+(outside the events), so no call reads the previous call's data from L2, and the GPU
+then spins for about 0.5 ms, so the host has launched the call before the start event
+fires: the events time the GPU's work, not the host's Python.
 
 Planning that waits on the host (FlashInfer's ``plan``, FlexAttention's
 ``create_block_mask``) is timed with :func:`time_wall`: a device sync, then the
@@ -23,11 +25,16 @@ import torch
 __all__ = ["Stats", "median_of_rounds", "time_device", "time_interleaved", "time_wall",
            "L2_FLUSH_NOTE"]
 
-L2_FLUSH_NOTE = "CUDA events; L2 flushed (256 MB memset) before each timed rep"
+L2_FLUSH_NOTE = ("CUDA events; L2 flushed (256 MB memset) and the launch covered (0.5 ms GPU "
+                 "spin) before each timed rep")
 _FLUSH_BYTES = 256 * 1024 * 1024
-# About 0.1 ms of spinning at H100 clocks: more than a slow host needs to launch a
-# small graph or kernel, so the start event fires just before the timed work.
-_COVER_CYCLES = 200_000
+# About 0.5 ms of spinning at H100/H200 clocks: more than a slow host needs to launch a
+# graph, a kernel or a public call (its checks, selection and launch), so the start event
+# fires just before the timed work. The memset alone (~0.08 ms) did not cover the public
+# calls: bert_base_512's padded_prefill spends ~0.16 ms of host time per call, and its
+# kernel_time read 0.089 to 0.198 ms on different hosts for the same 0.089 ms kernel
+# (docs/performance.md).
+_COVER_CYCLES = 1_000_000
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
 
 
@@ -71,7 +78,7 @@ def time_device(
     target_ms: float = 100.0,
     warmup_ms: float = 25.0,
     flush_l2: bool = True,
-    cover_launch: bool = False,
+    cover_launch: bool = True,
 ) -> Stats:
     """Time ``fn`` on ``device``: CUDA events on a GPU, the host clock on a CPU.
 
@@ -83,11 +90,13 @@ def time_device(
     target_ms : about how long all timed calls together should take
     warmup_ms : about how long to warm up
     flush_l2 : zero a 256 MB buffer before each timed call (GPU only)
-    cover_launch : without ``flush_l2``, keep the GPU busy (a spin of ~0.1 ms) before
-        each start event, so the host's time to launch ``fn`` is not counted: for
-        GPU-time rows such as a CUDA graph replay, which otherwise measured the
-        host's launch latency whenever it was longer than the graph (H100 machine,
-        planning 1,000 spans: p50 62.8 us, p80 169 us, against 32.8 us at p20)
+    cover_launch : keep the GPU busy (a spin of ~0.5 ms, after the flush) before each
+        start event, so the host's time to launch ``fn`` is not counted. Without it a
+        call whose host time outlasts the GPU's queue is timed with the host's latency:
+        a CUDA graph replay (H100, planning 1,000 spans: p50 62.8 us, p80 169 us,
+        against 32.8 us at p20), or a public call at ~0.1-0.3 ms of kernel (H200,
+        many_small through ``span_prefill``: p50 0.318 ms, against 0.241 ms for the same
+        launch timed in the next row). False: the host's latency is part of the time
     """
     if device.type != "cuda":
         return time_wall(fn, device, min_reps=min_reps, max_reps=max_reps, target_ms=target_ms)
@@ -108,7 +117,7 @@ def time_device(
     for i in range(reps):
         if flush_l2:
             _flush(device)
-        elif cover_launch:
+        if cover_launch:
             torch.cuda._sleep(_COVER_CYCLES)
         starts[i].record()
         fn()
