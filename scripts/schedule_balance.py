@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import heapq
 import math
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
