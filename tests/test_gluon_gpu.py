@@ -398,12 +398,15 @@ PERSISTENT = pytest.mark.parametrize("form", [
          "persistent3-stagger-named-turns"])
 
 
+# The options that take the overlapped loop (the launch refuses them with the in-sequence
+# one: ``tests/test_gluon_launch_checks.py``).
+OVERLAP_ONLY = frozenset({"turns", "rescale_early", "pin_softmax", "early_q_release"})
+
+
 def _pingpong_form(form: dict, overlap: bool) -> dict:
-    """A ``PERSISTENT`` form as launch keywords; the options that take the overlapped loop
-    (turns, rescale_early, pin_softmax, early_q_release) are skipped with the in-sequence
-    one (the launch refuses them: ``tests/test_gluon_launch_checks.py``)."""
-    if not overlap and ("turns" in form or "rescale_early" in form or "pin_softmax" in form
-                        or "early_q_release" in form):
+    """A ``PERSISTENT`` form as launch keywords; skipped with the in-sequence loop where it
+    has an option of the overlapped one (:data:`OVERLAP_ONLY`)."""
+    if not overlap and OVERLAP_ONLY & form.keys():
         pytest.skip("an option of the overlapped loop")
     return form
 
