@@ -67,6 +67,7 @@ STAGGER_NAMED_TURNS = 14  # the same, staggered
 STAGGER_NAMED_TURNS_TMA_STORE = 15  # the same, with the TMA-store epilogue
 STAGGER_EARLY_Q = 16  # staggered, Q released after each group's last QK^T (register stores)
 STAGGER_NAMED_TURNS_EARLY_Q = 17  # staggered, named turns, Q released early
+STAGGER_TMA_STORE_EARLY_Q = 18  # staggered, Q released early, the rows staged in a K tile
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -84,7 +85,9 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                                                    "tma_store": True},
                    STAGGER_EARLY_Q: {"stagger": True, "early_q_release": True},
                    STAGGER_NAMED_TURNS_EARLY_Q: {"stagger": True, "turns": "named",
-                                                 "early_q_release": True}}
+                                                 "early_q_release": True},
+                   STAGGER_TMA_STORE_EARLY_Q: {"stagger": True, "tma_store": True,
+                                               "early_q_release": True}}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
           "early_q_release": "_earlyq"}
@@ -111,6 +114,7 @@ FORMS.append((128, True, True, STAGGER_NAMED_TURNS))
 FORMS.append((128, True, True, STAGGER_NAMED_TURNS_TMA_STORE))
 FORMS.append((128, True, True, STAGGER_EARLY_Q))
 FORMS.append((128, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))

@@ -118,10 +118,11 @@ def _trace(tr, index, limit, anchor):
             gl.store(tr + index * 4 + t // 32, _clock(t), mask=(t % 32) == 0)
 ''')
 # 2. the overlapped loop takes tr; step events: tile landed, S retired, PV retired, end
-_edit('''                        TURN_GROUPS: gl.constexpr = 2, q_release=None):
+_edit('''                        TURN_GROUPS: gl.constexpr = 2, q_release=None,
+                        HOLD_LAST: gl.constexpr = False):
     """The KV loop with the softmax of tile''',
       '''                        TURN_GROUPS: gl.constexpr = 2, q_release=None,
-                        tr=None):
+                        HOLD_LAST: gl.constexpr = False, tr=None):
     """The KV loop with the softmax of tile''')
 _after('''        first = ring_base % STAGES
         _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
@@ -159,8 +160,9 @@ _edit('''                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP els
                         q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
                     acc, m_i, l_i = _kv_loop_overlapped(
                         q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''')
-_edit('''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None)
-''', f'''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, tr)
+_edit('''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, K_STAGED)
+''', f'''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, K_STAGED,
+                        tr)
                     _trace(tr_items, r * 4 + 2, {ILIM}, r)
 ''')
 _after('''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)

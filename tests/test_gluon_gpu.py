@@ -536,17 +536,23 @@ def test_pingpong_varlen_causal(overlap: bool, persistent: int, split_q: bool) -
 
 
 # The consumers' TMA-store epilogue: boxes of 64 rows where a group's rows fit one, the
-# register stores at the tails of tiles (odd lengths), with and without lse. The last
-# three: Q released after each group's last QK^T (early_q_release), with register stores.
+# register stores at the tails of tiles (odd lengths), with and without lse. Then Q
+# released after each group's last QK^T (early_q_release), with register stores; then
+# both, the rows staged in the item's last K tile (that ring stage held until the store).
+K_STAGED_FORMS = [dict(persistent=3, stagger=True, tma_store=True, early_q_release=True),
+                  dict(persistent=1000, stagger=True, tma_store=True, early_q_release=True),
+                  dict(persistent=0, tma_store=True, early_q_release=True)]
+K_STAGED_IDS = ["persistent3-stagger-k-staged", "persistent1000-stagger-k-staged",
+                "per-item-k-staged"]
 TMA_STORE_FORMS = pytest.mark.parametrize("form", [
     dict(persistent=0, tma_store=True), dict(persistent=3, stagger=True, tma_store=True),
     dict(persistent=1000, stagger=True, tma_store=True),
     dict(persistent=3, stagger=True, early_q_release=True),
     dict(persistent=1000, stagger=True, early_q_release=True),
-    dict(persistent=0, early_q_release=True)],
+    dict(persistent=0, early_q_release=True), *K_STAGED_FORMS],
     ids=["per-item-tma-store", "persistent3-stagger-tma-store",
          "persistent1000-stagger-tma-store", "persistent3-stagger-early-q",
-         "persistent1000-stagger-early-q", "per-item-early-q"])
+         "persistent1000-stagger-early-q", "per-item-early-q", *K_STAGED_IDS])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -604,6 +610,29 @@ def test_tma_store_varlen_and_spans(stack: int, return_lse: bool, form: dict) ->
     assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
     if return_lse:
         assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16, 256])
+@pytest.mark.parametrize("stack", [1, 4], ids=["head-per-block", "stack4"])
+@pytest.mark.parametrize("form", K_STAGED_FORMS[:2], ids=K_STAGED_IDS[:2])
+def test_k_staged_tma_store_paged_spans(page_size: int, stack: int, form: dict) -> None:
+    """The rows staged in the last K tile over paged pools whose stages are gathered by
+    cp.async (pages of 1 and 4 rows) or copied by TMA per page: the held stage is the one
+    the next item's third tile lands in, so a stage released too early shows as wrong
+    rows (lse too, every row against the reference)."""
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+    from spanfill.testing import reference_span
+
+    layout, k_cache, v_cache, q = _paged_spans(page_size, 128, page_size + stack + 5)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
+    attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
+                        layout.positions, layout.block_table, 128 ** -0.5, True, block_m=128,
+                        stack=stack, overlap=True, pingpong=True, **form)
+    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    assert_lse_close(lse, ref_lse, torch.bfloat16)
 
 
 def test_pingpong_refuses_64_rows() -> None:

@@ -131,18 +131,26 @@ def test_tma_store_takes_two_groups_of_whole_boxes(form: dict, block_q: int) -> 
 
 @pytest.mark.parametrize("form", [
     dict(block_m=128, overlap=True), dict(block_m=128, pingpong=True),
-    dict(block_m=128, pingpong=True, overlap=True, tma_store=True),
     dict(block_m=128, pingpong=True, overlap=True, split_q=True),
-], ids=["not-pingpong", "not-overlapped", "tma-store", "split-q"])
-def test_early_q_release_takes_the_overlapped_register_store_form(form: dict) -> None:
-    """Q's rows are released after the last QK^T, so they cannot stage the TMA store."""
+], ids=["not-pingpong", "not-overlapped", "split-q"])
+def test_early_q_release_takes_the_overlapped_pingpong_form(form: dict) -> None:
     with pytest.raises(ValueError, match="early_q_release takes the pingpong form"):
         _launch(_zeros(6)[:128], _zeros(2)[:128], 128, early_q_release=True, **form)
 
 
-def test_early_q_release_form_passes_the_checks() -> None:
+def test_early_q_release_with_tma_store_takes_a_k_tile_of_the_block_rows() -> None:
+    """Q's rows are released after the last QK^T, so the TMA store stages the block's
+    128 rows in the last K tile instead: 64 KV positions a step do not hold them."""
+    with pytest.raises(ValueError, match="block_n must be at least 128, got 64"):
+        _launch(_zeros(6)[:128], _zeros(2)[:128], 128, block_m=128, block_n=64,
+                pingpong=True, overlap=True, tma_store=True, early_q_release=True)
+
+
+@pytest.mark.parametrize("tma_store", [False, True], ids=["register-stores", "tma-store"])
+def test_early_q_release_forms_pass_the_checks(tma_store: bool) -> None:
     if torch.cuda.is_available():
         pytest.skip("with a GPU the launch would run on CPU tensors")
     with pytest.raises(RuntimeError, match="active drivers"):
         _launch(_zeros(6)[:128], _zeros(2)[:128], 128, block_m=128, pingpong=True,
-                overlap=True, persistent=4, stagger=True, early_q_release=True)
+                overlap=True, persistent=4, stagger=True, early_q_release=True,
+                tma_store=tma_store)

@@ -452,7 +452,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         ring_base, q_phase, stagger_bar=None, turn=None,
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
                         PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
-                        TURN_GROUPS: gl.constexpr = 2, q_release=None):
+                        TURN_GROUPS: gl.constexpr = 2, q_release=None,
+                        HOLD_LAST: gl.constexpr = False):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
@@ -467,6 +468,7 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     gl.static_assert(not RESCALE_EARLY, "RESCALE_EARLY is for the overlapped loop")
     gl.static_assert(not PIN_SOFTMAX, "PIN_SOFTMAX is for the overlapped loop")
     gl.static_assert(q_release is None, "q_release (early_q_release) is for the overlapped loop")
+    gl.static_assert(not HOLD_LAST, "HOLD_LAST (the K-stage TMA store) is for the overlapped loop")
     if not PRODUCER:
         for t in gl.static_range(STAGES - 1):
             if t < num_tiles:
@@ -570,7 +572,8 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         ring_base, q_phase, stagger_bar=None, turn=None,
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
                         PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
-                        TURN_GROUPS: gl.constexpr = 2, q_release=None):
+                        TURN_GROUPS: gl.constexpr = 2, q_release=None,
+                        HOLD_LAST: gl.constexpr = False):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -608,6 +611,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     ``q_release``: an mbarrier to arrive on once the item's last QK^T has retired (or, with
     no tile, once Q has landed), or None. PV reads no Q, so the producer can copy the next
     item's Q under this item's last softmax, PV and epilogue (FA3 releases Q there too).
+
+    ``HOLD_LAST`` (with ``PRODUCER``): the stage of the item's last tile is not released
+    here; the caller stages its output rows in that K tile and releases it after the
+    store (the TMA store with ``q_release``, :func:`_pingpong_consumer`).
     """
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -691,7 +698,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-        if PRODUCER:
+        if PRODUCER and not HOLD_LAST:
             fence_async_shared()
             mbarrier.arrive(empty.index(last), count=1)
     elif q_release is not None:
@@ -821,9 +828,12 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
     group's next rows as soon as that group is done with its last ones, and the group
     that finishes an item first starts the next without waiting for the others.
     ``RESCALE_EARLY`` and ``PIN_SOFTMAX`` (with ``OVERLAP``): see
-    :func:`_kv_loop_overlapped`. ``EARLY_Q`` (with ``OVERLAP``, without ``TMA_STORE``):
-    the loop releases this group's Q rows (``q_free``) after its last QK^T, its
-    ``q_release``, instead of this partition after the loop.
+    :func:`_kv_loop_overlapped`. ``EARLY_Q`` (with ``OVERLAP``): the loop releases this
+    group's Q rows (``q_free``) after its last QK^T, its ``q_release``, instead of this
+    partition after the loop. With ``TMA_STORE`` too, the rows are staged in this group's
+    rows of the item's last K tile, once every group's last QK^T has retired (``q_free``
+    completes), and that ring stage is released after the store, not after the last PV
+    (``HOLD_LAST``): the next item's first ``STAGES - 1`` tiles go into the other stages.
     """
     NUM_WARPS: gl.constexpr = 4
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -831,6 +841,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[NUM_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
     q_half = q_smem.slice(WG * GROUP_ROWS, GROUP_ROWS)
+    # The TMA store with Q released early stages the rows in the last tile's K stage.
+    K_STAGED: gl.constexpr = TMA_STORE and EARLY_Q
     if SPLIT_Q:  # this group's own Q rows: their own barriers
         my_q_bar = q_bar.index(WG)
         my_q_free = q_free.index(WG)
@@ -891,11 +903,12 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
                         slot, q_phase, go_mine if STAGGER and WG < LAST else None,
                         turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
-                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None)
+                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, K_STAGED)
                     if STAGGER and WG < LAST:
                         if num_tiles == 0:  # (the loop arrives after its first softmax)
                             mbarrier.arrive(go_mine, count=1)
                     # The loop waited for its last wgmma: this group is done with Q.
+                    last = (slot + num_tiles - 1) % STAGES  # (K_STAGED: still held)
                     if TMA_STORE:
                         # This group's rows leave through its half of the Q block and TMA
                         # stores of one box per head (BOX rows: the group's 64, or a
@@ -908,21 +921,35 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                         by_tma = r0 + BOX <= row_end
                         if not ZERO_FILL:
                             by_tma = by_tma & (r0 >= q_start) & (r0 + BOX <= q_stop)
+                        if K_STAGED:  # (the rows go through the last tile's K stage)
+                            by_tma = by_tma & (num_tiles > 0)
                         if by_tma:
                             out, _, _, _, _ = _normalized_rows(
                                 acc, m_i, l_i, row0, row_end, q_start, q_stop, head, o_layout,
                                 GROUP_ROWS, BLOCK_Q, STACK, WG * GROUP_ROWS)
-                            q_half.store(out.to(dtype))
+                            if K_STAGED:
+                                # Q's rows may hold the next item's already. The last K tile
+                                # is read by every group's last QK^T: once q_free completes
+                                # (each group arrives when its last QK^T has retired) this
+                                # group's rows of it are free to stage the output in.
+                                mbarrier.wait(my_q_free, q_phase)
+                                staging = k_smem.index(last).slice(WG * GROUP_ROWS, GROUP_ROWS)
+                            else:
+                                staging = q_half
+                            staging.store(out.to(dtype))
                             fence_async_shared()
                             _barrier()  # every warp's rows in shared memory before the copy
                             for b in gl.static_range(GROUP_ROWS // BOX):
                                 _tma_store(o_desc, [r0, (head + (WG * GROUP_ROWS + b * BOX)
                                                          // BLOCK_Q) * HEAD_DIM],
-                                           q_half.slice(b * BOX, BOX))
-                            # The next item's Q lands in these rows: release them once the
-                            # store has read them.
+                                           staging.slice(b * BOX, BOX))
+                            # The next item's Q (K_STAGED: a K/V tile) lands in these rows:
+                            # release them once the store has read them.
                             tma.store_wait(0)
-                            mbarrier.arrive(my_q_free, count=1)
+                            if K_STAGED:
+                                mbarrier.arrive(empty.index(last), count=1)
+                            else:
+                                mbarrier.arrive(my_q_free, count=1)
                             if RETURN_LSE:
                                 _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split,
                                             ws_lse_split, split, row0, row_end, q_start,
@@ -931,7 +958,11 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                                             BLOCK_Q, STACK, WG * GROUP_ROWS, NUM_Q_HEADS,
                                             ZERO_FILL, RETURN_LSE, NUM_SPLITS, False)
                         else:  # the tail of a tile: register stores, as without TMA_STORE
-                            mbarrier.arrive(my_q_free, count=1)
+                            if not K_STAGED:
+                                mbarrier.arrive(my_q_free, count=1)
+                            elif num_tiles > 0:  # the held stage goes back unused
+                                fence_async_shared()
+                                mbarrier.arrive(empty.index(last), count=1)
                             _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split,
                                         ws_lse_split, split, row0, row_end, q_start, q_stop,
                                         head, stride_ot, stride_oh, stride_lt, stride_lh,
@@ -1369,15 +1400,17 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     pin_softmax : (with ``pingpong`` and ``overlap``) a scratch shared-memory store of
         each step's row sums before the PV wait, which keeps ptxas from scheduling the
         softmax after that wait (:func:`_kv_loop_overlapped`)
-    early_q_release : (with ``pingpong`` and ``overlap``, without ``tma_store`` and
-        ``split_q``) each consumer group releases its Q rows once its last QK^T of the
-        item has retired, not after its last PV, so that the next item's Q is copied
-        under the last PV and the epilogue
+    early_q_release : (with ``pingpong`` and ``overlap``, without ``split_q``) each
+        consumer group releases its Q rows once its last QK^T of the item has retired,
+        not after its last PV, so that the next item's Q is copied under the last PV and
+        the epilogue
     tma_store : (with ``pingpong``, 128-row blocks of at least 32 rows a head, no
         ``split_q``, no KV splits) each consumer group writes its rows through its half of
         the Q block and TMA stores (a box of 64 rows of one head, or of 32 rows of each
         stacked head), where the box holds only rows the item may write;
-        others (the tails of tiles) by register stores, as without it
+        others (the tails of tiles) by register stores, as without it. With
+        ``early_q_release`` (``block_n`` at least 128) the rows are staged in the item's
+        last K tile instead of Q's rows, which may hold the next item's by then
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
@@ -1491,12 +1524,15 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("rescale_early takes the pingpong form with overlap")
     if pin_softmax and not (pingpong and overlap):
         raise ValueError("pin_softmax takes the pingpong form with overlap")
-    if early_q_release and not (pingpong and overlap and not tma_store and not split_q):
-        # (the TMA-store epilogue stages the rows in Q's shared memory; split_q was not
-        # measured with it)
+    if early_q_release and not (pingpong and overlap and not split_q):
+        # (split_q was not measured with it)
         raise ValueError("early_q_release takes the pingpong form with overlap, without "
-                         f"tma_store or split_q (pingpong={pingpong}, overlap={overlap}, "
-                         f"tma_store={tma_store}, split_q={split_q})")
+                         f"split_q (pingpong={pingpong}, overlap={overlap}, "
+                         f"split_q={split_q})")
+    if early_q_release and tma_store and block_n < block_m:
+        # (the rows are staged in the last K tile: the block's rows must fit in one)
+        raise ValueError(f"early_q_release with tma_store stages the {block_m} rows in a K "
+                         f"tile: block_n must be at least {block_m}, got {block_n}")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
