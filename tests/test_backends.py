@@ -223,7 +223,7 @@ def test_info_on_hopper_names_the_gluon_form_for_spans(monkeypatch) -> None:
             assert text.startswith("gluon") and "span prefill: the Gluon kernel" in text, text
         elif name.startswith("padded_prefill") and "D=128" in name:
             assert text.startswith("gluon") and "padded batch at D=128" in text, text
-            assert "persistent=yes staggered=yes tma_store=yes" in text, text
+            assert "persistent=yes staggered=yes tma_store=yes early_q_release=yes" in text, text
         else:
             assert text.startswith("triton") and "not gluon:" in text, text
 
@@ -384,3 +384,27 @@ def test_gluon_form_takes_the_tma_store_with_whole_boxes_and_no_splits(monkeypat
     config = gluon.select_config(problem(32, 32, tokens=16))
     assert config.num_splits == 3 and not config.tile.tma_store
     assert "tma_store=yes" in choose_form(problem(32, 32)).describe_form()
+
+
+def test_gluon_form_stages_dense_rows_in_the_last_k_tile(monkeypatch) -> None:
+    """Over dense K/V at D=128 the TMA store combines with the early Q release (the rows
+    staged in the last K tile); span launches over pages keep the TMA store alone, and a
+    form without the TMA store has no early release either."""
+    from spanfill.backends.gluon import choose_form
+    from spanfill.backends.problem import AttentionProblem
+
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
+    cuda = torch.device("cuda", 0)
+
+    def problem(paged: bool, hq: int = 16, hk: int = 16) -> AttentionProblem:
+        return AttentionProblem(op="span" if paged else "padded", device=cuda,
+                                dtype=torch.bfloat16, head_dim=128, num_q_heads=hq,
+                                num_kv_heads=hk, num_tokens=4096, num_requests=2,
+                                causal=paged, paged=paged, page_size=16 if paged else 1,
+                                max_kv_len=2048, kv_dtype=torch.bfloat16)
+
+    dense = choose_form(problem(False))
+    assert dense.tma_store and dense.early_q_release
+    assert "tma_store=yes early_q_release=yes" in dense.describe_form()
+    paged = choose_form(problem(True, 32, 8))
+    assert paged.tma_store and not paged.early_q_release

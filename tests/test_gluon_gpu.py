@@ -319,12 +319,13 @@ def test_automatic_choice_runs_it_for_d256_spans(dtype: torch.dtype, page_size: 
 
 
 # (head dim, padded length S, q heads, kv heads, valid lengths, the form's expected
-# keywords): D=128 takes 128-row programs storing by TMA (GQA 2: two heads of 64 rows
-# stacked); D=64 from S=8192 takes 192-row blocks of three groups with named turns, each
-# releasing its Q rows after its last QK^T.
+# keywords): D=128 takes 128-row programs storing by TMA through the last K tile, Q
+# released early (GQA 2: two heads of 64 rows stacked); D=64 from S=8192 takes 192-row
+# blocks of three groups with named turns, each releasing its Q rows after its last QK^T.
 AUTO_PADDED = {
     "d128": (128, 1031, 4, 2, [1031, 1, 0, 500, 64, 129],
-             dict(block_m=128, stack=2, tma_store=True, stagger=True)),
+             dict(block_m=128, stack=2, tma_store=True, stagger=True,
+                  early_q_release=True)),
     "d64-s8192": (64, 8192, 2, 2, [8192, 1, 0, 4097, 6001],
                   dict(block_m=192, stack=1, turns="named", stagger=True,
                        early_q_release=True)),

@@ -200,6 +200,15 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     In the 128-row D=128 forms it gained nothing over the TMA store (enc_2k_d128 0.471
     against 0.451 ms; the span workloads within the rounds' spread), which needs the Q
     rows to stage the output, so those keep the TMA store.
+
+    Over dense K/V at D=128 both combine (1104668): Q released early, and each group's
+    rows staged in its rows of the item's last K tile, whose ring stage is held until the
+    store. Five interleaved rounds against the TMA store alone
+    (``ab_gluon_k_staged_h200_1104668_padded.csv``): enc_2k_d128 0.443 -> 0.430 ms (the
+    rounds' ranges 0.442-0.445 and 0.430-0.431). On the span workloads it moved within
+    1% either way (``ab_gluon_k_staged_h200_1104668_paged.csv``: whole_8k 0.866 -> 0.861,
+    long_32k 0.848 -> 0.855, few_big 0.425 -> 0.424), so span launches keep the TMA
+    store alone.
     """
     from .triton_config import _stacked_heads
 
@@ -210,10 +219,13 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
         return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     if problem.head_dim == 128:
-        # The TMA store's boxes are 64 rows of one head, or 32 of each stacked head.
+        # The TMA store's boxes are 64 rows of one head, or 32 of each stacked head; over
+        # dense K/V the rows are staged in the last K tile and Q is released early.
+        tma_store = 128 // stack >= 32
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
-                         stagger=True, tma_store=128 // stack >= 32)
+                         stagger=True, tma_store=tma_store,
+                         early_q_release=tma_store and not problem.paged)
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 
@@ -318,7 +330,7 @@ class GluonHopperBackend:
             splits = pick_num_splits(tiles * (problem.num_q_heads // tile.heads),
                                      problem.max_kv_len, tile, problem.device)
         if splits > 1 and tile.tma_store:  # split partial states go to the workspace
-            tile = replace(tile, tma_store=False)
+            tile = replace(tile, tma_store=False, early_q_release=False)
         return LaunchConfig(tile, num_splits=splits, use_tma=True)
 
     def attend(self, config: LaunchConfig, plan, q: torch.Tensor, k: torch.Tensor,
