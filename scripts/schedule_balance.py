@@ -6,7 +6,9 @@ A model, not a measurement: each work item (one block of ``--rows`` query rows o
 head, the plan's order, longest KV range first) costs its KV tiles of ``--block-n``
 positions plus a fixed per-item overhead of
 0, 1 or 2 tiles. The persistent launch deals the items in rounds, each round walked in
-the other direction (``_round_item`` in ``spanfill/kernels_gluon/attention.py``); a
+the other direction: the model calls the kernel's own ``_round_item``
+(``spanfill/kernels_gluon/attention.py``, its plain Python function), so it deals them as
+the kernel does; a
 greedy dynamic order (the next item to the first free program, what a hardware block
 scheduler does for a non-persistent launch) is the comparison. Prints the longest
 program's load over the mean for both.
@@ -23,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
+from spanfill.kernels_gluon.attention import _round_item  # noqa: E402
 
 
 def item_costs(w: PaddedWorkload, rows: int, block_n: int, overhead: float) -> list[float]:
@@ -39,7 +42,7 @@ def snake_makespan(costs: list[float], programs: int) -> float:
     load = [0.0] * programs
     for r in range(math.ceil(len(costs) / programs)):
         for pid in range(programs):
-            item = r * programs + (programs - 1 - pid if r % 2 else pid)
+            item = _round_item.fn(r, pid, programs)  # (the Gluon function's Python body)
             if item < len(costs):
                 load[pid] += costs[item]
     return max(load)
