@@ -330,7 +330,9 @@ class GluonHopperBackend:
             splits = pick_num_splits(tiles * (problem.num_q_heads // tile.heads),
                                      problem.max_kv_len, tile, problem.device)
         if splits > 1 and tile.tma_store:  # split partial states go to the workspace
-            tile = replace(tile, tma_store=False, early_q_release=False)
+            # (only paged launches split, and choose_form stages rows in a K tile, with
+            # the early Q release, over dense K/V only)
+            tile = replace(tile, tma_store=False)
         return LaunchConfig(tile, num_splits=splits, use_tma=True)
 
     def attend(self, config: LaunchConfig, plan, q: torch.Tensor, k: torch.Tensor,
