@@ -8,17 +8,23 @@
 # source page (stall reasons, the instructions with the most samples). One launch
 # (the third: the first compiles, see scripts/profile_kernel.py), --set full.
 # PROFILE_ARGS=--gluon: the Gluon family where the automatic choice takes the portable
-# kernel (files then named ncu_<name>_gluon). KEEP_SASS=1 keeps ncu_<name>.sass.csv.
+# kernel (files then named ncu_<name>_gluon). PROFILE_ARGS=--fa4: FlashAttention-4's
+# forward kernel on the same workload, as the bench calls it (ncu_<name>_fa4; its
+# kernel's name has "fwd" or "Forward", not "_attn_fwd"). KEEP_SASS=1 keeps
+# ncu_<name>.sass.csv.
 set -euo pipefail
 out=$1; shift
 mkdir -p "$out"
 ncu=${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}
+suffix=${PROFILE_ARGS:+_${PROFILE_ARGS#--}}
+kernels=regex:_attn_fwd
+[ "${PROFILE_ARGS:-}" = --fa4 ] && kernels='regex:[Ff]wd|Forward'
 for name in "$@"; do
-    rep="$out/ncu_$name${PROFILE_ARGS:+_gluon}"
-    "$ncu" --kernel-name regex:_attn_fwd --launch-skip 2 --launch-count 1 --set full \
+    rep="$out/ncu_$name$suffix"
+    "$ncu" --kernel-name "$kernels" --launch-skip 2 --launch-count 1 --set full \
         --import-source no -f -o "$rep" python3 scripts/profile_kernel.py "$name" ${PROFILE_ARGS:-} > "$rep.run.log" 2>&1
     {
-        echo "# ncu --set full, one launch of the attention kernel (regex _attn_fwd: the portable _attn_fwd_kernel or the Gluon _attn_fwd_dense_kernel, as the automatic choice runs it, or backend=gluon with PROFILE_ARGS=--gluon) on $name ${PROFILE_ARGS:-} (scripts/ncu_profile.sh)"
+        echo "# ncu --set full, one launch of the attention kernel ($kernels: the portable _attn_fwd_kernel or the Gluon _attn_fwd_dense_kernel, as the automatic choice runs it, backend=gluon with PROFILE_ARGS=--gluon, FA4 with --fa4) on $name ${PROFILE_ARGS:-} (scripts/ncu_profile.sh)"
         nvidia-smi --query-gpu=name --format=csv,noheader
         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
         "$ncu" -i "$rep.ncu-rep" --page details

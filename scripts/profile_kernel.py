@@ -16,6 +16,12 @@ first launch, so every launch the profiler sees is the attention kernel's.
 providers), for the Hopper family where the automatic choice takes the portable kernel
 (enc_2k_d128, bert_base_512). Padded rows then go through ``padded_prefill``, whose
 only kernel launch is the attention kernel's once the layout is built.
+
+``--fa4`` (after the name): FlashAttention-4 instead, as the bench's ``fa4_padded`` and
+``fa4_span_entries`` providers call it (``flash_attn.cute`` must import), so that one
+workload's two profiles, ours and the peer's, sit side by side. Its kernel's name is not
+``_attn_fwd``: ``scripts/ncu_profile.sh`` takes ``PROFILE_ARGS=--fa4`` and filters on
+FA4's forward kernel instead.
 """
 import sys
 
@@ -27,7 +33,7 @@ from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # no
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
 
-def main(name: str, gluon: bool = False, launches: int = 4) -> None:
+def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4) -> None:
     device = torch.device("cuda")
     by_name = {w.name: w for w in core_workloads()}
     if name not in by_name:
@@ -35,7 +41,11 @@ def main(name: str, gluon: bool = False, launches: int = 4) -> None:
     w = by_name[name]
     tensors = w.make(device, torch.bfloat16)
     padded = isinstance(w, PaddedWorkload)
-    if gluon:
+    if fa4:
+        from bench import providers_fa4
+
+        prepare = providers_fa4.padded if padded else providers_fa4.span_entries
+    elif gluon:
         prepare = spanfill_gluon if padded else spanfill_gluon_span
     else:
         prepare = spanfill_padded_kernel if padded else spanfill_segmented
@@ -46,5 +56,6 @@ def main(name: str, gluon: bool = False, launches: int = 4) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--gluon"]
-    main(args[0] if args else "few_big", gluon="--gluon" in sys.argv[1:])
+    args = [a for a in sys.argv[1:] if a not in ("--gluon", "--fa4")]
+    main(args[0] if args else "few_big", gluon="--gluon" in sys.argv[1:],
+         fa4="--fa4" in sys.argv[1:])
