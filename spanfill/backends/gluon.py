@@ -309,8 +309,11 @@ class GluonHopperBackend:
             # 0.520/0.649/0.990/1.714/1.726 ms; enc_2k_d128 0.445 against 0.482
             # (ab_gluon_tmastore_stack4_h200_9601e55.csv). Without the TMA store the form
             # had been 2-5% slower from S=4096 (ab_gluon_padded_sweep128_h200_a902294.csv).
+            # With the rows staged in the last K tile (ab_gluon_padded_sweep128_k_staged_
+            # h200_5b88b37.csv): 0.448/0.578/0.863/1.411/1.623 against
+            # 0.523/0.646/0.976/1.576/1.610 ms, level at S=8192 (the rounds overlap).
             return True, ("bidirectional padded batch at D=128: the Gluon kernel, faster "
-                          "than the portable one at every S on the H200")
+                          "than the portable one up to S=4096 on the H200 and level at 8192")
         # Other padded/varlen: the portable kernel at D=64 below S=4096 is faster; causal
         # padded batches and varlen were not measured (the sweeps are bidirectional).
         return False, (f"{problem.op} at D={problem.head_dim}: the portable kernel is faster "
