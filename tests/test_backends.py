@@ -356,22 +356,29 @@ def test_gluon_splits_few_tiles_over_long_kv(monkeypatch) -> None:
     assert gluon.select_config(problem(16384, 2048)).num_splits == 3
 
 
+def _hopper_problem(hq: int, hk: int, d: int = 128, tokens: int = 4096, paged: bool = True,
+                    num_requests: int = 1, max_kv_len: int = 8192):
+    """A bf16 problem as the Gluon registry sees it on a (stand-in) CUDA device: causal
+    span rows over 16-row pages, or (``paged=False``) a bidirectional padded batch over
+    dense K/V."""
+    from spanfill.backends.problem import AttentionProblem
+
+    return AttentionProblem(op="span" if paged else "padded", device=torch.device("cuda", 0),
+                            dtype=torch.bfloat16, head_dim=d, num_q_heads=hq, num_kv_heads=hk,
+                            num_tokens=tokens, num_requests=num_requests, causal=paged,
+                            paged=paged, page_size=16 if paged else 1, max_kv_len=max_kv_len,
+                            kv_dtype=torch.bfloat16)
+
+
 def test_gluon_form_takes_the_tma_store_with_whole_boxes_and_no_splits(monkeypatch) -> None:
     """At D=128 the registry's Gluon form stores by TMA: boxes of 64 rows of a head (MHA,
     GQA 2 stacked) or 32 (four heads stacked); not at D=256, and not when the launch
     splits the KV range (partial states go to the workspace)."""
     from spanfill.backends.gluon import choose_form
-    from spanfill.backends.problem import AttentionProblem
 
     monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
     monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
-    cuda = torch.device("cuda", 0)
-
-    def problem(hq: int, hk: int, d: int = 128, tokens: int = 4096) -> AttentionProblem:
-        return AttentionProblem(op="span", device=cuda, dtype=torch.bfloat16, head_dim=d,
-                                num_q_heads=hq, num_kv_heads=hk, num_tokens=tokens,
-                                num_requests=1, causal=True, paged=True, page_size=16,
-                                max_kv_len=8192, kv_dtype=torch.bfloat16)
+    problem = _hopper_problem
 
     assert choose_form(problem(32, 32)).tma_store
     assert choose_form(problem(16, 8)).tma_store and choose_form(problem(16, 8)).heads == 2
@@ -391,17 +398,11 @@ def test_gluon_form_stages_dense_rows_in_the_last_k_tile(monkeypatch) -> None:
     staged in the last K tile); span launches over pages keep the TMA store alone, and a
     form without the TMA store has no early release either."""
     from spanfill.backends.gluon import choose_form
-    from spanfill.backends.problem import AttentionProblem
 
     monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
-    cuda = torch.device("cuda", 0)
 
-    def problem(paged: bool, hq: int = 16, hk: int = 16) -> AttentionProblem:
-        return AttentionProblem(op="span" if paged else "padded", device=cuda,
-                                dtype=torch.bfloat16, head_dim=128, num_q_heads=hq,
-                                num_kv_heads=hk, num_tokens=4096, num_requests=2,
-                                causal=paged, paged=paged, page_size=16 if paged else 1,
-                                max_kv_len=2048, kv_dtype=torch.bfloat16)
+    def problem(paged: bool, hq: int = 16, hk: int = 16):
+        return _hopper_problem(hq, hk, paged=paged, num_requests=2, max_kv_len=2048)
 
     dense = choose_form(problem(False))
     assert dense.tma_store and dense.early_q_release
