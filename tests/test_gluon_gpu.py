@@ -173,6 +173,27 @@ def _paged_spans(page_size: int, d: int, seed: int):
     return layout, k_cache, v_cache, q
 
 
+def _check_paged_spans(page_size: int, d: int, seed: int, block_m: int, stack: int,
+                       return_lse: bool = True, **form) -> None:
+    """One launch of :func:`attention_fwd_paged` over :func:`_paged_spans`' pool
+    (outputs poisoned), checked against the reference: every row written, output and
+    (``return_lse``) lse within bf16 tolerance. ``form``: the launch's other keywords."""
+    from spanfill.kernels_gluon.attention import attention_fwd_paged
+    from spanfill.testing import reference_span
+
+    layout, k_cache, v_cache, q = _paged_spans(page_size, d, seed)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), device="cuda") if return_lse else None
+    attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(block_m // stack, True),
+                        layout.positions, layout.block_table, d ** -0.5, True, block_m=block_m,
+                        stack=stack, **form)
+    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
+    assert not out.isnan().any(), "rows left unwritten"
+    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
+    if return_lse:
+        assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+
 PAGED = [(64, 64), (128, 64), (128, 128), (256, 64), (256, 128)]
 
 
@@ -186,20 +207,8 @@ def test_paged_spans(page_size: int, d: int, block_m: int, warp_specialize: bool
     """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse), with a
     single-token span, a whole-prompt span and a one-token prompt; one q head per block,
     or the 4 of a KV head stacked in it."""
-    from spanfill.kernels_gluon.attention import attention_fwd_paged
-    from spanfill.testing import reference_span
-
-    layout, k_cache, v_cache, q = _paged_spans(page_size, d, page_size + d + block_m)
-    plan = layout.tile_plan(block_m // stack, True)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
-    attention_fwd_paged(q, k_cache, v_cache, out, lse, plan, layout.positions,
-                        layout.block_table, d ** -0.5, True, block_m=block_m,
-                        warp_specialize=warp_specialize, overlap=overlap, stack=stack)
-    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
-    assert not out.isnan().any(), "rows left unwritten"
-    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
-    assert_lse_close(lse, ref_lse, torch.bfloat16)
+    _check_paged_spans(page_size, d, page_size + d + block_m, block_m, stack,
+                       warp_specialize=warp_specialize, overlap=overlap)
 
 
 @pytest.mark.parametrize("d,block_m", SHAPES, ids=[f"d{d}-m{m}" for d, m in SHAPES])
@@ -495,20 +504,8 @@ def test_pingpong_paged_spans(page_size: int, d: int, stack: int, num_splits: in
                               overlap: bool, form: dict) -> None:
     """Span rows at their own positions over a shuffled page pool (GQA 8/2, lse): a
     single-token span, a whole-prompt span, a one-token prompt; unsplit and split-KV."""
-    from spanfill.kernels_gluon.attention import attention_fwd_paged
-    from spanfill.testing import reference_span
-
-    layout, k_cache, v_cache, q = _paged_spans(page_size, d, page_size + d + stack)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
-    attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
-                        layout.positions, layout.block_table, d ** -0.5, True, block_m=128,
-                        stack=stack, num_splits=num_splits, overlap=overlap, pingpong=True,
-                        **_pingpong_form(form, overlap))
-    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
-    assert not out.isnan().any(), "rows left unwritten"
-    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
-    assert_lse_close(lse, ref_lse, torch.bfloat16)
+    _check_paged_spans(page_size, d, page_size + d + stack, 128, stack, num_splits=num_splits,
+                       overlap=overlap, pingpong=True, **_pingpong_form(form, overlap))
 
 
 @OVERLAP
@@ -580,8 +577,7 @@ def test_tma_store_varlen_and_spans(stack: int, return_lse: bool, form: dict) ->
     rows of its own request, so tiles cut short by a request's end store by registers;
     the next request's rows are never overwritten (checked: every row against the
     reference)."""
-    from spanfill.kernels_gluon.attention import attention_fwd_dense, attention_fwd_paged
-    from spanfill.testing import reference_span
+    from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     gen = torch.Generator().manual_seed(17 + stack)
     lens = [1, 64, 65, 300, 17, 128, 129, 192]
@@ -600,17 +596,8 @@ def test_tma_store_varlen_and_spans(stack: int, return_lse: bool, form: dict) ->
     if return_lse:
         assert_lse_close(lse, ref_lse, torch.bfloat16)
 
-    layout, k_cache, v_cache, q = _paged_spans(16, d, 3 + stack)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:2], float("nan"), device="cuda") if return_lse else None
-    attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
-                        layout.positions, layout.block_table, d ** -0.5, True, block_m=128,
-                        stack=stack, overlap=True, pingpong=True, **form)
-    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
-    assert not out.isnan().any(), "rows left unwritten"
-    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
-    if return_lse:
-        assert_lse_close(lse, ref_lse, torch.bfloat16)
+    _check_paged_spans(16, d, 3 + stack, 128, stack, return_lse, overlap=True, pingpong=True,
+                       **form)
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16, 256])
@@ -621,19 +608,8 @@ def test_k_staged_tma_store_paged_spans(page_size: int, stack: int, form: dict) 
     cp.async (pages of 1 and 4 rows) or copied by TMA per page: the held stage is the one
     the next item's third tile lands in, so a stage released too early shows as wrong
     rows (lse too, every row against the reference)."""
-    from spanfill.kernels_gluon.attention import attention_fwd_paged
-    from spanfill.testing import reference_span
-
-    layout, k_cache, v_cache, q = _paged_spans(page_size, 128, page_size + stack + 5)
-    out = torch.full_like(q, float("nan"))
-    lse = torch.full(q.shape[:2], float("nan"), device="cuda")
-    attention_fwd_paged(q, k_cache, v_cache, out, lse, layout.tile_plan(128 // stack, True),
-                        layout.positions, layout.block_table, 128 ** -0.5, True, block_m=128,
-                        stack=stack, overlap=True, pingpong=True, **form)
-    ref_o, ref_lse = reference_span(q, k_cache, v_cache, layout)
-    assert not out.isnan().any(), "rows left unwritten"
-    assert rel_err(out, ref_o) <= TOLERANCE[torch.bfloat16]
-    assert_lse_close(lse, ref_lse, torch.bfloat16)
+    _check_paged_spans(page_size, 128, page_size + stack + 5, 128, stack, overlap=True,
+                       pingpong=True, **form)
 
 
 def test_pingpong_refuses_64_rows() -> None:
