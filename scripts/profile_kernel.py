@@ -57,5 +57,7 @@ def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4) -
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a not in ("--gluon", "--fa4")]
-    main(args[0] if args else "few_big", gluon="--gluon" in sys.argv[1:],
-         fa4="--fa4" in sys.argv[1:])
+    gluon, fa4 = "--gluon" in sys.argv[1:], "--fa4" in sys.argv[1:]
+    if gluon and fa4:
+        raise SystemExit("--gluon and --fa4 name two different kernels: give one")
+    main(args[0] if args else "few_big", gluon=gluon, fa4=fa4)
