@@ -144,16 +144,33 @@ def _fill_padding(O, LSE, row0, row_end, head, stride_ot, stride_oh, stride_lt, 
 @gluon.jit
 def _zero_v_tail(v_tile, j, kv_len, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
     """Zero the rows of V tile ``j`` (positions ``j * BLOCK_N + [0, BLOCK_N)``) at or
-    past ``kv_len``, before a wgmma reads the tile."""
+    past ``kv_len``, before a wgmma reads the tile.
+
+    By halves: a half wholly past ``kv_len`` is overwritten with zeros without being
+    read, and only the half holding ``kv_len`` is read and masked. (The whole tile
+    through registers had cost every item's last step 128 loads and stores a thread at
+    D=128.)"""
     if (j + 1) * BLOCK_N > kv_len:
         # The tile reaches past the request's keys: padding (or the next request's
         # rows), which may hold NaN. p is 0 there, but 0 * NaN is NaN, so those V rows
         # are zeroed in shared memory before the PV wgmma reads them (scores need
         # nothing: masked to -inf).
+        HALF: gl.constexpr = BLOCK_N // 2
+        HEAD_DIM: gl.constexpr = v_tile.shape[1]
         kv_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        v_rows = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
-        v_reg = v_tile.load(kv_layout)
-        v_tile.store(gl.where((v_rows < kv_len)[:, None], v_reg, 0.0))
+        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, kv_layout))
+        tail = kv_len - j * BLOCK_N  # the tile's rows before kv_len
+        if tail <= HALF:
+            low = v_tile.slice(0, HALF)
+            v_reg = low.load(kv_layout)
+            low.store(gl.where((rows < tail)[:, None], v_reg, 0.0))
+            v_tile.slice(HALF, HALF).store(gl.zeros([HALF, HEAD_DIM], v_tile.dtype, kv_layout))
+        else:
+            high = v_tile.slice(HALF, HALF)
+            v_reg = high.load(kv_layout)
+            high.store(gl.where((rows < tail - HALF)[:, None], v_reg, 0.0))
+        # The fence also orders these generic-proxy accesses before the producer's next
+        # TMA copy into the stage (after this group releases it): no fence at release.
         fence_async_shared()
         _barrier()  # every warp's stores before the warp group's wgmma reads them
 
@@ -494,9 +511,8 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                                      s_layout, o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL,
                                      num_warps)
         if PRODUCER:
-            # The wgmmas reading this stage are done (waited in _attend_tile); order the
-            # generic-proxy reads and writes before the producer's next copy into it.
-            fence_async_shared()
+            # The wgmmas reading this stage are done (waited in _attend_tile); a zeroed V
+            # tail was fenced in _zero_v_tail, so the release needs no proxy fence.
             mbarrier.arrive(empty.index(stage), count=1)
         if stagger_bar is not None:
             if j == 0:  # (as in _kv_loop_overlapped: after the first tile)
@@ -679,7 +695,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             # p_op is PV's register operand: kept alive (a dependency) until PV retires.
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             if PRODUCER:
-                fence_async_shared()
+                # No proxy fence: the stage was read by wgmmas only (async proxy, like the
+                # producer's copies), or its V tail zeroed and fenced in _zero_v_tail.
+                # (A fence here put a MEMBAR.ALL.CTA between every PV wait and the next
+                # QK^T of the group.)
                 mbarrier.arrive(empty.index(prev), count=1)
             elif j - 1 + STAGES < num_tiles:
                 _load_kv_tile(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES,
@@ -699,7 +718,6 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
         if PRODUCER and not HOLD_LAST:
-            fence_async_shared()
             mbarrier.arrive(empty.index(last), count=1)
     elif q_release is not None:
         mbarrier.arrive(q_release, count=1)
