@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
+# The suite runs in one pytest-xdist worker per core, at most 8 (each imports torch and
+# Triton; CI has 2 cores, where one process took 17 of its 20 minutes).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; echo $$n)
 
 .PHONY: demo test bench info clean
 
@@ -22,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/spanfill demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 info: $(STAMP)
 	$(BIN)/spanfill info
