@@ -68,6 +68,12 @@ STAGGER_NAMED_TURNS_TMA_STORE = 15  # the same, with the TMA-store epilogue
 STAGGER_EARLY_Q = 16  # staggered, Q released after each group's last QK^T (register stores)
 STAGGER_NAMED_TURNS_EARLY_Q = 17  # staggered, named turns, Q released early
 STAGGER_TMA_STORE_EARLY_Q = 18  # staggered, Q released early, the rows staged in a K tile
+# The registry's forms with the scratch store that keeps the softmax ahead of the PV wait
+# (in their SASS on Triton 3.6 all 66 exponentials of a step then come before it, and
+# none without): spans, padded D=128, padded D=64 in 192-row blocks
+STAGGER_TMA_STORE_PIN = 19
+STAGGER_TMA_STORE_EARLY_Q_PIN = 20
+STAGGER_NAMED_TURNS_EARLY_Q_PIN = 21
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -87,7 +93,15 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                    STAGGER_NAMED_TURNS_EARLY_Q: {"stagger": True, "turns": "named",
                                                  "early_q_release": True},
                    STAGGER_TMA_STORE_EARLY_Q: {"stagger": True, "tma_store": True,
-                                               "early_q_release": True}}
+                                               "early_q_release": True},
+                   STAGGER_TMA_STORE_PIN: {"stagger": True, "tma_store": True,
+                                           "pin_softmax": True},
+                   STAGGER_TMA_STORE_EARLY_Q_PIN: {"stagger": True, "tma_store": True,
+                                                   "early_q_release": True,
+                                                   "pin_softmax": True},
+                   STAGGER_NAMED_TURNS_EARLY_Q_PIN: {"stagger": True, "turns": "named",
+                                                     "early_q_release": True,
+                                                     "pin_softmax": True}}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
           "early_q_release": "_earlyq"}
@@ -115,6 +129,8 @@ FORMS.append((128, True, True, STAGGER_NAMED_TURNS_TMA_STORE))
 FORMS.append((128, True, True, STAGGER_EARLY_Q))
 FORMS.append((128, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_PIN))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PIN))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))
@@ -123,6 +139,7 @@ FORMS.append((192, True, True, SPLIT_Q))
 FORMS.append((192, True, True, PIN))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
+FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PIN))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,

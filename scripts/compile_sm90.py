@@ -439,6 +439,14 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_paged_pingpong_stagger_tmastore_early_q_stack4_d128": (gluon_paged_case(
         100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
         stagger=True, tma_store=True, early_q_release=True), ()),
+    # the registry's D=128 forms with the softmax pinned ahead of the PV wait
+    "gluon_dense_pingpong_stagger_tmastore_early_q_pin_padded_d128": (gluon_dense_case(
+        2, 200, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, tma_store=True, early_q_release=True,
+        pin_softmax=True), ()),
+    "gluon_paged_pingpong_stagger_tmastore_pin_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
+        stagger=True, tma_store=True, pin_softmax=True), ()),
     "gluon_dense_three_groups_early_q_padded_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
         pingpong=True, stagger=True, turns="named", early_q_release=True), ()),

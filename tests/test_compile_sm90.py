@@ -67,6 +67,8 @@ SPECIALISED_CASES = [
     "gluon_dense_pingpong_stagger_early_q_padded_d128",
     "gluon_dense_pingpong_stagger_tmastore_early_q_padded_d128",
     "gluon_paged_pingpong_stagger_tmastore_early_q_stack4_d128",
+    "gluon_dense_pingpong_stagger_tmastore_early_q_pin_padded_d128",
+    "gluon_paged_pingpong_stagger_tmastore_pin_stack4_d128",
     "gluon_dense_three_groups_early_q_padded_d64",
     "gluon_dense_pingpong_stagger_named_turns_padded_d128",
     "gluon_dense_three_groups_stagger_named_turns_padded_d64",
