@@ -357,17 +357,19 @@ def test_gluon_splits_few_tiles_over_long_kv(monkeypatch) -> None:
 
 
 def _hopper_problem(hq: int, hk: int, d: int = 128, tokens: int = 4096, paged: bool = True,
-                    num_requests: int = 1, max_kv_len: int = 8192):
-    """A bf16 problem as the Gluon registry sees it on a (stand-in) CUDA device: causal
-    span rows over 16-row pages, or (``paged=False``) a bidirectional padded batch over
-    dense K/V."""
-    from spanfill.backends.problem import AttentionProblem
-
-    return AttentionProblem(op="span" if paged else "padded", device=torch.device("cuda", 0),
-                            dtype=torch.bfloat16, head_dim=d, num_q_heads=hq, num_kv_heads=hk,
-                            num_tokens=tokens, num_requests=num_requests, causal=paged,
-                            paged=paged, page_size=16 if paged else 1, max_kv_len=max_kv_len,
-                            kv_dtype=torch.bfloat16)
+                    num_requests: int = 1, max_kv_len: int = 8192) -> backends.AttentionProblem:
+    """A bf16 problem built as the registry builds it (``paged_problem``/``dense_problem``),
+    on a stand-in CUDA device: causal span rows over a pool of whole 16-row pages, or
+    (``paged=False``) a bidirectional padded batch over dense K/V. The query and dense K/V
+    rows are broadcast views: only their shapes are read."""
+    q = torch.empty(1, hq, d, dtype=torch.bfloat16).expand(tokens, hq, d)
+    if paged:
+        cache = torch.empty(1, 16, hk, d, dtype=torch.bfloat16)
+        problem = paged_problem(q, cache, num_requests, max_kv_len // 16, True, v_cache=cache)
+    else:
+        kv = torch.empty(1, hk, d, dtype=torch.bfloat16).expand(tokens, hk, d)
+        problem = dense_problem("padded", q, kv, kv, num_requests, max_kv_len, False)
+    return dataclasses.replace(problem, device=torch.device("cuda", 0))
 
 
 def test_gluon_form_takes_the_tma_store_with_whole_boxes_and_no_splits(monkeypatch) -> None:
