@@ -68,9 +68,9 @@ STAGGER_NAMED_TURNS_TMA_STORE = 15  # the same, with the TMA-store epilogue
 STAGGER_EARLY_Q = 16  # staggered, Q released after each group's last QK^T (register stores)
 STAGGER_NAMED_TURNS_EARLY_Q = 17  # staggered, named turns, Q released early
 STAGGER_TMA_STORE_EARLY_Q = 18  # staggered, Q released early, the rows staged in a K tile
-# The registry's forms with the scratch store that keeps the softmax ahead of the PV wait
-# (in their SASS on Triton 3.6 all 66 exponentials of a step then come before it, and
-# none without): spans, padded D=128, padded D=64 in 192-row blocks
+# The registry's forms (spans, padded D=128, padded D=64 in 192-row blocks), each with the
+# scratch store that keeps the softmax ahead of the PV wait added to its options below (in
+# their SASS on Triton 3.6 all 66 exponentials of a step then come before it, none without)
 STAGGER_TMA_STORE_PIN = 19
 STAGGER_TMA_STORE_EARLY_Q_PIN = 20
 STAGGER_NAMED_TURNS_EARLY_Q_PIN = 21
@@ -93,15 +93,11 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                    STAGGER_NAMED_TURNS_EARLY_Q: {"stagger": True, "turns": "named",
                                                  "early_q_release": True},
                    STAGGER_TMA_STORE_EARLY_Q: {"stagger": True, "tma_store": True,
-                                               "early_q_release": True},
-                   STAGGER_TMA_STORE_PIN: {"stagger": True, "tma_store": True,
-                                           "pin_softmax": True},
-                   STAGGER_TMA_STORE_EARLY_Q_PIN: {"stagger": True, "tma_store": True,
-                                                   "early_q_release": True,
-                                                   "pin_softmax": True},
-                   STAGGER_NAMED_TURNS_EARLY_Q_PIN: {"stagger": True, "turns": "named",
-                                                     "early_q_release": True,
-                                                     "pin_softmax": True}}
+                                               "early_q_release": True}}
+for _pinned, _form in ((STAGGER_TMA_STORE_PIN, STAGGER_TMA_STORE),
+                       (STAGGER_TMA_STORE_EARLY_Q_PIN, STAGGER_TMA_STORE_EARLY_Q),
+                       (STAGGER_NAMED_TURNS_EARLY_Q_PIN, STAGGER_NAMED_TURNS_EARLY_Q)):
+    VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": True}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
           "early_q_release": "_earlyq"}
