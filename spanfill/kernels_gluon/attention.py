@@ -142,6 +142,14 @@ def _fill_padding(O, LSE, row0, row_end, head, stride_ot, stride_oh, stride_lt, 
 
 
 @gluon.jit
+def _keep_rows(part, rows, keep, kv_layout: gl.constexpr):
+    """Zero the rows of ``part`` (a shared-memory slice of a tile) from row ``keep`` on,
+    in place: read through ``kv_layout``, masked, written back. ``rows``: the slice's row
+    indices in ``SliceLayout(1, kv_layout)``."""
+    part.store(gl.where((rows < keep)[:, None], part.load(kv_layout), 0.0))
+
+
+@gluon.jit
 def _zero_v_tail(v_tile, j, kv_len, BLOCK_N: gl.constexpr, num_warps: gl.constexpr):
     """Zero the rows of V tile ``j`` (positions ``j * BLOCK_N + [0, BLOCK_N)``) at or
     past ``kv_len``, before a wgmma reads the tile.
@@ -161,14 +169,10 @@ def _zero_v_tail(v_tile, j, kv_len, BLOCK_N: gl.constexpr, num_warps: gl.constex
         rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, kv_layout))
         tail = kv_len - j * BLOCK_N  # the tile's rows before kv_len
         if tail <= HALF:
-            low = v_tile.slice(0, HALF)
-            v_reg = low.load(kv_layout)
-            low.store(gl.where((rows < tail)[:, None], v_reg, 0.0))
+            _keep_rows(v_tile.slice(0, HALF), rows, tail, kv_layout)
             v_tile.slice(HALF, HALF).store(gl.zeros([HALF, HEAD_DIM], v_tile.dtype, kv_layout))
         else:
-            high = v_tile.slice(HALF, HALF)
-            v_reg = high.load(kv_layout)
-            high.store(gl.where((rows < tail - HALF)[:, None], v_reg, 0.0))
+            _keep_rows(v_tile.slice(HALF, HALF), rows, tail - HALF, kv_layout)
         # The fence also orders these generic-proxy accesses before the producer's next
         # TMA copy into the stage (after this group releases it): no fence at release.
         fence_async_shared()
@@ -979,7 +983,8 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                             if not K_STAGED:
                                 mbarrier.arrive(my_q_free, count=1)
                             elif num_tiles > 0:  # the held stage goes back unused
-                                fence_async_shared()
+                                # No proxy fence, as at every release: its K was read by
+                                # wgmmas only, its V tail fenced where it was zeroed.
                                 mbarrier.arrive(empty.index(last), count=1)
                             _store_rows(acc, m_i, l_i, O, LSE, WS_O, WS_LSE, ws_split,
                                         ws_lse_split, split, row0, row_end, q_start, q_stop,
