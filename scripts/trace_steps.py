@@ -112,10 +112,12 @@ def _trace(tr, index, limit, anchor):
     """Stamp event ``index`` (< ``limit``) of this consumer group, one stamp per warp
     (its lane 0's clock); ``tr`` None: off."""
     if tr is not None:
-        if index < limit:
-            lanes: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-            t = gl.arange(0, 128, layout=lanes)
-            gl.store(tr + index * 4 + t // 32, _clock(t), mask=(t % 32) == 0)
+        # The limit is in the store's mask, not a branch: Triton 3.6 (the H200's) lowered
+        # the loop's last stamp away when each stamp sat in an `if index < limit` block
+        # (20 clock reads in the SASS, 22 with the mask).
+        lanes: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        t = gl.arange(0, 128, layout=lanes)
+        gl.store(tr + index * 4 + t // 32, _clock(t), mask=((t % 32) == 0) & (index < limit))
 ''')
 # 2. the overlapped loop takes tr; step events: tile landed, S retired, PV retired, end
 _edit('''                        TURN_GROUPS: gl.constexpr = 2, q_release=None,
