@@ -8,8 +8,9 @@ the ``nvdisasm`` that ships with Triton, and finds each innermost loop that issu
 wgmma (``HGMMA ... R, R, gdesc``: P from registers). In such a loop the overlapped form
 means to run the softmax (its ``MUFU.EX2``) between the wait for QK^T and the wait for
 PV (``WARPGROUP.DEPBAR.LE gsb0, 0x0``); the script counts the exponentials that come
-before that wait. ptxas decides the order, not the source: on Triton 3.6 it puts all of
-them after the wait unless ``pin_softmax`` is set (``_kv_loop_overlapped``).
+before that wait, and the row max's compares (``FMNMX``) too. ptxas decides the order,
+not the source: on Triton 3.6 it puts all of them after the wait unless ``pin_softmax``
+is set (``_kv_loop_overlapped``).
 
 Each loop's synchronisation is counted too (static counts: an instruction in a branch
 counts once): warp-group barriers (``BAR.SYNC``), named-barrier arrivals (``BAR.ARV``),
@@ -98,8 +99,12 @@ def pv_loops(sass: list[str], events: bool = False) -> list[dict]:
         waits = [k for k, line in enumerate(body) if "DEPBAR.LE gsb0, 0x0" in line]
         ex2 = [k for k, line in enumerate(body) if "MUFU.EX2" in line]
         ops = [_opcode(line) for line in body]
+        # the row max's compares (the mask's branch has none: it selects)
+        fmnmx = [k for k, op in enumerate(ops) if op.startswith("FMNMX")]
         loop = {"instructions": len(body), "exp2": len(ex2),
                 "exp2_before_pv_wait": sum(1 for k in ex2 if waits and k < waits[0]),
+                "fmnmx": len(fmnmx),
+                "fmnmx_before_pv_wait": sum(1 for k in fmnmx if waits and k < waits[0]),
                 "bar_sync": sum(op.startswith("BAR.SYNC") for op in ops),
                 "bar_arrive": sum(op.startswith("BAR.ARV") for op in ops),
                 "membar": sum(op.startswith("MEMBAR") for op in ops),
@@ -139,13 +144,14 @@ def main() -> None:
     import triton
 
     print(f"triton {triton.__version__}\n")
-    print("| case | loop | instructions | exp2 | exp2 before the PV wait | BAR.SYNC "
-          "| BAR.ARV | MEMBAR | mbarrier ops |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| case | loop | instructions | exp2 | exp2 before the PV wait | FMNMX "
+          "| FMNMX before the PV wait | BAR.SYNC | BAR.ARV | MEMBAR | mbarrier ops |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for i, loop in enumerate(r["loops"]):
             print(f"| {r['case']} | {i} | {loop['instructions']} | {loop['exp2']} "
-                  f"| {loop['exp2_before_pv_wait']} | {loop['bar_sync']} "
+                  f"| {loop['exp2_before_pv_wait']} | {loop['fmnmx']} "
+                  f"| {loop['fmnmx_before_pv_wait']} | {loop['bar_sync']} "
                   f"| {loop['bar_arrive']} | {loop['membar']} | {loop['mbarrier_ops']} |")
     for r in rows:
         for i, loop in enumerate(r["loops"]):

@@ -1,5 +1,6 @@
 """``scripts/sass_overlap.py`` on a hand-made listing (host only): which loops it reads,
-where the exponentials fall against the PV wait, and its synchronisation counts."""
+where the exponentials and the row max's compares fall against the PV wait, and its
+synchronisation counts."""
 from __future__ import annotations
 
 import os
@@ -21,10 +22,12 @@ LISTING = """
         /*0040*/                   BAR.ARV R10, 0x100 ;
         /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
         /*0060*/                   MUFU.EX2 R88, R88 ;
+        /*0068*/                   FMNMX R4, R88, R89, !PT ;
         /*0070*/              @!P0 SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR21+0x20], RZ ;
         /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0090*/                   MEMBAR.ALL.CTA ;
         /*00a0*/                   MUFU.EX2 R89, R89 ;
+        /*00a8*/               @P3 FMNMX R5, R4, R90, !PT ;
         /*00b0*/                   MUFU.EX2 R90, R90 ;
         /*00c0*/               @P1 BRA `(.L_x_1) ;
 .L_x_2:
@@ -50,8 +53,9 @@ def test_a_listing_s_pv_loop_counts(tmp_path: Path) -> None:
     loops = sass_overlap.pv_loops(sass_overlap.read_sass(path), events=True)
     assert len(loops) == 1  # the second loop issues no PV wgmma
     loop = loops[0]
-    assert loop["instructions"] == 13 and loop["exp2"] == 3
+    assert loop["instructions"] == 15 and loop["exp2"] == 3
     assert loop["exp2_before_pv_wait"] == 1
+    assert (loop["fmnmx"], loop["fmnmx_before_pv_wait"]) == (2, 1)  # (predicated too)
     assert (loop["bar_sync"], loop["bar_arrive"], loop["membar"], loop["mbarrier_ops"]) == \
         (1, 1, 1, 1)
     # the barrier, both wgmma groups, the arrival, both waits, the mbarrier arrival, MEMBAR
