@@ -97,14 +97,15 @@ def pv_loops(sass: list[str], events: bool = False) -> list[dict]:
         if not any(PV_WGMMA.search(line) for line in body):
             continue
         waits = [k for k, line in enumerate(body) if "DEPBAR.LE gsb0, 0x0" in line]
-        ex2 = [k for k, line in enumerate(body) if "MUFU.EX2" in line]
+        pv_wait = waits[0] if waits else -1  # (no wait: nothing counts as before it)
         ops = [_opcode(line) for line in body]
+        ex2 = [k for k, op in enumerate(ops) if op.startswith("MUFU.EX2")]
         # the row max's compares (the mask's branch has none: it selects)
         fmnmx = [k for k, op in enumerate(ops) if op.startswith("FMNMX")]
         loop = {"instructions": len(body), "exp2": len(ex2),
-                "exp2_before_pv_wait": sum(1 for k in ex2 if waits and k < waits[0]),
+                "exp2_before_pv_wait": sum(k < pv_wait for k in ex2),
                 "fmnmx": len(fmnmx),
-                "fmnmx_before_pv_wait": sum(1 for k in fmnmx if waits and k < waits[0]),
+                "fmnmx_before_pv_wait": sum(k < pv_wait for k in fmnmx),
                 "bar_sync": sum(op.startswith("BAR.SYNC") for op in ops),
                 "bar_arrive": sum(op.startswith("BAR.ARV") for op in ops),
                 "membar": sum(op.startswith("MEMBAR") for op in ops),
