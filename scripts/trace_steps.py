@@ -102,13 +102,14 @@ TRACE_STRIDE: gl.constexpr = gl.constexpr((2048 * 4 + 128 * 4) * 4)
 
 
 @gluon.jit
-def _clock(anchor):
-    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [anchor],
+def _clock(like):
+    """``%clock64`` in the layout of ``like`` (the asm's one input, which it never reads)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [like],
                                      dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.jit
-def _trace(tr, index, limit, anchor):
+def _trace(tr, index, limit):
     """Stamp event ``index`` (< ``limit``) of this consumer group, one stamp per warp
     (its lane 0's clock); ``tr`` None: off."""
     if tr is not None:
@@ -128,25 +129,25 @@ _edit('''                        TURN_GROUPS: gl.constexpr = 2, q_release=None,
     """The KV loop with the softmax of tile''')
 _after('''        first = ring_base % STAGES
         _wait_ready(ready, ring_base, STAGES, PAGE_SIZE)
-''', f'''        _trace(tr, ring_base * 4 + 0, {LIM}, ring_base)
+''', f'''        _trace(tr, ring_base * 4 + 0, {LIM})
 ''')
 _after('''        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
-''', f'''        _trace(tr, ring_base * 4 + 1, {LIM}, ring_base)
+''', f'''        _trace(tr, ring_base * 4 + 1, {LIM})
 ''')
 _before('''        for j in range(1, num_tiles):
-''', f'''        _trace(tr, ring_base * 4 + 3, {LIM}, ring_base)
+''', f'''        _trace(tr, ring_base * 4 + 3, {LIM})
 ''')
 _after('''            _wait_ready(ready, ring_base + j, STAGES, PAGE_SIZE)
-''', f'''            _trace(tr, (ring_base + j) * 4 + 0, {LIM}, ring_base + j)
+''', f'''            _trace(tr, (ring_base + j) * 4 + 0, {LIM})
 ''')
 _after('''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
-''', f'''            _trace(tr, (ring_base + j) * 4 + 1, {LIM}, ring_base + j)
+''', f'''            _trace(tr, (ring_base + j) * 4 + 1, {LIM})
 ''')
 _after('''            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-''', f'''            _trace(tr, (ring_base + j) * 4 + 2, {LIM}, ring_base + j)
+''', f'''            _trace(tr, (ring_base + j) * 4 + 2, {LIM})
 ''')
 _before('''        if q_release is not None:  # every QK^T of the item has retired''',
-        f'''            _trace(tr, (ring_base + j) * 4 + 3, {LIM}, ring_base + j)
+        f'''            _trace(tr, (ring_base + j) * 4 + 3, {LIM})
 ''')
 # 3. the consumer: tr from the LSE stand-in, item events
 _after('''    slot = pid * 0  # ring slots used by this program's earlier items
@@ -156,19 +157,19 @@ _after('''    slot = pid * 0  # ring slots used by this program's earlier items
 ''')
 _before('''                    if STAGGER and WG > 0:
                         mbarrier.wait(go_prev, q_phase)
-''', f'''                    _trace(tr_items, r * 4 + 0, {ILIM}, r)
+''', f'''                    _trace(tr_items, r * 4 + 0, {ILIM})
 ''')
 _edit('''                    acc, m_i, l_i = (_kv_loop_overlapped if OVERLAP else _kv_loop_sequential)(
-                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM}, r)
+                        q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''', f'''                    _trace(tr_items, r * 4 + 1, {ILIM})
                     acc, m_i, l_i = _kv_loop_overlapped(
                         q_half, my_q_bar, kv_len, kv_len, k_smem, v_smem, ready, empty, row0,''')
 _edit('''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, K_STAGED)
 ''', f'''                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, K_STAGED,
                         tr)
-                    _trace(tr_items, r * 4 + 2, {ILIM}, r)
+                    _trace(tr_items, r * 4 + 2, {ILIM})
 ''')
 _after('''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
-''', f'''                    _trace(tr_items, r * 4 + 3, {ILIM}, r)
+''', f'''                    _trace(tr_items, r * 4 + 3, {ILIM})
 ''')
 # 4. the launcher passes TRACE as the LSE pointer
 _edit('''    lse_arg = lse if lse is not None else out
@@ -229,19 +230,19 @@ TURNS_DONE = [
     ('''            _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
-            _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4, ring_base + j)
+            _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4)
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
             if PIN_SOFTMAX:  # the softmax before the PV wait
                 pin.store(l_i)
             # p_op is PV's register operand: kept alive (a dependency) until PV retires.
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4, ring_base + j)
+            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4)
 ''', '''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
-            _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4, ring_base + j)
+            _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4)
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
-            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4, ring_base + j)
+            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4)
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
 '''),
