@@ -74,6 +74,11 @@ STAGGER_TMA_STORE_EARLY_Q = 18  # staggered, Q released early, the rows staged i
 STAGGER_TMA_STORE_PIN = 19
 STAGGER_TMA_STORE_EARLY_Q_PIN = 20
 STAGGER_NAMED_TURNS_EARLY_Q_PIN = 21
+# The same three with the row max only ahead of the PV wait (pin_softmax="max": its
+# compares and shuffles under PV, the exponentials after the wait)
+STAGGER_TMA_STORE_PINMAX = 22
+STAGGER_TMA_STORE_EARLY_Q_PINMAX = 23
+STAGGER_NAMED_TURNS_EARLY_Q_PINMAX = 24
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -98,6 +103,10 @@ for _pinned, _form in ((STAGGER_TMA_STORE_PIN, STAGGER_TMA_STORE),
                        (STAGGER_TMA_STORE_EARLY_Q_PIN, STAGGER_TMA_STORE_EARLY_Q),
                        (STAGGER_NAMED_TURNS_EARLY_Q_PIN, STAGGER_NAMED_TURNS_EARLY_Q)):
     VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": True}
+for _pinned, _form in ((STAGGER_TMA_STORE_PINMAX, STAGGER_TMA_STORE),
+                       (STAGGER_TMA_STORE_EARLY_Q_PINMAX, STAGGER_TMA_STORE_EARLY_Q),
+                       (STAGGER_NAMED_TURNS_EARLY_Q_PINMAX, STAGGER_NAMED_TURNS_EARLY_Q)):
+    VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": "max"}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
           "early_q_release": "_earlyq"}
@@ -127,6 +136,8 @@ FORMS.append((128, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_PIN))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PIN))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_PINMAX))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PINMAX))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))
@@ -136,6 +147,7 @@ FORMS.append((192, True, True, PIN))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PIN))
+FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,
@@ -158,8 +170,9 @@ def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int
     if pingpong:
         name = (f"gluon_m{block_m}_" + ("pingpong" if overlap else "split_consumers")
                 + ("_persistent" if pingpong >= PERSISTENT else "")
-                + "".join(SUFFIX[o] if v != "named" else "_named" + SUFFIX[o]
-                  for o, v in VARIANT_OPTIONS.get(pingpong, {}).items())
+                + "".join(SUFFIX[o] + v if isinstance(v, str) and v != "named"
+                          else "_named" + SUFFIX[o] if v == "named" else SUFFIX[o]
+                          for o, v in VARIANT_OPTIONS.get(pingpong, {}).items())
                 + (f"_stack{stack}" if stack > 1 else ""))
     else:
         name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")

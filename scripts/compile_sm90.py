@@ -447,6 +447,14 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
     "gluon_paged_pingpong_stagger_tmastore_pin_stack4_d128": (gluon_paged_case(
         100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
         stagger=True, tma_store=True, pin_softmax=True), ()),
+    # the same with the row max only ahead of the PV wait (pin_softmax="max")
+    "gluon_paged_pingpong_stagger_tmastore_pinmax_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
+        stagger=True, tma_store=True, pin_softmax="max"), ()),
+    "gluon_dense_three_groups_named_turns_early_q_pinmax_padded_d64": (gluon_dense_case(
+        2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
+        pingpong=True, stagger=True, turns="named", early_q_release=True,
+        pin_softmax="max"), ()),
     "gluon_dense_three_groups_early_q_padded_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
         pingpong=True, stagger=True, turns="named", early_q_release=True), ()),

@@ -10,7 +10,7 @@ means to run the softmax (its ``MUFU.EX2``) between the wait for QK^T and the wa
 PV (``WARPGROUP.DEPBAR.LE gsb0, 0x0``); the script counts the exponentials that come
 before that wait, and the row max's compares (``FMNMX``) too. ptxas decides the order,
 not the source: on Triton 3.6 it puts all of them after the wait unless ``pin_softmax``
-is set (``_kv_loop_overlapped``).
+is set (``_kv_loop_overlapped``; ``pin_softmax="max"`` moves the compares only).
 
 Each loop's synchronisation is counted too (static counts: an instruction in a branch
 counts once): warp-group barriers (``BAR.SYNC``), named-barrier arrivals (``BAR.ARV``),

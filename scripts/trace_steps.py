@@ -233,7 +233,9 @@ TURNS_DONE = [
             _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4)
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            if PIN_SOFTMAX:  # the softmax before the PV wait
+            if PIN_SOFTMAX == 2:  # the row max before the PV wait
+                pin.store(m_i)
+            elif PIN_SOFTMAX:  # the softmax before the PV wait
                 pin.store(l_i)
             # p_op is PV's register operand: kept alive (a dependency) until PV retires.
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))

@@ -69,6 +69,8 @@ SPECIALISED_CASES = [
     "gluon_paged_pingpong_stagger_tmastore_early_q_stack4_d128",
     "gluon_dense_pingpong_stagger_tmastore_early_q_pin_padded_d128",
     "gluon_paged_pingpong_stagger_tmastore_pin_stack4_d128",
+    "gluon_paged_pingpong_stagger_tmastore_pinmax_stack4_d128",
+    "gluon_dense_three_groups_named_turns_early_q_pinmax_padded_d64",
     "gluon_dense_three_groups_early_q_padded_d64",
     "gluon_dense_pingpong_stagger_named_turns_padded_d128",
     "gluon_dense_three_groups_stagger_named_turns_padded_d64",
@@ -271,3 +273,20 @@ def test_pinned_softmax_runs_before_the_pv_wait(tmp_path_factory, case):
     assert loops, "no KV loop with a PV wgmma found"
     for loop in loops:
         assert loop["exp2"] > 0 and loop["exp2_before_pv_wait"] == loop["exp2"], loop
+
+
+@pytest.mark.parametrize("case", ["gluon_paged_pingpong_stagger_tmastore_pinmax_stack4_d128",
+                                  "gluon_dense_three_groups_named_turns_early_q_pinmax_padded_d64"])
+def test_pinned_row_max_runs_before_the_pv_wait(tmp_path_factory, case):
+    """With ``pin_softmax="max"`` every compare of the row max (``FMNMX``) comes before
+    the overlapped loop's wait for PV in the SASS: the max runs under the PV wgmma.
+    Without it ptxas puts the whole softmax, max included, after that wait."""
+    pytest.importorskip("triton.backends.nvidia")
+    done = subprocess.run([sys.executable, str(SCRIPTS / "sass_overlap.py"), "--json", case],
+                          env=_compile_env(tmp_path_factory), capture_output=True, text=True,
+                          timeout=900)
+    assert done.stdout.strip(), done.stderr[-3000:]
+    loops = json.loads(done.stdout.strip().splitlines()[-1])[0]["loops"]
+    assert loops, "no KV loop with a PV wgmma found"
+    for loop in loops:
+        assert loop["fmnmx"] > 0 and loop["fmnmx_before_pv_wait"] == loop["fmnmx"], loop

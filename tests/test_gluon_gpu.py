@@ -395,7 +395,7 @@ OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-
 # passed through an mbarrier or (named) a hardware named barrier;
 # split-q: each group's half of Q is copied and released on its own; early: the output
 # is rescaled under the QK^T wgmma; pin: a scratch store keeps the softmax ahead of the PV
-# wait (early and pin with the overlapped loop only).
+# wait, pin-max its row max only (early and pin with the overlapped loop only).
 PERSISTENT = pytest.mark.parametrize("form", [
     dict(persistent=0), dict(persistent=3), dict(persistent=3, stagger=True),
     dict(persistent=3, turns=True), dict(persistent=3, stagger=True, split_q=True),
@@ -478,10 +478,13 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     dict(persistent=3, stagger=True, rescale_early=True),
     dict(persistent=3, stagger=True, pin_softmax=True),
     dict(persistent=0, turns="named"), dict(persistent=3, stagger=True, turns="named"),
-    dict(persistent=3, stagger=True, turns="named", early_q_release=True)],
+    dict(persistent=3, stagger=True, turns="named", early_q_release=True),
+    dict(persistent=3, stagger=True, turns="named", early_q_release=True,
+         pin_softmax="max")],
     ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-stagger-splitq",
          "persistent3-stagger-early", "persistent3-stagger-pin", "per-item-named-turns",
-         "persistent3-stagger-named-turns", "persistent3-stagger-named-turns-early-q"])
+         "persistent3-stagger-named-turns", "persistent3-stagger-named-turns-early-q",
+         "persistent3-stagger-named-turns-early-q-pin-max"])
 def test_three_groups_padded_batches(dtype: torch.dtype, side: str, causal: bool, stack: int,
                                      overlap: bool, form: dict) -> None:
     """192-row blocks of three consumer groups at D=64 (GQA 6/2, so three heads can
@@ -547,10 +550,15 @@ TMA_STORE_FORMS = pytest.mark.parametrize("form", [
     dict(persistent=1000, stagger=True, tma_store=True),
     dict(persistent=3, stagger=True, early_q_release=True),
     dict(persistent=1000, stagger=True, early_q_release=True),
-    dict(persistent=0, early_q_release=True), *K_STAGED_FORMS],
+    dict(persistent=0, early_q_release=True), *K_STAGED_FORMS,
+    # the registry's span and padded forms with the row max ahead of the PV wait
+    dict(persistent=3, stagger=True, tma_store=True, pin_softmax="max"),
+    dict(persistent=3, stagger=True, tma_store=True, early_q_release=True,
+         pin_softmax="max")],
     ids=["per-item-tma-store", "persistent3-stagger-tma-store",
          "persistent1000-stagger-tma-store", "persistent3-stagger-early-q",
-         "persistent1000-stagger-early-q", "per-item-early-q", *K_STAGED_IDS])
+         "persistent1000-stagger-early-q", "per-item-early-q", *K_STAGED_IDS,
+         "persistent3-stagger-tma-store-pin-max", "persistent3-stagger-k-staged-pin-max"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

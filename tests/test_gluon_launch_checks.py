@@ -77,10 +77,14 @@ def test_q_boxes_split_into_whole_groups(block_m: int, stack: int) -> None:
      "rescale_early takes the pingpong form with overlap"),
     (dict(block_m=128, overlap=True, pin_softmax=True),
      "pin_softmax takes the pingpong form with overlap"),
+    (dict(block_m=128, pingpong=True, pin_softmax="max"),
+     "pin_softmax takes the pingpong form with overlap"),
+    (dict(block_m=128, pingpong=True, overlap=True, pin_softmax="sum"),
+     "pin_softmax must be False, True or 'max', got 'sum'"),
     (dict(block_m=128, pingpong=True, overlap=True, split_q=True, turns=True),
      "split_q and turns do not combine"),
 ], ids=["split_q-alone", "rescale_early-in-sequence", "pin_softmax-one-group",
-        "split_q-turns"])
+        "pin_max-in-sequence", "pin_softmax-unknown", "split_q-turns"])
 def test_pingpong_options_refused_outside_their_form(form: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _launch(_zeros(6)[:128], _zeros(2)[:128], 128, **form)
@@ -103,7 +107,9 @@ def test_persistent_refused_outside_the_pingpong_form(form: dict, message: str) 
     dict(block_m=128, pingpong=True, overlap=True, persistent=4, stagger=True,
          pin_softmax=True, split_q=True),
     dict(block_m=192, pingpong=True, overlap=True, persistent=4, stagger=True),
-], ids=["persistent", "stagger", "stagger-pin-splitq", "three-groups"])
+    dict(block_m=128, pingpong=True, overlap=True, persistent=4, stagger=True,
+         tma_store=True, pin_softmax="max"),
+], ids=["persistent", "stagger", "stagger-pin-splitq", "three-groups", "stagger-pin-max"])
 def test_persistent_pingpong_forms_pass_the_checks(form: dict) -> None:
     """The registry's launch forms get past every refusal: only the launch itself fails
     here (no GPU driver for the CPU tensors). A misplaced refusal once rejected every

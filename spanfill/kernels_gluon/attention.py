@@ -46,7 +46,8 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   ``pin_softmax``: a scratch shared-memory store that keeps ptxas from scheduling the
   softmax after the PV wait, which it otherwise does (``scripts/sass_overlap.py``: on
   Triton 3.6 and 3.9 no exponential of the registry's D=128 loop precedes that wait, so
-  the softmax never runs under this group's PV).
+  the softmax never runs under this group's PV); ``pin_softmax="max"``: the same for the
+  row max only (its compare chain and shuffles under PV, the exponentials after).
 - ``block_m=192`` (D=64, dense K/V): three consumer groups, FA4's tile at D=64.
 
 What FA3/FA4 add on top, for the next steps: separate K and V rings (the overlapped
@@ -626,7 +627,10 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     PV instead of under it: in the SASS of the D=128 ping-pong form every ``MUFU.EX2``
     of the loop follows ``WARPGROUP.DEPBAR.LE gsb0, 0x0``. ptxas keeps a shared-memory
     store ahead of the wait (the wgmma reads shared memory), and the store needs every
-    exponential, so with it they all come before the wait.
+    exponential, so with it they all come before the wait. ``PIN_SOFTMAX == 2`` (the
+    launch's ``pin_softmax="max"``) stores the row maxima instead: only the max (a chain
+    of compares and two shuffles a row, which the exponentials wait for) moves ahead of
+    the wait, and ptxas leaves the exponentials after it.
 
     ``q_release``: an mbarrier to arrive on once the item's last QK^T has retired (or, with
     no tile, once Q has landed), or None. PV reads no Q, so the producer can copy the next
@@ -668,7 +672,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
                                            qk_scale, s_layout, BLOCK_N, CAUSAL)
-        if PIN_SOFTMAX and stagger_bar is not None:
+        if PIN_SOFTMAX == 1 and stagger_bar is not None:
             # The same store keeps ptxas from hoisting the stagger signal above the first
             # softmax (an mbarrier arrive orders the stores before it, not the arithmetic).
             pin.store(l_i)
@@ -694,7 +698,9 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            if PIN_SOFTMAX:  # the softmax before the PV wait
+            if PIN_SOFTMAX == 2:  # the row max before the PV wait
+                pin.store(m_i)
+            elif PIN_SOFTMAX:  # the softmax before the PV wait
                 pin.store(l_i)
             # p_op is PV's register operand: kept alive (a dependency) until PV retires.
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
@@ -1368,7 +1374,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool | str = False, split_q: bool = False,
-                        rescale_early: bool = False, pin_softmax: bool = False,
+                        rescale_early: bool = False, pin_softmax: bool | str = False,
                         tma_store: bool = False, early_q_release: bool = False):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
@@ -1422,7 +1428,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         and PV issues, under the QK^T wgmma (FA3's order), instead of after PV retires
     pin_softmax : (with ``pingpong`` and ``overlap``) a scratch shared-memory store of
         each step's row sums before the PV wait, which keeps ptxas from scheduling the
-        softmax after that wait (:func:`_kv_loop_overlapped`)
+        softmax after that wait (:func:`_kv_loop_overlapped`); ``"max"``: of the row
+        maxima, which moves only the max ahead of the wait
     early_q_release : (with ``pingpong`` and ``overlap``, without ``split_q``) each
         consumer group releases its Q rows once its last QK^T of the item has retired,
         not after its last PV, so that the next item's Q is copied under the last PV and
@@ -1452,7 +1459,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         overlap: bool = False, stack: int = 1, num_splits: int = 1,
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool | str = False, split_q: bool = False,
-                        rescale_early: bool = False, pin_softmax: bool = False,
+                        rescale_early: bool = False, pin_softmax: bool | str = False,
                         tma_store: bool = False, early_q_release: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
@@ -1545,6 +1552,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("split_q and turns do not combine")
     if rescale_early and not (pingpong and overlap):
         raise ValueError("rescale_early takes the pingpong form with overlap")
+    if pin_softmax not in (False, True, "max"):
+        raise ValueError(f"pin_softmax must be False, True or 'max', got {pin_softmax!r}")
     if pin_softmax and not (pingpong and overlap):
         raise ValueError("pin_softmax takes the pingpong form with overlap")
     if early_q_release and not (pingpong and overlap and not split_q):
@@ -1604,7 +1613,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
         PINGPONG=pingpong, STAGGER=stagger, TURNS=2 if turns == "named" else int(bool(turns)),
         SPLIT_Q=split_q,
-        RESCALE_EARLY=rescale_early, PIN_SOFTMAX=pin_softmax,
+        RESCALE_EARLY=rescale_early,
+        PIN_SOFTMAX=2 if pin_softmax == "max" else int(bool(pin_softmax)),
         # box: a consumer group's 64 rows of one head, or a stacked head's 32; layout:
         # the Q block's (the rows are staged in it)
         O_DESC=_desc(out, min(64, block_m // stack), block_m) if tma_store else None,
