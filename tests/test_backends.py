@@ -411,3 +411,24 @@ def test_gluon_form_stages_dense_rows_in_the_last_k_tile(monkeypatch) -> None:
     assert "tma_store=yes early_q_release=yes" in dense.describe_form()
     paged = choose_form(problem(True, 32, 8))
     assert paged.tma_store and not paged.early_q_release
+
+
+def test_gluon_form_passes_pin_softmax_to_the_launch(monkeypatch) -> None:
+    """A form's ``pin_softmax`` ("max": the row max ahead of the PV wait) reaches the
+    kernel's launch keywords and ``spanfill info``'s description."""
+    from spanfill.backends.gluon import choose_form
+    from spanfill.backends.problem import LaunchConfig
+    from spanfill.kernels_gluon import attention
+
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
+    form = dataclasses.replace(choose_form(_hopper_problem(16, 16, paged=False)),
+                               pin_softmax="max")
+    assert "pin_softmax=max" in form.describe_form()
+    assert "pin_softmax" not in choose_form(_hopper_problem(16, 16, paged=False)).describe_form()
+    seen = {}
+    monkeypatch.setattr(attention, "attention_fwd_dense",
+                        lambda *args, **kwargs: seen.update(kwargs))
+    q = torch.zeros(4, 16, 128, dtype=torch.bfloat16)
+    backends.get_backend("gluon").attend(LaunchConfig(form), None, q, q, q, 0.1, False, False)
+    assert seen["pin_softmax"] == "max" and seen["persistent"] == 132

@@ -47,8 +47,10 @@ class GluonTile(AttentionConfig):
     turns issuing each step's wgmmas, passed through hardware named barriers;
     ``early_q_release`` (``pingpong`` with ``overlap``, no ``tma_store``) has each
     consumer group release its Q rows after its last QK^T of a work item, so that the next
-    item's Q is copied under the last PV and the stores. A 192-row ``pingpong`` form
-    (D=64, dense K/V) has three consumer groups."""
+    item's Q is copied under the last PV and the stores; ``pin_softmax="max"``
+    (``pingpong`` with ``overlap``) has each step's row max computed before the PV wait,
+    under the PV wgmma. A 192-row ``pingpong`` form (D=64, dense K/V) has three consumer
+    groups."""
 
     overlap: bool = False
     producer: bool = False
@@ -58,6 +60,7 @@ class GluonTile(AttentionConfig):
     tma_store: bool = False
     turns: bool | str = False
     early_q_release: bool = False
+    pin_softmax: bool | str = False
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
@@ -69,7 +72,9 @@ class GluonTile(AttentionConfig):
                 + (" tma_store=yes" if self.tma_store else "")
                 + (f" turns={'named' if self.turns == 'named' else 'yes'}" if self.turns
                    else "")
-                + (" early_q_release=yes" if self.early_q_release else ""))
+                + (" early_q_release=yes" if self.early_q_release else "")
+                + (f" pin_softmax={'max' if self.pin_softmax == 'max' else 'yes'}"
+                   if self.pin_softmax else ""))
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the
@@ -366,7 +371,7 @@ class GluonHopperBackend:
                     num_splits=config.num_splits, pingpong=t.pingpong,
                     persistent=triton_config._num_sms(q.device.index) if t.persistent else 0,
                     stagger=t.stagger, tma_store=t.tma_store, turns=t.turns,
-                    early_q_release=t.early_q_release)
+                    early_q_release=t.early_q_release, pin_softmax=t.pin_softmax)
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)
