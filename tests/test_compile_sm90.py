@@ -264,6 +264,12 @@ def test_pinned_softmax_runs_before_the_pv_wait(tmp_path_factory, case):
     """With ``pin_softmax`` every exponential of the overlapped KV loop comes before the
     loop's wait for PV in the SASS (``scripts/sass_overlap.py``): the softmax runs under
     the PV wgmma. Without it ptxas puts them all after that wait."""
+    for loop in _pv_loops(case, tmp_path_factory):
+        assert loop["exp2"] > 0 and loop["exp2_before_pv_wait"] == loop["exp2"], loop
+
+
+def _pv_loops(case: str, tmp_path_factory) -> list[dict]:
+    """``scripts/sass_overlap.py``'s account of each KV loop of ``case`` (at least one)."""
     pytest.importorskip("triton.backends.nvidia")
     done = subprocess.run([sys.executable, str(SCRIPTS / "sass_overlap.py"), "--json", case],
                           env=_compile_env(tmp_path_factory), capture_output=True, text=True,
@@ -271,8 +277,7 @@ def test_pinned_softmax_runs_before_the_pv_wait(tmp_path_factory, case):
     assert done.stdout.strip(), done.stderr[-3000:]
     loops = json.loads(done.stdout.strip().splitlines()[-1])[0]["loops"]
     assert loops, "no KV loop with a PV wgmma found"
-    for loop in loops:
-        assert loop["exp2"] > 0 and loop["exp2_before_pv_wait"] == loop["exp2"], loop
+    return loops
 
 
 @pytest.mark.parametrize("case", ["gluon_paged_pingpong_stagger_tmastore_pinmax_stack4_d128",
@@ -281,12 +286,5 @@ def test_pinned_row_max_runs_before_the_pv_wait(tmp_path_factory, case):
     """With ``pin_softmax="max"`` every compare of the row max (``FMNMX``) comes before
     the overlapped loop's wait for PV in the SASS: the max runs under the PV wgmma.
     Without it ptxas puts the whole softmax, max included, after that wait."""
-    pytest.importorskip("triton.backends.nvidia")
-    done = subprocess.run([sys.executable, str(SCRIPTS / "sass_overlap.py"), "--json", case],
-                          env=_compile_env(tmp_path_factory), capture_output=True, text=True,
-                          timeout=900)
-    assert done.stdout.strip(), done.stderr[-3000:]
-    loops = json.loads(done.stdout.strip().splitlines()[-1])[0]["loops"]
-    assert loops, "no KV loop with a PV wgmma found"
-    for loop in loops:
+    for loop in _pv_loops(case, tmp_path_factory):
         assert loop["fmnmx"] > 0 and loop["fmnmx_before_pv_wait"] == loop["fmnmx"], loop
