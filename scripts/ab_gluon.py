@@ -99,14 +99,13 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                                                  "early_q_release": True},
                    STAGGER_TMA_STORE_EARLY_Q: {"stagger": True, "tma_store": True,
                                                "early_q_release": True}}
-for _pinned, _form in ((STAGGER_TMA_STORE_PIN, STAGGER_TMA_STORE),
-                       (STAGGER_TMA_STORE_EARLY_Q_PIN, STAGGER_TMA_STORE_EARLY_Q),
-                       (STAGGER_NAMED_TURNS_EARLY_Q_PIN, STAGGER_NAMED_TURNS_EARLY_Q)):
-    VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": True}
-for _pinned, _form in ((STAGGER_TMA_STORE_PINMAX, STAGGER_TMA_STORE),
-                       (STAGGER_TMA_STORE_EARLY_Q_PINMAX, STAGGER_TMA_STORE_EARLY_Q),
-                       (STAGGER_NAMED_TURNS_EARLY_Q_PINMAX, STAGGER_NAMED_TURNS_EARLY_Q)):
-    VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": "max"}
+for _pin, _pinned_forms in ((True, (STAGGER_TMA_STORE_PIN, STAGGER_TMA_STORE_EARLY_Q_PIN,
+                                     STAGGER_NAMED_TURNS_EARLY_Q_PIN)),
+                            ("max", (STAGGER_TMA_STORE_PINMAX, STAGGER_TMA_STORE_EARLY_Q_PINMAX,
+                                     STAGGER_NAMED_TURNS_EARLY_Q_PINMAX))):
+    for _pinned, _form in zip(_pinned_forms, (STAGGER_TMA_STORE, STAGGER_TMA_STORE_EARLY_Q,
+                                              STAGGER_NAMED_TURNS_EARLY_Q)):
+        VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": _pin}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
           "early_q_release": "_earlyq"}
@@ -165,14 +164,20 @@ def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: 
             for bn, ns in tiles if runs(m, st)]
 
 
+def _suffix(option: str, value: bool | str) -> str:
+    """An option's part of a form's name: ``_stagger``; a string value joins it, "named"
+    before (``_named_turns``), any other after (``_pinmax``)."""
+    if value == "named":
+        return "_named" + SUFFIX[option]
+    return SUFFIX[option] + (value if isinstance(value, str) else "")
+
+
 def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int,
           block_n: int | None = None, stages: int | None = None) -> str:
     if pingpong:
         name = (f"gluon_m{block_m}_" + ("pingpong" if overlap else "split_consumers")
                 + ("_persistent" if pingpong >= PERSISTENT else "")
-                + "".join(SUFFIX[o] + v if isinstance(v, str) and v != "named"
-                          else "_named" + SUFFIX[o] if v == "named" else SUFFIX[o]
-                          for o, v in VARIANT_OPTIONS.get(pingpong, {}).items())
+                + "".join(_suffix(o, v) for o, v in VARIANT_OPTIONS.get(pingpong, {}).items())
                 + (f"_stack{stack}" if stack > 1 else ""))
     else:
         name = (f"gluon_m{block_m}" + ("_overlap" if overlap else "")
