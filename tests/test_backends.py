@@ -413,6 +413,25 @@ def test_gluon_form_stages_dense_rows_in_the_last_k_tile(monkeypatch) -> None:
     assert paged.tma_store and not paged.early_q_release
 
 
+def test_gluon_form_pins_the_row_max_with_the_tma_store(monkeypatch) -> None:
+    """The registry's D=128 forms with the TMA store (measured: MHA dense, four heads
+    stacked over pages) compute the row max before the PV wait; split launches (no TMA
+    store, unmeasured), D=64 and D=256 leave it off."""
+    from spanfill.backends.gluon import choose_form
+
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
+    problem = _hopper_problem
+
+    assert choose_form(problem(16, 16, paged=False)).pin_softmax == "max"
+    assert choose_form(problem(32, 8)).pin_softmax == "max"
+    monkeypatch.setenv("SPANFILL_SPLITS", "3")
+    split = backends.get_backend("gluon").select_config(problem(32, 8, tokens=16))
+    assert split.num_splits == 3 and not split.tile.tma_store and not split.tile.pin_softmax
+    assert not choose_form(problem(16, 8, d=256)).pin_softmax
+    assert not choose_form(problem(16, 16, paged=False, d=64)).pin_softmax
+
+
 def test_gluon_form_passes_pin_softmax_to_the_launch(monkeypatch) -> None:
     """A form's ``pin_softmax`` ("max": the row max ahead of the PV wait) reaches the
     kernel's launch keywords and ``spanfill info``'s description."""
@@ -423,9 +442,10 @@ def test_gluon_form_passes_pin_softmax_to_the_launch(monkeypatch) -> None:
     monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
     monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
     chosen = choose_form(_hopper_problem(16, 16, paged=False))
+    assert "pin_softmax=max" in chosen.describe_form()
+    form = dataclasses.replace(chosen, pin_softmax=False)
+    assert "pin_softmax" not in form.describe_form()
     form = dataclasses.replace(chosen, pin_softmax="max")
-    assert "pin_softmax=max" in form.describe_form()
-    assert "pin_softmax" not in chosen.describe_form()
     seen = {}
     monkeypatch.setattr(attention, "attention_fwd_dense",
                         lambda *args, **kwargs: seen.update(kwargs))

@@ -214,6 +214,15 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     1% either way (``ab_gluon_k_staged_h200_1104668_paged.csv``: whole_8k 0.866 -> 0.861,
     long_32k 0.848 -> 0.855, few_big 0.425 -> 0.424), so span launches keep the TMA
     store alone.
+
+    At D=128 with the TMA store, each step's row max is computed before the PV wait
+    (``pin_softmax="max"``, 2176e23), under the PV wgmma instead of after it. Five
+    interleaved rounds against the same forms without it
+    (``ab_gluon_pinmax_h200_2176e23.csv``): whole_8k 0.851 -> 0.817 ms, long_32k 0.832 ->
+    0.800, few_big 0.419 -> 0.405 (four heads stacked), enc_2k_d128 0.421 -> 0.409 (Q
+    released early, rows staged in K). The three-group D=64 form was slower with it
+    (docs_8k_d64 0.672 -> 0.710), so it stays off there; split launches (no TMA store)
+    were not measured and keep it off.
     """
     from .triton_config import _stacked_heads
 
@@ -230,7 +239,8 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
                          stagger=True, tma_store=tma_store,
-                         early_q_release=tma_store and not problem.paged)
+                         early_q_release=tma_store and not problem.paged,
+                         pin_softmax="max" if tma_store else False)
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 
@@ -339,8 +349,9 @@ class GluonHopperBackend:
                                      problem.max_kv_len, tile, problem.device)
         if splits > 1 and tile.tma_store:  # split partial states go to the workspace
             # (only paged launches split, and choose_form stages rows in a K tile, with
-            # the early Q release, over dense K/V only)
-            tile = replace(tile, tma_store=False)
+            # the early Q release, over dense K/V only); the pinned row max was measured
+            # and tested with the TMA store only
+            tile = replace(tile, tma_store=False, pin_softmax=False)
         return LaunchConfig(tile, num_splits=splits, use_tma=True)
 
     def attend(self, config: LaunchConfig, plan, q: torch.Tensor, k: torch.Tensor,
