@@ -443,12 +443,10 @@ def test_gluon_form_passes_pin_softmax_to_the_launch(monkeypatch) -> None:
     monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
     chosen = choose_form(_hopper_problem(16, 16, paged=False))
     assert "pin_softmax=max" in chosen.describe_form()
-    form = dataclasses.replace(chosen, pin_softmax=False)
-    assert "pin_softmax" not in form.describe_form()
-    form = dataclasses.replace(chosen, pin_softmax="max")
+    assert "pin_softmax" not in dataclasses.replace(chosen, pin_softmax=False).describe_form()
     seen = {}
     monkeypatch.setattr(attention, "attention_fwd_dense",
                         lambda *args, **kwargs: seen.update(kwargs))
     q = torch.zeros(4, 16, 128, dtype=torch.bfloat16)
-    backends.get_backend("gluon").attend(LaunchConfig(form), None, q, q, q, 0.1, False, False)
+    backends.get_backend("gluon").attend(LaunchConfig(chosen), None, q, q, q, 0.1, False, False)
     assert seen["pin_softmax"] == "max" and seen["persistent"] == 132

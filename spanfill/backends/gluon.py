@@ -233,14 +233,14 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
         return VALIDATED
     stack = _stacked_heads(problem.group, 128, _MIN_ROWS_PER_HEAD)
     if problem.head_dim == 128:
-        # The TMA store's boxes are 64 rows of one head, or 32 of each stacked head; over
-        # dense K/V the rows are staged in the last K tile and Q is released early.
-        tma_store = 128 // stack >= 32
+        # The TMA store's boxes are 64 rows of one head, or 32 of each stacked head (the
+        # stack leaves at least _MIN_ROWS_PER_HEAD = 32, so every form here stores by
+        # TMA); over dense K/V the rows are staged in the last K tile and Q is released
+        # early. Split launches drop the TMA store and the pinned max (select_config).
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
-                         stagger=True, tma_store=tma_store,
-                         early_q_release=tma_store and not problem.paged,
-                         pin_softmax="max" if tma_store else False)
+                         stagger=True, tma_store=True, early_q_release=not problem.paged,
+                         pin_softmax="max")
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 
