@@ -79,6 +79,11 @@ STAGGER_NAMED_TURNS_EARLY_Q_PIN = 21
 STAGGER_TMA_STORE_PINMAX = 22
 STAGGER_TMA_STORE_EARLY_Q_PINMAX = 23
 STAGGER_NAMED_TURNS_EARLY_Q_PINMAX = 24
+# The same three with the maxima read back after PV's ring stage is released
+# (pin_softmax="max_reload": no exponential between the PV wait and the release)
+STAGGER_TMA_STORE_PINMAX_RELOAD = 25
+STAGGER_TMA_STORE_EARLY_Q_PINMAX_RELOAD = 26
+STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD = 27
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -102,7 +107,10 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
 for _pin, _pinned_forms in ((True, (STAGGER_TMA_STORE_PIN, STAGGER_TMA_STORE_EARLY_Q_PIN,
                                      STAGGER_NAMED_TURNS_EARLY_Q_PIN)),
                             ("max", (STAGGER_TMA_STORE_PINMAX, STAGGER_TMA_STORE_EARLY_Q_PINMAX,
-                                     STAGGER_NAMED_TURNS_EARLY_Q_PINMAX))):
+                                     STAGGER_NAMED_TURNS_EARLY_Q_PINMAX)),
+                            ("max_reload", (STAGGER_TMA_STORE_PINMAX_RELOAD,
+                                            STAGGER_TMA_STORE_EARLY_Q_PINMAX_RELOAD,
+                                            STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD))):
     for _pinned, _form in zip(_pinned_forms, (STAGGER_TMA_STORE, STAGGER_TMA_STORE_EARLY_Q,
                                               STAGGER_NAMED_TURNS_EARLY_Q)):
         VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": _pin}
@@ -137,6 +145,8 @@ FORMS.append((128, True, True, STAGGER_TMA_STORE_PIN))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PIN))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_PINMAX))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PINMAX))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_PINMAX_RELOAD))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PINMAX_RELOAD))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))
@@ -147,6 +157,7 @@ FORMS.append((192, True, True, STAGGER_NAMED_TURNS))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PIN))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX))
+FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,

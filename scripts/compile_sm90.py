@@ -455,6 +455,18 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
         pingpong=True, stagger=True, turns="named", early_q_release=True,
         pin_softmax="max"), ()),
+    # the same three registry forms with the maxima read back after PV's stage is released
+    "gluon_paged_pingpong_stagger_tmastore_pinmax_reload_stack4_d128": (gluon_paged_case(
+        100, 16, 24, 8, 2, 128, block_m=128, stack=4, overlap=True, pingpong=True,
+        stagger=True, tma_store=True, pin_softmax="max_reload"), ()),
+    "gluon_dense_pingpong_stagger_k_staged_pinmax_reload_padded_d128": (gluon_dense_case(
+        2, 200, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, tma_store=True, early_q_release=True,
+        pin_softmax="max_reload"), ()),
+    "gluon_dense_three_groups_named_turns_early_q_pinmax_reload_padded_d64": (
+        gluon_dense_case(2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192,
+                         overlap=True, pingpong=True, stagger=True, turns="named",
+                         early_q_release=True, pin_softmax="max_reload"), ()),
     "gluon_dense_three_groups_early_q_padded_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
         pingpong=True, stagger=True, turns="named", early_q_release=True), ()),

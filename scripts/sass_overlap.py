@@ -10,7 +10,10 @@ means to run the softmax (its ``MUFU.EX2``) between the wait for QK^T and the wa
 PV (``WARPGROUP.DEPBAR.LE gsb0, 0x0``); the script counts the exponentials that come
 before that wait, and the row max's compares (``FMNMX``) too. ptxas decides the order,
 not the source: on Triton 3.6 it puts all of them after the wait unless ``pin_softmax``
-is set (``_kv_loop_overlapped``; ``pin_softmax="max"`` moves the compares only).
+is set (``_kv_loop_overlapped``; ``pin_softmax="max"`` moves the compares only). It
+also counts the exponentials between that wait and the release of PV's ring stage (the
+first mbarrier arrival after it), which delay the producer's next copy into the stage
+(``pin_softmax="max_reload"`` leaves none there).
 
 Each loop's synchronisation is counted too (static counts: an instruction in a branch
 counts once): warp-group barriers (``BAR.SYNC``), named-barrier arrivals (``BAR.ARV``),
@@ -102,8 +105,13 @@ def pv_loops(sass: list[str], events: bool = False) -> list[dict]:
         ex2 = [k for k, op in enumerate(ops) if op.startswith("MUFU.EX2")]
         # the row max's compares (the mask's branch has none: it selects)
         fmnmx = [k for k, op in enumerate(ops) if op.startswith("FMNMX")]
+        # the release of PV's ring stage: the first mbarrier arrival after the PV wait
+        # (none: nothing after the wait counts)
+        release = next((k for k, op in enumerate(ops) if k > pv_wait >= 0
+                        and op.startswith("SYNCS.ARRIVE")), pv_wait)
         loop = {"instructions": len(body), "exp2": len(ex2),
                 "exp2_before_pv_wait": sum(k < pv_wait for k in ex2),
+                "exp2_between_pv_wait_and_release": sum(pv_wait < k < release for k in ex2),
                 "fmnmx": len(fmnmx),
                 "fmnmx_before_pv_wait": sum(k < pv_wait for k in fmnmx),
                 "bar_sync": sum(op.startswith("BAR.SYNC") for op in ops),
@@ -145,13 +153,15 @@ def main() -> None:
     import triton
 
     print(f"triton {triton.__version__}\n")
-    print("| case | loop | instructions | exp2 | exp2 before the PV wait | FMNMX "
+    print("| case | loop | instructions | exp2 | exp2 before the PV wait "
+          "| exp2 between the PV wait and the release | FMNMX "
           "| FMNMX before the PV wait | BAR.SYNC | BAR.ARV | MEMBAR | mbarrier ops |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for i, loop in enumerate(r["loops"]):
             print(f"| {r['case']} | {i} | {loop['instructions']} | {loop['exp2']} "
-                  f"| {loop['exp2_before_pv_wait']} | {loop['fmnmx']} "
+                  f"| {loop['exp2_before_pv_wait']} "
+                  f"| {loop['exp2_between_pv_wait_and_release']} | {loop['fmnmx']} "
                   f"| {loop['fmnmx_before_pv_wait']} | {loop['bar_sync']} "
                   f"| {loop['bar_arrive']} | {loop['membar']} | {loop['mbarrier_ops']} |")
     for r in rows:

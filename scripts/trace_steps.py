@@ -184,13 +184,15 @@ _edit('''    lse_arg = lse if lse is not None else out
 # --tensor-only: the softmax without its maxima, exponentials and sums (p = s * scale,
 # alpha = 1): what the loop's wgmmas, barriers and copies take by themselves. Its output
 # is wrong; it is timed, never checked.
-TENSOR_ONLY = ('''    m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
-    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+TENSOR_ONLY = [
+    ('''    return s_acc, gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)''',
+     '''    return s_acc, m_i'''),
+    ('''    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
     alpha = gl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
-    return p, alpha, m_new, l_i''', '''    p = s_acc * qk_scale
-    return p, m_i * 0.0 + 1.0, m_i, l_i + 1.0''')
+    return p, alpha, l_i * alpha + gl.sum(p, axis=1)''', '''    p = s_acc * qk_scale
+    return p, m_i * 0.0 + 1.0, l_i + 1.0'''),
+]
 
 
 # --exp-fma: every exponential of p on the FMA pipes (a cubic on the fraction, the
@@ -199,7 +201,7 @@ TENSOR_ONLY = ('''    m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
 EXP_FMA = ('''    p = gl.exp2(s_acc * qk_scale - m_safe[:, None])''',
            '''    p = _exp2_fma(s_acc * qk_scale - m_safe[:, None])''')
 EXP_FMA_HELPER = ('''@gluon.jit
-def _softmax_step(''', '''@gluon.jit
+def _exps_from_max(''', '''@gluon.jit
 def _exp2_fma(x):
     """2^x for x <= 0 without MUFU (-inf and anything under -126 give 0)."""
     xc = gl.maximum(x, -126.0)
@@ -213,7 +215,7 @@ def _exp2_fma(x):
 
 
 @gluon.jit
-def _softmax_step(''')
+def _exps_from_max(''')
 
 
 # --turns-done: the registry's D=128 form with the consumer groups taking turns at the
@@ -231,23 +233,17 @@ TURNS_DONE = [
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4)
-            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
-                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            if PIN_SOFTMAX == 2:  # the row max before the PV wait
-                pin.store(m_i)
-            elif PIN_SOFTMAX:  # the softmax before the PV wait
-                pin.store(l_i)
-            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4)
 ''', '''            s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
             _trace(tr, (ring_base + j) * 4 + 1, TRACE_STEPS * 4)
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
             _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4)
-            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
-                                               mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
 '''),
+    # ... so the step's softmax (and any pin store) follows the wait and the pass
+    ('''            # p_op is PV's register operand: kept alive (a dependency) until PV retires.
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            _trace(tr, (ring_base + j) * 4 + 2, TRACE_STEPS * 4)
+''', ""),
     ('''        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
         _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
@@ -268,7 +264,7 @@ def traced_source(src: str, tensor_only: bool = False, exp_fma: bool = False,
                   turns_done: bool = False) -> str:
     """The kernel file's source with the stamps added (:data:`EDITS`; an anchor that is
     gone, or found more than once, means the kernel changed where the tracer hooks in)."""
-    for old, new in (EDITS + ([TENSOR_ONLY] if tensor_only else [])
+    for old, new in (EDITS + (TENSOR_ONLY if tensor_only else [])
                      + ([EXP_FMA_HELPER, EXP_FMA] if exp_fma else [])
                      + (TURNS_DONE if turns_done else [])):
         if src.count(old) != 1:  # gone, or no longer pointing at one place

@@ -71,6 +71,9 @@ SPECIALISED_CASES = [
     "gluon_paged_pingpong_stagger_tmastore_pin_stack4_d128",
     "gluon_paged_pingpong_stagger_tmastore_pinmax_stack4_d128",
     "gluon_dense_three_groups_named_turns_early_q_pinmax_padded_d64",
+    "gluon_paged_pingpong_stagger_tmastore_pinmax_reload_stack4_d128",
+    "gluon_dense_pingpong_stagger_k_staged_pinmax_reload_padded_d128",
+    "gluon_dense_three_groups_named_turns_early_q_pinmax_reload_padded_d64",
     "gluon_dense_three_groups_early_q_padded_d64",
     "gluon_dense_pingpong_stagger_named_turns_padded_d128",
     "gluon_dense_three_groups_stagger_named_turns_padded_d64",
@@ -288,3 +291,15 @@ def test_pinned_row_max_runs_before_the_pv_wait(tmp_path_factory, case):
     Without it ptxas puts the whole softmax, max included, after that wait."""
     for loop in _pv_loops(case, tmp_path_factory):
         assert loop["fmnmx"] > 0 and loop["fmnmx_before_pv_wait"] == loop["fmnmx"], loop
+
+
+@pytest.mark.parametrize("case", [
+    "gluon_paged_pingpong_stagger_tmastore_pinmax_reload_stack4_d128",
+    "gluon_dense_three_groups_named_turns_early_q_pinmax_reload_padded_d64"])
+def test_reloaded_row_max_leaves_the_release_first(tmp_path_factory, case):
+    """With ``pin_softmax="max_reload"`` the row max still comes before the PV wait, and no
+    exponential sits between that wait and the release of PV's ring stage (with
+    ``"max"`` ptxas puts 9-12 there, delaying the producer's next copy into the stage)."""
+    for loop in _pv_loops(case, tmp_path_factory):
+        assert loop["fmnmx"] > 0 and loop["fmnmx_before_pv_wait"] == loop["fmnmx"], loop
+        assert loop["exp2"] > 0 and loop["exp2_between_pv_wait_and_release"] == 0, loop

@@ -395,7 +395,8 @@ OVERLAP = pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "in-
 # passed through an mbarrier or (named) a hardware named barrier;
 # split-q: each group's half of Q is copied and released on its own; early: the output
 # is rescaled under the QK^T wgmma; pin: a scratch store keeps the softmax ahead of the PV
-# wait, pin-max its row max only (early and pin with the overlapped loop only).
+# wait, pin-max its row max only, pin-max-reload that max read back after PV's stage is
+# released (early and pin with the overlapped loop only).
 PERSISTENT = pytest.mark.parametrize("form", [
     dict(persistent=0), dict(persistent=3), dict(persistent=3, stagger=True),
     dict(persistent=3, turns=True), dict(persistent=3, stagger=True, split_q=True),
@@ -480,11 +481,14 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     dict(persistent=0, turns="named"), dict(persistent=3, stagger=True, turns="named"),
     dict(persistent=3, stagger=True, turns="named", early_q_release=True),
     dict(persistent=3, stagger=True, turns="named", early_q_release=True,
-         pin_softmax="max")],
+         pin_softmax="max"),
+    dict(persistent=3, stagger=True, turns="named", early_q_release=True,
+         pin_softmax="max_reload")],
     ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-stagger-splitq",
          "persistent3-stagger-early", "persistent3-stagger-pin", "per-item-named-turns",
          "persistent3-stagger-named-turns", "persistent3-stagger-named-turns-early-q",
-         "persistent3-stagger-named-turns-early-q-pin-max"])
+         "persistent3-stagger-named-turns-early-q-pin-max",
+         "persistent3-stagger-named-turns-early-q-pin-max-reload"])
 def test_three_groups_padded_batches(dtype: torch.dtype, side: str, causal: bool, stack: int,
                                      overlap: bool, form: dict) -> None:
     """192-row blocks of three consumer groups at D=64 (GQA 6/2, so three heads can
@@ -554,11 +558,17 @@ TMA_STORE_FORMS = pytest.mark.parametrize("form", [
     # the registry's span and padded forms with the row max ahead of the PV wait
     dict(persistent=3, stagger=True, tma_store=True, pin_softmax="max"),
     dict(persistent=3, stagger=True, tma_store=True, early_q_release=True,
-         pin_softmax="max")],
+         pin_softmax="max"),
+    # ... and the maxima read back after PV's stage is released
+    dict(persistent=3, stagger=True, tma_store=True, pin_softmax="max_reload"),
+    dict(persistent=3, stagger=True, tma_store=True, early_q_release=True,
+         pin_softmax="max_reload")],
     ids=["per-item-tma-store", "persistent3-stagger-tma-store",
          "persistent1000-stagger-tma-store", "persistent3-stagger-early-q",
          "persistent1000-stagger-early-q", "per-item-early-q", *K_STAGED_IDS,
-         "persistent3-stagger-tma-store-pin-max", "persistent3-stagger-k-staged-pin-max"])
+         "persistent3-stagger-tma-store-pin-max", "persistent3-stagger-k-staged-pin-max",
+         "persistent3-stagger-tma-store-pin-max-reload",
+         "persistent3-stagger-k-staged-pin-max-reload"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

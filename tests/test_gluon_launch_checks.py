@@ -79,12 +79,15 @@ def test_q_boxes_split_into_whole_groups(block_m: int, stack: int) -> None:
      "pin_softmax takes the pingpong form with overlap"),
     (dict(block_m=128, pingpong=True, pin_softmax="max"),
      "pin_softmax takes the pingpong form with overlap"),
+    (dict(block_m=128, pingpong=True, pin_softmax="max_reload"),
+     "pin_softmax takes the pingpong form with overlap"),
     (dict(block_m=128, pingpong=True, overlap=True, pin_softmax="sum"),
-     "pin_softmax must be False, True or 'max', got 'sum'"),
+     "pin_softmax must be False, True, 'max' or 'max_reload', got 'sum'"),
     (dict(block_m=128, pingpong=True, overlap=True, split_q=True, turns=True),
      "split_q and turns do not combine"),
 ], ids=["split_q-alone", "rescale_early-in-sequence", "pin_softmax-one-group",
-        "pin_max-in-sequence", "pin_softmax-unknown", "split_q-turns"])
+        "pin_max-in-sequence", "pin_max_reload-in-sequence", "pin_softmax-unknown",
+        "split_q-turns"])
 def test_pingpong_options_refused_outside_their_form(form: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _launch(_zeros(6)[:128], _zeros(2)[:128], 128, **form)

@@ -27,6 +27,7 @@ LISTING = """
         /*0080*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
         /*0090*/                   MEMBAR.ALL.CTA ;
         /*00a0*/                   MUFU.EX2 R89, R89 ;
+        /*00a4*/              @!P0 SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR21+0x28], RZ ;
         /*00a8*/               @P3 FMNMX R5, R4, R90, !PT ;
         /*00b0*/                   MUFU.EX2 R90, R90 ;
         /*00c0*/               @P1 BRA `(.L_x_1) ;
@@ -53,14 +54,17 @@ def test_a_listing_s_pv_loop_counts(tmp_path: Path) -> None:
     loops = sass_overlap.pv_loops(sass_overlap.read_sass(path), events=True)
     assert len(loops) == 1  # the second loop issues no PV wgmma
     loop = loops[0]
-    assert loop["instructions"] == 15 and loop["exp2"] == 3
+    assert loop["instructions"] == 16 and loop["exp2"] == 3
     assert loop["exp2_before_pv_wait"] == 1
+    # the release is the first arrival after the PV wait (not the one before it)
+    assert loop["exp2_between_pv_wait_and_release"] == 1
     assert (loop["fmnmx"], loop["fmnmx_before_pv_wait"]) == (2, 1)  # (predicated too)
     assert (loop["bar_sync"], loop["bar_arrive"], loop["membar"], loop["mbarrier_ops"]) == \
-        (1, 1, 1, 1)
-    # the barrier, both wgmma groups, the arrival, both waits, the mbarrier arrival, MEMBAR
+        (1, 1, 1, 2)
+    # the barrier, both wgmma groups, the arrival, both waits, the mbarrier arrival, MEMBAR,
+    # the release
     assert [sass_overlap._opcode(line) for _, line, _ in loop["events"]] == [
         "BAR.SYNC.DEFER_BLOCKING", "HGMMA.64x128x16.F32.BF16", "HGMMA.64x128x16.F32.BF16",
         "BAR.ARV", "WARPGROUP.DEPBAR.LE", "SYNCS.ARRIVE.TRANS64.A1T0", "WARPGROUP.DEPBAR.LE",
-        "MEMBAR.ALL.CTA"]
-    assert [before for _, _, before in loop["events"]] == [0, 0, 0, 0, 0, 1, 1, 1]
+        "MEMBAR.ALL.CTA", "SYNCS.ARRIVE.TRANS64.A1T0"]
+    assert [before for _, _, before in loop["events"]] == [0, 0, 0, 0, 0, 1, 1, 1, 2]

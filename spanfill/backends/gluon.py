@@ -49,7 +49,8 @@ class GluonTile(AttentionConfig):
     consumer group release its Q rows after its last QK^T of a work item, so that the next
     item's Q is copied under the last PV and the stores; ``pin_softmax="max"``
     (``pingpong`` with ``overlap``) has each step's row max computed before the PV wait,
-    under the PV wgmma. A 192-row ``pingpong`` form (D=64, dense K/V) has three consumer
+    under the PV wgmma (``"max_reload"``: and the exponentials after the release of PV's
+    ring stage). A 192-row ``pingpong`` form (D=64, dense K/V) has three consumer
     groups."""
 
     overlap: bool = False
@@ -73,8 +74,11 @@ class GluonTile(AttentionConfig):
                 + (f" turns={'named' if self.turns == 'named' else 'yes'}" if self.turns
                    else "")
                 + (" early_q_release=yes" if self.early_q_release else "")
-                + (f" pin_softmax={'max' if self.pin_softmax == 'max' else 'yes'}"
-                   if self.pin_softmax else ""))
+                + (f" pin_softmax={self._pin_name()}" if self.pin_softmax else ""))
+
+    def _pin_name(self) -> str:
+        """``pin_softmax`` as ``spanfill info`` writes it: its mode, or ``yes`` for True."""
+        return self.pin_softmax if isinstance(self.pin_softmax, str) else "yes"
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the

@@ -47,7 +47,9 @@ adds one producer warp that issues the K/V copies, ``gl.warp_specialize``):
   softmax after the PV wait, which it otherwise does (``scripts/sass_overlap.py``: on
   Triton 3.6 and 3.9 no exponential of the registry's D=128 loop precedes that wait, so
   the softmax never runs under this group's PV); ``pin_softmax="max"``: the same for the
-  row max only (its compare chain and shuffles under PV, the exponentials after).
+  row max only (its compare chain and shuffles under PV, the exponentials after);
+  ``pin_softmax="max_reload"``: the same, the maxima read back after PV's stage is
+  released (so no exponential delays the release).
 - ``block_m=192`` (D=64, dense K/V): three consumer groups, FA4's tile at D=64.
 
 What FA3/FA4 add on top, for the next steps: separate K and V rings (the overlapped
@@ -82,6 +84,8 @@ LOG2E = 1.4426950408889634
 # (ab_gluon_tiles_h200_5a0ab1b.csv, ab_gluon_overlap_noturns_h200_ae88b2c.csv).
 SHARED_MEMORY_BUDGET = 224 * 1024
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
+# The launch's pin_softmax as the kernel's PIN_SOFTMAX (_kv_loop_overlapped).
+_PIN_SOFTMAX = {False: 0, True: 1, "max": 2, "max_reload": 3}
 
 # Gluon is experimental and renames things between releases: the GPU machine has
 # Triton 3.6 (tma.async_copy_global_to_shared), CI 3.9 (tma.async_load).
@@ -181,10 +185,10 @@ def _zero_v_tail(v_tile, j, kv_len, BLOCK_N: gl.constexpr, num_warps: gl.constex
 
 
 @gluon.jit
-def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
-                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """Online-softmax update for the scores ``s_acc`` of KV tile ``j``:
-    ``(p, alpha, m_new, l_new)``, ``alpha`` rescaling what was accumulated before.
+def _masked_row_max(s_acc, m_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
+                    s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """The first half of the online-softmax update for the scores ``s_acc`` of KV tile
+    ``j``: ``(s_acc, m_new)``, the scores masked and the new row maxima (scaled).
     Tiles from ``mask_from`` on are masked (keys past ``kv_len``, past a row's position,
     rows that are not valid); the earlier ones are seen in full by every valid row and
     skip the mask's per-score compares and selects (rows that are not valid are never
@@ -195,11 +199,28 @@ def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scal
         if CAUSAL:
             visible = visible & (kv_pos[None, :] <= pos_s[:, None])
         s_acc = gl.where(visible, s_acc, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
+    return s_acc, gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
+
+
+@gluon.jit
+def _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale):
+    """The second half: ``(p, alpha, l_new)`` from the masked scores and the maxima
+    before (``m_i``) and after (``m_new``) the tile; ``alpha`` rescales what was
+    accumulated before."""
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
     p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
     alpha = gl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
+                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Online-softmax update for the scores ``s_acc`` of KV tile ``j``:
+    ``(p, alpha, m_new, l_new)`` (:func:`_masked_row_max`, :func:`_exps_from_max`)."""
+    s_acc, m_new = _masked_row_max(s_acc, m_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
+                                   s_layout, BLOCK_N, CAUSAL)
+    p, alpha, l_i = _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale)
     return p, alpha, m_new, l_i
 
 
@@ -630,7 +651,11 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     exponential, so with it they all come before the wait. ``PIN_SOFTMAX == 2`` (the
     launch's ``pin_softmax="max"``) stores the row maxima instead: only the max (a chain
     of compares and two shuffles a row, which the exponentials wait for) moves ahead of
-    the wait, and ptxas leaves the exponentials after it.
+    the wait, and ptxas leaves the exponentials after it. But it puts some of them (9-12
+    in the SASS of the span and three-group forms) between the PV wait and the release
+    of PV's ring stage, which delays the producer's next copy into it.
+    ``PIN_SOFTMAX == 3`` (``pin_softmax="max_reload"``) stores the maxima there too and
+    reads them back after the release: the exponentials wait for the load.
 
     ``q_release``: an mbarrier to arrive on once the item's last QK^T has retired (or, with
     no tile, once Q has landed), or None. PV reads no Q, so the producer can copy the next
@@ -642,7 +667,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     """
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    if PIN_SOFTMAX:  # written, never read (see above)
+    if PIN_SOFTMAX:  # written; read back by PIN_SOFTMAX == 3 only (see above)
         pin = gl.allocate_shared_memory(gl.float32, [BLOCK_M],
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     if not PRODUCER:
@@ -696,12 +721,18 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
             # wgmma groups retire in order: one left in flight is the PV just issued.
             s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc, ))
-            p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+            if PIN_SOFTMAX == 3:  # the row max before the PV wait, read back after it
+                s_acc, m_new = _masked_row_max(s_acc, m_i, j, kv_len, valid_s, pos_s,
                                                mask_from, qk_scale, s_layout, BLOCK_N, CAUSAL)
-            if PIN_SOFTMAX == 2:  # the row max before the PV wait
-                pin.store(m_i)
-            elif PIN_SOFTMAX:  # the softmax before the PV wait
-                pin.store(l_i)
+                pin.store(m_new)
+            else:
+                p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
+                                                   mask_from, qk_scale, s_layout, BLOCK_N,
+                                                   CAUSAL)
+                if PIN_SOFTMAX == 2:  # the row max before the PV wait
+                    pin.store(m_i)
+                elif PIN_SOFTMAX:  # the softmax before the PV wait
+                    pin.store(l_i)
             # p_op is PV's register operand: kept alive (a dependency) until PV retires.
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             if PRODUCER:
@@ -715,6 +746,12 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                               ring_base + j - 1 + STAGES, kv_row0, hk, BLOCK_N, HEAD_DIM,
                               STAGES, bt_row, kv_len, PAGE_SIZE, k_pool, v_pool, ROW_STRIDE,
                               num_warps)
+            if PIN_SOFTMAX == 3:
+                # Read back after the release: the exponentials depend on the load, so
+                # ptxas cannot put them between the PV wait and the release.
+                m_new = pin.load(gl.SliceLayout(1, s_layout))
+                p, alpha, l_i = _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale)
+                m_i = m_new
             if not RESCALE_EARLY:
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -1429,7 +1466,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     pin_softmax : (with ``pingpong`` and ``overlap``) a scratch shared-memory store of
         each step's row sums before the PV wait, which keeps ptxas from scheduling the
         softmax after that wait (:func:`_kv_loop_overlapped`); ``"max"``: of the row
-        maxima, which moves only the max ahead of the wait
+        maxima, which moves only the max ahead of the wait; ``"max_reload"``: the
+        maxima, read back after PV's ring stage is released
     early_q_release : (with ``pingpong`` and ``overlap``, without ``split_q``) each
         consumer group releases its Q rows once its last QK^T of the item has retired,
         not after its last PV, so that the next item's Q is copied under the last PV and
@@ -1552,8 +1590,9 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("split_q and turns do not combine")
     if rescale_early and not (pingpong and overlap):
         raise ValueError("rescale_early takes the pingpong form with overlap")
-    if pin_softmax not in (False, True, "max"):
-        raise ValueError(f"pin_softmax must be False, True or 'max', got {pin_softmax!r}")
+    if pin_softmax not in _PIN_SOFTMAX:
+        raise ValueError("pin_softmax must be False, True, 'max' or 'max_reload', got "
+                         f"{pin_softmax!r}")
     if pin_softmax and not (pingpong and overlap):
         raise ValueError("pin_softmax takes the pingpong form with overlap")
     if early_q_release and not (pingpong and overlap and not split_q):
@@ -1614,7 +1653,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         PINGPONG=pingpong, STAGGER=stagger, TURNS=2 if turns == "named" else int(bool(turns)),
         SPLIT_Q=split_q,
         RESCALE_EARLY=rescale_early,
-        PIN_SOFTMAX=2 if pin_softmax == "max" else int(bool(pin_softmax)),
+        PIN_SOFTMAX=_PIN_SOFTMAX[pin_softmax],
         # box: a consumer group's 64 rows of one head, or a stacked head's 32; layout:
         # the Q block's (the rows are staged in it)
         O_DESC=_desc(out, min(64, block_m // stack), block_m) if tma_store else None,
