@@ -227,6 +227,14 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     released early, rows staged in K). The three-group D=64 form was slower with it
     (docs_8k_d64 0.672 -> 0.710), so it stays off there; split launches (no TMA store)
     were not measured and keep it off.
+
+    With ``"max"``, ptxas put 9-12 exponentials between the PV wait and the release of
+    PV's ring stage. ``pin_softmax="max_reload"`` (2d02156) reads the maxima back after
+    the release, which leaves none there, and was slower everywhere in five interleaved
+    rounds (``ab_gluon_pinmax_reload_h200_2d02156.csv``, against ``"max"`` in the same
+    run): whole_8k 0.806 -> 0.835 ms, long_32k 0.788 -> 0.820, few_big 0.399 -> 0.413,
+    enc_2k_d128 0.405 -> 0.417; docs_8k_d64's three-group form 0.707 with either, 0.669
+    without a pin. The late release costs less than the extra barrier and load.
     """
     from .triton_config import _stacked_heads
 
