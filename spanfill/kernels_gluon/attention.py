@@ -84,9 +84,7 @@ LOG2E = 1.4426950408889634
 # (ab_gluon_tiles_h200_5a0ab1b.csv, ab_gluon_overlap_noturns_h200_ae88b2c.csv).
 SHARED_MEMORY_BUDGET = 224 * 1024
 LN2: gl.constexpr = gl.constexpr(0.6931471805599453)
-# The launch's turns and pin_softmax as the kernel's TURNS (_pingpong_consumer) and
-# PIN_SOFTMAX (_kv_loop_overlapped).
-_TURNS = {False: 0, True: 1, "named": 2}
+# The launch's pin_softmax as the kernel's PIN_SOFTMAX (_kv_loop_overlapped).
 _PIN_SOFTMAX = {False: 0, True: 1, "max": 2, "max_reload": 3}
 
 # Gluon is experimental and renames things between releases: the GPU machine has
@@ -657,8 +655,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
     in the SASS of the span and three-group forms) between the PV wait and the release
     of PV's ring stage, which delays the producer's next copy into it.
     ``PIN_SOFTMAX == 3`` (``pin_softmax="max_reload"``) stores the maxima there too and
-    reads them back after the release: the exponentials wait for the load. It measured
-    1.3-5% slower than ``"max"`` (a barrier and a load a step; ``choose_form``).
+    reads them back after the release: the exponentials wait for the load.
 
     ``q_release``: an mbarrier to arrive on once the item's last QK^T has retired (or, with
     no tile, once Q has landed), or None. PV reads no Q, so the producer can copy the next
@@ -1582,7 +1579,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         raise ValueError("persistent launches take the pingpong form")
     if stagger and not pingpong:
         raise ValueError("stagger takes the pingpong form")
-    if turns not in _TURNS:
+    if turns not in (False, True, "named"):
         raise ValueError(f"turns must be False, True or 'named', got {turns!r}")
     if turns and not (pingpong and overlap):
         raise ValueError("turns take the pingpong form with overlap")
@@ -1653,7 +1650,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CAUSAL=causal,
         RETURN_LSE=lse is not None, ZERO_FILL=zero_fill, WARP_SPECIALIZE=warp_specialize,
         OVERLAP=overlap, PAGE_SIZE=page_size, STACK=stack, NUM_SPLITS=num_splits,
-        PINGPONG=pingpong, STAGGER=stagger, TURNS=_TURNS[turns],
+        PINGPONG=pingpong, STAGGER=stagger, TURNS=2 if turns == "named" else int(bool(turns)),
         SPLIT_Q=split_q,
         RESCALE_EARLY=rescale_early,
         PIN_SOFTMAX=_PIN_SOFTMAX[pin_softmax],
