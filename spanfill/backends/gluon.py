@@ -71,14 +71,15 @@ class GluonTile(AttentionConfig):
                 + (" persistent=yes" if self.persistent else "")
                 + (" staggered=yes" if self.stagger else "")
                 + (" tma_store=yes" if self.tma_store else "")
-                + (f" turns={'named' if self.turns == 'named' else 'yes'}" if self.turns
-                   else "")
+                + (f" turns={_mode(self.turns)}" if self.turns else "")
                 + (" early_q_release=yes" if self.early_q_release else "")
-                + (f" pin_softmax={self._pin_name()}" if self.pin_softmax else ""))
+                + (f" pin_softmax={_mode(self.pin_softmax)}" if self.pin_softmax else ""))
 
-    def _pin_name(self) -> str:
-        """``pin_softmax`` as ``spanfill info`` writes it: its mode, or ``yes`` for True."""
-        return self.pin_softmax if isinstance(self.pin_softmax, str) else "yes"
+
+def _mode(option: bool | str) -> str:
+    """A set option of several modes (``turns``, ``pin_softmax``) as ``spanfill info``
+    writes it: its mode (``named``, ``max``), or ``yes`` for True."""
+    return option if isinstance(option, str) else "yes"
 
 
 # Padded batches at D=64 take the Gluon kernel from this padded length S on (below it the
