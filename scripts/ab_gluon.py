@@ -84,6 +84,11 @@ STAGGER_NAMED_TURNS_EARLY_Q_PINMAX = 24
 STAGGER_TMA_STORE_PINMAX_RELOAD = 25
 STAGGER_TMA_STORE_EARLY_Q_PINMAX_RELOAD = 26
 STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD = 27
+# The registry's padded forms (D=128; D=64 in 192-row blocks) with the padding zero-filled
+# by a partition of one or two warps of its own (fill_warps; padded batches only)
+STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL1 = 28
+STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2 = 29
+STAGGER_NAMED_TURNS_EARLY_Q_FILL2 = 30
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -114,9 +119,15 @@ for _pin, _pinned_forms in ((True, (STAGGER_TMA_STORE_PIN, STAGGER_TMA_STORE_EAR
     for _pinned, _form in zip(_pinned_forms, (STAGGER_TMA_STORE, STAGGER_TMA_STORE_EARLY_Q,
                                               STAGGER_NAMED_TURNS_EARLY_Q)):
         VARIANT_OPTIONS[_pinned] = {**VARIANT_OPTIONS[_form], "pin_softmax": _pin}
+for _filled, _form, _warps in ((STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL1,
+                                STAGGER_TMA_STORE_EARLY_Q_PINMAX, 1),
+                               (STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2,
+                                STAGGER_TMA_STORE_EARLY_Q_PINMAX, 2),
+                               (STAGGER_NAMED_TURNS_EARLY_Q_FILL2, STAGGER_NAMED_TURNS_EARLY_Q, 2)):
+    VARIANT_OPTIONS[_filled] = {**VARIANT_OPTIONS[_form], "fill_warps": _warps}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
-          "early_q_release": "_earlyq"}
+          "early_q_release": "_earlyq", "fill_warps": "_fill"}
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
                                                        (False, True))]
 FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
@@ -147,6 +158,8 @@ FORMS.append((128, True, True, STAGGER_TMA_STORE_PINMAX))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PINMAX))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_PINMAX_RELOAD))
 FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PINMAX_RELOAD))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL1))
+FORMS.append((128, True, True, STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2))
 # Three consumer groups in 192-row blocks (D=64 over dense K/V only: padded batches)
 FORMS.append((192, True, True, PERSISTENT))
 FORMS.append((192, False, True, PERSISTENT))
@@ -158,6 +171,7 @@ FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PIN))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD))
+FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_FILL2))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,
@@ -165,22 +179,25 @@ def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: 
     """Every form, with one q head per program and (GQA) the whole group stacked, at each
     ``(block_n, stages)`` of ``tiles`` (``(None, None)``: the kernel's defaults); the
     192-row forms for padded batches at D=64 with a head's rows a multiple or a divisor
-    of 64 (what the launcher takes)."""
-    def runs(m: int, st: int) -> bool:
+    of 64 (what the launcher takes); the forms with a padding partition for padded batches
+    only."""
+    def runs(m: int, st: int, pp: int) -> bool:
+        if "fill_warps" in VARIANT_OPTIONS.get(pp, {}) and not padded:
+            return False
         if m == 192:
             return padded and head_dim == 64 and ((m // st) % 64 == 0 or 64 % (m // st) == 0)
         return m // st >= 16
 
     return [(m, o, p, st, pp, bn, ns) for m, o, p, pp in FORMS for st in sorted({1, group})
-            for bn, ns in tiles if runs(m, st)]
+            for bn, ns in tiles if runs(m, st, pp)]
 
 
-def _suffix(option: str, value: bool | str) -> str:
-    """An option's part of a form's name: ``_stagger``; a string value joins it, "named"
-    before (``_named_turns``), any other after (``_pinmax``)."""
+def _suffix(option: str, value: bool | int | str) -> str:
+    """An option's part of a form's name: ``_stagger``; a string or count joins it, "named"
+    before (``_named_turns``), any other after (``_pinmax``, ``_fill2``)."""
     if value == "named":
         return "_named" + SUFFIX[option]
-    return SUFFIX[option] + (value if isinstance(value, str) else "")
+    return SUFFIX[option] + ("" if value is True else str(value))
 
 
 def _name(block_m: int, overlap: bool, producer: bool, stack: int, pingpong: int,

@@ -467,6 +467,19 @@ CASES: dict[str, tuple[Callable[[], None], tuple[str, ...]]] = {
         gluon_dense_case(2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192,
                          overlap=True, pingpong=True, stagger=True, turns="named",
                          early_q_release=True, pin_softmax="max_reload"), ()),
+    # the padding zero-filled by its own partition (fill_warps): the registry's padded
+    # D=128 and three-group D=64 forms, and one warp beside the in-sequence loop at D=256
+    "gluon_dense_pingpong_k_staged_pinmax_fill2_padded_d128": (gluon_dense_case(
+        2, 200, 4, 4, 128, causal=False, zero_fill=True, block_m=128, overlap=True,
+        pingpong=True, stagger=True, tma_store=True, early_q_release=True,
+        pin_softmax="max", fill_warps=2), ()),
+    "gluon_dense_three_groups_named_turns_early_q_fill2_padded_d64": (gluon_dense_case(
+        2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
+        pingpong=True, stagger=True, turns="named", early_q_release=True,
+        fill_warps=2), ()),
+    "gluon_dense_split_consumers_fill1_stack2_causal_d256": (gluon_dense_case(
+        2, 100, 4, 2, 256, causal=True, zero_fill=True, block_m=128, stack=2,
+        pingpong=True, fill_warps=1), ()),
     "gluon_dense_three_groups_early_q_padded_d64": (gluon_dense_case(
         2, 64, 4, 4, 64, causal=False, zero_fill=True, block_m=192, overlap=True,
         pingpong=True, stagger=True, turns="named", early_q_release=True), ()),

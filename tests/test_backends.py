@@ -450,3 +450,32 @@ def test_gluon_form_passes_pin_softmax_to_the_launch(monkeypatch) -> None:
     q = torch.zeros(4, 16, 128, dtype=torch.bfloat16)
     backends.get_backend("gluon").attend(LaunchConfig(chosen), None, q, q, q, 0.1, False, False)
     assert seen["pin_softmax"] == "max" and seen["persistent"] == 132
+
+
+def test_gluon_padded_forms_fill_the_padding_in_a_partition(monkeypatch) -> None:
+    """Padded batches' ping-pong forms (D=128; D=64 in 192-row blocks) zero-fill the
+    padding in a partition of two warps of its own, and the launch gets it with
+    ``zero_fill`` only; span and varlen forms have no padding to fill."""
+    from spanfill.backends.gluon import THREE_GROUPS, choose_form
+    from spanfill.backends.problem import LaunchConfig
+    from spanfill.kernels_gluon import attention
+
+    monkeypatch.setattr(triton_config, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(triton_config, "_num_sms", lambda index: 132)
+    padded = choose_form(_hopper_problem(16, 16, paged=False))
+    assert padded.fill_warps == 2 and THREE_GROUPS.fill_warps == 2
+    assert "padding_warps=2" in padded.describe_form()
+    assert choose_form(_hopper_problem(32, 8)).fill_warps == 0
+    varlen = dataclasses.replace(_hopper_problem(16, 16, paged=False), op="varlen")
+    assert choose_form(varlen).fill_warps == 0
+    assert "padding_warps" not in choose_form(varlen).describe_form()
+    seen = {}
+    monkeypatch.setattr(attention, "attention_fwd_dense",
+                        lambda *args, **kwargs: seen.update(kwargs))
+    q = torch.zeros(4, 16, 128, dtype=torch.bfloat16)
+    gluon = backends.get_backend("gluon")
+    gluon.attend(LaunchConfig(padded), None, q, q, q, 0.1, False, False, zero_fill=True)
+    assert seen["fill_warps"] == 2 and seen["zero_fill"]
+    seen.clear()
+    gluon.attend(LaunchConfig(padded), None, q, q, q, 0.1, False, False)
+    assert "fill_warps" not in seen and not seen["zero_fill"]

@@ -77,6 +77,9 @@ SPECIALISED_CASES = [
     "gluon_dense_three_groups_early_q_padded_d64",
     "gluon_dense_pingpong_stagger_named_turns_padded_d128",
     "gluon_dense_three_groups_stagger_named_turns_padded_d64",
+    "gluon_dense_pingpong_k_staged_pinmax_fill2_padded_d128",
+    "gluon_dense_three_groups_named_turns_early_q_fill2_padded_d64",
+    "gluon_dense_split_consumers_fill1_stack2_causal_d256",
 ]
 
 

@@ -483,12 +483,16 @@ def test_pingpong_padded_batches(dtype: torch.dtype, d: int, side: str, causal: 
     dict(persistent=3, stagger=True, turns="named", early_q_release=True,
          pin_softmax="max"),
     dict(persistent=3, stagger=True, turns="named", early_q_release=True,
-         pin_softmax="max_reload")],
+         pin_softmax="max_reload"),
+    dict(persistent=3, stagger=True, turns="named", early_q_release=True, fill_warps=2),
+    dict(persistent=1, stagger=True, turns="named", early_q_release=True, fill_warps=1)],
     ids=["per-item", "persistent3", "persistent3-stagger", "persistent3-stagger-splitq",
          "persistent3-stagger-early", "persistent3-stagger-pin", "per-item-named-turns",
          "persistent3-stagger-named-turns", "persistent3-stagger-named-turns-early-q",
          "persistent3-stagger-named-turns-early-q-pin-max",
-         "persistent3-stagger-named-turns-early-q-pin-max-reload"])
+         "persistent3-stagger-named-turns-early-q-pin-max-reload",
+         "persistent3-stagger-named-turns-early-q-fill2",
+         "persistent1-stagger-named-turns-early-q-fill1"])
 def test_three_groups_padded_batches(dtype: torch.dtype, side: str, causal: bool, stack: int,
                                      overlap: bool, form: dict) -> None:
     """192-row blocks of three consumer groups at D=64 (GQA 6/2, so three heads can
@@ -584,6 +588,45 @@ def test_tma_store_padded_batches(dtype: torch.dtype, d: int, side: str, causal:
     zero-filled padding), a one-token and an empty sample; NaN in the padded K/V."""
     _check_pingpong_padded([203, 1, 0, 77, 130, 256], 256, 2 * max(stack, 2), 2, d, dtype,
                            side, causal, stack, 128, d + causal + stack + 7, overlap=True,
+                           **form)
+
+
+# The padding zero-filled by a partition of its own (fill_warps: one or two warps): the
+# registry's padded D=128 form, over one program (every item), three, more programs than
+# items, and one program per item; and the in-sequence consumers (D=256's loop).
+FILL_FORMS = [
+    dict(persistent=3, stagger=True, tma_store=True, early_q_release=True, pin_softmax="max",
+         fill_warps=2),
+    dict(persistent=1, stagger=True, tma_store=True, early_q_release=True, pin_softmax="max",
+         fill_warps=1),
+    dict(persistent=1000, stagger=True, tma_store=True, early_q_release=True,
+         pin_softmax="max", fill_warps=2),
+    dict(persistent=0, tma_store=True, early_q_release=True, fill_warps=2),
+    dict(persistent=3, stagger=True, overlap=False, fill_warps=1)]
+FILL_IDS = ["persistent3-k-staged-pin-max-fill2", "persistent1-k-staged-pin-max-fill1",
+            "persistent1000-k-staged-pin-max-fill2", "per-item-k-staged-fill2",
+            "persistent3-stagger-in-sequence-fill1"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("stack", [1, 2], ids=["head-per-block", "stack2"])
+@pytest.mark.parametrize("form", FILL_FORMS, ids=FILL_IDS)
+def test_padding_partition_padded_batches(dtype: torch.dtype, d: int, side: str,
+                                          causal: bool, stack: int, form: dict) -> None:
+    """Padded batches whose padding the padding partition fills (zeros, lse -inf) while
+    the consumers run the valid tiles: a full sample, an empty one (its every row
+    padding), a one-token one and odd lengths, NaN in the padded K/V rows, outputs
+    poisoned. D=256 takes the in-sequence form only (its 64 KV positions a step hold no
+    staged rows)."""
+    form = dict(form)
+    overlap = form.pop("overlap", True)
+    if d == 256 and overlap:
+        pytest.skip("D=256: the in-sequence consumers only")
+    _check_pingpong_padded([203, 1, 0, 77, 130, 256], 256, 2 * max(stack, 2), 2, d, dtype,
+                           side, causal, stack, 128, d + causal + stack + 11, overlap=overlap,
                            **form)
 
 

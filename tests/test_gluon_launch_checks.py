@@ -85,9 +85,18 @@ def test_q_boxes_split_into_whole_groups(block_m: int, stack: int) -> None:
      "pin_softmax must be False, True, 'max' or 'max_reload', got 'sum'"),
     (dict(block_m=128, pingpong=True, overlap=True, split_q=True, turns=True),
      "split_q and turns do not combine"),
+    (dict(block_m=128, pingpong=True, overlap=True, fill_warps=3),
+     "fill_warps must be 0, 1 or 2, got 3"),
+    (dict(block_m=128, pingpong=True, overlap=True, fill_warps=True),
+     "fill_warps must be 0, 1 or 2, got True"),
+    (dict(block_m=128, overlap=True, zero_fill=True, fill_warps=2),
+     "fill_warps takes the pingpong form with zero_fill"),
+    (dict(block_m=128, pingpong=True, overlap=True, fill_warps=1),
+     "fill_warps takes the pingpong form with zero_fill"),
 ], ids=["split_q-alone", "rescale_early-in-sequence", "pin_softmax-one-group",
         "pin_max-in-sequence", "pin_max_reload-in-sequence", "pin_softmax-unknown",
-        "split_q-turns"])
+        "split_q-turns", "fill_warps-three", "fill_warps-bool", "fill_warps-one-group",
+        "fill_warps-no-padding"])
 def test_pingpong_options_refused_outside_their_form(form: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _launch(_zeros(6)[:128], _zeros(2)[:128], 128, **form)
@@ -112,7 +121,13 @@ def test_persistent_refused_outside_the_pingpong_form(form: dict, message: str) 
     dict(block_m=192, pingpong=True, overlap=True, persistent=4, stagger=True),
     dict(block_m=128, pingpong=True, overlap=True, persistent=4, stagger=True,
          tma_store=True, pin_softmax="max"),
-], ids=["persistent", "stagger", "stagger-pin-splitq", "three-groups", "stagger-pin-max"])
+    dict(block_m=128, pingpong=True, overlap=True, persistent=4, stagger=True,
+         tma_store=True, early_q_release=True, pin_softmax="max", zero_fill=True,
+         fill_warps=2),
+    dict(block_m=192, pingpong=True, overlap=True, persistent=4, stagger=True,
+         turns="named", early_q_release=True, zero_fill=True, fill_warps=1),
+], ids=["persistent", "stagger", "stagger-pin-splitq", "three-groups", "stagger-pin-max",
+        "padded-fill2", "three-groups-fill1"])
 def test_persistent_pingpong_forms_pass_the_checks(form: dict) -> None:
     """The registry's launch forms get past every refusal: only the launch itself fails
     here (no GPU driver for the CPU tensors). A misplaced refusal once rejected every

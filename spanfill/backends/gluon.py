@@ -50,8 +50,10 @@ class GluonTile(AttentionConfig):
     item's Q is copied under the last PV and the stores; ``pin_softmax="max"``
     (``pingpong`` with ``overlap``) has each step's row max computed before the PV wait,
     under the PV wgmma (``"max_reload"``: and the exponentials after the release of PV's
-    ring stage). A 192-row ``pingpong`` form (D=64, dense K/V) has three consumer
-    groups."""
+    ring stage). ``fill_warps`` (``pingpong``, padded batches) gives the padding's zeros
+    to a partition of that many warps of its own, which runs through the program's items
+    without waiting, instead of the first consumer group at the end of the launch. A
+    192-row ``pingpong`` form (D=64, dense K/V) has three consumer groups."""
 
     overlap: bool = False
     producer: bool = False
@@ -62,6 +64,7 @@ class GluonTile(AttentionConfig):
     turns: bool | str = False
     early_q_release: bool = False
     pin_softmax: bool | str = False
+    fill_warps: int = 0
 
     def describe_form(self) -> str:
         """The loop form, for ``spanfill info``."""
@@ -73,7 +76,8 @@ class GluonTile(AttentionConfig):
                 + (" tma_store=yes" if self.tma_store else "")
                 + (f" turns={_mode(self.turns)}" if self.turns else "")
                 + (" early_q_release=yes" if self.early_q_release else "")
-                + (f" pin_softmax={_mode(self.pin_softmax)}" if self.pin_softmax else ""))
+                + (f" pin_softmax={_mode(self.pin_softmax)}" if self.pin_softmax else "")
+                + (f" padding_warps={self.fill_warps}" if self.fill_warps else ""))
 
 
 def _mode(option: bool | str) -> str:
@@ -99,10 +103,10 @@ GLUON_PADDED_D64_THREE_GROUPS_MIN_SEQ_LEN = 8192
 # Three consumer groups of 64 rows (192-row blocks of one q head) behind the producer
 # warp, each with the softmax under the previous PV, persistent and staggered, passing
 # turns at the tensor cores through named barriers, each releasing its Q rows after its
-# last QK^T of an item (choose_form).
+# last QK^T of an item, the padding zero-filled by two warps of its own (choose_form).
 THREE_GROUPS = GluonTile(block_m=192, block_n=128, heads=1, num_warps=12, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
-                         stagger=True, turns="named", early_q_release=True)
+                         stagger=True, turns="named", early_q_release=True, fill_warps=2)
 
 # The query rows a program covers for each q head it stacks: below 32 the stacked
 # forms were not measured.
@@ -253,7 +257,7 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
         return GluonTile(block_m=128, block_n=128, heads=stack, num_warps=8, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
                          stagger=True, tma_store=True, early_q_release=not problem.paged,
-                         pin_softmax="max")
+                         pin_softmax="max", fill_warps=2 if problem.op == "padded" else 0)
     return GluonTile(block_m=128, block_n=64, heads=stack, num_warps=8, num_stages=2,
                      overlap=False, producer=True, pingpong=True)
 
@@ -396,6 +400,8 @@ class GluonHopperBackend:
                     persistent=triton_config._num_sms(q.device.index) if t.persistent else 0,
                     stagger=t.stagger, tma_store=t.tma_store, turns=t.turns,
                     early_q_release=t.early_q_release, pin_softmax=t.pin_softmax)
+        if zero_fill:  # (the padding partition has nothing to fill without it)
+            form["fill_warps"] = t.fill_warps
         if block_table is not None:
             attention_fwd_paged(q, k, v, out, lse, plan, positions, block_table, sm_scale,
                                 causal, **form)

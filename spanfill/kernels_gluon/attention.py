@@ -147,6 +147,43 @@ def _fill_padding(O, LSE, row0, row_end, head, stride_ot, stride_oh, stride_lt, 
 
 
 @gluon.jit
+def _padding_filler(TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, O, LSE, stride_ot,
+                    stride_oh, stride_lt, stride_lh, num_items, dtype: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, NUM_Q_HEADS: gl.constexpr, STACK: gl.constexpr,
+                    RETURN_LSE: gl.constexpr, FILL_WARPS: gl.constexpr):
+    """The padding partition of a ping-pong program (``FILL_WARPS`` > 0): zeros and lse
+    -inf on the rows of the program's padding items, the plan's entries of a sample's
+    padding (the consumers skip them). It waits on nothing, so it runs through the
+    program's items at once and its stores go out under the consumers' first items:
+    with the consumers' warp group 0 filling them instead, they come last in the plan's
+    order, where the tensor cores have nothing else to do. ``FILL_WARPS == 0``: the
+    partition is there (its warps come from the producer's warp group, which is padded
+    to four warps anyway) but does nothing."""
+    if FILL_WARPS > 0:
+        # 16-byte stores, a row of the head across HEAD_DIM // 8 threads; two passes of
+        # the layout's rows an iteration (more would take registers: the partition shares
+        # the producer warp's group and its count).
+        COLS_T: gl.constexpr = HEAD_DIM // 8
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // COLS_T, COLS_T],
+                                                [FILL_WARPS, 1], [1, 0])
+        ROWS: gl.constexpr = 2 * (32 // COLS_T) * FILL_WARPS
+        pid = gl.program_id(0)
+        num_programs = gl.num_programs(0)
+        for r in range(gl.cdiv(num_items, num_programs)):
+            item = _round_item(r, pid, num_programs)
+            if item < num_items:
+                tile, head, split, req = _item_tile(item, TILE_REQ, NUM_Q_HEADS, STACK, 1)
+                if req >= 0:
+                    row0, row_end, q_start, q_stop, padding = _item_rows(
+                        tile, req, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN)
+                    if padding:
+                        for g in gl.static_range(STACK):
+                            _fill_padding(O, LSE, row0, row_end, head + g, stride_ot,
+                                          stride_oh, stride_lt, stride_lh, layout, dtype, ROWS,
+                                          HEAD_DIM, RETURN_LSE)
+
+
+@gluon.jit
 def _keep_rows(part, rows, keep, kv_layout: gl.constexpr):
     """Zero the rows of ``part`` (a shared-memory slice of a tile) from row ``keep`` on,
     in place: read through ``kv_layout``, masked, written back. ``rows``: the slice's row
@@ -850,7 +887,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                        OVERLAP: gl.constexpr, STAGGER: gl.constexpr, TURNS: gl.constexpr,
                        SPLIT_Q: gl.constexpr, RESCALE_EARLY: gl.constexpr,
                        PIN_SOFTMAX: gl.constexpr, o_desc, TMA_STORE: gl.constexpr,
-                       EARLY_Q: gl.constexpr = False):
+                       EARLY_Q: gl.constexpr = False, FILL_WARPS: gl.constexpr = 0):
     """One of the consumer warp groups of a 128-row program (two groups; 192 rows: three),
     each its own partition: for each of the program's work items (:func:`_round_item`),
     warp group ``WG`` runs its KV loop on block rows ``[WG * GROUP_ROWS, (WG + 1) *
@@ -871,8 +908,9 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
     (``bench/results/ab_gluon_stagger_h200_9f75240.csv``).
     Without ``OVERLAP``: the in-sequence loop of :func:`_kv_loop_sequential`.
 
-    Tiles without valid rows (padding) are zero-filled by warp group 0 (``ZERO_FILL``)
-    and take no Q or K/V copies (the producer skips them too).
+    Tiles without valid rows (padding) are zero-filled by warp group 0 (``ZERO_FILL``),
+    or by the padding partition (:func:`_padding_filler`, ``FILL_WARPS`` > 0), and take
+    no Q or K/V copies (the producer skips them too).
 
     ``STAGGER``: warp group ``k`` starts each item once group ``k - 1`` has run its first
     tile's softmax, so that the groups' unoverlapped phases (an item's first QK^T and
@@ -940,7 +978,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                 row0, row_end, q_start, q_stop, padding = _item_rows(
                     tile, req, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN)
                 if padding:
-                    if ZERO_FILL and WG == 0:
+                    if ZERO_FILL and WG == 0 and FILL_WARPS == 0:
                         for g in gl.static_range(STACK):
                             _fill_padding(O, LSE, row0, row_end, head + g, stride_ot,
                                           stride_oh, stride_lt, stride_lh, o_layout, dtype,
@@ -1117,7 +1155,7 @@ def _attn_fwd_dense_kernel(
     STACK: gl.constexpr, NUM_SPLITS: gl.constexpr, PINGPONG: gl.constexpr,
     STAGGER: gl.constexpr, TURNS: gl.constexpr, SPLIT_Q: gl.constexpr,
     RESCALE_EARLY: gl.constexpr, PIN_SOFTMAX: gl.constexpr, num_warps: gl.constexpr,
-    O_DESC=None, EARLY_Q: gl.constexpr = False,
+    O_DESC=None, EARLY_Q: gl.constexpr = False, FILL_WARPS: gl.constexpr = 0,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # The consumers' TMA-store epilogue (ping-pong only); partitions take no None, so
@@ -1234,6 +1272,9 @@ def _attn_fwd_dense_kernel(
             turn = q_free
         fence_async_shared()
         GROUP_ROWS: gl.constexpr = BLOCK_M // NUM_GROUPS
+        # The padding partition (_padding_filler) takes warps of the producer warp's group,
+        # so its register count, and one warp that does nothing where it is not asked for.
+        FILLER_WARPS: gl.constexpr = FILL_WARPS if FILL_WARPS > 0 else 1
         # Partitions take no None: stand-ins for the workspace without KV splits.
         if NUM_SPLITS > 1:
             ws_o, ws_lse, wss, wsl = WS_O, WS_LSE, ws_split, ws_lse_split
@@ -1252,7 +1293,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1262,14 +1303,18 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
                                     k_pool, v_pool, num_items, NUM_Q_HEADS, GQA_GROUP, HEAD_DIM,
                                     BLOCK_N, STAGES, CAUSAL, ZERO_FILL, HAS_POSITIONS, PAGE_SIZE,
                                     BLOCK_Q, STACK, NUM_SPLITS, ROW_STRIDE, SPLIT_Q)),
-            ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+                (_padding_filler, (TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, O, LSE,
+                                   stride_ot, stride_oh, stride_lt, stride_lh, num_items,
+                                   dtype, HEAD_DIM, NUM_Q_HEADS, STACK,
+                                   RETURN_LSE, FILL_WARPS)),
+            ], [4, 1, FILLER_WARPS], [CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         else:  # a third consumer group in 192-row blocks
             gl.warp_specialize([
                 (_pingpong_consumer, (0, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
@@ -1281,7 +1326,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1291,7 +1336,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_consumer, (2, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1301,14 +1346,19 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
                                     k_pool, v_pool, num_items, NUM_Q_HEADS, GQA_GROUP, HEAD_DIM,
                                     BLOCK_N, STAGES, CAUSAL, ZERO_FILL, HAS_POSITIONS, PAGE_SIZE,
                                     BLOCK_Q, STACK, NUM_SPLITS, ROW_STRIDE, SPLIT_Q)),
-            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+                (_padding_filler, (TILE_REQ, TILE_ROW0, TILE_ROW_END, Q_START, Q_LEN, O, LSE,
+                                   stride_ot, stride_oh, stride_lt, stride_lh, num_items,
+                                   dtype, HEAD_DIM, NUM_Q_HEADS, STACK,
+                                   RETURN_LSE, FILL_WARPS)),
+            ], [4, 4, 1, FILLER_WARPS],
+               [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS, LOADER_REGS])
         mbarrier.invalidate(q_bar)
         if SPLIT_Q:
             for g in gl.static_range(NUM_GROUPS):
@@ -1412,7 +1462,8 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool | str = False, split_q: bool = False,
                         rescale_early: bool = False, pin_softmax: bool | str = False,
-                        tma_store: bool = False, early_q_release: bool = False):
+                        tma_store: bool = False, early_q_release: bool = False,
+                        fill_warps: int = 0):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -1479,6 +1530,11 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         others (the tails of tiles) by register stores, as without it. With
         ``early_q_release`` (``block_n`` at least 128) the rows are staged in the item's
         last K tile instead of Q's rows, which may hold the next item's by then
+    fill_warps : (with ``pingpong`` and ``zero_fill``) 1 or 2: a partition of this many
+        warps, from those the producer warp's group leaves idle, zero-fills the padding
+        (its own loop over the program's items, waiting on nothing, so the stores go out
+        under the consumers' work), instead of the first consumer group when it reaches
+        the padding's entries, last in the plan; 0: the consumer group
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
@@ -1486,7 +1542,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                    num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger,
                    turns=turns, split_q=split_q, rescale_early=rescale_early,
                    pin_softmax=pin_softmax, tma_store=tma_store,
-                   early_q_release=early_q_release)
+                   early_q_release=early_q_release, fill_warps=fill_warps)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -1547,7 +1603,8 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
             block_m, block_n, stages, warp_specialize, overlap, stack, num_splits,
             positions=None, block_table=None, page_size=0, pools=(None, None),
             pingpong=False, persistent=0, stagger=False, turns=False, split_q=False,
-            rescale_early=False, pin_softmax=False, tma_store=False, early_q_release=False):
+            rescale_early=False, pin_softmax=False, tma_store=False, early_q_release=False,
+            fill_warps=0):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128, 192):
@@ -1604,6 +1661,11 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         # (the rows are staged in the last K tile: the block's rows must fit in one)
         raise ValueError(f"early_q_release with tma_store stages the {block_m} rows in a K "
                          f"tile: block_n must be at least {block_m}, got {block_n}")
+    if isinstance(fill_warps, bool) or fill_warps not in (0, 1, 2):
+        raise ValueError(f"fill_warps must be 0, 1 or 2, got {fill_warps!r}")
+    if fill_warps and not (pingpong and zero_fill):
+        # (the padding partition takes the warps the producer warp's group leaves idle)
+        raise ValueError("fill_warps takes the pingpong form with zero_fill (padded batches)")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
@@ -1657,7 +1719,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         # box: a consumer group's 64 rows of one head, or a stacked head's 32; layout:
         # the Q block's (the rows are staged in it)
         O_DESC=_desc(out, min(64, block_m // stack), block_m) if tma_store else None,
-        EARLY_Q=early_q_release,
+        EARLY_Q=early_q_release, FILL_WARPS=fill_warps,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,
