@@ -103,10 +103,11 @@ GLUON_PADDED_D64_THREE_GROUPS_MIN_SEQ_LEN = 8192
 # Three consumer groups of 64 rows (192-row blocks of one q head) behind the producer
 # warp, each with the softmax under the previous PV, persistent and staggered, passing
 # turns at the tensor cores through named barriers, each releasing its Q rows after its
-# last QK^T of an item, the padding zero-filled by two warps of its own (choose_form).
+# last QK^T of an item (choose_form). Its padding stays with the first consumer group: a
+# padding partition made docs_8k_d64 slower (ab_gluon_fill_h200_8c6f42a_padded.csv).
 THREE_GROUPS = GluonTile(block_m=192, block_n=128, heads=1, num_warps=12, num_stages=3,
                          overlap=True, producer=True, pingpong=True, persistent=True,
-                         stagger=True, turns="named", early_q_release=True, fill_warps=2)
+                         stagger=True, turns="named", early_q_release=True)
 
 # The query rows a program covers for each q head it stacks: below 32 the stacked
 # forms were not measured.
