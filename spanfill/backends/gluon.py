@@ -241,6 +241,14 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     run): whole_8k 0.806 -> 0.835 ms, long_32k 0.788 -> 0.820, few_big 0.399 -> 0.413,
     enc_2k_d128 0.405 -> 0.417; docs_8k_d64's three-group form 0.707 with either, 0.669
     without a pin. The late release costs less than the extra barrier and load.
+
+    The padded D=128 form zero-fills the padding in a partition of two warps of its own
+    (``fill_warps=2``, 8c6f42a), under the consumers' work, instead of consumer group 0
+    in the last rounds, where the plan puts the padding's entries. Five interleaved
+    rounds (``ab_gluon_fill_h200_8c6f42a_padded.csv``): enc_2k_d128 0.402 -> 0.362 ms
+    (one warp: 0.366). docs_8k_d64 was slower with it in both forms that ran it (the
+    three-group form 0.674 -> 0.724, the 128-row form 0.736 -> 0.781), so
+    :data:`THREE_GROUPS` leaves it off; why was not measured.
     """
     from .triton_config import _stacked_heads
 
