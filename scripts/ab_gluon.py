@@ -24,7 +24,8 @@ split count it chooses, through ``backend="gluon"``; ``--forms``: only matching 
 so drift over the run reaches every case alike; ``--kernels NAME=PATH``: the chosen form
 also with the Gluon kernels of another copy of the kernel file, e.g. ``git show
 REV:spanfill/kernels_gluon/attention.py``, named ``gluon_chosen_NAME``: an A/B of a
-kernel change without a launch option for it).
+kernel change without a launch option for it; with ``--kernels-forms`` every form
+``--forms`` selects too, named ``FORM_NAME``).
 """
 
 from __future__ import annotations
@@ -232,9 +233,9 @@ def _tiles(spec: str) -> list[tuple[int | None, int | None]]:
 
 def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool, stack: int,
                pingpong: int, block_n: int | None, stages: int | None):
-    """The Gluon kernel on the padded batch (zero-filled padding), and its valid rows."""
+    """The Gluon kernel on the padded batch (zero-filled padding), and its valid rows. The
+    launcher is looked up at each call, so :func:`_with_kernels` can swap it."""
     from bench.check import packed_valid_index
-    from spanfill.kernels_gluon.attention import attention_fwd_dense
 
     b, s, h, d = t.q.shape
     q, k, v = (x.reshape(b * s, x.shape[2], d) for x in (t.q, t.k, t.v))
@@ -243,6 +244,8 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
     idx = packed_valid_index(t.valid_lens, s)
 
     def run() -> None:
+        from spanfill.kernels_gluon.attention import attention_fwd_dense
+
         attention_fwd_dense(q, k, v, out, None, plan, d ** -0.5, w.causal, zero_fill=True,
                             block_m=block_m, warp_specialize=producer, overlap=overlap,
                             stack=stack, block_n=block_n, stages=stages,
@@ -253,14 +256,15 @@ def _gluon_run(w: PaddedWorkload, t, block_m: int, overlap: bool, producer: bool
 
 def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: int,
                      pingpong: int, block_n: int | None, stages: int | None):
-    """The Gluon kernel over the workload's page pool, and its output rows."""
-    from spanfill.kernels_gluon.attention import attention_fwd_paged
-
+    """The Gluon kernel over the workload's page pool, and its output rows (the launcher
+    looked up at each call, as in :func:`_gluon_run`)."""
     layout = t.layout
     plan = layout.tile_plan(block_m // stack, True)
     out = torch.full_like(t.q, float("nan"))
 
     def run() -> None:
+        from spanfill.kernels_gluon.attention import attention_fwd_paged
+
         attention_fwd_paged(t.q, t.k_cache, t.v_cache, out, None, plan, layout.positions,
                             layout.block_table, t.q.shape[-1] ** -0.5, True, block_m=block_m,
                             warp_specialize=producer, overlap=overlap, stack=stack,
@@ -336,6 +340,10 @@ def main() -> None:
                         help="also the chosen form with the Gluon kernels of this copy of "
                              "spanfill/kernels_gluon/attention.py (e.g. another commit's), "
                              "named gluon_chosen_NAME; repeatable")
+    parser.add_argument("--kernels-forms", action="store_true",
+                        help="also every form --forms selects with each --kernels copy, "
+                             "named FORM_NAME (an A/B of a kernel edit in a form the "
+                             "registry does not choose)")
     parser.add_argument("workloads", nargs="*")
     args = parser.parse_args()
     forms = re.compile(args.forms)
@@ -361,9 +369,14 @@ def main() -> None:
         cases += [(f"gluon_chosen_{name}", _with_kernels(module, chosen.run),
                    _with_kernels(module, chosen.output)) for name, module in kernels]
         group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
-        cases += [(_name(*v), *gluon(w, t, *v))
-                  for v in _variants(group, _tiles(args.tiles), w.head_dim, padded)
-                  if forms.search(_name(*v))]
+        selected = [v for v in _variants(group, _tiles(args.tiles), w.head_dim, padded)
+                    if forms.search(_name(*v))]
+        for v in selected:
+            run, output = gluon(w, t, *v)
+            cases.append((_name(*v), run, output))
+            if args.kernels_forms:
+                cases += [(f"{_name(*v)}_{name}", _with_kernels(module, run),
+                           _with_kernels(module, output)) for name, module in kernels]
         kernel = "padded_prefill" if padded else "span_prefill"
         timed = {}
         for name, run, output in cases:

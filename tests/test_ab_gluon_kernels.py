@@ -59,3 +59,24 @@ def test_launches_are_swapped_for_the_call_only(tmp_path: Path) -> None:
 def test_a_bad_spec_is_refused(spec: str) -> None:
     with pytest.raises(ValueError, match="NAME=PATH"):
         ab_gluon._load_kernels(spec)
+
+
+def test_explicit_forms_take_the_swapped_launcher() -> None:
+    """``--kernels-forms``: a form's run (``_gluon_run``, built before the swap) looks the
+    launcher up at each call, so the copy's kernels run inside ``_with_kernels`` and the
+    checkout's outside it."""
+    import types
+
+    import torch
+
+    b, s, h, d = 2, 8, 2, 64
+    t = types.SimpleNamespace(q=torch.zeros(b, s, h, d), k=torch.zeros(b, s, h, d),
+                              v=torch.zeros(b, s, h, d), valid_lens=torch.tensor([8, 3]))
+    w = types.SimpleNamespace(causal=False)
+    run, _ = ab_gluon._gluon_run(w, t, 128, True, True, 1, 0, None, None)
+    seen = []
+    fake = types.SimpleNamespace(attention_fwd_dense=lambda *a, **k: seen.append(k),
+                                 attention_fwd_paged=current.attention_fwd_paged)
+    ab_gluon._with_kernels(fake, run)()
+    assert len(seen) == 1 and seen[0]["zero_fill"] and seen[0]["block_m"] == 128
+    assert current.attention_fwd_dense is not fake.attention_fwd_dense
