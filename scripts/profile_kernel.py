@@ -22,6 +22,10 @@ only kernel launch is the attention kernel's once the layout is built.
 workload's two profiles, ours and the peer's, sit side by side. Its kernel's name is not
 ``_attn_fwd``: ``scripts/ncu_profile.sh`` takes ``PROFILE_ARGS=--fa4`` and filters on
 FA4's forward kernel instead.
+
+``--form NAME`` (after the name): one form of the Gluon kernel as ``scripts/ab_gluon.py``
+names and launches it (e.g. ``gluon_m192_pingpong_persistent_stagger_named_turns_earlyq``
+and the same with ``_fill2``), for profiles of two forms the registry does not both take.
 """
 import sys
 
@@ -33,7 +37,27 @@ from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # no
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
 
-def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4) -> None:
+def _form_runner(w, tensors, form: str):
+    """The launch of ``scripts/ab_gluon.py``'s form ``form`` on the workload (the form
+    must be one ab_gluon runs there)."""
+    sys.path.insert(0, "scripts")
+    import ab_gluon
+
+    padded = isinstance(w, PaddedWorkload)
+    kv = tensors.k if padded else tensors.k_cache
+    group = tensors.q.shape[-2] // kv.shape[-2]
+    variants = {ab_gluon._name(*v): v
+                for v in ab_gluon._variants(group, [(None, None)], w.head_dim, padded)}
+    if form not in variants:
+        raise SystemExit(f"no form {form!r} on {w.name}; one of {sorted(variants)}")
+    launch = ab_gluon._gluon_run if padded else ab_gluon._gluon_paged_run
+    run, _ = launch(w, tensors, *variants[form])
+    run()  # the first launch compiles, as the providers' preparation does
+    return run
+
+
+def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4,
+         form: str | None = None) -> None:
     device = torch.device("cuda")
     by_name = {w.name: w for w in core_workloads()}
     if name not in by_name:
@@ -41,6 +65,12 @@ def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4) -
     w = by_name[name]
     tensors = w.make(device, torch.bfloat16)
     padded = isinstance(w, PaddedWorkload)
+    if form is not None:
+        run = _form_runner(w, tensors, form)
+        for _ in range(launches):
+            run()
+        torch.cuda.synchronize()
+        return
     if fa4:
         from bench import providers_fa4
 
@@ -56,8 +86,16 @@ def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4) -
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a not in ("--gluon", "--fa4")]
-    gluon, fa4 = "--gluon" in sys.argv[1:], "--fa4" in sys.argv[1:]
-    if gluon and fa4:
-        raise SystemExit("--gluon and --fa4 name two different kernels: give one")
-    main(args[0] if args else "few_big", gluon=gluon, fa4=fa4)
+    argv = sys.argv[1:]
+    form = None
+    if "--form" in argv:
+        i = argv.index("--form")
+        if i + 1 >= len(argv):
+            raise SystemExit("--form takes a form's name (scripts/ab_gluon.py's)")
+        form = argv[i + 1]
+        del argv[i:i + 2]
+    args = [a for a in argv if a not in ("--gluon", "--fa4")]
+    gluon, fa4 = "--gluon" in argv, "--fa4" in argv
+    if sum((gluon, fa4, form is not None)) > 1:
+        raise SystemExit("--gluon, --fa4 and --form name different kernels: give one")
+    main(args[0] if args else "few_big", gluon=gluon, fa4=fa4, form=form)
