@@ -67,21 +67,18 @@ def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4,
     padded = isinstance(w, PaddedWorkload)
     if form is not None:
         run = _form_runner(w, tensors, form)
-        for _ in range(launches):
-            run()
-        torch.cuda.synchronize()
-        return
-    if fa4:
-        from bench import providers_fa4
-
-        prepare = providers_fa4.padded if padded else providers_fa4.span_entries
-    elif gluon:
-        prepare = spanfill_gluon if padded else spanfill_gluon_span
     else:
-        prepare = spanfill_padded_kernel if padded else spanfill_segmented
-    prepared = prepare(w, tensors)  # launches once (the first launch compiles)
+        if fa4:
+            from bench import providers_fa4
+
+            prepare = providers_fa4.padded if padded else providers_fa4.span_entries
+        elif gluon:
+            prepare = spanfill_gluon if padded else spanfill_gluon_span
+        else:
+            prepare = spanfill_padded_kernel if padded else spanfill_segmented
+        run = prepare(w, tensors).run  # (preparing launches once: the first compiles)
     for _ in range(launches):
-        prepared.run()
+        run()
     torch.cuda.synchronize()
 
 
