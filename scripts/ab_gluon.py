@@ -273,6 +273,20 @@ def _gluon_paged_run(w, t, block_m: int, overlap: bool, producer: bool, stack: i
     return run, lambda: (run(), out)[1]
 
 
+def _forms_on(w, t, tiles: list[tuple[int | None, int | None]]) -> dict[str, tuple]:
+    """Every form this script runs on workload ``w`` (its tensors ``t``), by name: the
+    :func:`_variants` for its GQA group, head dim and kind."""
+    padded = isinstance(w, PaddedWorkload)
+    group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
+    return {_name(*v): v for v in _variants(group, tiles, w.head_dim, padded)}
+
+
+def _form_run(w, t, variant: tuple):
+    """A form's ``(run, output)`` on the workload: :func:`_gluon_run` for padded batches,
+    :func:`_gluon_paged_run` for span rows."""
+    return (_gluon_run if isinstance(w, PaddedWorkload) else _gluon_paged_run)(w, t, *variant)
+
+
 def _load_kernels(spec: str):
     """``NAME=PATH``: a copy of ``spanfill/kernels_gluon/attention.py`` (another commit's,
     or an edited one) loaded as a module of its own, and its name."""
@@ -346,6 +360,8 @@ def main() -> None:
                              "registry does not choose)")
     parser.add_argument("workloads", nargs="*")
     args = parser.parse_args()
+    if args.kernels_forms and not args.kernels:
+        parser.error("--kernels-forms times the forms with the --kernels copies: give one")
     forms = re.compile(args.forms)
     kernels = [_load_kernels(spec) for spec in args.kernels]
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
@@ -361,21 +377,19 @@ def main() -> None:
         tol = tolerance(torch.bfloat16)
         # The portable kernel, also where the automatic choice takes the Gluon family.
         portable = (spanfill_padded_kernel if padded else spanfill_portable_span)(w, t)
-        gluon = _gluon_run if padded else _gluon_paged_run
         # backend="gluon": the form (and split count) spanfill/backends/gluon.py chooses.
         chosen = (spanfill_gluon if padded else spanfill_gluon_span)(w, t)
         cases = [("portable", portable.run, portable.output),
                  ("gluon_chosen", chosen.run, chosen.output)]
         cases += [(f"gluon_chosen_{name}", _with_kernels(module, chosen.run),
                    _with_kernels(module, chosen.output)) for name, module in kernels]
-        group = t.q.shape[-2] // (t.k if padded else t.k_cache).shape[-2]
-        selected = [v for v in _variants(group, _tiles(args.tiles), w.head_dim, padded)
-                    if forms.search(_name(*v))]
-        for v in selected:
-            run, output = gluon(w, t, *v)
-            cases.append((_name(*v), run, output))
+        for form, v in _forms_on(w, t, _tiles(args.tiles)).items():
+            if not forms.search(form):
+                continue
+            run, output = _form_run(w, t, v)
+            cases.append((form, run, output))
             if args.kernels_forms:
-                cases += [(f"{_name(*v)}_{name}", _with_kernels(module, run),
+                cases += [(f"{form}_{name}", _with_kernels(module, run),
                            _with_kernels(module, output)) for name, module in kernels]
         kernel = "padded_prefill" if padded else "span_prefill"
         timed = {}

@@ -43,15 +43,10 @@ def _form_runner(w, tensors, form: str):
     sys.path.insert(0, "scripts")
     import ab_gluon
 
-    padded = isinstance(w, PaddedWorkload)
-    kv = tensors.k if padded else tensors.k_cache
-    group = tensors.q.shape[-2] // kv.shape[-2]
-    variants = {ab_gluon._name(*v): v
-                for v in ab_gluon._variants(group, [(None, None)], w.head_dim, padded)}
+    variants = ab_gluon._forms_on(w, tensors, [(None, None)])
     if form not in variants:
         raise SystemExit(f"no form {form!r} on {w.name}; one of {sorted(variants)}")
-    launch = ab_gluon._gluon_run if padded else ab_gluon._gluon_paged_run
-    run, _ = launch(w, tensors, *variants[form])
+    run, _ = ab_gluon._form_run(w, tensors, variants[form])
     run()  # the first launch compiles, as the providers' preparation does
     return run
 

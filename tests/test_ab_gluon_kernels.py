@@ -80,3 +80,12 @@ def test_explicit_forms_take_the_swapped_launcher() -> None:
     ab_gluon._with_kernels(fake, run)()
     assert len(seen) == 1 and seen[0]["zero_fill"] and seen[0]["block_m"] == 128
     assert current.attention_fwd_dense is not fake.attention_fwd_dense
+
+
+def test_kernels_forms_without_a_copy_is_refused(monkeypatch, capsys) -> None:
+    """``--kernels-forms`` alone would time nothing more: refused, not ignored."""
+    monkeypatch.setattr(sys, "argv", ["ab_gluon.py", "--kernels-forms"])
+    with pytest.raises(SystemExit) as exc:
+        ab_gluon.main()
+    assert exc.value.code == 2
+    assert "--kernels-forms times the forms with the --kernels copies" in capsys.readouterr().err
