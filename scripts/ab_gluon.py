@@ -90,14 +90,6 @@ STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD = 27
 STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL1 = 28
 STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2 = 29
 STAGGER_NAMED_TURNS_EARLY_Q_FILL2 = 30
-# The registry's three forms (spans D=128, padded D=128, padded D=64 in 192-row blocks)
-# with 1, 2 or 3 of every 8 exponentials from a polynomial on the FMA units (poly_exp2)
-POLY_EXP2_FORMS = {
-    (STAGGER_TMA_STORE_PINMAX, 1): 31, (STAGGER_TMA_STORE_PINMAX, 2): 32,
-    (STAGGER_TMA_STORE_PINMAX, 3): 33, (STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2, 1): 34,
-    (STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2, 2): 35,
-    (STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2, 3): 36, (STAGGER_NAMED_TURNS_EARLY_Q, 1): 37,
-    (STAGGER_NAMED_TURNS_EARLY_Q, 2): 38, (STAGGER_NAMED_TURNS_EARLY_Q, 3): 39}
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -134,11 +126,9 @@ for _filled, _form, _warps in ((STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL1,
                                 STAGGER_TMA_STORE_EARLY_Q_PINMAX, 2),
                                (STAGGER_NAMED_TURNS_EARLY_Q_FILL2, STAGGER_NAMED_TURNS_EARLY_Q, 2)):
     VARIANT_OPTIONS[_filled] = {**VARIANT_OPTIONS[_form], "fill_warps": _warps}
-for (_form, _poly), _variant in POLY_EXP2_FORMS.items():
-    VARIANT_OPTIONS[_variant] = {**VARIANT_OPTIONS[_form], "poly_exp2": _poly}
 SUFFIX = {"stagger": "_stagger", "turns": "_turns", "split_q": "_splitq",
           "rescale_early": "_early", "pin_softmax": "_pin", "tma_store": "_tmastore",
-          "early_q_release": "_earlyq", "fill_warps": "_fill", "poly_exp2": "_poly"}
+          "early_q_release": "_earlyq", "fill_warps": "_fill"}
 FORMS = [(m, o, p, 0) for m, o, p in itertools.product((64, 128), (False, True),
                                                        (False, True))]
 FORMS.append((128, True, True, 1))  # two consumer partitions, each overlapped
@@ -183,8 +173,6 @@ FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PIN))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_FILL2))
-FORMS += [(192 if form == STAGGER_NAMED_TURNS_EARLY_Q else 128, True, True, variant)
-          for (form, _), variant in POLY_EXP2_FORMS.items()]
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,

@@ -75,8 +75,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .exp2 import softmax_exp2
-
 __all__ = ["attention_fwd_dense", "attention_fwd_paged"]
 
 LOG2E = 1.4426950408889634
@@ -242,26 +240,24 @@ def _masked_row_max(s_acc, m_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
 
 
 @gluon.jit
-def _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale, POLY_EXP2: gl.constexpr = 0):
+def _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale):
     """The second half: ``(p, alpha, l_new)`` from the masked scores and the maxima
     before (``m_i``) and after (``m_new``) the tile; ``alpha`` rescales what was
-    accumulated before. ``POLY_EXP2`` of every 8 of ``p``'s exponentials come from a
-    polynomial on the FMA units (:func:`~spanfill.kernels_gluon.exp2.softmax_exp2`)."""
+    accumulated before."""
     m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = softmax_exp2(s_acc * qk_scale - m_safe[:, None], POLY_EXP2)
+    p = gl.exp2(s_acc * qk_scale - m_safe[:, None])
     alpha = gl.exp2(m_i - m_safe)
     return p, alpha, l_i * alpha + gl.sum(p, axis=1)
 
 
 @gluon.jit
 def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
-                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                  POLY_EXP2: gl.constexpr = 0):
+                  s_layout: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """Online-softmax update for the scores ``s_acc`` of KV tile ``j``:
     ``(p, alpha, m_new, l_new)`` (:func:`_masked_row_max`, :func:`_exps_from_max`)."""
     s_acc, m_new = _masked_row_max(s_acc, m_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
                                    s_layout, BLOCK_N, CAUSAL)
-    p, alpha, l_i = _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale, POLY_EXP2)
+    p, alpha, l_i = _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale)
     return p, alpha, m_new, l_i
 
 
@@ -269,7 +265,7 @@ def _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scal
 def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from,
                  qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr,
                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-                 num_warps: gl.constexpr, POLY_EXP2: gl.constexpr = 0):
+                 num_warps: gl.constexpr):
     """One online-softmax step over KV tile ``j`` held in shared memory, its two wgmmas
     in sequence; returns ``(acc, m_i, l_i)``."""
     _zero_v_tail(v_tile, j, kv_len, BLOCK_N, num_warps)
@@ -277,7 +273,7 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
     s_acc = warpgroup_mma(q_smem, k_tile.permute((1, 0)), s_acc, use_acc=False, is_async=True)
     s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
     p, alpha, m_new, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s, mask_from,
-                                         qk_scale, s_layout, BLOCK_N, CAUSAL, POLY_EXP2)
+                                         qk_scale, s_layout, BLOCK_N, CAUSAL)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     p_op = gl.convert_layout(p.to(dtype),
                              gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
@@ -537,7 +533,7 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
                         PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
                         TURN_GROUPS: gl.constexpr = 2, q_release=None,
-                        HOLD_LAST: gl.constexpr = False, POLY_EXP2: gl.constexpr = 0):
+                        HOLD_LAST: gl.constexpr = False):
     """The KV loop with each tile's two wgmmas in sequence; returns ``(acc, m_i, l_i)``.
 
     ``PRODUCER``: a producer warp copies the tiles and this loop (the consumer partition)
@@ -576,7 +572,7 @@ def _kv_loop_sequential(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         acc, m_i, l_i = _attend_tile(q_smem, k_smem.index(stage), v_smem.index(stage), acc, m_i,
                                      l_i, j, kv_len, valid_s, pos_s, mask_from, qk_scale,
                                      s_layout, o_layout, dtype, BLOCK_M, BLOCK_N, CAUSAL,
-                                     num_warps, POLY_EXP2)
+                                     num_warps)
         if PRODUCER:
             # The wgmmas reading this stage are done (waited in _attend_tile); a zeroed V
             # tail was fenced in _zero_v_tail, so the release needs no proxy fence.
@@ -656,7 +652,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                         TURN_WG: gl.constexpr = 0, RESCALE_EARLY: gl.constexpr = False,
                         PIN_SOFTMAX: gl.constexpr = False, NAMED_TURNS: gl.constexpr = False,
                         TURN_GROUPS: gl.constexpr = 2, q_release=None,
-                        HOLD_LAST: gl.constexpr = False, POLY_EXP2: gl.constexpr = 0):
+                        HOLD_LAST: gl.constexpr = False):
     """The KV loop with the softmax of tile ``j`` under the tensor cores' PV of tile
     ``j - 1``: step ``j`` issues ``S_j = Q K_j^T`` and ``O += P_{j-1} V_{j-1}`` together,
     waits for ``S_j`` only, runs the softmax while PV runs, then waits for PV and
@@ -737,7 +733,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
         _pass_turn(turn, TURN_WG, NAMED_TURNS, TURN_GROUPS)
         s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc, ))
         p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, 0, kv_len, valid_s, pos_s, mask_from,
-                                           qk_scale, s_layout, BLOCK_N, CAUSAL, POLY_EXP2)
+                                           qk_scale, s_layout, BLOCK_N, CAUSAL)
         if PIN_SOFTMAX == 1 and stagger_bar is not None:
             # The same store keeps ptxas from hoisting the stagger signal above the first
             # softmax (an mbarrier arrive orders the stores before it, not the arithmetic).
@@ -769,7 +765,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             else:
                 p, alpha, m_i, l_i = _softmax_step(s_acc, m_i, l_i, j, kv_len, valid_s, pos_s,
                                                    mask_from, qk_scale, s_layout, BLOCK_N,
-                                                   CAUSAL, POLY_EXP2)
+                                                   CAUSAL)
                 if PIN_SOFTMAX == 2:  # the row max before the PV wait
                     pin.store(m_i)
                 elif PIN_SOFTMAX:  # the softmax before the PV wait
@@ -791,7 +787,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                 # Read back after the release: the exponentials depend on the load, so
                 # ptxas cannot put them between the PV wait and the release.
                 m_new = pin.load(gl.SliceLayout(1, s_layout))
-                p, alpha, l_i = _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale, POLY_EXP2)
+                p, alpha, l_i = _exps_from_max(s_acc, m_i, m_new, l_i, qk_scale)
                 m_i = m_new
             if not RESCALE_EARLY:
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -891,8 +887,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                        OVERLAP: gl.constexpr, STAGGER: gl.constexpr, TURNS: gl.constexpr,
                        SPLIT_Q: gl.constexpr, RESCALE_EARLY: gl.constexpr,
                        PIN_SOFTMAX: gl.constexpr, o_desc, TMA_STORE: gl.constexpr,
-                       EARLY_Q: gl.constexpr = False, FILL_WARPS: gl.constexpr = 0,
-                       POLY_EXP2: gl.constexpr = 0):
+                       EARLY_Q: gl.constexpr = False, FILL_WARPS: gl.constexpr = 0):
     """One of the consumer warp groups of a 128-row program (two groups; 192 rows: three),
     each its own partition: for each of the program's work items (:func:`_round_item`),
     warp group ``WG`` runs its KV loop on block rows ``[WG * GROUP_ROWS, (WG + 1) *
@@ -1011,8 +1006,7 @@ def _pingpong_consumer(WG: gl.constexpr, q_smem, q_bar, q_free, stagger_bar, tur
                         kv_len, PAGE_SIZE, BLOCK_Q, kv_shift, kv_len, kv_len, 0, WG * GROUP_ROWS,
                         slot, q_phase, go_mine if STAGGER and WG < LAST else None,
                         turn if TURNS else None, WG, RESCALE_EARLY, PIN_SOFTMAX,
-                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, K_STAGED,
-                        POLY_EXP2)
+                        TURNS == 2, NUM_GROUPS, my_q_free if EARLY_Q else None, K_STAGED)
                     if STAGGER and WG < LAST:
                         if num_tiles == 0:  # (the loop arrives after its first softmax)
                             mbarrier.arrive(go_mine, count=1)
@@ -1162,7 +1156,6 @@ def _attn_fwd_dense_kernel(
     STAGGER: gl.constexpr, TURNS: gl.constexpr, SPLIT_Q: gl.constexpr,
     RESCALE_EARLY: gl.constexpr, PIN_SOFTMAX: gl.constexpr, num_warps: gl.constexpr,
     O_DESC=None, EARLY_Q: gl.constexpr = False, FILL_WARPS: gl.constexpr = 0,
-    POLY_EXP2: gl.constexpr = 0,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # The consumers' TMA-store epilogue (ping-pong only); partitions take no None, so
@@ -1300,7 +1293,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q, FILL_WARPS, POLY_EXP2)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1310,7 +1303,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q, FILL_WARPS, POLY_EXP2)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
@@ -1333,7 +1326,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q, FILL_WARPS, POLY_EXP2)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_consumer, (1, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1343,7 +1336,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q, FILL_WARPS, POLY_EXP2)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_consumer, (2, q_smem, q_bar_c, q_free, stagger_bar, turn, k_smem,
                                       v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                       Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base,
@@ -1353,7 +1346,7 @@ def _attn_fwd_dense_kernel(
                                       HAS_POSITIONS, PAGE_SIZE, BLOCK_Q, STACK, NUM_Q_HEADS,
                                       ZERO_FILL, RETURN_LSE, NUM_SPLITS, OVERLAP, STAGGER,
                                       TURNS, SPLIT_Q, RESCALE_EARLY, PIN_SOFTMAX, o_desc_arg,
-                                      TMA_STORE, EARLY_Q, FILL_WARPS, POLY_EXP2)),
+                                      TMA_STORE, EARLY_Q, FILL_WARPS)),
                 (_pingpong_loader, (q_desc, k_desc, v_desc, q_smem, q_bar_c, q_free, k_smem,
                                     v_smem, ready, empty, TILE_REQ, TILE_ROW0, TILE_ROW_END,
                                     Q_START, Q_LEN, KV_ROW0, KV_LEN, pos_ptr, bt_base, bt_stride,
@@ -1470,7 +1463,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         stagger: bool = False, turns: bool | str = False, split_q: bool = False,
                         rescale_early: bool = False, pin_softmax: bool | str = False,
                         tma_store: bool = False, early_q_release: bool = False,
-                        fill_warps: int = 0, poly_exp2: int = 0):
+                        fill_warps: int = 0):
     """Launch the Gluon kernel over dense K/V and a tile plan built with
     ``block_q = block_m // stack``.
 
@@ -1542,10 +1535,6 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
         (its own loop over the program's items, waiting on nothing, so the stores go out
         under the consumers' work), instead of the first consumer group when it reaches
         the padding's entries, last in the plan; 0: the consumer group
-    poly_exp2 : (with ``pingpong``) 0 to 4: of every 8 of the softmax's exponentials,
-        this many come from a polynomial on the FMA units instead of the MUFU
-        (:mod:`spanfill.kernels_gluon.exp2`: at D=64 the MUFU takes as long per score as
-        the tensor cores); 0: all from the MUFU
     """
     block_n = _block_n(q.shape[2], block_n)
     return _launch(q, _desc(k, block_n), _desc(v, block_n), k.shape[1], out, lse, plan, sm_scale,
@@ -1553,7 +1542,7 @@ def attention_fwd_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                    num_splits, pingpong=pingpong, persistent=persistent, stagger=stagger,
                    turns=turns, split_q=split_q, rescale_early=rescale_early,
                    pin_softmax=pin_softmax, tma_store=tma_store,
-                   early_q_release=early_q_release, fill_warps=fill_warps, poly_exp2=poly_exp2)
+                   early_q_release=early_q_release, fill_warps=fill_warps)
 
 
 def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -1565,8 +1554,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         pingpong: bool = False, persistent: int = 0,
                         stagger: bool = False, turns: bool | str = False, split_q: bool = False,
                         rescale_early: bool = False, pin_softmax: bool | str = False,
-                        tma_store: bool = False, early_q_release: bool = False,
-                        poly_exp2: int = 0):
+                        tma_store: bool = False, early_q_release: bool = False):
     """Launch the Gluon kernel over a paged KV cache: span rows at their own positions.
 
     Parameters
@@ -1584,7 +1572,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     block_table : [B, max_pages] int32
     block_m, block_n, stages, warp_specialize, overlap, stack, num_splits, pingpong,
     persistent, stagger, turns, split_q, rescale_early, pin_softmax, tma_store,
-    early_q_release, poly_exp2 : as
+    early_q_release : as
     :func:`attention_fwd_dense`
     """
     num_pages, page_size, heads, d = k_cache.shape
@@ -1604,8 +1592,7 @@ def attention_fwd_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return _launch(q, *descs, heads, out, lse, plan, sm_scale, causal, False, block_m, block_n,
                    stages, warp_specialize, overlap, stack, num_splits, positions, block_table,
                    page_size, pools, pingpong, persistent, stagger, turns, split_q,
-                   rescale_early, pin_softmax, tma_store, early_q_release,
-                   poly_exp2=poly_exp2)
+                   rescale_early, pin_softmax, tma_store, early_q_release)
 
 
 def _block_n(head_dim: int, block_n: int | None) -> int:
@@ -1617,7 +1604,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
             positions=None, block_table=None, page_size=0, pools=(None, None),
             pingpong=False, persistent=0, stagger=False, turns=False, split_q=False,
             rescale_early=False, pin_softmax=False, tma_store=False, early_q_release=False,
-            fill_warps=0, poly_exp2=0):
+            fill_warps=0):
     """The one launch of :func:`_attn_fwd_dense_kernel` behind both entry points."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     if block_m not in (64, 128, 192):
@@ -1679,11 +1666,6 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
     if fill_warps and not (pingpong and zero_fill):
         # (the padding partition takes the warps the producer warp's group leaves idle)
         raise ValueError("fill_warps takes the pingpong form with zero_fill (padded batches)")
-    if isinstance(poly_exp2, bool) or poly_exp2 not in range(5):
-        raise ValueError(f"poly_exp2 must be 0, 1, 2, 3 or 4 (eighths), got {poly_exp2!r}")
-    if poly_exp2 and not pingpong:
-        # (the other forms' loops are not passed it: their partitions take no None)
-        raise ValueError("poly_exp2 takes the pingpong form")
     group = num_q_heads // num_kv_heads
     if stack < 1 or group % stack or block_m // stack < 16:
         raise ValueError(f"stack must divide the GQA group ({group}) and leave at least 16 "
@@ -1737,7 +1719,7 @@ def _launch(q, k_desc, v_desc, num_kv_heads, out, lse, plan, sm_scale, causal, z
         # box: a consumer group's 64 rows of one head, or a stacked head's 32; layout:
         # the Q block's (the rows are staged in it)
         O_DESC=_desc(out, min(64, block_m // stack), block_m) if tma_store else None,
-        EARLY_Q=early_q_release, FILL_WARPS=fill_warps, POLY_EXP2=poly_exp2,
+        EARLY_Q=early_q_release, FILL_WARPS=fill_warps,
         # 16 rows per warp: one warp group of 4 per 64 rows; with ping-pong the second
         # warp group is a worker partition, so the launch names the first only.
         num_warps=4 if pingpong else block_m // 16,
