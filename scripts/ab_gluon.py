@@ -90,6 +90,7 @@ STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD = 27
 STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL1 = 28
 STAGGER_TMA_STORE_EARLY_Q_PINMAX_FILL2 = 29
 STAGGER_NAMED_TURNS_EARLY_Q_FILL2 = 30
+NAMED_TURNS_EARLY_Q = 31  # the D=64 registry form (192-row blocks) without the stagger
 # The ping-pong options of each persistent variant (attention_fwd_dense's keywords), in
 # the order their names are suffixed.
 VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns": True},
@@ -108,6 +109,7 @@ VARIANT_OPTIONS = {PERSISTENT: {}, STAGGERED: {"stagger": True}, TURNS: {"turns"
                    STAGGER_EARLY_Q: {"stagger": True, "early_q_release": True},
                    STAGGER_NAMED_TURNS_EARLY_Q: {"stagger": True, "turns": "named",
                                                  "early_q_release": True},
+                   NAMED_TURNS_EARLY_Q: {"turns": "named", "early_q_release": True},
                    STAGGER_TMA_STORE_EARLY_Q: {"stagger": True, "tma_store": True,
                                                "early_q_release": True}}
 for _pin, _pinned_forms in ((True, (STAGGER_TMA_STORE_PIN, STAGGER_TMA_STORE_EARLY_Q_PIN,
@@ -173,6 +175,7 @@ FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PIN))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_PINMAX_RELOAD))
 FORMS.append((192, True, True, STAGGER_NAMED_TURNS_EARLY_Q_FILL2))
+FORMS.append((192, True, True, NAMED_TURNS_EARLY_Q))
 
 
 def _variants(group: int, tiles: list[tuple[int | None, int | None]], head_dim: int,
