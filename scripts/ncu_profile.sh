@@ -8,7 +8,8 @@
 # source page (stall reasons, the instructions with the most samples). One launch
 # (the third: the first compiles, see scripts/profile_kernel.py), --set full.
 # PROFILE_ARGS=--gluon: the Gluon family where the automatic choice takes the portable
-# kernel (files then named ncu_<name>_gluon). PROFILE_ARGS=--fa4: FlashAttention-4's
+# kernel (files then named ncu_<name>_gluon); --portable: the portable padded kernel
+# where it takes the Gluon one (ncu_<name>_portable). PROFILE_ARGS=--fa4: FlashAttention-4's
 # forward kernel on the same workload, as the bench calls it (ncu_<name>_fa4; its
 # kernel's name has "fwd" or "Forward", not "_attn_fwd"). PROFILE_ARGS="--form FORM":
 # one form of scripts/ab_gluon.py's (ncu_<name>_FORM), e.g. the three-group D=64 form
@@ -26,7 +27,7 @@ for name in "$@"; do
     "$ncu" --kernel-name "$kernels" --launch-skip 2 --launch-count 1 --set full \
         --import-source no -f -o "$rep" python3 scripts/profile_kernel.py "$name" ${PROFILE_ARGS:-} > "$rep.run.log" 2>&1
     {
-        echo "# ncu --set full, one launch of the attention kernel ($kernels: the portable _attn_fwd_kernel or the Gluon _attn_fwd_dense_kernel, as the automatic choice runs it, backend=gluon with PROFILE_ARGS=--gluon, FA4 with --fa4, an ab_gluon form with --form) on $name ${PROFILE_ARGS:-} (scripts/ncu_profile.sh)"
+        echo "# ncu --set full, one launch of the attention kernel ($kernels: the portable _attn_fwd_kernel or the Gluon _attn_fwd_dense_kernel, as the automatic choice runs it, backend=gluon with PROFILE_ARGS=--gluon, the portable padded kernel with --portable, FA4 with --fa4, an ab_gluon form with --form) on $name ${PROFILE_ARGS:-} (scripts/ncu_profile.sh)"
         nvidia-smi --query-gpu=name --format=csv,noheader
         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
         "$ncu" -i "$rep.ncu-rep" --page details

@@ -8,14 +8,15 @@ Usage (on the GPU machine)::
 Workloads: the names of :func:`bench.workloads.core_workloads` (few_big, many_small,
 scatter15, long_32k, few_big_swa, bert_base_512, enc_2k_d128), built exactly as the
 bench builds them (same seed, same span placement). Segmented rows launch
-``span_prefill`` on the prebuilt layout; padded rows launch the attention kernel alone
-(the bench's ``spanfill_kernel`` provider). Layouts and plans are built before the
+``span_prefill`` on the prebuilt layout, padded rows ``padded_prefill`` on the prebuilt
+``PaddedLayout`` (the bench's ``spanfill`` providers): the kernel the automatic choice
+takes, as ``scripts/ncu_profile.sh`` names it. Layouts and plans are built before the
 first launch, so every launch the profiler sees is the attention kernel's.
 
 ``--gluon`` (after the name): ``backend="gluon"`` (the bench's ``spanfill_gluon``
 providers), for the Hopper family where the automatic choice takes the portable kernel
-(enc_2k_d128, bert_base_512). Padded rows then go through ``padded_prefill``, whose
-only kernel launch is the attention kernel's once the layout is built.
+(bert_base_512). ``--portable``: the portable padded kernel alone (the bench's
+``spanfill_kernel``) for padded rows, where the automatic choice takes the Gluon one.
 
 ``--fa4`` (after the name): FlashAttention-4 instead, as the bench's ``fa4_padded`` and
 ``fa4_span_entries`` providers call it (``flash_attn.cute`` must import), so that one
@@ -33,7 +34,8 @@ import torch
 
 sys.path.insert(0, ".")
 from bench.providers_spanfill import (spanfill_gluon, spanfill_gluon_span,  # noqa: E402
-                                      spanfill_padded_kernel, spanfill_segmented)
+                                      spanfill_padded, spanfill_padded_kernel,
+                                      spanfill_segmented)
 from bench.workloads import PaddedWorkload, core_workloads  # noqa: E402
 
 
@@ -51,8 +53,24 @@ def _form_runner(w, tensors, form: str):
     return run
 
 
+def _provider(padded: bool, gluon: bool = False, fa4: bool = False,
+              portable: bool = False):
+    """The bench provider whose launches are profiled (see the module's docstring)."""
+    if fa4:
+        from bench import providers_fa4
+
+        return providers_fa4.padded if padded else providers_fa4.span_entries
+    if gluon:
+        return spanfill_gluon if padded else spanfill_gluon_span
+    if portable and padded:
+        return spanfill_padded_kernel
+    if portable:
+        raise SystemExit("--portable is for padded rows (span rows: the automatic choice)")
+    return spanfill_padded if padded else spanfill_segmented
+
+
 def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4,
-         form: str | None = None) -> None:
+         form: str | None = None, portable: bool = False) -> None:
     device = torch.device("cuda")
     by_name = {w.name: w for w in core_workloads()}
     if name not in by_name:
@@ -63,14 +81,7 @@ def main(name: str, gluon: bool = False, fa4: bool = False, launches: int = 4,
     if form is not None:
         run = _form_runner(w, tensors, form)
     else:
-        if fa4:
-            from bench import providers_fa4
-
-            prepare = providers_fa4.padded if padded else providers_fa4.span_entries
-        elif gluon:
-            prepare = spanfill_gluon if padded else spanfill_gluon_span
-        else:
-            prepare = spanfill_padded_kernel if padded else spanfill_segmented
+        prepare = _provider(padded, gluon, fa4, portable)
         run = prepare(w, tensors).run  # (preparing launches once: the first compiles)
     for _ in range(launches):
         run()
@@ -86,8 +97,9 @@ if __name__ == "__main__":
             raise SystemExit("--form takes a form's name (scripts/ab_gluon.py's)")
         form = argv[i + 1]
         del argv[i:i + 2]
-    args = [a for a in argv if a not in ("--gluon", "--fa4")]
-    gluon, fa4 = "--gluon" in argv, "--fa4" in argv
-    if sum((gluon, fa4, form is not None)) > 1:
-        raise SystemExit("--gluon, --fa4 and --form name different kernels: give one")
-    main(args[0] if args else "few_big", gluon=gluon, fa4=fa4, form=form)
+    args = [a for a in argv if a not in ("--gluon", "--fa4", "--portable")]
+    gluon, fa4, portable = "--gluon" in argv, "--fa4" in argv, "--portable" in argv
+    if sum((gluon, fa4, portable, form is not None)) > 1:
+        raise SystemExit("--gluon, --fa4, --portable and --form name different kernels: "
+                         "give one")
+    main(args[0] if args else "few_big", gluon=gluon, fa4=fa4, form=form, portable=portable)

@@ -41,3 +41,17 @@ def test_an_unknown_form_is_refused_with_the_known_ones() -> None:
     w, t = _docs_small()
     with pytest.raises(SystemExit, match="no form 'gluon_m999' on docs_8k_d64; one of .*fill2"):
         profile_kernel._form_runner(w, t, "gluon_m999")
+
+
+def test_the_default_profiles_the_automatic_choice() -> None:
+    # ncu_profile.sh's logs say "as the automatic choice runs it": padded rows go through
+    # padded_prefill (the registry takes the Gluon kernel for docs_8k_d64 on Hopper), and
+    # the portable padded kernel alone only with --portable.
+    from bench import providers_spanfill as p
+
+    assert profile_kernel._provider(padded=True) is p.spanfill_padded
+    assert profile_kernel._provider(padded=False) is p.spanfill_segmented
+    assert profile_kernel._provider(padded=True, portable=True) is p.spanfill_padded_kernel
+    assert profile_kernel._provider(padded=True, gluon=True) is p.spanfill_gluon
+    with pytest.raises(SystemExit, match="--portable is for padded rows"):
+        profile_kernel._provider(padded=False, portable=True)
