@@ -249,6 +249,13 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     (one warp: 0.366). docs_8k_d64 was slower with it in both forms that ran it (the
     three-group form 0.674 -> 0.724, the 128-row form 0.736 -> 0.781), so
     :data:`THREE_GROUPS` leaves it off; why was not measured.
+
+    :data:`THREE_GROUPS` keeps its 128-row KV tile and three stages: five interleaved
+    rounds on docs_8k_d64 (``ab_gluon_tiles_m192_h200_555e6ef.csv``) gave 0.671 ms
+    against 0.675 with four stages, 0.763 with two and 0.760-0.762 with 64-row tiles;
+    without the stagger 0.683. No form computes exponentials by a polynomial on the FMA
+    units: 1 in 8 of them that way made docs_8k_d64 0.676 -> 0.755 ms and every other
+    registry form slower too (``ab_gluon_poly_exp2_h200_76c7cf6.csv``, reverted).
     """
     from .triton_config import _stacked_heads
 
