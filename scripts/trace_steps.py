@@ -1,4 +1,4 @@
-"""Where the D=128 ping-pong form's cycles go: SM clock stamps of every KV step.
+"""Where the ping-pong forms' cycles go: SM clock stamps of every KV step.
 
     PYTHONPATH=. python3 scripts/trace_steps.py [--out DIR] [WORKLOAD ...]
 
@@ -21,7 +21,8 @@ stagger signal), the loop's end (its last PV retired) and the end of its stores.
 
 Each stamp is taken by every warp of the group (lane 0 of each). ``--tensor-only``,
 ``--exp-fma`` and ``--turns-done`` add variants of the form (below), each traced too.
-Reported per workload, over all programs and both groups (warp 0's stamps), as shares
+Reported per workload, over all programs and their consumer groups (two, or three in
+the 192-row D=64 form; warp 0's stamps), as shares
 of the groups' cycles (first stamp to last): waiting for a tile (``ready`` after the
 last ``end``), ``QK^T`` (``ready`` to ``s``), the rest of PV after ``S`` (``s`` to
 ``pv``), the softmax (``pv`` to ``end``), and per-item time (the stagger wait, the first
@@ -29,10 +30,11 @@ tile's wait for Q, the last PV, the stores, and between items). ``wait_tile`` sp
 into ``warp_skew`` (how long a warp waits, on average, for the group's last warp to
 finish the step) and ``after_last_warp`` (from the last warp's end of the step to the
 first warp past the barrier and the tile's mbarrier: the tile arriving late, if large).
-Also, per program, the share of cycles in which neither group has a wgmma in flight
+Also, per program, the share of cycles in which no group has a wgmma in flight
 (from ``ready`` to ``pv`` of each step, and the last PV): an upper bound on the tensor
-cores' idle time. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit``
-``share``, ``cycles`` or ``ms``) and ``DIR/trace_steps_WORKLOAD.png`` (program 0's two
+cores' idle time; and the share in which every group has one (``both_groups_in_flight``,
+all three in the three-group form). Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit``
+``share``, ``cycles`` or ``ms``) and ``DIR/trace_steps_WORKLOAD.png`` (program 0's
 groups over 40 steps).
 
 The stamps cost a few instructions each, and ptxas may move them across the
@@ -287,6 +289,14 @@ def traced_kernels(workdir: Path, tensor_only: bool = False, kernel: Path = KERN
 
 
 WARPS = 4  # stamps per event: one per warp of a consumer group
+MAX_GROUPS = 3  # consumer groups of a program: two, or three (192-row blocks at D=64)
+
+
+def groups_traced(buf: np.ndarray, programs: int) -> int:
+    """How many consumer groups each of ``programs`` programs had, from which rows of the
+    trace buffer (row ``pid * groups + g``) hold stamps: rows past ``2 * programs`` are
+    written only with three."""
+    return 3 if buf[2 * programs:].any() else 2
 
 
 def group_events_by_warp(buf: np.ndarray, steps: int, items: int):
@@ -327,6 +337,8 @@ def coverage(spans: list[tuple[int, int]], t0: int, t1: int) -> np.ndarray:
 
 
 def analyse(buf: np.ndarray, steps: int, items: int, groups: int = 2) -> dict[str, float]:
+    """The shares of :func:`main`'s table from a trace buffer ``buf`` [programs * groups,
+    stride] (row ``pid * groups + g``: program ``pid``'s consumer group ``g``)."""
     per = group_events(buf, steps, items)
     shares = {k: 0.0 for k in ("wait_tile", "qk", "pv_after_s", "softmax", "stagger_wait",
                                "q_wait_first_tile", "last_pv", "stores", "between_items")}
@@ -401,21 +413,22 @@ def analyse(buf: np.ndarray, steps: int, items: int, groups: int = 2) -> dict[st
 
 
 def plot_timeline(buf: np.ndarray, steps: int, items: int, path: Path, name: str,
-                  window: int = 40) -> Path:
-    """Program 0's two groups over ``window`` steps from the middle of its run."""
-    per = group_events(buf, steps, items)[:2]
-    fig, ax = new_figure(11, 2.6)
+                  window: int = 40, groups: int = 2) -> Path:
+    """Program 0's ``groups`` consumer groups over ``window`` steps from the middle of
+    its run."""
+    per = group_events(buf, steps, items)[:groups]
+    fig, ax = new_figure(11, 1.3 * groups)
     colors = {"wait_tile": "#bbbbbb", "qk": "#1f77b4", "pv_after_s": "#aec7e8",
               "softmax": "#d62728"}
-    mid = min(len(per[0][0]), len(per[1][0])) // 2
-    t0 = min(per[0][0][mid, 0], per[1][0][mid, 0])
+    mid = min(len(st) for st, _ in per) // 2
+    t0 = min(st[mid, 0] for st, _ in per)
     for g, (st, _) in enumerate(per):
         for ready, s, pv, end in st[mid:mid + window]:
             phases = [("qk", ready, s), ("pv_after_s", s, pv if pv else s),
                       ("softmax", pv if pv else s, end)]
             for kind, a, b in phases:
                 ax.broken_barh([(a - t0, max(b - a, 1))], (g * 10, 8), color=colors[kind])
-    ax.set_yticks([4, 14], ["group 0", "group 1"])
+    ax.set_yticks([4 + 10 * g for g in range(groups)], [f"group {g}" for g in range(groups)])
     ax.set_xlabel("SM cycles (%clock64), program 0")
     ax.set_title(f"{name}: QK^T issued to S ready (dark blue), rest of PV (light blue), "
                  "softmax + rescale (red)", fontsize=8)
@@ -503,7 +516,9 @@ def main() -> None:
                 def run(t=t):
                     return sf.span_prefill(t.q, t.k_cache, t.v_cache, t.layout, backend="gluon")
             traced = _with_kernels(mod, run)
-            mod.TRACE = torch.zeros(sms * 2, stride, dtype=torch.int64, device=device)
+            # a row per consumer group of each (persistent) program: two, or three in the
+            # 192-row D=64 form (row pid * NUM_GROUPS + WG)
+            mod.TRACE = torch.zeros(sms * MAX_GROUPS, stride, dtype=torch.int64, device=device)
             try:
                 traced()  # compile
             except ValueError as exc:  # a form the tracer does not take (KV splits...)
@@ -525,10 +540,13 @@ def main() -> None:
             torch.cuda.synchronize()
             buf = mod.TRACE.cpu().numpy()
             mod.TRACE = None
+            groups = groups_traced(buf, sms)
+            buf = buf[:sms * groups]
             if args.dump:
                 np.savez_compressed(out / f"trace_steps_{name}.npz",
-                                    stamps=buf[:args.dump * 2], steps=steps, items=items)
-            res = analyse(buf, steps, items)
+                                    stamps=buf[:args.dump * groups], steps=steps, items=items,
+                                    groups=groups)
+            res = analyse(buf, steps, items, groups)
             res["traced_launch_ms"] = float(np.median(times))
             for metric, value in res.items():
                 unit = {"cycles_per_step": "cycles", "traced_launch_ms": "ms"}.get(metric, "share")
@@ -537,7 +555,8 @@ def main() -> None:
                              **quantiles([value]),
                              "note": "one traced launch; shares of the consumer groups' cycles"})
             table.append((name, res))
-            plot_timeline(buf, steps, items, out / f"trace_steps_{name}.png", name)
+            plot_timeline(buf, steps, items, out / f"trace_steps_{name}.png", name,
+                          groups=groups)
             print(name, {k: round(v, 3) for k, v in res.items()}, flush=True)
     print("wrote", write_rows(out / "trace_steps.csv", rows))
     keys = list(table[0][1]) if table else []

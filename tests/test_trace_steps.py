@@ -93,6 +93,30 @@ def test_analysis_of_a_hand_made_trace() -> None:
     assert res["after_last_warp"] == pytest.approx(2 * 10 / total)
 
 
+def test_three_groups_are_read_as_one_program() -> None:
+    """The 192-row D=64 form has three consumer groups a program (rows ``pid * 3 + g``):
+    the buffer's groups are counted from its rows, and the three are one program's."""
+    g = ([(120, 150, 0, 200), (210, 240, 260, 300)], [(100, 110, 350, 400)])
+
+    def shifted(d: int) -> tuple[list, list]:
+        return ([(a + d, b + d, c + d if c else 0, e + d) for a, b, c, e in g[0]],
+                [(a + d, b + d, c + d, e + d) for a, b, c, e in g[1]])
+
+    # two programs of three groups; the second program's groups start 1000 cycles later
+    groups = [shifted(0), shifted(100), shifted(200), shifted(1000), shifted(1100),
+              shifted(1200)]
+    buf = _buf(4, 2, groups)
+    assert trace_steps.groups_traced(buf, 2) == 3
+    assert trace_steps.groups_traced(buf[:4], 2) == 2
+    res = trace_steps.analyse(buf, 4, 2, groups=3)
+    assert res["qk"] == pytest.approx(6 * 60 / (6 * 300.0))
+    # wgmmas in flight: [120,150], [210,260] and the last PV [300,350], shifted by 0, 100
+    # and 200 cycles. All three groups at once only over [320,350], about 30 of the
+    # program's 500 cycles (16-cycle bins).
+    assert 0.0 < res["both_groups_in_flight"] < 0.2
+    assert 0.0 < res["no_wgmma_in_flight"] < 0.5
+
+
 def test_warp_skew_and_late_tiles_are_told_apart() -> None:
     # Step 0's warps end at 200, 210, 220, 250 (mean 220, last 250); step 1's first warp
     # is past the barrier and the tile's wait at 300: 30 cycles of skew (the mean warp
