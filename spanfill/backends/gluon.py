@@ -256,6 +256,15 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     without the stagger 0.683. No form computes exponentials by a polynomial on the FMA
     units: 1 in 8 of them that way made docs_8k_d64 0.676 -> 0.755 ms and every other
     registry form slower too (``ab_gluon_poly_exp2_h200_76c7cf6.csv``, reverted).
+
+    Nor do the launches take any of these, each timed as a copy of the kernel file
+    against the registry's form on docs_8k_d64 (e461a93, five interleaved rounds; the
+    patches are in ``bench/results/ab_variants/``): ring stages released through hardware
+    barriers instead of an mbarrier (0.677 against 0.673 ms), the row max as a tree
+    (0.687 against 0.670, and slower on every span workload), the padding zero-filled
+    by all three groups (0.686 against 0.673), ptxas's ``--register-usage-level`` 0 or
+    10 (0.676, 0.675 against 0.674), and one group's softmax at a time (1.074 against
+    0.674).
     """
     from .triton_config import _stacked_heads
 
