@@ -20,7 +20,6 @@ quantiles over the seven repeats) and ``DIR/mufu_rates.png``.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +66,8 @@ def _chains(X, ITERS: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr
 def _sm_clock_mhz() -> float | None:
     """The SM clock now (``nvidia-smi``), or None where it cannot be read."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm",
+                              "--format=csv,noheader,nounits",
                               f"--id={torch.cuda.current_device()}"], capture_output=True,
                              text=True, timeout=10).stdout
         return float(out.split()[0])
@@ -137,7 +137,8 @@ def main() -> None:
                 f"{WAVES} programs an SM; SM clock {sorted(known)[len(known) // 2]:.0f} MHz "
                 "(nvidia-smi, median)" if known else "no clock reading: elements per ns per SM")
         rows.append({"kernel": "mufu_ex2", "provider": name, "workload": "chains",
-                     "metric": "exp2_per_sm_clock", "unit": "elements/SM/cycle", **q,
+                     "metric": "exp2_per_sm_clock",
+                     "unit": "elements/SM/cycle" if known else "elements/SM/ns", **q,
                      "note": note})
         table.append((name, q))
         print(f"{name:24s} {q['p50']:6.2f} elements/SM/cycle [{q['p20']:.2f}-{q['p80']:.2f}]",
@@ -154,5 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     main()

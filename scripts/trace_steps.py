@@ -22,20 +22,22 @@ stagger signal), the loop's end (its last PV retired) and the end of its stores.
 Each stamp is taken by every warp of the group (lane 0 of each). ``--tensor-only``,
 ``--exp-fma`` and ``--turns-done`` add variants of the form (below), each traced too.
 Reported per workload, over all programs and their consumer groups (two, or three in
-the 192-row D=64 form; warp 0's stamps), as shares
-of the groups' cycles (first stamp to last): waiting for a tile (``ready`` after the
-last ``end``), ``QK^T`` (``ready`` to ``s``), the rest of PV after ``S`` (``s`` to
-``pv``), the softmax (``pv`` to ``end``), and per-item time (the stagger wait, the first
+the 192-row D=64 form; warp 0's stamps), as shares of the groups' cycles (first stamp
+to last): waiting for a tile (``ready`` after the last ``end``), ``QK^T`` (``ready`` to
+``s``), the rest of PV after ``S`` (``s`` to ``pv``), the softmax (``pv`` to ``end``),
+and per-item time (the stagger wait, the first
 tile's wait for Q, the last PV, the stores, and between items). ``wait_tile`` splits
 into ``warp_skew`` (how long a warp waits, on average, for the group's last warp to
 finish the step) and ``after_last_warp`` (from the last warp's end of the step to the
 first warp past the barrier and the tile's mbarrier: the tile arriving late, if large).
 Also, per program, the share of cycles in which no group has a wgmma in flight
 (from ``ready`` to ``pv`` of each step, and the last PV): an upper bound on the tensor
-cores' idle time; and the share in which every group has one (``both_groups_in_flight``,
-all three in the three-group form). Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit``
-``share``, ``cycles`` or ``ms``) and ``DIR/trace_steps_WORKLOAD.png`` (program 0's
-groups over 40 steps).
+cores' idle time; and the share in which every group has one
+(``both_groups_in_flight``, all three in the three-group form). Only the persistent
+ping-pong forms are traced: the buffer has a row per consumer group of each of the SMs'
+programs. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share``,
+``cycles`` or ``ms``) and ``DIR/trace_steps_WORKLOAD.png`` (program 0's groups over 40
+steps).
 
 The stamps cost a few instructions each, and ptxas may move them across the
 instructions around them (the ``pv`` stamp of the unchanged form comes with part of the
@@ -177,8 +179,13 @@ _after('''                                    ZERO_FILL, RETURN_LSE, NUM_SPLITS)
 _edit('''    lse_arg = lse if lse is not None else out
 ''', '''    lse_arg = lse if lse is not None else out
     if TRACE is not None:
-        if lse is not None or num_splits > 1 or not (pingpong and overlap):
-            raise ValueError("tracing takes the overlapped ping-pong form without lse or splits")
+        if (lse is not None or num_splits > 1 or not (pingpong and overlap)
+                or not persistent):
+            raise ValueError("tracing takes the persistent overlapped ping-pong form without "
+                             "lse or splits")
+        if TRACE.shape[0] < persistent * (block_m // 64):  # a row per group of a program
+            raise ValueError(f"the trace buffer has {TRACE.shape[0]} rows, the launch "
+                             f"{persistent * (block_m // 64)} consumer groups")
         lse_arg = TRACE
 ''')
 
@@ -445,7 +452,7 @@ def compile_check() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         mod = traced_kernels(Path(tmp))
-        mod.TRACE = torch.zeros(4, dtype=torch.int64)
+        mod.TRACE = torch.zeros(132 * 2, 1, dtype=torch.int64)  # (a pointer: compiled, not run)
         b, s, h, d = 2, 256, 2, 128
         q, k, v = (_rand(b * s, h, d) for _ in range(3))
         plan = _packed_plan([s, s - 5], [s, s - 5], 128, False, kv_row0=[0, s])
