@@ -261,7 +261,7 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     against the registry's form on docs_8k_d64 (e461a93, five interleaved rounds; the
     patches are in ``bench/results/ab_variants/``): ring stages released through hardware
     barriers instead of an mbarrier (0.677 against 0.673 ms), the row max as a tree
-    (0.687 against 0.670, and slower on every span workload), the padding zero-filled
+    (0.687 against 0.670, and no faster on any span workload), the padding zero-filled
     by all three groups (0.686 against 0.673), ptxas's ``--register-usage-level`` 0 or
     10 (0.676, 0.675 against 0.674), and one group's softmax at a time (1.074 against
     0.674).
