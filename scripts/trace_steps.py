@@ -35,7 +35,7 @@ Also, per program, the share of cycles in which no group has a wgmma in flight
 cores' idle time; and the share in which every group has one
 (``both_groups_in_flight``, all three in the three-group form). Only the persistent
 ping-pong forms are traced: the buffer has a row per consumer group of each of the SMs'
-programs. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share``,
+programs, and the traced launch records how many groups a program has. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share``,
 ``cycles`` or ``ms``) and ``DIR/trace_steps_WORKLOAD.png`` (program 0's groups over 40
 steps).
 
@@ -99,6 +99,7 @@ _after('''__all__ = ["attention_fwd_dense", "attention_fwd_paged"]
 # an int64 CUDA tensor [programs * groups, TRACE_STRIDE] that the launcher passes in
 # the LSE argument (launches without lse only).
 TRACE = None
+TRACE_GROUPS = None  # the last traced launch's consumer groups a program (set by it)
 TRACE_STEPS: gl.constexpr = gl.constexpr(2048)  # KV steps recorded per consumer group
 TRACE_ITEMS: gl.constexpr = gl.constexpr(128)  # work items recorded per consumer group
 # each event: one stamp per warp of the group (4)
@@ -186,6 +187,8 @@ _edit('''    lse_arg = lse if lse is not None else out
         if TRACE.shape[0] < persistent * (block_m // 64):  # a row per group of a program
             raise ValueError(f"the trace buffer has {TRACE.shape[0]} rows, the launch "
                              f"{persistent * (block_m // 64)} consumer groups")
+        global TRACE_GROUPS
+        TRACE_GROUPS = block_m // 64  # (row pid * TRACE_GROUPS + WG: how to read the buffer)
         lse_arg = TRACE
 ''')
 
@@ -297,13 +300,6 @@ def traced_kernels(workdir: Path, tensor_only: bool = False, kernel: Path = KERN
 
 WARPS = 4  # stamps per event: one per warp of a consumer group
 MAX_GROUPS = 3  # consumer groups of a program: two, or three (192-row blocks at D=64)
-
-
-def groups_traced(buf: np.ndarray, programs: int) -> int:
-    """How many consumer groups each of ``programs`` programs had, from which rows of the
-    trace buffer (row ``pid * groups + g``) hold stamps: rows past ``2 * programs`` are
-    written only with three."""
-    return 3 if buf[2 * programs:].any() else 2
 
 
 def group_events_by_warp(buf: np.ndarray, steps: int, items: int):
@@ -547,7 +543,7 @@ def main() -> None:
             torch.cuda.synchronize()
             buf = mod.TRACE.cpu().numpy()
             mod.TRACE = None
-            groups = groups_traced(buf, sms)
+            groups = int(mod.TRACE_GROUPS)  # as the traced launch recorded it
             buf = buf[:sms * groups]
             if args.dump:
                 np.savez_compressed(out / f"trace_steps_{name}.npz",
