@@ -2,19 +2,68 @@
 
     ncu -i report.ncu-rep --page source --csv --print-source sass > report.sass.csv
     python3 scripts/ncu_stalls.py report.sass.csv
+    python3 scripts/ncu_stalls.py --opcodes A.sass.csv[.gz] B.sass.csv[.gz]
 
 Prints the share of each stall reason over all sampled warp states, then the
 instructions with the most samples and their two main reasons, each with the two
 instructions before it: a warp stalled on a barrier is sampled at the instruction after
 the one it waits in (a ``NOP`` after ``BAR.SYNC``, say), so the reason alone does not
 name the barrier.
+
+``--opcodes``: two kernels' pages side by side (the same work, e.g. FA4's kernel and
+ours on one workload): for each opcode, the warp instructions executed (millions) and
+the stall samples at it, most executed first. Counts that differ between two kernels
+doing the same work point at instructions one of them spends and the other does not
+(``PRMT`` half-swaps, extra shuffles or barriers).
 """
 import csv
+import gzip
 import sys
+from collections import Counter
+
+
+def _rows(path: str) -> list[list[str]]:
+    """The CSV's rows (``.gz``: read compressed, as the device's copies come back)."""
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        return list(csv.reader(f))
+
+
+def opcode_counts(path: str) -> tuple[Counter, Counter]:
+    """(warp instructions executed, stall samples) per opcode (the mnemonic before its
+    first dot, after any predicate) of an ncu source page."""
+    rows = _rows(path)
+    header = next(r for r in rows if "Address" in r and "Source" in r)
+    col = {h: i for i, h in enumerate(header)}
+    executed, samples = Counter(), Counter()
+    for r in rows[rows.index(header) + 1:]:
+        if len(r) < len(header) or not r[col["Source"]].split():
+            continue
+        words = r[col["Source"]].split()
+        op = (words[1] if words[0].startswith("@") and len(words) > 1 else words[0])
+        op = op.split(".")[0]
+        if "Instructions Executed" in col:
+            executed[op] += int(r[col["Instructions Executed"]] or 0)
+        if "Warp Stall Sampling (All Samples)" in col:
+            samples[op] += int(r[col["Warp Stall Sampling (All Samples)"]] or 0)
+    return executed, samples
+
+
+def compare_opcodes(a: str, b: str, top: int = 30) -> None:
+    """Print :func:`opcode_counts` of ``a`` and ``b`` side by side."""
+    (ea, sa), (eb, sb) = opcode_counts(a), opcode_counts(b)
+    print(f"A: {a}\nB: {b}")
+    print(f"{'opcode':12s} {'A exec (M)':>10s} {'B exec (M)':>10s} {'B - A':>8s} "
+          f"{'A samples':>10s} {'B samples':>10s}")
+    for op, _ in (ea + eb).most_common(top):
+        print(f"{op:12s} {ea[op] / 1e6:10.2f} {eb[op] / 1e6:10.2f} "
+              f"{(eb[op] - ea[op]) / 1e6:+8.2f} {sa[op]:10d} {sb[op]:10d}")
+    print(f"{'total':12s} {sum(ea.values()) / 1e6:10.2f} {sum(eb.values()) / 1e6:10.2f} "
+          f"{(sum(eb.values()) - sum(ea.values())) / 1e6:+8.2f} "
+          f"{sum(sa.values()):10d} {sum(sb.values()):10d}")
 
 
 def main(path: str, top: int = 15) -> None:
-    rows = list(csv.reader(open(path)))
+    rows = _rows(path)
     header = next(r for r in rows if "Address" in r and "Source" in r)
     col = {h: i for i, h in enumerate(header)}
     reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
@@ -40,4 +89,7 @@ def main(path: str, top: int = 15) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--opcodes":
+        compare_opcodes(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1])
