@@ -264,7 +264,11 @@ def choose_form(problem: AttentionProblem) -> GluonTile:
     (0.687 against 0.670, and no faster on any span workload), the padding zero-filled
     by all three groups (0.686 against 0.673), ptxas's ``--register-usage-level`` 0 or
     10 (0.676, 0.675 against 0.674), and one group's softmax at a time (1.074 against
-    0.674).
+    0.674). Nor, at 001fbd1-8331f5f (``docs/performance.md``, its section on FA4's order),
+    FA4's order in the three-group form compiled without a loop spill (0.746 against
+    0.670, and 0.749-0.751 with four or five stages), one program per work item (0.694
+    against 0.673), or the groups without turns (0.665 against 0.666, both with P packed
+    by pairs, which is measured but not yet in the kernel file).
     """
     from .triton_config import _stacked_heads
 
