@@ -30,18 +30,21 @@ def test_opcodes_compares_two_pages_executed_and_sampled(tmp_path: Path) -> None
     head = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
             '"stall_wait"\n')
     a = tmp_path / "a.sass.csv"
-    a.write_text(head + '"0x0","MUFU.EX2 R1, R1","7","100","7"\n'
-                 '"0x10","@!P0 BRA 0x0","1","100","1"\n')
+    a.write_text(head + '"0x0","MUFU.EX2 R1, R1","7","4000000","7"\n'
+                 '"0x10","@!P0 BRA 0x0","1","1000000","1"\n')
     b = tmp_path / "b.sass.csv.gz"  # (the device's copies come back compressed)
     with gzip.open(b, "wt") as f:
-        f.write(head + '"0x0","MUFU.EX2 R1, R1","3","100","3"\n'
-                '"0x10","PRMT R1, R1, 0x5432, R1","2","50","2"\n'
-                '"0x20","PRMT R2, R2, 0x5432, R2","0","50","0"\n')
+        f.write(head + '"0x0","MUFU.EX2 R1, R1","3","4000000","3"\n'
+                '"0x10","PRMT R1, R1, 0x5432, R1","2","1500000","2"\n'
+                '"0x20","PRMT R2, R2, 0x5432, R2","0","1500000","0"\n')
     out = subprocess.run([sys.executable, str(SCRIPT), "--opcodes", str(a), str(b)],
                          check=True, capture_output=True, text=True).stdout.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in out[3:]}
-    # the predicate is not the opcode; the counts are millions of warp instructions
-    assert rows["BRA"][:3] == ["0.00", "0.00", "-0.00"]
-    assert rows["PRMT"] == ["0.00", "0.00", "+0.00", "0", "2"]
-    assert rows["MUFU"][3:] == ["7", "3"]
-    assert rows["total"][3:] == ["8", "5"]
+    # millions of warp instructions executed, the difference, and the samples; the
+    # predicate is not the opcode, and every PRMT counts under one
+    assert rows["MUFU"] == ["4.00", "4.00", "+0.00", "7", "3"]
+    assert rows["PRMT"] == ["0.00", "3.00", "+3.00", "0", "2"]
+    assert rows["BRA"] == ["1.00", "0.00", "-1.00", "1", "0"]
+    assert rows["total"] == ["5.00", "7.00", "+2.00", "8", "5"]
+    # most executed first
+    assert [line.split()[0] for line in out[3:6]] == ["MUFU", "PRMT", "BRA"]
