@@ -20,27 +20,32 @@ import csv
 import gzip
 import sys
 from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sass_overlap import opcode  # noqa: E402  (the SASS listing's parser: same mnemonics)
 
 
-def _rows(path: str) -> list[list[str]]:
-    """The CSV's rows (``.gz``: read compressed, as the device's copies come back)."""
+def _page(path: str) -> tuple[dict[str, int], list[list[str]]]:
+    """An ncu source page: its columns by name and its instruction rows (``.gz``: read
+    compressed, as the device's copies come back)."""
     with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
-        return list(csv.reader(f))
+        rows = list(csv.reader(f))
+    header = next(r for r in rows if "Address" in r and "Source" in r)
+    return ({h: i for i, h in enumerate(header)},
+            [r for r in rows[rows.index(header) + 1:] if len(r) >= len(header)])
 
 
 def opcode_counts(path: str) -> tuple[Counter, Counter]:
     """(warp instructions executed, stall samples) per opcode (the mnemonic before its
-    first dot, after any predicate) of an ncu source page."""
-    rows = _rows(path)
-    header = next(r for r in rows if "Address" in r and "Source" in r)
-    col = {h: i for i, h in enumerate(header)}
+    first dot, predicate dropped) of an ncu source page."""
+    col, rows = _page(path)
     executed, samples = Counter(), Counter()
-    for r in rows[rows.index(header) + 1:]:
-        if len(r) < len(header) or not r[col["Source"]].split():
+    for r in rows:
+        op = opcode(r[col["Source"]].strip()).split(".")[0]
+        if not op:
             continue
-        words = r[col["Source"]].split()
-        op = (words[1] if words[0].startswith("@") and len(words) > 1 else words[0])
-        op = op.split(".")[0]
         if "Instructions Executed" in col:
             executed[op] += int(r[col["Instructions Executed"]] or 0)
         if "Warp Stall Sampling (All Samples)" in col:
@@ -63,15 +68,11 @@ def compare_opcodes(a: str, b: str, top: int = 30) -> None:
 
 
 def main(path: str, top: int = 15) -> None:
-    rows = _rows(path)
-    header = next(r for r in rows if "Address" in r and "Source" in r)
-    col = {h: i for i, h in enumerate(header)}
-    reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+    col, rows = _page(path)
+    reasons = [h for h in col if h.startswith("stall_") and "Not Issued" not in h]
     totals = dict.fromkeys(reasons, 0)
     per_inst = []
-    for r in rows[rows.index(header) + 1:]:
-        if len(r) < len(header):
-            continue
+    for r in rows:
         counts = {s: int(r[col[s]] or 0) for s in reasons}
         for s, n in counts.items():
             totals[s] += n

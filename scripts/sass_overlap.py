@@ -73,7 +73,7 @@ def _instructions(listing: str) -> list[str]:
 EVENT = re.compile(r"HGMMA.*gsb0|WARPGROUP\.DEPBAR|BAR\.(SYNC|ARV)|MEMBAR|SYNCS\.")
 
 
-def _opcode(line: str) -> str:
+def opcode(line: str) -> str:
     """The opcode of an instruction, its predicate (``@P0``, ``@!UP1``) dropped."""
     words = re.sub(r"^@!?U?P\w+\s+", "", line).split()
     return words[0] if words else ""
@@ -101,7 +101,7 @@ def pv_loops(sass: list[str], events: bool = False) -> list[dict]:
             continue
         waits = [k for k, line in enumerate(body) if "DEPBAR.LE gsb0, 0x0" in line]
         pv_wait = waits[0] if waits else -1  # (no wait: nothing counts as before it)
-        ops = [_opcode(line) for line in body]
+        ops = [opcode(line) for line in body]
         ex2 = [k for k, op in enumerate(ops) if op.startswith("MUFU.EX2")]
         # the row max's compares (the mask's branch has none: it selects)
         fmnmx = [k for k, op in enumerate(ops) if op.startswith("FMNMX")]

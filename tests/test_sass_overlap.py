@@ -63,7 +63,7 @@ def test_a_listing_s_pv_loop_counts(tmp_path: Path) -> None:
         (1, 1, 1, 2)
     # the barrier, both wgmma groups, the arrival, both waits, the mbarrier arrival, MEMBAR,
     # the release
-    assert [sass_overlap._opcode(line) for _, line, _ in loop["events"]] == [
+    assert [sass_overlap.opcode(line) for _, line, _ in loop["events"]] == [
         "BAR.SYNC.DEFER_BLOCKING", "HGMMA.64x128x16.F32.BF16", "HGMMA.64x128x16.F32.BF16",
         "BAR.ARV", "WARPGROUP.DEPBAR.LE", "SYNCS.ARRIVE.TRANS64.A1T0", "WARPGROUP.DEPBAR.LE",
         "MEMBAR.ALL.CTA", "SYNCS.ARRIVE.TRANS64.A1T0"]
