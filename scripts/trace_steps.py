@@ -35,9 +35,9 @@ Also, per program, the share of cycles in which no group has a wgmma in flight
 cores' idle time; and the share in which every group has one
 (``both_groups_in_flight``, all three in the three-group form). Only the persistent
 ping-pong forms are traced: the buffer has a row per consumer group of each of the SMs'
-programs, and the traced launch records how many groups a program has. Writes ``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share``,
-``cycles`` or ``ms``) and ``DIR/trace_steps_WORKLOAD.png`` (program 0's groups over 40
-steps).
+programs, and the traced launch records how many groups a program has. Writes
+``DIR/trace_steps.csv`` (the bench's columns; ``unit`` ``share``, ``cycles`` or ``ms``)
+and ``DIR/trace_steps_WORKLOAD.png`` (program 0's groups over 40 steps).
 
 The stamps cost a few instructions each, and ptxas may move them across the
 instructions around them (the ``pv`` stamp of the unchanged form comes with part of the
