@@ -448,7 +448,8 @@ def compile_check() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         mod = traced_kernels(Path(tmp))
-        mod.TRACE = torch.zeros(132 * 2, 1, dtype=torch.int64)  # (a pointer: compiled, not run)
+        programs = 132  # an H200's SMs: the persistent launch below, two groups a program
+        mod.TRACE = torch.zeros(programs * 2, 1, dtype=torch.int64)  # (compiled, not run)
         b, s, h, d = 2, 256, 2, 128
         q, k, v = (_rand(b * s, h, d) for _ in range(3))
         plan = _packed_plan([s, s - 5], [s, s - 5], 128, False, kv_row0=[0, s])
@@ -456,7 +457,7 @@ def compile_check() -> int:
         with compile_instead_of_launch(sink):
             mod.attention_fwd_dense(q, k, v, torch.empty_like(q), None, plan, d ** -0.5, False,
                                     zero_fill=True, block_m=128, overlap=True, pingpong=True,
-                                    persistent=132, stagger=True, warp_specialize=True)
+                                    persistent=programs, stagger=True, warp_specialize=True)
     kernel = next(e for e in sink if e["kernel"].startswith("_attn"))
     return sum("SR_CLOCKLO" in line for line in sass_of(kernel["ptx"]))
 
