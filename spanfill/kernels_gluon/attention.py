@@ -283,6 +283,27 @@ def _attend_tile(q_smem, k_tile, v_tile, acc, m_i, l_i, j, kv_len, valid_s, pos_
 
 
 @gluon.jit
+def _packed_p(p, dtype: gl.constexpr):
+    """``p`` (fp32, the wgmma accumulator layout) as ``dtype``, each pair of neighbouring
+    values converted by one ``cvt.rn.{bf16,f16}x2.f32`` into one 32-bit register.
+
+    ``p.to(dtype)`` converts value by value into 16-bit registers, which the overlapped
+    loop carries to the next step's PV wgmma and packs there. ptxas packs some
+    partitions' pairs in swapped halves and then swaps them back before every PV
+    wgmma: 32 ``PRMT`` a step, in the three-group form's consumer group 0 (the default
+    partition) after it takes its turn at the tensor cores, so the other groups waited
+    for it (``logs/ncu_docs_8k_d64_gluon_h200_26a1e79.log``; which partition gets them
+    varies). Converted in pairs, no partition swaps.
+    """
+    if dtype == gl.bfloat16:
+        return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [p],
+                                         dtype=gl.bfloat16, is_pure=True, pack=2)
+    else:
+        return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [p],
+                                         dtype=gl.float16, is_pure=True, pack=2)
+
+
+@gluon.jit
 def _wait_ready(ready, slot, STAGES: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """Wait until the K/V tile of ring slot ``slot`` (the program's ``slot``-th tile, over
     all its work items) has landed in its stage. Tiles gathered by cp.async
@@ -742,7 +763,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
             # The other consumer group starts now: its first QK^T and softmax run under
             # this group's steps instead of beside them.
             mbarrier.arrive(stagger_bar, count=1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = gl.convert_layout(_packed_p(p, dtype), p_layout)
         for j in range(1, num_tiles):
             stage = (ring_base + j) % STAGES
             prev = (ring_base + j - 1) % STAGES
@@ -791,7 +812,7 @@ def _kv_loop_overlapped(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, ready, em
                 m_i = m_new
             if not RESCALE_EARLY:
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            p_op = gl.convert_layout(_packed_p(p, dtype), p_layout)
         if q_release is not None:  # every QK^T of the item has retired
             mbarrier.arrive(q_release, count=1)
         last = (ring_base + num_tiles - 1) % STAGES
