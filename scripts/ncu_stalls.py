@@ -3,6 +3,7 @@
     ncu -i report.ncu-rep --page source --csv --print-source sass > report.sass.csv
     python3 scripts/ncu_stalls.py report.sass.csv
     python3 scripts/ncu_stalls.py --opcodes A.sass.csv[.gz] B.sass.csv[.gz]
+    python3 scripts/ncu_stalls.py --hot-path A.sass.csv[.gz] [MIN_SHARE]
 
 Prints the share of each stall reason over all sampled warp states, then the
 instructions with the most samples and their two main reasons, each with the two
@@ -15,6 +16,16 @@ ours on one workload): for each opcode, the warp instructions executed (millions
 the stall samples at it, most executed first. Counts that differ between two kernels
 doing the same work point at instructions one of them spends and the other does not
 (``PRMT`` half-swaps, extra shuffles or barriers).
+
+``--hot-path``: the order of one kernel's hot loop, to set beside another's. It keeps
+the instructions executed at least ``MIN_SHARE`` (0.5) times as often as the most
+executed ``MUFU.EX2`` (an attention kernel's exponentials run once per KV step, so that
+count is the steps' count), in address order. The synchronisation points (wgmmas and
+their waits, barriers, mbarrier waits and arrivals, branches) get a line each with their
+samples; the instructions between two of them collapse into one line, their opcodes
+counted and their samples summed. It shows where a loop waits and how much work sits
+between its waits (FA4's D=64 loop: the row max and 12 exponentials between the QK^T
+and the PV wait).
 """
 import csv
 import gzip
@@ -67,6 +78,48 @@ def compare_opcodes(a: str, b: str, top: int = 30) -> None:
           f"{sum(sa.values()):10d} {sum(sb.values()):10d}")
 
 
+_SYNC_OPS = ("HGMMA", "WARPGROUP", "BAR", "SYNCS", "MEMBAR", "FENCE", "BRA", "USETMAXREG")
+
+
+def hot_path(path: str, min_share: float = 0.5) -> list[str]:
+    """The lines ``--hot-path`` prints for ``path`` (see the module docstring)."""
+    col, rows = _page(path)
+    n_exec, n_samp = col["Instructions Executed"], col["Warp Stall Sampling (All Samples)"]
+    insts = sorted((int(r[col["Address"]], 16), r[col["Source"]].strip(), int(r[n_exec] or 0),
+                    int(r[n_samp] or 0)) for r in rows if r[col["Address"]].startswith("0x"))
+    steps = max((e for _, src, e, _ in insts if opcode(src).startswith("MUFU.EX2")), default=0)
+    if not steps:
+        return ["no MUFU.EX2 was executed: no loop to follow"]
+    lines = [f"hot path: instructions executed >= {min_share:g} x {steps} (the most executed "
+             "MUFU.EX2); samples; executed / that count"]
+    mix, mix_samples, skipped = Counter(), 0, False
+
+    def flush() -> None:
+        nonlocal mix, mix_samples
+        if mix:
+            ops = " ".join(f"{op}{n}" for op, n in mix.most_common())
+            lines.append(f"    [{sum(mix.values())} ops: {ops}]  samples {mix_samples}")
+        mix, mix_samples = Counter(), 0
+
+    for _, src, executed, samples in insts:
+        if executed < min_share * steps:
+            skipped = True
+            continue
+        if skipped:
+            flush()
+            lines.append("  ..")
+            skipped = False
+        op = opcode(src).split(".")[0]
+        if op in _SYNC_OPS:
+            flush()
+            lines.append(f"{src[:72]:72s} samples {samples:6d}  x{executed / steps:.2f}")
+        else:
+            mix[op] += 1
+            mix_samples += samples
+    flush()
+    return lines
+
+
 def main(path: str, top: int = 15) -> None:
     col, rows = _page(path)
     reasons = [h for h in col if h.startswith("stall_") and "Not Issued" not in h]
@@ -92,5 +145,7 @@ def main(path: str, top: int = 15) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--opcodes":
         compare_opcodes(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "--hot-path":
+        print("\n".join(hot_path(sys.argv[2], *map(float, sys.argv[3:4]))))
     else:
         main(sys.argv[1])

@@ -48,3 +48,35 @@ def test_opcodes_compares_two_pages_executed_and_sampled(tmp_path: Path) -> None
     assert rows["total"] == ["5.00", "7.00", "+2.00", "8", "5"]
     # most executed first
     assert [line.split()[0] for line in out[3:6]] == ["MUFU", "PRMT", "BRA"]
+
+
+def test_hot_path_follows_the_loop_and_collapses_work_between_sync_points(tmp_path: Path) -> None:
+    head = ('"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"\n')
+    page = tmp_path / "k.sass.csv"
+    page.write_text(head
+                    + '"0x00","MOV R1, R2","5","10"\n'          # before the loop: cold
+                    + '"0x10","WARPGROUP.DEPBAR.LE gsb0, 0x1","40","1000"\n'
+                    + '"0x20","FMNMX R3, R3, R4","7","1000"\n'
+                    + '"0x30","MUFU.EX2 R5, R5","9","1000"\n'
+                    + '"0x40","FMNMX R3, R3, R6","1","1000"\n'
+                    + '"0x50","FSEL R7, R7, RZ","3","20"\n'      # a tail-tile branch: cold
+                    + '"0x60","WARPGROUP.DEPBAR.LE gsb0, 0x0","2","1000"\n'
+                    + '"0x70","MUFU.EX2 R8, R8","11","1000"\n'
+                    + '"0x80","@P0 BRA 0x10","1","990"\n')
+    out = subprocess.run([sys.executable, str(SCRIPT), "--hot-path", str(page)], check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert out[0].startswith("hot path: instructions executed >= 0.5 x 1000")
+    body = [line.split() for line in out[1:]]
+    # cold code is marked, not listed; each sync point keeps its samples and its count
+    assert body[0] == [".."]
+    assert body[1][:2] == ["WARPGROUP.DEPBAR.LE", "gsb0,"] and body[1][-3:] == ["samples", "40", "x1.00"]
+    # the work between two sync points is one line: its opcodes counted, samples summed
+    assert body[2] == ["[3", "ops:", "FMNMX2", "MUFU1]", "samples", "17"]
+    assert body[3] == [".."]
+    assert body[4][-3:] == ["samples", "2", "x1.00"]
+    assert body[5] == ["[1", "ops:", "MUFU1]", "samples", "11"]
+    assert body[6][:3] == ["@P0", "BRA", "0x10"] and body[6][-1] == "x0.99"
+    # a share of 1 keeps only what runs every step
+    strict = subprocess.run([sys.executable, str(SCRIPT), "--hot-path", str(page), "1"],
+                            check=True, capture_output=True, text=True).stdout
+    assert "BRA 0x10" not in strict and "MUFU1" in strict
