@@ -38,6 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sass_overlap import opcode  # noqa: E402  (the SASS listing's parser: same mnemonics)
 
 
+def _mnemonic(source: str) -> str:
+    """An instruction's opcode up to its first dot (``HGMMA``, ``BAR``), predicate dropped."""
+    return opcode(source.strip()).split(".")[0]
+
+
 def _page(path: str) -> tuple[dict[str, int], list[list[str]]]:
     """An ncu source page: its columns by name and its instruction rows (``.gz``: read
     compressed, as the device's copies come back)."""
@@ -54,7 +59,7 @@ def opcode_counts(path: str) -> tuple[Counter, Counter]:
     col, rows = _page(path)
     executed, samples = Counter(), Counter()
     for r in rows:
-        op = opcode(r[col["Source"]].strip()).split(".")[0]
+        op = _mnemonic(r[col["Source"]])
         if not op:
             continue
         if "Instructions Executed" in col:
@@ -109,7 +114,7 @@ def hot_path(path: str, min_share: float = 0.5) -> list[str]:
             flush()
             lines.append("  ..")
             skipped = False
-        op = opcode(src).split(".")[0]
+        op = _mnemonic(src)
         if op in _SYNC_OPS:
             flush()
             lines.append(f"{src[:72]:72s} samples {samples:6d}  x{executed / steps:.2f}")

@@ -184,11 +184,11 @@ _edit('''    lse_arg = lse if lse is not None else out
                 or not persistent):
             raise ValueError("tracing takes the persistent overlapped ping-pong form without "
                              "lse or splits")
-        if TRACE.shape[0] < persistent * (block_m // 64):  # a row per group of a program
-            raise ValueError(f"the trace buffer has {TRACE.shape[0]} rows, the launch "
-                             f"{persistent * (block_m // 64)} consumer groups")
         global TRACE_GROUPS
         TRACE_GROUPS = block_m // 64  # (row pid * TRACE_GROUPS + WG: how to read the buffer)
+        if TRACE.shape[0] < persistent * TRACE_GROUPS:  # a row per group of a program
+            raise ValueError(f"the trace buffer has {TRACE.shape[0]} rows, the launch "
+                             f"{persistent * TRACE_GROUPS} consumer groups")
         lse_arg = TRACE
 ''')
 
